@@ -1,0 +1,257 @@
+"""One loader for every model source, and the Backbone that holds the loaded components.
+
+Sources accepted by `load_backbone`:
+- ``"tiny"`` or ``"tiny:<seed>"``: the built-in tiny model (built once, then loaded from its folder);
+- a local diffusers folder (``model_index.json`` with ``unet/``, ``vae/``, ``text_encoder/``, ...);
+- a single ``.safetensors`` checkpoint (A1111/ComfyUI style; needs its diffusers config locally or a hub);
+- a hub id ``owner/name`` (only where a model hub is reachable).
+"""
+from __future__ import annotations
+
+import contextlib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Protocol, Sequence
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+class ModelLoadError(ValueError):
+    """A model source that cannot be loaded; the message names the source and what is wrong."""
+
+
+class Adapter(Protocol):
+    """What an attached adapter (LoRA, TI, Custom Diffusion, DreamBooth) offers the backbone."""
+
+    kind: str
+
+    def disabled(self, backbone: "Backbone") -> contextlib.AbstractContextManager[None]:
+        """Context in which the backbone computes exactly what the pre-trained model computes."""
+        ...
+
+
+@dataclass
+class Backbone:
+    """The components of a Stable-Diffusion-style model plus the operations every task needs.
+
+    Latents follow SD's convention: ``z = scaling_factor * vae.encode(x).mean`` for images
+    ``x`` in [-1, 1]; the forward process is ``z_t = sqrt(a_t) z + sqrt(1 - a_t) eps`` with
+    ``a_t`` the scheduler's ``alphas_cumprod``.
+    """
+
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    scheduler: Any
+    source: str
+    adapter: Adapter | None = field(default=None)
+
+    # ----------------------------------------------------------------- properties
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def resolution(self) -> int:
+        """The image size the UNet was trained at (pixels)."""
+        return int(self.unet.config.sample_size) * self.vae_scale_factor
+
+    @property
+    def prediction_type(self) -> str:
+        return self.scheduler.config.prediction_type
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        return self.scheduler.alphas_cumprod.to(self.device, torch.float32)
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.scheduler.config.num_train_timesteps)
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "Backbone":
+        kwargs = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
+        for module in (self.unet, self.vae, self.text_encoder):
+            module.to(**kwargs)
+        return self
+
+    def freeze(self) -> "Backbone":
+        """Put every component in eval mode with gradients off (trainers re-enable what they train)."""
+        for module in (self.unet, self.vae, self.text_encoder):
+            module.requires_grad_(False)
+            module.eval()
+        return self
+
+    # ----------------------------------------------------------------- text
+    def tokenize(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Token ids padded/truncated to the tokenizer's max length, on the model's device."""
+        ids = self.tokenizer(
+            list(prompts),
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+        return ids.to(self.text_encoder.device)
+
+    def encode_prompt(self, prompts: Sequence[str] | torch.Tensor) -> torch.Tensor:
+        """Text embeddings ``[B, L, D]`` (the last hidden state, as SD 1.x/2.x use)."""
+        ids = prompts if isinstance(prompts, torch.Tensor) else self.tokenize(prompts)
+        return self.text_encoder(ids)[0]
+
+    # ----------------------------------------------------------------- images
+    def encode_image(self, images: torch.Tensor, generator: torch.Generator | None = None, sample: bool = False) -> torch.Tensor:
+        """Scaled latents of images in [-1, 1]; the posterior mean unless `sample` is set."""
+        dist = self.vae.encode(images.to(self.vae.device, self.vae.dtype)).latent_dist
+        z = dist.sample(generator) if sample else dist.mean
+        return z * self.vae.config.scaling_factor
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] from scaled latents."""
+        return self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
+
+    # ----------------------------------------------------------------- diffusion
+    def add_noise(self, z: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """``z_t = sqrt(a_t) z + sqrt(1 - a_t) eps`` with `t` of shape [B] or a scalar."""
+        a = self.alphas_cumprod[t.to(self.device).long()].reshape(-1, *([1] * (z.dim() - 1))).to(z.dtype)
+        return a.sqrt() * z + (1 - a).sqrt() * eps
+
+    def predict_eps(self, z_t: torch.Tensor, t: torch.Tensor, text_emb: torch.Tensor, **unet_kwargs: Any) -> torch.Tensor:
+        """The UNet's noise prediction, converted from v-prediction where the model uses it."""
+        t = t.to(self.device).reshape(-1).expand(z_t.shape[0])  # a scalar t applies to the whole batch
+        out = self.unet(z_t.to(self.dtype), t, encoder_hidden_states=text_emb.to(self.dtype), **unet_kwargs).sample
+        if self.prediction_type == "v_prediction":
+            a = self.alphas_cumprod[t.long()].reshape(-1, 1, 1, 1).to(out.dtype)
+            out = a.sqrt() * out + (1 - a).sqrt() * z_t.to(out.dtype)
+        return out
+
+    @contextlib.contextmanager
+    def adapter_disabled(self) -> Iterator[None]:
+        """Inside this context the backbone is the pre-trained model (a no-op without an adapter)."""
+        if self.adapter is None:
+            yield
+        else:
+            with self.adapter.disabled(self):
+                yield
+
+    def pipeline(self, scheduler: Any | None = None):
+        """A diffusers StableDiffusionPipeline sharing this backbone's modules (no copies)."""
+        from diffusers import StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline(
+            vae=self.vae,
+            text_encoder=self.text_encoder,
+            tokenizer=self.tokenizer,
+            unet=self.unet,
+            scheduler=scheduler if scheduler is not None else self.scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}: expected one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def resolve_model_source(source: str, cache_dir: str | Path | None = None) -> str:
+    """Turn ``tiny``/``tiny:<seed>`` into the tiny model's folder; other sources pass unchanged."""
+    if source == "tiny" or source.startswith("tiny:"):
+        from diffusion.tiny import tiny_model_dir
+
+        seed_text = source.partition(":")[2] or "0"
+        if not seed_text.isdigit():
+            raise ModelLoadError(f"model 'tiny:{seed_text}': the seed after 'tiny:' must be a non-negative integer")
+        return str(tiny_model_dir(int(seed_text), cache_dir))
+    return source
+
+
+def load_backbone(
+    source: str,
+    dtype: str | torch.dtype = "fp32",
+    device: str | torch.device = "cpu",
+    cache_dir: str | Path | None = None,
+    single_file_config: str | None = None,
+) -> Backbone:
+    """Load a Backbone from `source` (see module docstring); every component frozen, in eval mode."""
+    from diffusers import StableDiffusionPipeline
+
+    torch_dtype = parse_dtype(dtype)
+    resolved = resolve_model_source(str(source), cache_dir)
+    path = Path(resolved).expanduser()
+    looks_like_path = path.exists() or resolved.startswith((".", "/", "~")) or path.suffix in {".safetensors", ".ckpt", ".bin", ".pt"}
+
+    if path.is_dir():
+        _check_diffusers_folder(path)
+        try:
+            pipe = StableDiffusionPipeline.from_pretrained(path, torch_dtype=torch_dtype, safety_checker=None, local_files_only=True)
+        except Exception as err:  # diffusers raises many types here; name the folder in one message
+            raise ModelLoadError(f"model folder {path}: could not be loaded as a diffusers pipeline: {err}") from err
+    elif path.is_file():
+        if path.suffix != ".safetensors":
+            raise ModelLoadError(f"model file {path}: only .safetensors single-file checkpoints are accepted (pickled .ckpt/.bin files can run code)")
+        try:
+            pipe = StableDiffusionPipeline.from_single_file(path, torch_dtype=torch_dtype, config=single_file_config, safety_checker=None)
+        except Exception as err:
+            raise ModelLoadError(
+                f"model file {path}: could not be loaded as a single-file checkpoint ({err}). It needs its diffusers config: "
+                "pass model.single_file_config=<local diffusers folder of the same architecture> where no hub is reachable"
+            ) from err
+    elif looks_like_path:
+        raise ModelLoadError(f"model path {path} does not exist")
+    elif _HUB_ID.match(resolved):
+        try:
+            pipe = StableDiffusionPipeline.from_pretrained(resolved, torch_dtype=torch_dtype, safety_checker=None)
+        except Exception as err:
+            raise ModelLoadError(
+                f"hub model {resolved!r} could not be loaded ({type(err).__name__}: {err}). "
+                "Is a model hub reachable? Otherwise download it elsewhere and pass the local folder."
+            ) from err
+    else:
+        raise ModelLoadError(
+            f"unknown model {resolved!r}: expected 'tiny', a local diffusers folder, a .safetensors file, or a hub id 'owner/name'"
+        )
+
+    backbone = Backbone(
+        unet=pipe.unet,
+        vae=pipe.vae,
+        text_encoder=pipe.text_encoder,
+        tokenizer=pipe.tokenizer,
+        scheduler=_training_scheduler(pipe.scheduler),
+        source=str(source),
+    )
+    return backbone.to(device).freeze()
+
+
+def _check_diffusers_folder(path: Path) -> None:
+    if not (path / "model_index.json").is_file():
+        raise ModelLoadError(f"model folder {path} is not a diffusers folder: it has no model_index.json")
+    missing = [name for name in _COMPONENTS if not (path / name).is_dir()]
+    if missing:
+        raise ModelLoadError(f"model folder {path} is not a complete diffusers folder: missing {', '.join(missing)}/")
+
+
+def _training_scheduler(scheduler: Any):
+    """A DDPMScheduler with the model's noise schedule (training and score distillation use it)."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_config(scheduler.config)

@@ -1,0 +1,38 @@
+"""Shared fixtures: one tiny-model cache per test session, and backbones loaded from it."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+# Build the tiny model once per session in a private cache (subprocesses inherit the variable).
+os.environ.setdefault("DREAMSTEER_CACHE", tempfile.mkdtemp(prefix="dreamsteer-test-cache-"))
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def tiny_dir() -> Path:
+    from diffusion.tiny import tiny_model_dir
+
+    return tiny_model_dir(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone(tiny_dir):
+    """A shared, read-only tiny backbone. Tests that modify a model use `fresh_backbone`."""
+    from diffusion.backbone import load_backbone
+
+    return load_backbone(str(tiny_dir))
+
+
+@pytest.fixture
+def fresh_backbone(tiny_dir):
+    """A tiny backbone of the test's own, free to be modified."""
+    from diffusion.backbone import load_backbone
+
+    return load_backbone(str(tiny_dir))

@@ -1,0 +1,60 @@
+"""`python -m train sample`: text-to-image samples from any model, written as PNGs and to TensorBoard."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from data.images import save_image_atomic
+from diffusion.backbone import load_backbone
+from diffusion.schedulers import SCHEDULERS, make_scheduler
+from train.config import LoggerConfig, ModelConfig, check_choice, check_common, output_dir, resolve_device, validate
+from train.logs import summary_writer
+
+
+@dataclass
+class SampleConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    prompt: str = "a photo of a cat"
+    negative_prompt: str = ""
+    num_images: int = 2
+    steps: int = 25
+    guidance_scale: float = 7.5
+    scheduler: str = "ddim"
+    seed: int = 0
+    output_dir: str | None = None
+
+
+def run(cfg: DictConfig) -> list[Path]:
+    cfg = validate(cfg, SampleConfig)
+    check_common(cfg)
+    check_choice(cfg, "scheduler", SCHEDULERS)
+    if cfg.num_images < 1 or cfg.steps < 1:
+        raise ValueError("config keys 'num_images' and 'steps' must be >= 1")
+    out = output_dir(cfg)
+
+    backbone = load_backbone(cfg.model.pretrained, cfg.model.dtype, resolve_device(cfg.model.device), cfg.model.cache_dir, cfg.model.single_file_config)
+    pipe = backbone.pipeline(make_scheduler(cfg.scheduler, backbone.scheduler.config))
+    pipe.set_progress_bar_config(disable=False, desc="sampling")
+    generator = torch.Generator(device="cpu").manual_seed(cfg.seed)
+    images = pipe(
+        [cfg.prompt] * cfg.num_images,
+        negative_prompt=[cfg.negative_prompt] * cfg.num_images if cfg.negative_prompt else None,
+        num_inference_steps=cfg.steps,
+        guidance_scale=cfg.guidance_scale,
+        generator=generator,
+    ).images
+
+    paths = [save_image_atomic(image, out / f"sample_{i:03d}.png") for i, image in enumerate(images)]
+    writer = summary_writer(cfg, out)
+    if writer is not None:
+        batch = np.stack([np.asarray(image) for image in images])
+        writer.add_images("samples", batch, global_step=0, dataformats="NHWC")
+        writer.add_text("config", f"```\n{OmegaConf.to_yaml(cfg)}\n```", global_step=0)
+        writer.close()
+    print(f"wrote {len(paths)} images to {out}")
+    return paths
