@@ -247,7 +247,7 @@ def _check_diffusers_folder(path: Path) -> None:
         raise ModelLoadError(f"model folder {path} is not a diffusers folder: it has no model_index.json")
     missing = [name for name in _COMPONENTS if not (path / name).is_dir()]
     if missing:
-        raise ModelLoadError(f"model folder {path} is not a complete diffusers folder: missing {', '.join(missing)}/")
+        raise ModelLoadError(f"model folder {path} is not a complete diffusers folder: missing {', '.join(m + '/' for m in missing)}")
 
 
 def _training_scheduler(scheduler: Any):

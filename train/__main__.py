@@ -5,7 +5,10 @@ import difflib
 import os
 import sys
 
-from train.tasks import TASKS
+# transformers warns at import about optional torchvision image processors we never use.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+from train.tasks import TASKS  # noqa: E402
 
 USAGE = "usage: python -m train <task> [key=value ...]   (python -m train <task> --help shows a task's config)"
 
