@@ -2,6 +2,7 @@
 
 Sources accepted by `load_backbone`:
 - ``"tiny"`` or ``"tiny:<seed>"``: the built-in tiny model (built once, then loaded from its folder);
+- ``"tiny-gligen"`` or ``"tiny-gligen:<seed>"``: the tiny model plus GLIGEN's gated layers (`diffusion.gligen`);
 - a local diffusers folder (``model_index.json`` with ``unet/``, ``vae/``, ``text_encoder/``, ...);
 - a single ``.safetensors`` checkpoint (A1111/ComfyUI style; needs its diffusers config locally or a hub);
 - a hub id ``owner/name`` (only where a model hub is reachable).
@@ -98,8 +99,12 @@ class Backbone:
     # ----------------------------------------------------------------- text
     def tokenize(self, prompts: Sequence[str]) -> torch.Tensor:
         """Token ids padded/truncated to the tokenizer's max length, on the model's device."""
+        prompts = list(prompts)
+        if self.adapter is not None and hasattr(self.adapter, "expand_prompt"):
+            # multi-vector Textual Inversion: "<tok>" -> "<tok> <tok>_1 ...", as diffusers' pipelines do
+            prompts = [self.adapter.expand_prompt(p) for p in prompts]
         ids = self.tokenizer(
-            list(prompts),
+            prompts,
             padding="max_length",
             max_length=self.tokenizer.model_max_length,
             truncation=True,
@@ -174,7 +179,8 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
 
 
 def resolve_model_source(source: str, cache_dir: str | Path | None = None) -> str:
-    """Turn ``tiny``/``tiny:<seed>`` into the tiny model's folder; other sources pass unchanged."""
+    """Turn ``tiny``/``tiny:<seed>`` (``tiny-gligen``/``tiny-gligen:<seed>``) into the tiny (GLIGEN) model's
+    folder; other sources pass unchanged."""
     if source == "tiny" or source.startswith("tiny:"):
         from diffusion.tiny import tiny_model_dir
 
@@ -182,6 +188,13 @@ def resolve_model_source(source: str, cache_dir: str | Path | None = None) -> st
         if not seed_text.isdigit():
             raise ModelLoadError(f"model 'tiny:{seed_text}': the seed after 'tiny:' must be a non-negative integer")
         return str(tiny_model_dir(int(seed_text), cache_dir))
+    if source == "tiny-gligen" or source.startswith("tiny-gligen:"):  # the tiny model plus GLIGEN's gated layers
+        from diffusion.gligen import tiny_gligen_dir
+
+        seed_text = source.partition(":")[2] or "0"
+        if not seed_text.isdigit():
+            raise ModelLoadError(f"model 'tiny-gligen:{seed_text}': the seed after 'tiny-gligen:' must be a non-negative integer")
+        return str(tiny_gligen_dir(int(seed_text), cache_dir))
     return source
 
 

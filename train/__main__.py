@@ -7,6 +7,8 @@ import sys
 
 # transformers warns at import about optional torchvision image processors we never use.
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# Idle OpenMP threads spin by default, which stalls other processes (DDP ranks) sharing the cores.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from train.tasks import TASKS  # noqa: E402
 
