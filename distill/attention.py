@@ -11,7 +11,11 @@ What `AttentionRecorder` records, per selected layer and per UNet call:
 - ``features[name]``: the attention block's output (after ``to_out``), ``[B, HW, C]``;
 - ``products[name]``: ``mean_h softmax(Q_h K_h^T / sqrt(d)) @ a`` for a per-pixel vector ``a``,
   computed by scaled-dot-product attention with ``a`` as the value, so the ``HW x HW`` map is never
-  materialized (``[B, HW, 1]``); with ``keep_maps=True`` the maps are also stored in ``maps[name]``.
+  materialized (``[B, HW, 1]``); with ``keep_maps=True`` the maps are also stored in ``maps[name]``;
+- ``qk[name]``: the detached per-head queries and keys ``(q, k, scale)``, ``[B, heads, HW, d]`` each, so
+  ``mean_h softmax(Q K^T * scale) @ a`` can be formed *after* the call (`attention_apply`) for a vector
+  ``a`` that only exists once the whole UNet has run (LUSD's ``A_S @ A_C``); O(HW d) memory, never
+  O(HW^2) (with ``keep_maps=True`` the maps are stored too, for debugging).
 Every other layer keeps its own processor. Recorded tensors keep their autograd graph.
 """
 from __future__ import annotations
@@ -128,6 +132,8 @@ class _RecordingProcessor:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, scale=attn.scale)
         if "products" in self.record:
             self.recorder.products[name] = self._product(q, k, attn.scale, attention_mask)
+        if "qk" in self.record:
+            self.recorder.qk[name] = (q.detach(), k.detach(), float(attn.scale))
         if "maps" in self.record and self.recorder.keep_maps:
             probs = ((q @ k.transpose(-1, -2)) * attn.scale).softmax(dim=-1)
             self.recorder.maps[name] = probs.mean(dim=1)
@@ -154,6 +160,21 @@ class _RecordingProcessor:
         return F.scaled_dot_product_attention(q, k, a, attn_mask=mask, scale=scale).mean(dim=1)
 
 
+def attention_apply(q: torch.Tensor, k: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
+    """``mean_h softmax(q_h k_h^T * scale) @ value`` by scaled-dot-product attention (no HW x HW map).
+
+    `q`, `k`: ``[B, heads, HW, d]`` (as stored in ``AttentionRecorder.qk``); `value`: ``[B, HW, c]``,
+    the same for every head. Returns ``[B, HW, c]``.
+    """
+    channels = value.shape[-1]
+    v = value.to(q.dtype).unsqueeze(1).expand(-1, q.shape[1], -1, -1)
+    if channels < q.shape[-1]:
+        # The fused (flash / memory-efficient) kernels need v's head size to equal q's; a 1-wide value
+        # falls back to the math path, which builds the HW x HW map. Zero columns change nothing.
+        v = F.pad(v, (0, q.shape[-1] - channels))
+    return F.scaled_dot_product_attention(q, k, v, scale=scale)[..., :channels].mean(dim=1)
+
+
 class AttentionRecorder:
     """Context manager that installs recording processors on chosen layers of a UNet.
 
@@ -173,6 +194,7 @@ class AttentionRecorder:
         features: Sequence[AttentionLayer] = (),
         products: Sequence[AttentionLayer] = (),
         keep_maps: bool = False,
+        queries_keys: Sequence[AttentionLayer] = (),
     ):
         self.unet = unet
         self.keep_maps = keep_maps
@@ -182,17 +204,18 @@ class AttentionRecorder:
         self.features: dict[str, torch.Tensor] = {}
         self.products: dict[str, torch.Tensor] = {}
         self.maps: dict[str, torch.Tensor] = {}
+        self.qk: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
         self._plan: dict[str, tuple[AttentionLayer, set[str]]] = {}
-        for what, layers in (("cross_maps", cross), ("features", features), ("products", products)):
+        for what, layers in (("cross_maps", cross), ("features", features), ("products", products), ("qk", queries_keys)):
             for layer in layers:
                 entry = self._plan.setdefault(layer.name, (layer, set()))
                 entry[1].add(what)
-                if what == "products":
+                if what in ("products", "qk"):
                     entry[1].add("maps")
         self._saved: dict[str, Any] = {}
 
     def clear(self) -> None:
-        for store in (self.cross_maps, self.features, self.products, self.maps):
+        for store in (self.cross_maps, self.features, self.products, self.maps, self.qk):
             store.clear()
 
     def __enter__(self) -> "AttentionRecorder":

@@ -26,6 +26,7 @@ class SampleConfig:
     guidance_scale: float = 7.5
     scheduler: str = "ddim"
     seed: int = 0
+    adapter: str | None = None  # an export folder (adapter.json inside), loaded with checkpoints.load_adapter
     output_dir: str | None = None
 
 
@@ -38,6 +39,11 @@ def run(cfg: DictConfig) -> list[Path]:
     out = output_dir(cfg)
 
     backbone = load_backbone(cfg.model.pretrained, cfg.model.dtype, resolve_device(cfg.model.device), cfg.model.cache_dir, cfg.model.single_file_config)
+    if cfg.adapter:
+        from checkpoints import load_adapter
+
+        manifest = load_adapter(backbone, cfg.adapter)
+        print(f"loaded {manifest['method']} adapter from {cfg.adapter} (tokens: {manifest.get('tokens') or '-'})")
     pipe = backbone.pipeline(make_scheduler(cfg.scheduler, backbone.scheduler.config))
     pipe.set_progress_bar_config(disable=False, desc="sampling")
     generator = torch.Generator(device="cpu").manual_seed(cfg.seed)

@@ -1,0 +1,209 @@
+"""Export an attached adapter to a folder (weights + ``adapter.json``) and load it back onto a backbone.
+
+The folder is written to a temporary sibling and renamed into place, so a reader never sees a
+half-written export. ``adapter.json`` (the manifest) records the method, base model, its
+fingerprint, the adapter's config, tokens, prompts, training steps, library versions and the
+sha256 of every file; ``load_adapter`` checks the hashes and the base model before attaching.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from checkpoints import formats
+from diffusion.adapters import AdapterError, attach_adapter, fingerprints_match, model_fingerprint
+
+MANIFEST = "adapter.json"
+FORMAT_VERSION = 1
+_PROTECTED = ("method", "format_version", "base_model_fingerprint", "adapter_config", "files", "tokens")
+
+
+class AdapterLoadError(ValueError):
+    """An export folder that cannot be loaded onto this backbone; the message names the folder."""
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("torch", "diffusers", "transformers", "peft", "safetensors", "lightning", "dreamsteer"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return out
+
+
+def write_json_atomic(data: dict[str, Any], path: Path) -> Path:
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=False, default=str)
+            f.write("\n")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _replace_dir(tmp: Path, target: Path) -> None:
+    """Rename `tmp` to `target`; an existing `target` is moved aside first and removed after."""
+    old = None
+    if target.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+        os.replace(target, old / target.name)
+    os.replace(tmp, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def export_adapter(backbone: Any, out_dir: str | os.PathLike, extra: dict[str, Any] | None = None, a1111: bool = False) -> Path:
+    """Write ``backbone.adapter`` to `out_dir` in the formats of its kind (see `checkpoints.formats`).
+
+    `extra` is merged into adapter.json (prompts, ``training_steps``, steering info ...); it may not
+    override what describes the weights (method, config, tokens, files, fingerprint).
+    With `a1111` the kohya LoRA file / A1111 embedding files are written too.
+    Returns the export folder.
+    """
+    adapter = backbone.adapter
+    if adapter is None:
+        raise AdapterError("the backbone has no adapter to export")
+    extra = dict(extra or {})
+    clash = [k for k in _PROTECTED if k in extra]
+    if clash:
+        raise ValueError(f"export_adapter: extra may not set {clash}")
+    target = Path(out_dir)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp.", dir=target.parent))
+    try:
+        token_files: dict[str, str] = {}
+        if adapter.kind == "lora":
+            files = formats.write_lora(adapter, backbone, tmp, a1111)
+        elif adapter.kind == "textual_inversion":
+            files, token_files = formats.write_token_files(adapter.vectors(backbone), tmp, a1111)
+        elif adapter.kind == "custom_diffusion":
+            files, token_files = formats.write_custom_diffusion(adapter, backbone, tmp, a1111)
+        elif adapter.kind == "dreambooth":
+            files = formats.write_dreambooth(adapter, backbone, tmp)
+        else:
+            raise AdapterError(f"unknown adapter kind {adapter.kind!r}")
+        manifest: dict[str, Any] = {
+            "format_version": FORMAT_VERSION,
+            "method": adapter.kind,
+            "base_model": backbone.source,
+            "base_model_fingerprint": adapter.base_fingerprint,
+            "prediction_type": backbone.prediction_type,
+            "adapter_config": adapter.config,
+            "tokens": list(adapter.tokens),
+            "token_files": token_files,
+            "instance_prompt": None,
+            "class_prompt": None,
+            "training_steps": None,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "versions": library_versions(),
+        }
+        manifest.update(extra)
+        manifest["files"] = {name: sha256_file(tmp / name) for name in sorted(files)}
+        write_json_atomic(manifest, tmp / MANIFEST)
+        _replace_dir(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def read_manifest(adapter_dir: str | os.PathLike) -> dict[str, Any]:
+    """adapter.json of an export folder (FileNotFoundError / AdapterLoadError name the folder)."""
+    directory = Path(adapter_dir)
+    path = directory / MANIFEST
+    if not directory.is_dir():
+        raise FileNotFoundError(f"adapter folder {directory}: not found")
+    if not path.is_file():
+        raise FileNotFoundError(f"adapter folder {directory}: no {MANIFEST} (was it written by `export_adapter`?)")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise AdapterLoadError(f"{path}: not valid JSON ({err})") from err
+    for key in ("method", "base_model_fingerprint", "adapter_config", "files"):
+        if key not in manifest:
+            raise AdapterLoadError(f"{path}: missing key {key!r}")
+    return manifest
+
+
+def verify_files(adapter_dir: str | os.PathLike, manifest: dict[str, Any]) -> None:
+    directory = Path(adapter_dir)
+    for name, digest in manifest["files"].items():
+        path = directory / name
+        if not path.is_file():
+            raise AdapterLoadError(f"adapter folder {directory}: file {name} listed in {MANIFEST} is missing")
+        if sha256_file(path) != digest:
+            raise AdapterLoadError(f"adapter folder {directory}: file {name} does not match its sha256 in {MANIFEST} (corrupt or edited)")
+
+
+def load_adapter(backbone: Any, adapter_dir: str | os.PathLike, trainable: bool = False, check_base: bool = True) -> dict[str, Any]:
+    """Attach the adapter exported in `adapter_dir` to `backbone` with its weights; return the manifest.
+
+    Checks every file's sha256 and that `backbone` is the base model the adapter was trained on
+    (`check_base=False` skips the latter, e.g. to try a LoRA on a fine-tune of its base).
+    The adapter's parameters are left frozen unless `trainable` (``trainable_parameters`` also marks them).
+    """
+    directory = Path(adapter_dir)
+    manifest = read_manifest(directory)
+    verify_files(directory, manifest)
+    if backbone.adapter is not None:
+        raise AdapterLoadError(f"adapter folder {directory}: the backbone already has a {backbone.adapter.kind} adapter")
+    if check_base:
+        current = model_fingerprint(backbone)
+        if not fingerprints_match(current, manifest["base_model_fingerprint"]):
+            raise AdapterLoadError(
+                f"adapter folder {directory} was trained on base model {manifest.get('base_model')!r}, "
+                f"which differs from the loaded model {backbone.source!r} (architecture or weights); "
+                "load the adapter's base model, or pass check_base=False to force it"
+            )
+    kind, config = manifest["method"], dict(manifest["adapter_config"])
+    try:
+        if kind == "dreambooth":
+            _load_dreambooth(backbone, directory, config)
+        else:
+            adapter = attach_adapter(backbone, kind, **config)
+            if kind == "lora":
+                formats.read_lora(adapter, backbone, directory)
+            elif kind == "textual_inversion":
+                adapter.set_vectors(backbone, formats.read_token_files(directory, manifest["token_files"]))
+            elif kind == "custom_diffusion":
+                formats.read_custom_diffusion(adapter, backbone, directory, manifest["token_files"])
+    except (AdapterError, formats.AdapterFormatError) as err:
+        raise AdapterLoadError(f"adapter folder {directory}: {err}") from err
+    backbone.adapter.base_fingerprint = manifest["base_model_fingerprint"]
+    backbone.adapter.set_trainable(backbone, trainable)
+    return manifest
+
+
+def _load_dreambooth(backbone: Any, directory: Path, config: dict[str, Any]) -> None:
+    """The export's UNet (text encoder) replaces the backbone's, which becomes the frozen base for `disabled`."""
+    from diffusion.adapters import DreamBoothAdapter
+
+    fingerprint = model_fingerprint(backbone)
+    train_te = bool(config.get("train_text_encoder", False))
+    unet, text_encoder = formats.read_dreambooth(backbone, directory, train_te)
+    base_unet, base_text = backbone.unet, backbone.text_encoder if train_te else None
+    backbone.unet = unet.requires_grad_(False).eval()
+    if text_encoder is not None:
+        backbone.text_encoder = text_encoder.requires_grad_(False).eval()
+    config = {"train_text_encoder": train_te, "keep_base": True}
+    backbone.adapter = DreamBoothAdapter(config, fingerprint, base_unet, base_text)

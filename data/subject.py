@@ -1,0 +1,400 @@
+"""Subject (instance) and class images for personalization: validation, datasets, class-image generation, DataModule.
+
+The training stream is endless and indexed by a global example counter ``i``: micro-batch ``b``
+of rank ``r`` (of ``W``) holds examples ``(b * W + r) * B + j``. Example ``i`` takes instance image
+``order_e[i mod N]`` of epoch ``e = i // N`` (a permutation drawn from ``(seed, e)``) and its crop,
+flip and prompt template from a generator seeded with ``(seed, i)``. A batch is thus a function of
+``(seed, step, rank)`` alone, which makes a resumed run see exactly the batches an uninterrupted
+one sees (the DataModule restarts the stream at ``global_step * accumulate_grad_batches``).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
+
+import lightning as L
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from data.images import ImageLoadError, list_images, load_image, pil_to_tensor, resize_and_crop, save_image_atomic
+
+# Textual Inversion's prompt templates (Gal et al.; diffusers' textual_inversion example).
+TEMPLATES = {
+    "object": [
+        "a photo of a {}", "a rendering of a {}", "a cropped photo of the {}", "the photo of a {}",
+        "a photo of a clean {}", "a photo of a dirty {}", "a dark photo of the {}", "a photo of my {}",
+        "a photo of the cool {}", "a close-up photo of a {}", "a bright photo of the {}", "a cropped photo of a {}",
+        "a photo of the {}", "a good photo of the {}", "a photo of one {}", "a close-up photo of the {}",
+        "a rendition of the {}", "a photo of the clean {}", "a rendition of a {}", "a photo of a nice {}",
+        "a good photo of a {}", "a photo of the nice {}", "a photo of the small {}", "a photo of the weird {}",
+        "a photo of the large {}", "a photo of a cool {}", "a photo of a small {}",
+    ],
+    "style": [
+        "a painting in the style of {}", "a rendering in the style of {}", "a cropped painting in the style of {}",
+        "the painting in the style of {}", "a clean painting in the style of {}", "a dirty painting in the style of {}",
+        "a dark painting in the style of {}", "a picture in the style of {}", "a cool painting in the style of {}",
+        "a close-up painting in the style of {}", "a bright painting in the style of {}", "a good painting in the style of {}",
+        "a rendition in the style of {}", "a nice painting in the style of {}", "a small painting in the style of {}",
+        "a weird painting in the style of {}", "a large painting in the style of {}",
+    ],
+}
+
+
+class SubjectDataError(ValueError):
+    """Personalization data that cannot be used; the message names the config key or file."""
+
+
+@dataclass
+class SubjectDataConfig:
+    """The ``data`` block of ``conf/personalize.yaml`` (see docs/personalization.md)."""
+
+    instance_dir: str = "???"
+    instance_prompt: str = "???"
+    captions: bool = True  # <image>.txt next to an image replaces the prompt for that image
+    prompt_templates: Any = None  # null | "object" | "style" | list of strings with "{}"
+    subject: Optional[str] = None  # what "{}" becomes in the templates, e.g. "<sks> cat"
+    class_dir: Optional[str] = None  # default with prior preservation: <output_dir>/class_images
+    class_prompt: Optional[str] = None
+    num_class_images: int = 100
+    class_steps: int = 25
+    class_guidance_scale: float = 7.5
+    class_batch_size: int = 4
+    resolution: Optional[int] = None  # default: the model's resolution
+    center_crop: bool = True
+    flip_p: float = 0.5
+    repeats: int = 1
+    shuffle: bool = True
+    batch_size: int = 1
+    num_workers: int = 0
+
+
+@dataclass(frozen=True)
+class InstanceItem:
+    path: Path
+    caption: Optional[str]  # from <image>.txt, else None
+
+
+# ----------------------------------------------------------------------------- validation
+def resolve_templates(cfg: Any) -> list[str] | None:
+    templates = cfg.prompt_templates
+    if templates is None:
+        return None
+    if isinstance(templates, str):
+        if templates not in TEMPLATES:
+            raise SubjectDataError(f"config key 'data.prompt_templates': {templates!r} is not one of {sorted(TEMPLATES)} or a list of templates")
+        return list(TEMPLATES[templates])
+    templates = [str(t) for t in templates]
+    bad = [t for t in templates if t.count("{}") != 1]
+    if not templates or bad:
+        raise SubjectDataError(f"config key 'data.prompt_templates': every template needs exactly one '{{}}', got {bad or templates}")
+    return templates
+
+
+def read_instance_items(instance_dir: str | Path, captions: bool = True) -> list[InstanceItem]:
+    """The instance images of a folder with their caption files, every image opened once to check it."""
+    directory = Path(instance_dir)
+    if not directory.exists():
+        raise FileNotFoundError(f"config key 'data.instance_dir': folder {directory} not found")
+    try:
+        paths = list_images(directory)
+    except ImageLoadError as err:
+        raise SubjectDataError(f"config key 'data.instance_dir': {err}") from err
+    if not paths:
+        raise SubjectDataError(f"config key 'data.instance_dir': folder {directory} holds no images (.png, .jpg, .jpeg, .webp, ...)")
+    items = []
+    for path in paths:
+        load_image(path)  # raises ImageLoadError naming the file
+        caption = None
+        text = path.with_suffix(".txt")
+        if captions and text.is_file():
+            try:
+                caption = text.read_text(encoding="utf-8").strip()
+            except (OSError, UnicodeDecodeError) as err:
+                raise SubjectDataError(f"caption file {text}: cannot be read as UTF-8 text ({err})") from err
+            if not caption:
+                raise SubjectDataError(f"caption file {text}: is empty (delete it to use data.instance_prompt)")
+        items.append(InstanceItem(path, caption))
+    return items
+
+
+def validate_subject_data(
+    cfg: Any,
+    required_tokens: Sequence[str] = (),
+    prior_preservation: bool = False,
+    vae_scale_factor: int | None = None,
+    model_resolution: int | None = None,
+) -> list[InstanceItem]:
+    """Check the whole data config before training: folders, every image and caption, prompts, sizes.
+
+    `required_tokens` (TI placeholders, Custom Diffusion modifiers) must appear in every prompt an
+    instance example can get (instance prompt, captions, templates filled with ``data.subject``).
+    """
+    for key in ("instance_dir", "instance_prompt"):
+        if OmegaConf.is_missing(cfg, key) or not str(cfg[key] or "").strip():
+            raise SubjectDataError(f"config key 'data.{key}' must be set (e.g. data.{key}=...)")
+    if cfg.repeats < 1 or cfg.batch_size < 1 or cfg.num_workers < 0:
+        raise SubjectDataError("config keys 'data.repeats' and 'data.batch_size' must be >= 1 and 'data.num_workers' >= 0")
+    if not 0.0 <= cfg.flip_p <= 1.0:
+        raise SubjectDataError(f"config key 'data.flip_p': {cfg.flip_p} is not a probability")
+    resolution = cfg.resolution or model_resolution
+    if resolution is not None:
+        if resolution < 8:
+            raise SubjectDataError(f"config key 'data.resolution': {resolution} is too small")
+        if vae_scale_factor and resolution % vae_scale_factor:
+            raise SubjectDataError(
+                f"config key 'data.resolution': {resolution} is not a multiple of the VAE factor {vae_scale_factor} "
+                f"(try {max(vae_scale_factor, round(resolution / vae_scale_factor) * vae_scale_factor)})"
+            )
+    templates = resolve_templates(cfg)
+    if templates is not None and not cfg.subject:
+        raise SubjectDataError("config key 'data.subject' must be set when data.prompt_templates is used (it fills the '{}')")
+    items = read_instance_items(cfg.instance_dir, cfg.captions)
+
+    prompts = {"config key 'data.instance_prompt'": cfg.instance_prompt}
+    if templates is not None:
+        prompts = {f"template {t!r} with data.subject": t.format(cfg.subject) for t in templates}
+    for item in items:
+        if item.caption is not None:
+            prompts[f"caption file {item.path.with_suffix('.txt')}"] = item.caption
+    for token in required_tokens:
+        for where, prompt in prompts.items():
+            if token not in prompt:
+                raise SubjectDataError(f"{where}: prompt {prompt!r} does not contain the token {token!r} that this method trains")
+
+    if prior_preservation:
+        if not (cfg.class_prompt or "").strip():
+            raise SubjectDataError("config key 'data.class_prompt' must be set when loss.prior_preservation is on (e.g. 'a photo of a dog')")
+        if cfg.num_class_images < 1:
+            raise SubjectDataError("config key 'data.num_class_images' must be >= 1 with prior preservation")
+        for token in required_tokens:
+            if token in cfg.class_prompt:
+                raise SubjectDataError(f"config key 'data.class_prompt': {cfg.class_prompt!r} must not contain the trained token {token!r}")
+        if cfg.class_dir and Path(cfg.class_dir).exists() and not Path(cfg.class_dir).is_dir():
+            raise SubjectDataError(f"config key 'data.class_dir': {cfg.class_dir} is not a folder")
+    return items
+
+
+# ----------------------------------------------------------------------------- class images
+@torch.no_grad()
+def generate_class_images(
+    backbone: Any,
+    prompt: str,
+    directory: str | Path,
+    count: int,
+    steps: int = 25,
+    guidance_scale: float = 7.5,
+    batch_size: int = 4,
+    seed: int = 0,
+) -> list[Path]:
+    """Fill `directory` up to `count` images of `prompt` sampled by `backbone` (DDIM); existing ones are kept.
+
+    Image ``k`` is drawn with seed ``seed + k``, written atomically as ``class_<k>.png``.
+    """
+    from tqdm.auto import tqdm
+
+    from diffusion.schedulers import make_scheduler
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    existing = list_images(directory)
+    missing = count - len(existing)
+    if missing <= 0:
+        return existing
+    taken = {p.name for p in existing}
+    indices = [k for k in range(count + len(existing)) if f"class_{k:05d}.png" not in taken][:missing]
+    pipe = backbone.pipeline(make_scheduler("ddim", backbone.scheduler.config))
+    autocast = torch.autocast(backbone.device.type, dtype=backbone.dtype) if backbone.dtype != torch.float32 else contextlib.nullcontext()
+    with autocast, tqdm(total=missing, desc="class images") as bar:
+        for start in range(0, missing, batch_size):
+            chunk = indices[start : start + batch_size]
+            generators = [torch.Generator("cpu").manual_seed(seed + k) for k in chunk]
+            images = pipe([prompt] * len(chunk), num_inference_steps=steps, guidance_scale=guidance_scale, generator=generators).images
+            for k, image in zip(chunk, images):
+                save_image_atomic(image, directory / f"class_{k:05d}.png")
+            bar.update(len(chunk))
+    return list_images(directory)
+
+
+# ----------------------------------------------------------------------------- dataset
+def mix_seed(*values: int) -> int:
+    """A 63-bit seed from integers (splitmix-style), so nearby (seed, i) give unrelated streams."""
+    h = 0x9E3779B97F4A7C15
+    for v in values:
+        h ^= (v + 0x9E3779B97F4A7C15 + (h << 6) + (h >> 2)) & 0xFFFFFFFFFFFFFFFF
+        h = (h * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    return h & 0x7FFFFFFFFFFFFFFF
+
+
+class SubjectDataset(Dataset):
+    """Example ``i`` of the endless instance (+ class) stream; see the module docstring.
+
+    Returns ``pixel_values`` [3, R, R] in [-1, 1], ``prompt``, ``example_index`` and, with class
+    images, ``class_pixel_values`` and ``class_prompt``.
+    """
+
+    def __init__(
+        self,
+        items: Sequence[InstanceItem],
+        instance_prompt: str,
+        resolution: int,
+        seed: int = 0,
+        center_crop: bool = True,
+        flip_p: float = 0.5,
+        repeats: int = 1,
+        shuffle: bool = True,
+        templates: Sequence[str] | None = None,
+        subject: str | None = None,
+        class_paths: Sequence[Path] = (),
+        class_prompt: str | None = None,
+    ):
+        self.items = [item for item in items for _ in range(repeats)]
+        self.instance_prompt = instance_prompt
+        self.resolution = resolution
+        self.seed = seed
+        self.center_crop = center_crop
+        self.flip_p = flip_p
+        self.shuffle = shuffle
+        self.templates = list(templates) if templates else None
+        self.subject = subject
+        self.class_paths = list(class_paths)
+        self.class_prompt = class_prompt
+        self._cache: dict[Path, Image.Image] = {}
+        self._orders: dict[tuple[str, int], torch.Tensor] = {}
+
+    def __len__(self) -> int:  # one pass over the (repeated) instance images; the stream itself is endless
+        return len(self.items)
+
+    def _order(self, name: str, size: int, epoch: int) -> torch.Tensor:
+        key = (name, epoch)
+        if key not in self._orders:
+            if len(self._orders) > 8:
+                self._orders.clear()
+            g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, 1 if name == "class" else 0))
+            self._orders[key] = torch.randperm(size, generator=g) if self.shuffle else torch.arange(size)
+        return self._orders[key]
+
+    def _image(self, path: Path, generator: torch.Generator) -> torch.Tensor:
+        if path not in self._cache:  # decode + resize once; crop and flip per example
+            image = load_image(path)
+            scale = self.resolution / min(image.size)
+            size = (max(self.resolution, round(image.size[0] * scale)), max(self.resolution, round(image.size[1] * scale)))
+            self._cache[path] = image.resize(size, Image.Resampling.BICUBIC)
+        image = resize_and_crop(self._cache[path], self.resolution, center=self.center_crop, generator=generator)
+        tensor = pil_to_tensor(image)
+        if torch.rand((), generator=generator).item() < self.flip_p:
+            tensor = tensor.flip(-1)
+        return tensor
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        n = len(self.items)
+        item = self.items[int(self._order("instance", n, index // n)[index % n])]
+        g = torch.Generator().manual_seed(mix_seed(self.seed, index))
+        if item.caption is not None:
+            prompt = item.caption
+        elif self.templates is not None:
+            prompt = self.templates[int(torch.randint(len(self.templates), (), generator=g))].format(self.subject)
+        else:
+            prompt = self.instance_prompt
+        example = {"pixel_values": self._image(item.path, g), "prompt": prompt, "example_index": index}
+        if self.class_paths:
+            c = len(self.class_paths)
+            path = self.class_paths[int(self._order("class", c, index // c)[index % c])]
+            example["class_pixel_values"] = self._image(path, g)
+            example["class_prompt"] = self.class_prompt
+        return example
+
+
+class StepBatchSampler(Sampler[list[int]]):
+    """Endless batches of example indices: micro-batch ``b`` of `rank` is ``[(b*W + rank)*B + j]``, from `start_batch` on."""
+
+    def __init__(self, batch_size: int, start_batch: int = 0, rank: int = 0, world_size: int = 1):
+        self.batch_size = batch_size
+        self.start_batch = start_batch
+        self.rank = rank
+        self.world_size = world_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        b = self.start_batch
+        while True:
+            first = (b * self.world_size + self.rank) * self.batch_size
+            yield list(range(first, first + self.batch_size))
+            b += 1
+
+
+# ----------------------------------------------------------------------------- DataModule
+class SubjectDataModule(L.LightningDataModule):
+    """Instance (+ generated class) images as an endless, resumable stream.
+
+    ``prepare_data`` (local rank 0 of each node, before the other ranks start reading) generates
+    the missing class images with the LightningModule's ``backbone``; ``train_dataloader`` starts
+    the stream at the trainer's restored ``global_step`` and shards it by rank itself, so the
+    Trainer must run with ``use_distributed_sampler=False``.
+    """
+
+    def __init__(
+        self,
+        cfg: Any,
+        items: Sequence[InstanceItem],
+        resolution: int,
+        seed: int = 0,
+        prior_preservation: bool = False,
+        class_dir: str | Path | None = None,
+    ):
+        super().__init__()
+        self.cfg = cfg
+        self.items = list(items)
+        self.resolution = resolution
+        self.seed = seed
+        self.prior_preservation = prior_preservation
+        self.class_dir = Path(class_dir) if class_dir is not None else None
+        self.class_paths: list[Path] = []
+
+    def prepare_data(self) -> None:
+        if not self.prior_preservation:
+            return
+        have = len(list_images(self.class_dir)) if self.class_dir.is_dir() else 0
+        if have >= self.cfg.num_class_images:
+            return
+        backbone = self.trainer.lightning_module.backbone
+        backbone.to(self.trainer.strategy.root_device)
+        # Before fit and before a checkpoint is restored, the freshly attached adapter computes the
+        # base model (LoRA B = 0, Custom Diffusion k/v = originals, DreamBooth = base, TI rows unused).
+        generate_class_images(
+            backbone, self.cfg.class_prompt, self.class_dir, self.cfg.num_class_images,
+            steps=self.cfg.class_steps, guidance_scale=self.cfg.class_guidance_scale,
+            batch_size=self.cfg.class_batch_size, seed=self.seed,
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.prior_preservation:
+            paths = list_images(self.class_dir)[: self.cfg.num_class_images]
+            if len(paths) < self.cfg.num_class_images:
+                raise SubjectDataError(f"config key 'data.class_dir': {self.class_dir} holds {len(paths)} images, {self.cfg.num_class_images} needed")
+            for path in paths:
+                load_image(path)
+            self.class_paths = paths
+
+    def dataset(self) -> SubjectDataset:
+        cfg = self.cfg
+        return SubjectDataset(
+            self.items, cfg.instance_prompt, self.resolution, seed=self.seed, center_crop=cfg.center_crop,
+            flip_p=cfg.flip_p, repeats=cfg.repeats, shuffle=cfg.shuffle, templates=resolve_templates(cfg),
+            subject=cfg.subject, class_paths=self.class_paths, class_prompt=cfg.class_prompt,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        start, rank, world = 0, 0, 1
+        if trainer is not None:
+            start = trainer.global_step * trainer.accumulate_grad_batches
+            rank, world = trainer.global_rank, trainer.world_size
+        sampler = StepBatchSampler(self.cfg.batch_size, start, rank, world)
+        return DataLoader(
+            self.dataset(), batch_sampler=sampler, num_workers=self.cfg.num_workers,
+            persistent_workers=self.cfg.num_workers > 0, pin_memory=torch.cuda.is_available(),
+        )
+

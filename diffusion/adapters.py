@@ -1,0 +1,572 @@
+"""Personalization adapters attached to a Backbone: LoRA, Textual Inversion, Custom Diffusion, DreamBooth.
+
+Each ``add_*`` function changes the backbone in place, stores the adapter object in
+``backbone.adapter`` and returns it. Every adapter object offers:
+
+- ``kind``: ``"lora" | "textual_inversion" | "custom_diffusion" | "dreambooth"``;
+- ``config``: the keyword arguments that re-create it (``attach_adapter(backbone, kind, **config)``);
+- ``tokens``: the placeholder / modifier tokens it added to the tokenizer (may be empty);
+- ``base_fingerprint``: ``model_fingerprint`` of the backbone before the adapter was attached;
+- ``named_trainable(backbone)``: ``[(name, parameter)]`` with names as the backbone's modules see
+  them (``unet.<...>`` / ``text_encoder.<...>``), the trainable state of the adapter and nothing else;
+- ``trainable_parameters(backbone)``: those parameters, marked ``requires_grad=True``;
+- ``set_trainable(backbone, flag)``; ``trainable_state_dict`` / ``load_trainable_state_dict``;
+- ``disabled(backbone)``: a context in which the backbone computes exactly the pre-trained model.
+
+Adapters live in module weights, never in attention processors, so the attention recorder of
+``distill/attention.py`` (which swaps processors) sees them: peft LoRA layers inside ``to_q/k/v/out``,
+Custom Diffusion as trained ``attn2.to_k/to_v`` weights, new token rows inside the token embedding.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import nn
+
+KINDS = ("lora", "textual_inversion", "custom_diffusion", "dreambooth")
+LORA_ADAPTER_NAME = "default"
+UNET_LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
+TEXT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+class AdapterError(ValueError):
+    """An adapter that cannot be attached as asked (bad token, second adapter, wrong base model)."""
+
+
+# ----------------------------------------------------------------------------- fingerprint
+_TEXT_CONFIG_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "max_position_embeddings")
+_PROBES_PER_TENSOR = 16
+
+
+def _probe(tensor: torch.Tensor) -> list[float]:
+    flat = tensor.detach().reshape(-1).float().cpu()
+    idx = torch.linspace(0, flat.numel() - 1, _PROBES_PER_TENSOR).round().long()
+    return [float(f"{v:.6g}") for v in flat[idx].tolist()]
+
+
+def model_fingerprint(backbone: Any) -> dict[str, Any]:
+    """Identify a base model: a hash of its architecture plus probe values of a few weights.
+
+    ``architecture`` must match exactly; ``probe`` (values from the UNet's ``conv_in`` and time
+    embedding and the text encoder's embeddings) is compared with a tolerance, so the same model
+    loaded in fp32, fp16 or bf16 matches while a different checkpoint of the same shape does not.
+    Call it on a backbone without adapter (adapters change the probed modules' names or values).
+    """
+    if backbone.adapter is not None:
+        raise AdapterError("model_fingerprint needs the backbone without adapter (it identifies the base model)")
+    unet_cfg = {k: v for k, v in dict(backbone.unet.config).items() if not k.startswith("_")}
+    text_cfg = {k: getattr(backbone.text_encoder.config, k, None) for k in _TEXT_CONFIG_KEYS}
+    arch = json.dumps({"unet": unet_cfg, "text_encoder": text_cfg, "tokenizer_size": len(backbone.tokenizer)}, sort_keys=True, default=str)
+    embeddings = backbone.text_encoder.get_input_embeddings().weight
+    tensors = [
+        backbone.unet.conv_in.weight,
+        backbone.unet.time_embedding.linear_1.weight,
+        backbone.unet.conv_out.weight,
+        getattr(backbone.text_encoder, "text_model", backbone.text_encoder).embeddings.position_embedding.weight,
+        embeddings[: min(512, embeddings.shape[0])],
+    ]
+    return {
+        "architecture": hashlib.sha256(arch.encode()).hexdigest(),
+        "probe": [v for t in tensors for v in _probe(t)],
+    }
+
+
+def fingerprints_match(a: dict[str, Any], b: dict[str, Any], rtol: float = 2e-2) -> bool:
+    """True when two fingerprints name the same base model (probe values within `rtol` of their scale)."""
+    if a.get("architecture") != b.get("architecture"):
+        return False
+    pa, pb = torch.tensor(a.get("probe", [])), torch.tensor(b.get("probe", []))
+    if pa.shape != pb.shape:
+        return False
+    scale = torch.maximum(pa.abs(), pb.abs()).clamp(min=1e-3)
+    return bool(((pa - pb).abs() <= rtol * scale).all())
+
+
+# ----------------------------------------------------------------------------- tokens
+class TokenEmbedding(nn.Module):
+    """Token embedding table = frozen base rows + trainable rows for added tokens.
+
+    ``E[i] = base.weight[i]`` for ``i < V`` (the base vocabulary) and ``E[i] = new[i - V]`` for the
+    added tokens. Only ``new`` is a trainable parameter, so every base row stays bit-exact during
+    training (no restore-after-step needed, and the optimizer never holds the 49k-row table).
+    """
+
+    def __init__(self, base: nn.Embedding, new_rows: torch.Tensor):
+        super().__init__()
+        self.base = base
+        self.new = nn.Parameter(new_rows.detach().clone())
+        self.num_base = base.num_embeddings
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.num_base + self.new.shape[0]
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.base.embedding_dim
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The full table ``[V + n_new, D]`` (a new tensor; for export and inspection)."""
+        return torch.cat([self.base.weight, self.new.to(self.base.weight.dtype)], dim=0)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        out = self.base(input_ids.clamp(max=self.num_base - 1))
+        is_new = (input_ids >= self.num_base).unsqueeze(-1)
+        new = self.new[(input_ids - self.num_base).clamp(min=0, max=self.new.shape[0] - 1)].to(out.dtype)
+        return torch.where(is_new, new, out)
+
+
+def _token_exists(tokenizer: Any, token: str) -> bool:
+    ids = tokenizer.encode(token, add_special_tokens=False)
+    return len(ids) == 1 or token in tokenizer.get_vocab()
+
+
+def _single_token_id(tokenizer: Any, token: str, what: str) -> int:
+    ids = tokenizer.encode(token, add_special_tokens=False)
+    if len(ids) != 1:
+        pieces = tokenizer.convert_ids_to_tokens(ids)
+        raise AdapterError(f"{what} {token!r} must be a single token of the tokenizer, but it splits into {pieces}")
+    return ids[0]
+
+
+def check_new_tokens(tokenizer: Any, tokens: Sequence[str], what: str = "placeholder token") -> None:
+    """Raise AdapterError when a token is empty, has spaces, repeats, or already exists in the vocabulary."""
+    if not tokens:
+        raise AdapterError(f"at least one {what} is needed")
+    if len(set(tokens)) != len(tokens):
+        raise AdapterError(f"{what}s {list(tokens)} contain a duplicate")
+    for token in tokens:
+        if not token or any(c.isspace() for c in token):
+            raise AdapterError(f"{what} {token!r} must be non-empty and contain no whitespace")
+        if _token_exists(tokenizer, token):
+            raise AdapterError(
+                f"{what} {token!r} already exists in the tokenizer's vocabulary; choose a new string such as '<{token.strip('<>')}-v1>'"
+            )
+
+
+def _expand_vectors(token: str, num_vectors: int) -> list[str]:
+    """diffusers' multi-vector naming: ``tok, tok_1, ..., tok_{n-1}``."""
+    return [token] + [f"{token}_{i}" for i in range(1, num_vectors)]
+
+
+def _install_token_rows(backbone: Any, added: list[str], init_ids: list[int]) -> TokenEmbedding:
+    """Add `added` to the tokenizer and a TokenEmbedding whose new rows copy the `init_ids` rows."""
+    tokenizer, text_encoder = backbone.tokenizer, backbone.text_encoder
+    base = text_encoder.get_input_embeddings()
+    if isinstance(base, TokenEmbedding):
+        raise AdapterError("the text encoder already has added token rows (one adapter per backbone)")
+    if len(tokenizer) != base.num_embeddings:
+        raise AdapterError(f"tokenizer size {len(tokenizer)} differs from the text encoder's {base.num_embeddings} embedding rows")
+    added_count = tokenizer.add_tokens(added)
+    if added_count != len(added):
+        raise AdapterError(f"tokens {added} could not all be added to the tokenizer (some already exist)")
+    ids = tokenizer.convert_tokens_to_ids(added)
+    if ids != list(range(base.num_embeddings, base.num_embeddings + len(added))):
+        raise AdapterError(f"tokens {added} got ids {ids}, expected consecutive ids after the base vocabulary")
+    rows = base.weight.detach()[torch.tensor(init_ids, device=base.weight.device)].float()
+    embedding = TokenEmbedding(base, rows)
+    text_encoder.set_input_embeddings(embedding)
+    return embedding
+
+
+def _token_module(backbone: Any) -> TokenEmbedding:
+    module = backbone.text_encoder.get_input_embeddings()
+    if not isinstance(module, TokenEmbedding):
+        raise AdapterError("the text encoder has no added token rows")
+    return module
+
+
+# ----------------------------------------------------------------------------- base class
+class _Adapter:
+    """Shared behaviour; subclasses define `kind`, `named_trainable(backbone)` and, where the base
+    model differs from the adapted one in the UNet, `disabled(backbone)`."""
+
+    kind: str = ""
+
+    def __init__(self, config: dict[str, Any], base_fingerprint: dict[str, Any], tokens: list[str]):
+        self.config = config
+        self.base_fingerprint = base_fingerprint
+        self.tokens = tokens
+
+    def trainable_parameters(self, backbone: Any) -> list[nn.Parameter]:
+        """The adapter's parameters, marked ``requires_grad=True`` (everything else stays frozen)."""
+        params = [p for _, p in self.named_trainable(backbone)]
+        for p in params:
+            p.requires_grad_(True)
+        return params
+
+    def set_trainable(self, backbone: Any, trainable: bool) -> None:
+        for _, p in self.named_trainable(backbone):
+            p.requires_grad_(trainable)
+
+    def trainable_state_dict(self, backbone: Any) -> dict[str, torch.Tensor]:
+        return {name: p.detach() for name, p in self.named_trainable(backbone)}
+
+    def load_trainable_state_dict(self, backbone: Any, state: dict[str, torch.Tensor]) -> None:
+        """Copy values into the trainable parameters; the key sets must match exactly."""
+        params = dict(self.named_trainable(backbone))
+        missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
+        if missing or unexpected:
+            raise AdapterError(f"{self.kind} state does not match the adapter: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        with torch.no_grad():
+            for name, p in params.items():
+                if p.shape != state[name].shape:
+                    raise AdapterError(f"{self.kind} state {name}: shape {tuple(state[name].shape)} != {tuple(p.shape)}")
+                p.copy_(state[name].to(p.device, p.dtype))
+
+    def expand_prompt(self, prompt: str) -> str:
+        """Write multi-vector tokens out as ``tok tok_1 ...`` (what diffusers' pipelines do)."""
+        return prompt
+
+    @contextlib.contextmanager
+    def disabled(self, backbone: Any) -> Iterator[None]:
+        """The pre-trained model: nothing to switch where the adapter only adds token rows (TI)."""
+        yield
+
+
+def _params_named(module: nn.Module, prefix: str, predicate) -> list[tuple[str, nn.Parameter]]:
+    return [(f"{prefix}.{n}", p) for n, p in module.named_parameters() if predicate(n)]
+
+
+def _ensure_free(backbone: Any) -> dict[str, Any]:
+    if backbone.adapter is not None:
+        raise AdapterError(f"the backbone already has a {backbone.adapter.kind} adapter; load a fresh backbone for another one")
+    return model_fingerprint(backbone)
+
+
+# ----------------------------------------------------------------------------- LoRA
+class LoraAdapter(_Adapter):
+    """peft LoRA on the UNet (and optionally the text encoder): ``W x + (alpha / r) B A x``.
+
+    ``A`` is Gaussian, ``B`` zero at attach, so the adapted model starts equal to the base model.
+    Disabled: peft's adapter switch (the base layers compute alone).
+    """
+
+    kind = "lora"
+
+    def named_trainable(self, backbone: Any) -> list[tuple[str, nn.Parameter]]:
+        is_lora = lambda n: "lora_" in n  # noqa: E731 - peft names lora_A / lora_B (and lora_embedding_*)
+        named = _params_named(backbone.unet, "unet", is_lora)
+        if self.config["text_encoder"]:
+            named += _params_named(backbone.text_encoder, "text_encoder", is_lora)
+        return named
+
+    @contextlib.contextmanager
+    def disabled(self, backbone: Any) -> Iterator[None]:
+        modules = [backbone.unet] + ([backbone.text_encoder] if self.config["text_encoder"] else [])
+        for module in modules:
+            module.disable_adapters()
+        try:
+            yield
+        finally:
+            for module in modules:
+                module.enable_adapters()
+
+
+def add_lora(
+    backbone: Any,
+    rank: int = 4,
+    alpha: float | None = None,
+    target_modules: Sequence[str] = UNET_LORA_TARGETS,
+    dropout: float = 0.0,
+    text_encoder: bool = False,
+    text_target_modules: Sequence[str] = TEXT_LORA_TARGETS,
+) -> LoraAdapter:
+    """Attach peft LoRA layers (``alpha`` defaults to ``rank``, i.e. scale 1) through diffusers' ``unet.add_adapter``."""
+    from peft import LoraConfig
+
+    if rank < 1:
+        raise AdapterError(f"LoRA rank must be >= 1, got {rank}")
+    if not 0.0 <= dropout < 1.0:
+        raise AdapterError(f"LoRA dropout must be in [0, 1), got {dropout}")
+    if not target_modules:
+        raise AdapterError("LoRA target_modules must name at least one module (e.g. to_q, to_k, to_v, to_out.0)")
+    fingerprint = _ensure_free(backbone)
+    alpha = float(rank if alpha is None else alpha)
+    config = {
+        "rank": int(rank), "alpha": alpha, "target_modules": list(target_modules), "dropout": float(dropout),
+        "text_encoder": bool(text_encoder), "text_target_modules": list(text_target_modules),
+    }
+    try:
+        backbone.unet.add_adapter(
+            LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights="gaussian", target_modules=list(target_modules)),
+            adapter_name=LORA_ADAPTER_NAME,
+        )
+        if text_encoder:
+            backbone.text_encoder.add_adapter(
+                LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights="gaussian", target_modules=list(text_target_modules)),
+                adapter_name=LORA_ADAPTER_NAME,
+            )
+    except ValueError as err:  # peft: "Target modules {...} not found in the base model"
+        raise AdapterError(f"LoRA target modules could not be attached: {err}") from err
+    adapter = LoraAdapter(config, fingerprint, [])
+    backbone.adapter = adapter
+    adapter.trainable_parameters(backbone)
+    return adapter
+
+
+# ----------------------------------------------------------------------------- Textual Inversion
+class TextualInversionAdapter(_Adapter):
+    """Textual Inversion: new token rows ``v_*`` in the text encoder's embedding table, nothing else.
+
+    Each placeholder token owns ``num_vectors`` rows (``tok, tok_1, ...``); prompts are expanded
+    to name all of them, as diffusers' pipelines do. Disabled: nothing to do (the UNet is untouched).
+    """
+
+    kind = "textual_inversion"
+
+    def named_trainable(self, backbone: Any) -> list[tuple[str, nn.Parameter]]:
+        _token_module(backbone)
+        return _params_named(backbone.text_encoder, "text_encoder", lambda n: n.endswith("token_embedding.new"))
+
+    def vectors(self, backbone: Any) -> dict[str, torch.Tensor]:
+        """{placeholder token: [num_vectors, D]} (the learned rows, float32 on CPU)."""
+        new = _token_module(backbone).new.detach().float().cpu()
+        n = self.config["num_vectors"]
+        return {tok: new[i * n : (i + 1) * n].clone() for i, tok in enumerate(self.config["tokens"])}
+
+    def set_vectors(self, backbone: Any, vectors: dict[str, torch.Tensor]) -> None:
+        n = self.config["num_vectors"]
+        rows = []
+        for tok in self.config["tokens"]:
+            if tok not in vectors:
+                raise AdapterError(f"no vectors for token {tok!r}")
+            v = vectors[tok].reshape(-1, vectors[tok].shape[-1])
+            if v.shape[0] != n:
+                raise AdapterError(f"token {tok!r} has {v.shape[0]} vectors, the adapter expects {n}")
+            rows.append(v)
+        module = _token_module(backbone)
+        with torch.no_grad():
+            module.new.copy_(torch.cat(rows).to(module.new.device, module.new.dtype))
+
+    def expand_prompt(self, prompt: str) -> str:
+        n = self.config["num_vectors"]
+        if n == 1:
+            return prompt
+        for tok in self.config["tokens"]:
+            prompt = prompt.replace(tok, " ".join(_expand_vectors(tok, n)))
+        return prompt
+
+
+def add_textual_inversion(
+    backbone: Any,
+    tokens: Sequence[str] | str,
+    initializer_token: str = "*",
+    num_vectors: int = 1,
+) -> TextualInversionAdapter:
+    """Add placeholder token(s), each with `num_vectors` rows initialised from `initializer_token`'s row."""
+    tokens = [tokens] if isinstance(tokens, str) else list(tokens)
+    if num_vectors < 1:
+        raise AdapterError(f"num_vectors must be >= 1, got {num_vectors}")
+    check_new_tokens(backbone.tokenizer, tokens, "placeholder token")
+    init_id = _single_token_id(backbone.tokenizer, initializer_token, "initializer token")
+    fingerprint = _ensure_free(backbone)
+    added = [name for tok in tokens for name in _expand_vectors(tok, num_vectors)]
+    check_new_tokens(backbone.tokenizer, added, "placeholder token")
+    _install_token_rows(backbone, added, [init_id] * len(added))
+    config = {"tokens": tokens, "initializer_token": initializer_token, "num_vectors": int(num_vectors)}
+    adapter = TextualInversionAdapter(config, fingerprint, tokens)
+    backbone.adapter = adapter
+    adapter.trainable_parameters(backbone)
+    return adapter
+
+
+# ----------------------------------------------------------------------------- Custom Diffusion
+class CustomDiffusionAdapter(_Adapter):
+    """Custom Diffusion: fine-tuned cross-attention ``W_k, W_v`` (optionally ``W_q, W_out``) + modifier token rows.
+
+    The trained weights are the ``attn2.to_k/to_v`` Linear weights themselves. Disabled: the
+    original weights (kept frozen in the adapter) are swapped into the modules; the trained
+    Parameter objects are put back on exit, so graphs built before stay valid.
+    With ``detach_sot`` the key/value of the start token get no gradient, as in the paper's code.
+    """
+
+    kind = "custom_diffusion"
+
+    def __init__(self, config: dict[str, Any], base_fingerprint: dict[str, Any], tokens: list[str], originals: dict[tuple[str, str], torch.Tensor]):
+        super().__init__(config, base_fingerprint, tokens)
+        self._originals = originals  # (module path, param name) -> frozen pre-trained tensor
+
+    def weight_names(self) -> list[tuple[str, str]]:
+        return list(self._originals)
+
+    def named_trainable(self, backbone: Any) -> list[tuple[str, nn.Parameter]]:
+        modules = dict(backbone.unet.named_modules())
+        named = [(f"unet.{m}.{p}", modules[m]._parameters[p]) for m, p in self._originals]
+        if self.tokens:
+            named += _params_named(backbone.text_encoder, "text_encoder", lambda n: n.endswith("token_embedding.new"))
+        return named
+
+    def vectors(self, backbone: Any) -> dict[str, torch.Tensor]:
+        if not self.tokens:
+            return {}
+        new = _token_module(backbone).new.detach().float().cpu()
+        return {tok: new[i : i + 1].clone() for i, tok in enumerate(self.tokens)}
+
+    def set_vectors(self, backbone: Any, vectors: dict[str, torch.Tensor]) -> None:
+        if not self.tokens:
+            return
+        rows = [vectors[tok].reshape(1, -1) for tok in self.tokens]
+        module = _token_module(backbone)
+        with torch.no_grad():
+            module.new.copy_(torch.cat(rows).to(module.new.device, module.new.dtype))
+
+    @contextlib.contextmanager
+    def disabled(self, backbone: Any) -> Iterator[None]:
+        modules = dict(backbone.unet.named_modules())
+        saved = []
+        for key, original in list(self._originals.items()):
+            module_name, param_name = key
+            module = modules[module_name]
+            current = module._parameters[param_name]
+            if original.device != current.device:  # follow the model across devices, once
+                original = original.to(current.device)
+                self._originals[key] = original
+            module._parameters[param_name] = nn.Parameter(original, requires_grad=False)
+            saved.append((module, param_name, current))
+        try:
+            yield
+        finally:
+            for module, param_name, current in saved:
+                module._parameters[param_name] = current
+
+    def install_hooks(self, backbone: Any) -> None:
+        """Stop gradients through the start token's key/value (values unchanged); called once at attach."""
+        if not self.config["detach_sot"]:
+            return
+        modules = dict(backbone.unet.named_modules())
+        for module_name in sorted({m for m, _ in self._originals if m.endswith(("to_k", "to_v"))}):
+            modules[module_name].register_forward_hook(_detach_first_token)
+
+
+def _detach_first_token(module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
+    if not torch.is_grad_enabled() or output.dim() != 3:
+        return output
+    keep = torch.ones_like(output[:1, :, :1])
+    keep[:, 0] = 0.0
+    return keep * output + (1 - keep) * output.detach()
+
+
+def _cross_attention_modules(unet: nn.Module) -> list[str]:
+    return [name for name, m in unet.named_modules() if name.endswith("attn2") and hasattr(m, "to_k")]
+
+
+def add_custom_diffusion(
+    backbone: Any,
+    modifier_tokens: Sequence[str] | str = ("<new1>",),
+    initializer_token: str | Sequence[str] = "*",
+    train_q_out: bool = False,
+    detach_sot: bool = True,
+) -> CustomDiffusionAdapter:
+    """Make every cross-attention ``to_k/to_v`` weight (and with `train_q_out` ``to_q``, ``to_out.0``) trainable,
+    and add modifier tokens initialised from `initializer_token` (one, or one per modifier token)."""
+    tokens = [modifier_tokens] if isinstance(modifier_tokens, str) else list(modifier_tokens)
+    inits = [initializer_token] * len(tokens) if isinstance(initializer_token, str) else list(initializer_token)
+    if len(inits) != len(tokens):
+        raise AdapterError(f"{len(tokens)} modifier tokens but {len(inits)} initializer tokens")
+    if tokens:
+        check_new_tokens(backbone.tokenizer, tokens, "modifier token")
+    init_ids = [_single_token_id(backbone.tokenizer, t, "initializer token") for t in inits]
+    fingerprint = _ensure_free(backbone)
+    attn_names = _cross_attention_modules(backbone.unet)
+    if not attn_names:
+        raise AdapterError("the UNet has no cross-attention (attn2) modules")
+    modules = dict(backbone.unet.named_modules())
+    targets = [("to_k", "weight"), ("to_v", "weight")]
+    if train_q_out:
+        targets += [("to_q", "weight"), ("to_out.0", "weight"), ("to_out.0", "bias")]
+    originals: dict[tuple[str, str], torch.Tensor] = {}
+    for attn in attn_names:
+        for sub, param_name in targets:
+            module_name = f"{attn}.{sub}"
+            param = modules[module_name]._parameters.get(param_name)
+            if param is not None:
+                originals[(module_name, param_name)] = param.detach().clone()
+    if tokens:
+        _install_token_rows(backbone, tokens, init_ids)
+    config = {"modifier_tokens": tokens, "initializer_token": inits, "train_q_out": bool(train_q_out), "detach_sot": bool(detach_sot)}
+    adapter = CustomDiffusionAdapter(config, fingerprint, tokens, originals)
+    adapter.install_hooks(backbone)
+    backbone.adapter = adapter
+    adapter.trainable_parameters(backbone)
+    return adapter
+
+
+# ----------------------------------------------------------------------------- DreamBooth
+class DreamBoothAdapter(_Adapter):
+    """DreamBooth: the whole UNet (optionally the text encoder) is trained.
+
+    Disabled: a frozen copy of the base UNet (and text encoder) taken at attach time is swapped
+    into the backbone; needs ``keep_base=True`` (it costs one extra UNet in memory).
+    Note: a module reference taken before entering the context (an attention recorder on
+    ``backbone.unet``) still points to the trained UNet.
+    """
+
+    kind = "dreambooth"
+
+    def __init__(self, config: dict[str, Any], base_fingerprint: dict[str, Any], base_unet: nn.Module | None, base_text_encoder: nn.Module | None):
+        super().__init__(config, base_fingerprint, [])
+        self.base_unet = base_unet
+        self.base_text_encoder = base_text_encoder
+
+    def named_trainable(self, backbone: Any) -> list[tuple[str, nn.Parameter]]:
+        named = _params_named(backbone.unet, "unet", lambda n: True)
+        if self.config["train_text_encoder"]:
+            named += _params_named(backbone.text_encoder, "text_encoder", lambda n: True)
+        return named
+
+    @contextlib.contextmanager
+    def disabled(self, backbone: Any) -> Iterator[None]:
+        if self.base_unet is None:
+            raise AdapterError("this DreamBooth adapter was attached with keep_base=False: no base UNet to switch to")
+        unet, text_encoder = backbone.unet, backbone.text_encoder
+        self.base_unet.to(unet.device)
+        backbone.unet = self.base_unet
+        if self.base_text_encoder is not None:
+            self.base_text_encoder.to(text_encoder.device)
+            backbone.text_encoder = self.base_text_encoder
+        try:
+            yield
+        finally:
+            backbone.unet, backbone.text_encoder = unet, text_encoder
+
+
+def _frozen_copy(module: nn.Module) -> nn.Module:
+    clone = copy.deepcopy(module)
+    clone.requires_grad_(False)
+    clone.eval()
+    return clone
+
+
+def add_dreambooth(backbone: Any, train_text_encoder: bool = False, keep_base: bool = True) -> DreamBoothAdapter:
+    """Mark the UNet (and optionally the text encoder) trainable; keep frozen base copies when `keep_base`."""
+    fingerprint = _ensure_free(backbone)
+    base_unet = _frozen_copy(backbone.unet) if keep_base else None
+    base_text = _frozen_copy(backbone.text_encoder) if keep_base and train_text_encoder else None
+    config = {"train_text_encoder": bool(train_text_encoder), "keep_base": bool(keep_base)}
+    adapter = DreamBoothAdapter(config, fingerprint, base_unet, base_text)
+    backbone.adapter = adapter
+    adapter.trainable_parameters(backbone)
+    return adapter
+
+
+# ----------------------------------------------------------------------------- generic
+_ATTACH = {
+    "lora": add_lora,
+    "textual_inversion": add_textual_inversion,
+    "custom_diffusion": add_custom_diffusion,
+    "dreambooth": add_dreambooth,
+}
+
+
+def attach_adapter(backbone: Any, kind: str, **config: Any) -> _Adapter:
+    """Attach an adapter of `kind` with the keyword arguments of its ``add_*`` function."""
+    if kind not in _ATTACH:
+        raise AdapterError(f"unknown adapter kind {kind!r}: expected one of {list(KINDS)}")
+    return _ATTACH[kind](backbone, **config)

@@ -1,0 +1,112 @@
+"""Edit tokens from the difference of two prompts (LUSD App. 6.1), with our own rules (no tagger download).
+
+LUSD strips the longest common word prefix and suffix of the source and target prompts, keeps the
+nouns of what remains of the target (NLTK POS tags NN/NNS), and, when the differing part does not end
+in a noun, extends it with the following target words until one is included. We replace the POS
+tagger (its model is a run-time data download) by closed word lists: articles, prepositions, pronouns,
+conjunctions, auxiliaries, common adjectives (colours, sizes, materials) and verb forms (-ing/-ed, a
+list of frequent verbs) are "not a noun"; every other word is taken as a noun. This is right for the
+short captions editing uses ("a cat wearing a hat", "a cup of matcha"); users can always name the
+tokens (`edit_tokens`).
+"""
+from __future__ import annotations
+
+import re
+from typing import Sequence
+
+ARTICLES = {"a", "an", "the", "some", "any", "this", "that", "these", "those", "each", "every"}
+PREPOSITIONS = {
+    "of", "in", "on", "at", "with", "from", "by", "for", "to", "into", "onto", "under", "over", "behind",
+    "near", "next", "beside", "between", "above", "below", "inside", "outside", "through", "across",
+    "around", "against", "along", "among", "without", "within", "up", "down", "off", "out", "about",
+}
+OTHER_FUNCTION = {
+    "and", "or", "but", "nor", "so", "yet", "as", "than", "is", "are", "was", "were", "be", "been",
+    "being", "has", "have", "had", "do", "does", "did", "it", "its", "his", "her", "their", "my", "your",
+    "our", "he", "she", "they", "we", "you", "i", "him", "them", "who", "which", "while", "very", "too",
+    "also", "not", "no", "there", "here", "front", "top", "side", "left", "right", "middle", "center",
+}
+ADJECTIVES = {
+    "red", "green", "blue", "yellow", "black", "white", "brown", "orange", "pink", "purple", "gray",
+    "grey", "golden", "silver", "wooden", "small", "big", "large", "tiny", "huge", "little", "cute",
+    "old", "young", "new", "happy", "sad", "angry", "beautiful", "pretty", "dark", "bright", "light",
+    "tall", "short", "long", "round", "square", "striped", "shiny", "colorful", "snowy", "sunny",
+    "rainy", "cloudy", "wet", "dry", "hot", "cold", "warm", "fluffy", "furry", "metal", "glass",
+    "plastic", "stone", "paper", "cartoon", "realistic", "detailed", "cinematic", "watercolor",
+}
+VERBS = {
+    "wearing", "holding", "sitting", "standing", "lying", "running", "jumping", "eating", "sleeping",
+    "playing", "looking", "made", "covered", "filled", "painted", "carrying", "riding", "flying",
+    "floating", "swimming", "walking", "wears", "holds", "sits", "stands",
+}
+NOT_NOUN = ARTICLES | PREPOSITIONS | OTHER_FUNCTION | ADJECTIVES | VERBS
+_WORD = re.compile(r"[A-Za-z0-9<>_'\-]+")
+
+
+def words(prompt: str) -> list[str]:
+    return _WORD.findall(prompt.lower())
+
+
+def is_noun(word: str) -> bool:
+    """Our stand-in for a POS tagger's NN/NNS (see the module docstring)."""
+    w = word.lower()
+    if w in NOT_NOUN or w.isdigit():
+        return False
+    if len(w) > 4 and (w.endswith("ing") or w.endswith("ed")) and w not in {"bed", "shed", "seed", "ceiling", "building", "painting", "ring", "king", "wing", "string"}:
+        return False
+    return True
+
+
+def diff_span(src: list[str], tgt: list[str]) -> tuple[int, int]:
+    """``[start, end)`` of the words of `tgt` left after removing the longest common prefix and suffix."""
+    prefix = 0
+    while prefix < min(len(src), len(tgt)) and src[prefix] == tgt[prefix]:
+        prefix += 1
+    suffix = 0
+    while suffix < min(len(src), len(tgt)) - prefix and src[-1 - suffix] == tgt[-1 - suffix]:
+        suffix += 1
+    return prefix, len(tgt) - suffix
+
+
+def edit_words(source: str, target: str) -> list[str]:
+    """Nouns of the differing part of `target` (LUSD App. 6.1 with `is_noun` as the tagger).
+
+    Returns [] when the prompts do not differ in any noun (e.g. only in an adjective that is not
+    followed by a noun); callers then fall back to a uniform mask.
+    """
+    src, tgt = words(source), words(target)
+    prefix, end = diff_span(src, tgt)
+    if end <= prefix:
+        return []
+    # Extend to the right until the differing part holds a noun (e.g. "wearing" -> "wearing a hat").
+    while end < len(tgt) and not any(is_noun(w) for w in tgt[prefix:end]):
+        end += 1
+    return [w for w in tgt[prefix:end] if is_noun(w)]
+
+
+def token_indices(tokenizer, prompt: str, chosen: Sequence[str]) -> list[int]:
+    """Columns (BOS = 0, padded prompt) of every sub-word token of each word in `chosen`.
+
+    Raises ValueError naming the word when it does not occur in `prompt`.
+    """
+    ids = tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length).input_ids
+    columns: list[int] = []
+    for word in chosen:
+        piece = tokenizer(word.strip(), add_special_tokens=False).input_ids
+        found = [s for s in range(len(ids) - len(piece) + 1) if piece and ids[s : s + len(piece)] == piece]
+        if not found:
+            raise ValueError(f"edit token {word!r} does not occur in the target prompt {prompt!r}")
+        for start in found:
+            columns.extend(range(start, start + len(piece)))
+    return sorted(set(columns))
+
+
+def subject_word(source: str, target: str) -> str | None:
+    """The source-prompt noun a personalized prompt refers to: a noun of the differing part that the
+    source also has ("a cat" -> "a sks cat wearing a hat": "cat"), else the first noun right after the
+    differing part ("a cat" -> "a sks cat": "cat")."""
+    src, tgt = words(source), words(target)
+    start, end = diff_span(src, tgt)
+    inside = [w for w in tgt[start:end] if is_noun(w) and w in src]
+    after = [w for w in tgt[end:] if is_noun(w)]
+    return (inside[-1:] or after[:1] or [None])[0]

@@ -1,0 +1,310 @@
+"""Personalization as LightningModules: DreamBooth, LoRA, Textual Inversion and Custom Diffusion.
+
+All four share one denoising objective (`PersonalizeModule`) and differ only in the adapter they
+attach (``diffusion.adapters``), i.e. in which parameters train.
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from checkpoints import export_adapter
+from data.subject import mix_seed
+from diffusion.adapters import attach_adapter
+from diffusion.backbone import Backbone, load_backbone
+
+# Frozen modules stay in eval mode on purpose (see PersonalizeModule.train); Lightning warns about it.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+
+
+def snr_weights(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+    """Min-SNR-gamma weights (Hang et al. 2023): ``min(SNR, gamma) / SNR`` for epsilon, ``/ (SNR + 1)`` for v."""
+    a = alphas_cumprod[t]
+    snr = a / (1 - a)
+    clipped = torch.minimum(snr, torch.full_like(snr, gamma))
+    return clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
+
+
+class PersonalizeModule(L.LightningModule):
+    """Shared base of the personalization methods.
+
+    Per micro-batch (instance images ``x``, prompts ``c``; with prior preservation the class
+    images and prompt are appended to the same UNet batch)::
+
+        z = vae(x) (posterior sample),  eps ~ N(0, I) (+ offset * N(0, I) per channel),  t ~ U{t_min..t_max}
+        z_t = sqrt(a_t) z + sqrt(1 - a_t) eps
+        target = eps (epsilon model) or v = sqrt(a_t) eps - sqrt(1 - a_t) z (v-prediction model)
+        l_i = w(t_i) * mean((f(z_t, t, c) - target)^2)    w = 1, or min-SNR-gamma
+        L = mean_instance(l) + prior_loss_weight * mean_class(l)
+
+    Every random draw of a micro-batch comes from a seed of ``(seed, example index)``, so a resumed
+    run repeats an uninterrupted one exactly. Only the adapter's parameters train (kept in fp32
+    whatever the model dtype), and checkpoints hold only them.
+    """
+
+    method = ""
+
+    def __init__(self, config: dict[str, Any], backbone: Backbone | None = None, export_dir: str | None = None):
+        super().__init__()
+        config = OmegaConf.to_container(config, resolve=True) if isinstance(config, DictConfig) else dict(config)
+        self.save_hyperparameters({"config": config}, logger=False)
+        self.cfg = OmegaConf.create(config)
+        self.strict_loading = False  # checkpoints hold the trainable state only
+        self.export_dir = export_dir
+        m = self.cfg.model
+        if backbone is None:
+            backbone = load_backbone(m.pretrained, m.dtype, "cpu", m.cache_dir, m.single_file_config)
+        self.backbone = backbone
+        torch.manual_seed(int(self.cfg.seed))  # adapter initialisation (LoRA A) depends on the seed only
+        attach_adapter(backbone, self.method, **self.adapter_kwargs(self.cfg.method))
+        self._trains_text_encoder = any(n.startswith("text_encoder.") for n, _ in backbone.adapter.named_trainable(backbone))
+        for p in backbone.adapter.trainable_parameters(backbone):
+            p.data = p.data.float()  # fp32 master weights: no "unscale FP16 gradients", stable updates
+        # registered so Lightning moves them and DDP sees the trainable parameters
+        self.unet, self.text_encoder, self.vae = backbone.unet, backbone.text_encoder, backbone.vae
+        if self.cfg.gradient_checkpointing:
+            backbone.unet.enable_gradient_checkpointing()
+            if self.trains_text_encoder:
+                backbone.text_encoder.gradient_checkpointing_enable()
+        self._last_validation_step = -1
+
+    # ------------------------------------------------------------------ method hooks
+    # Subclasses set `method` and define the static `adapter_kwargs(method_cfg) -> dict`: the arguments of
+    # the method's `diffusion.adapters.add_*` function.
+
+    @property
+    def required_tokens(self) -> list[str]:
+        """Tokens every instance prompt must contain (TI placeholders, Custom Diffusion modifiers)."""
+        return []
+
+    @property
+    def trains_text_encoder(self) -> bool:
+        """Whether any trainable parameter lives in the text encoder (TI/CD rows, LoRA-TE, DreamBooth-TE)."""
+        return self._trains_text_encoder
+
+    # ------------------------------------------------------------------ state
+    def train(self, mode: bool = True) -> "PersonalizeModule":
+        """Only modules that carry trainable parameters go to train mode (frozen ones stay in eval)."""
+        super().train(False)
+        if mode:
+            self.backbone.unet.train()
+            if self.trains_text_encoder:
+                self.backbone.text_encoder.train()
+        self.training = mode
+        return self
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """The adapter's parameters by module path (views, no copies: a DreamBooth UNet is large)."""
+        return {name: p.detach() for name, p in self.backbone.adapter.named_trainable(self.backbone)}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["state_dict"] = self.trainable_state_dict()  # frozen weights never enter a checkpoint
+        checkpoint["adapter"] = {"method": self.method, "config": self.backbone.adapter.config}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        expected = {name for name, _ in self.backbone.adapter.named_trainable(self.backbone)}
+        got = set(checkpoint["state_dict"])
+        if got != expected:
+            raise ValueError(
+                f"checkpoint does not hold this {self.method} adapter's trainable state "
+                f"(missing {sorted(expected - got)[:3]}, unexpected {sorted(got - expected)[:3]}); was it written with the same config?"
+            )
+
+    # ------------------------------------------------------------------ loss
+    def compute_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The objective of the class docstring on one micro-batch; returns (loss, parts to log)."""
+        backbone, loss_cfg = self.backbone, self.cfg.loss
+        pixels, prompts = batch["pixel_values"], list(batch["prompt"])
+        n_instance = pixels.shape[0]
+        if "class_pixel_values" in batch:
+            pixels = torch.cat([pixels, batch["class_pixel_values"]])
+            prompts += list(batch["class_prompt"])
+        device = self.device
+        with torch.no_grad():
+            z = backbone.encode_image(pixels.to(device), sample=True).float()
+        eps = torch.randn(z.shape, device=device)
+        if loss_cfg.noise_offset:
+            eps = eps + loss_cfg.noise_offset * torch.randn(z.shape[0], z.shape[1], 1, 1, device=device)
+        t_max = loss_cfg.max_timestep if loss_cfg.max_timestep is not None else backbone.num_train_timesteps
+        t = torch.randint(int(loss_cfg.min_timestep), int(t_max), (z.shape[0],), device=device)
+        z_t = backbone.add_noise(z, eps, t)
+        grad_text = torch.enable_grad() if self.trains_text_encoder else torch.no_grad()
+        with grad_text:
+            emb = backbone.encode_prompt(prompts)
+        pred = backbone.unet(z_t.to(backbone.unet.dtype), t, encoder_hidden_states=emb).sample.float()
+        if backbone.prediction_type == "v_prediction":
+            a = backbone.alphas_cumprod[t].reshape(-1, 1, 1, 1)
+            target = a.sqrt() * eps - (1 - a).sqrt() * z
+        else:
+            target = eps
+        per_example = (pred - target).square().mean(dim=(1, 2, 3))
+        if loss_cfg.snr_gamma is not None:
+            per_example = per_example * snr_weights(backbone.alphas_cumprod, t, float(loss_cfg.snr_gamma), backbone.prediction_type)
+        instance = per_example[:n_instance].mean()
+        parts = {"loss/instance": instance.detach()}
+        loss = instance
+        if per_example.shape[0] > n_instance:
+            prior = per_example[n_instance:].mean()
+            loss = loss + loss_cfg.prior_loss_weight * prior
+            parts["loss/prior"] = prior.detach()
+        return loss, parts
+
+    def seed_micro_batch(self, batch: dict[str, Any]) -> None:
+        """Seed every random draw of this micro-batch (noise, t, VAE sample, LoRA dropout) from its index."""
+        torch.manual_seed(mix_seed(int(self.cfg.seed), int(batch["example_index"][0]), 7))
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        self.seed_micro_batch(batch)
+        loss, parts = self.compute_loss(batch)
+        batch_size = batch["pixel_values"].shape[0]
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch_size)
+        self.log_dict(parts, batch_size=batch_size)
+        return loss
+
+    # ------------------------------------------------------------------ optimizer
+    def configure_optimizers(self) -> dict[str, Any]:
+        from diffusers.optimization import get_scheduler
+
+        o, trainer = self.cfg.optim, self.trainer
+        params = self.backbone.adapter.trainable_parameters(self.backbone)
+        lr = float(self.cfg.method.lr)
+        if o.scale_lr:
+            lr *= self.cfg.data.batch_size * trainer.accumulate_grad_batches * trainer.world_size
+        kwargs = dict(lr=lr, betas=tuple(o.betas), weight_decay=o.weight_decay, eps=o.eps)
+        if o.name == "adamw8bit":
+            import bitsandbytes as bnb
+
+            optimizer = bnb.optim.AdamW8bit(params, **kwargs)
+        else:
+            optimizer = torch.optim.AdamW(params, **kwargs)
+        scheduler = get_scheduler(o.scheduler, optimizer, num_warmup_steps=o.warmup_steps, num_training_steps=trainer.max_steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ validation samples
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        every = self.cfg.validation.every_n_steps
+        step = self.trainer.global_step
+        if every and step % every == 0 and step != self._last_validation_step and self.trainer.is_global_zero:
+            self._last_validation_step = step
+            self.log_validation_images(step)
+
+    @torch.no_grad()
+    def sample_images(self, prompts: list[str], num_images: int, steps: int, guidance_scale: float, seed: int) -> list[Any]:
+        """PIL images from the current adapted model (DDIM), one generator per image."""
+        from diffusion.schedulers import make_scheduler
+
+        backbone = self.backbone
+        pipe = backbone.pipeline(make_scheduler("ddim", backbone.scheduler.config))
+        prompts = [p for p in prompts for _ in range(num_images)]
+        generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(len(prompts))]
+        was_training = self.training
+        self.eval()
+        try:
+            context = self._trainer.precision_plugin.forward_context() if self._trainer is not None else contextlib.nullcontext()
+            with context:
+                images = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance_scale, generator=generators).images
+        finally:
+            self.train(was_training)
+        return images
+
+    def log_validation_images(self, step: int) -> None:
+        v = self.cfg.validation
+        prompts = list(v.prompts) or [self.cfg.data.instance_prompt]
+        images = self.sample_images(prompts, v.num_images, v.steps, v.guidance_scale, v.seed)
+        logger = self.logger
+        if logger and hasattr(logger.experiment, "add_images"):
+            for i, prompt in enumerate(prompts):
+                batch = np.stack([np.asarray(im) for im in images[i * v.num_images : (i + 1) * v.num_images]])
+                logger.experiment.add_images(f"validation/{i}: {prompt}", batch, global_step=step, dataformats="NHWC")
+
+    # ------------------------------------------------------------------ export
+    def export_info(self) -> dict[str, Any]:
+        d = self.cfg.data
+        return {
+            "instance_prompt": d.instance_prompt,
+            "class_prompt": d.class_prompt if self.cfg.loss.prior_preservation else None,
+            "training_steps": int(self.trainer.global_step) if self._trainer is not None else None,
+            "training": {
+                "method": OmegaConf.to_container(self.cfg.method),
+                "seed": int(self.cfg.seed),
+                "resolution": self.cfg.data.resolution or self.backbone.resolution,
+                "batch_size": int(d.batch_size),
+                "world_size": int(self.trainer.world_size) if self._trainer is not None else 1,
+            },
+        }
+
+    def export(self, out_dir: str | Path, a1111: bool | None = None, training_steps: int | None = None) -> Path:
+        info = self.export_info()
+        if training_steps is not None:
+            info["training_steps"] = training_steps
+        a1111 = self.cfg.export.a1111 if a1111 is None else a1111
+        return export_adapter(self.backbone, out_dir, info, a1111=a1111)
+
+    def on_train_end(self) -> None:
+        if self.export_dir is not None and self.trainer.is_global_zero:
+            path = self.export(self.export_dir)
+            print(f"exported {self.method} adapter to {path}")
+
+
+class DreamBoothModule(PersonalizeModule):
+    """DreamBooth (Ruiz et al. 2023): fine-tune the whole UNet (optionally the text encoder)."""
+
+    method = "dreambooth"
+
+    @staticmethod
+    def adapter_kwargs(m: DictConfig) -> dict[str, Any]:
+        # keep_base=False: no second UNet in memory during training (prior images are made before fit)
+        return {"train_text_encoder": m.train_text_encoder, "keep_base": False}
+
+
+class LoraModule(PersonalizeModule):
+    """LoRA (Hu et al. 2021) through peft on the UNet attention projections (optionally the text encoder)."""
+
+    method = "lora"
+
+    @staticmethod
+    def adapter_kwargs(m: DictConfig) -> dict[str, Any]:
+        return {
+            "rank": m.rank, "alpha": m.alpha, "target_modules": list(m.target_modules), "dropout": m.dropout,
+            "text_encoder": m.train_text_encoder, "text_target_modules": list(m.text_target_modules),
+        }
+
+
+class TextualInversionModule(PersonalizeModule):
+    """Textual Inversion (Gal et al. 2023): learn new token embeddings only."""
+
+    method = "textual_inversion"
+
+    @staticmethod
+    def adapter_kwargs(m: DictConfig) -> dict[str, Any]:
+        return {"tokens": list(m.tokens), "initializer_token": m.initializer_token, "num_vectors": m.num_vectors}
+
+    @property
+    def required_tokens(self) -> list[str]:
+        return list(self.cfg.method.tokens)
+
+
+class CustomDiffusionModule(PersonalizeModule):
+    """Custom Diffusion (Kumari et al. 2023): cross-attention K/V (optionally Q/out) + modifier token embeddings."""
+
+    method = "custom_diffusion"
+
+    @staticmethod
+    def adapter_kwargs(m: DictConfig) -> dict[str, Any]:
+        return {"modifier_tokens": list(m.modifier_tokens), "initializer_token": m.initializer_token, "train_q_out": m.train_q_out, "detach_sot": m.detach_sot}
+
+    @property
+    def required_tokens(self) -> list[str]:
+        return list(self.cfg.method.modifier_tokens)
+
+
+MODULES: dict[str, type[PersonalizeModule]] = {
+    cls.method: cls for cls in (DreamBoothModule, LoraModule, TextualInversionModule, CustomDiffusionModule)
+}

@@ -1,0 +1,56 @@
+"""Edit tokens from the prompt difference, token columns, and the editor configs' defaults."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from distill.config import METHODS, method_defaults
+from distill.prompts import edit_words, subject_word, token_indices
+
+
+@pytest.mark.parametrize("source,target,expected", [
+    ("a cat", "a cat wearing a hat", ["hat"]),
+    ("a cup of coffee", "a cup of matcha", ["matcha"]),
+    ("a bird", "a bird on a roof", ["roof"]),
+    ("a girl sitting in front of a mirror", "a girl wearing glasses sitting in front of a mirror", ["glasses"]),
+    ("a waterfall", "a waterfall with a small boat floating near it", ["boat"]),
+    ("a red car", "a blue car", ["car"]),  # an adjective alone extends to the following noun
+    ("a photo of a cat", "a photo of a cat", []),
+])
+def test_edit_words(source, target, expected):
+    assert edit_words(source, target) == expected
+
+
+@pytest.mark.parametrize("source,target,expected", [
+    ("a photo of a cat", "a photo of a sks cat", "cat"),
+    ("a photo of a cat", "a photo of a sks cat wearing a hat", "cat"),
+    ("a dog on the grass", "a zwx dog on the grass", "dog"),
+])
+def test_subject_word(source, target, expected):
+    assert subject_word(source, target) == expected
+
+
+def test_token_indices(tiny_backbone):
+    tok = tiny_backbone.tokenizer
+    assert token_indices(tok, "a photo of a cat wearing a hat", ["hat"]) == [8]
+    assert token_indices(tok, "a cat and a cat", ["cat"]) == [2, 5]
+    with pytest.raises(ValueError, match="'dog'"):
+        token_indices(tok, "a photo of a cat", ["dog"])
+
+
+def test_editor_yaml_files_hold_the_dataclass_defaults():
+    conf = Path(__file__).resolve().parent.parent / "conf" / "editor"
+    assert sorted(p.stem for p in conf.glob("*.yaml")) == sorted(METHODS)
+    for method in METHODS:
+        assert yaml.safe_load((conf / f"{method}.yaml").read_text()) == method_defaults(method), method
+
+
+def test_reference_defaults():
+    lusd, dds, gas = method_defaults("lusd"), method_defaults("dds"), method_defaults("ground_a_score")
+    assert (lusd["steps"], lusd["lr"], lusd["reg_lambda"], lusd["mask_alpha"], lusd["filter_eta0"], lusd["guidance"]) == (300, 1.0, 0.02, 0.1, 0.01, 1.0)
+    assert (dds["steps"], dds["lr"], dds["loss_scale"], dds["guidance"], dds["t_min"], dds["t_max"]) == (200, 0.1, 2000.0, 7.5, 50, 948)
+    assert (gas["steps"], gas["beta"], gas["penalty_area"], gas["penalty_coeff"], gas["overlap_value"]) == (500, [0.5, 0.4, 0.3, 0.2, 0.1], 0.15, 5.0, 0.3)
+    assert method_defaults("dds_sm")["subject_mask"] == "auto" and method_defaults("dds_s")["source_pretrained"]
+    assert method_defaults("cds")["w_cut"] == 3.0 and method_defaults("pds")["guidance"] == 100.0
