@@ -179,23 +179,19 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
 
 
 def resolve_model_source(source: str, cache_dir: str | Path | None = None) -> str:
-    """Turn ``tiny``/``tiny:<seed>`` (``tiny-gligen``/``tiny-gligen:<seed>``) into the tiny (GLIGEN) model's
-    folder; other sources pass unchanged."""
-    if source == "tiny" or source.startswith("tiny:"):
-        from diffusion.tiny import tiny_model_dir
-
-        seed_text = source.partition(":")[2] or "0"
-        if not seed_text.isdigit():
-            raise ModelLoadError(f"model 'tiny:{seed_text}': the seed after 'tiny:' must be a non-negative integer")
-        return str(tiny_model_dir(int(seed_text), cache_dir))
-    if source == "tiny-gligen" or source.startswith("tiny-gligen:"):  # the tiny model plus GLIGEN's gated layers
-        from diffusion.gligen import tiny_gligen_dir
-
-        seed_text = source.partition(":")[2] or "0"
-        if not seed_text.isdigit():
-            raise ModelLoadError(f"model 'tiny-gligen:{seed_text}': the seed after 'tiny-gligen:' must be a non-negative integer")
-        return str(tiny_gligen_dir(int(seed_text), cache_dir))
-    return source
+    """Turn a built-in name (``tiny``, ``tiny-gligen``, optionally ``:<seed>``) into its folder,
+    building it once; other sources pass unchanged."""
+    name, _, seed_text = source.partition(":")
+    if name not in ("tiny", "tiny-gligen"):
+        return source
+    seed_text = seed_text or "0"
+    if not seed_text.isdigit():
+        raise ModelLoadError(f"model '{source}': the seed after '{name}:' must be a non-negative integer")
+    if name == "tiny":
+        from diffusion.tiny import tiny_model_dir as build
+    else:  # the tiny model plus GLIGEN's gated layers
+        from diffusion.gligen import tiny_gligen_dir as build
+    return str(build(int(seed_text), cache_dir))
 
 
 def load_backbone(
