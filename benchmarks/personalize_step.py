@@ -1,6 +1,6 @@
 """Step time and peak memory of the personalization LightningModules vs a plain PyTorch loop.
 
-    python -m benchmarks.personalize_step [--steps 8] [--warmup 3] [--methods lora,dreambooth,...]
+    python -m benchmarks.personalize_step [--steps 8] [--warmup 2] [--methods lora,dreambooth,...] [--json out.json]
 
 For each method, on one random SD-shaped model big enough that the UNet dominates (UNet blocks
 (64, 128, 256) with cross-attention, 2 layers each, cross-attention dim 256, 25.4M parameters, latent 32x32 = 256 px
@@ -14,10 +14,11 @@ images), in one process:
   with the same adapter, the same DataLoader, ``loss.backward(); clip_grad_norm_; opt.step()``.
 
 Times are interleaved step by step (one plain step inside each Lightning step, timed apart), so
-both loops see the same load on a shared machine; medians after warm-up. Peak memory above the
-idle baseline comes from a second pass running each loop alone, alternating, no checkpoint
-written, smallest of 2 rounds (CUDA: ``max_memory_allocated``;
-CPU: resident set size sampled every 2 ms, after returning freed memory to the OS with
+both loops see the same load on a shared machine; medians after warm-up, of wall time and of
+process CPU time (which other jobs on the machine barely disturb). Peak memory above the
+idle baseline comes from a second pass running each loop alone, alternating, smallest of 2
+rounds; ours includes writing its final ``last.ckpt`` (CUDA: ``max_memory_allocated``; CPU:
+resident set size sampled every 2 ms, after returning freed memory to the OS with
 ``malloc_trim``). Ratios are ours / plain.
 """
 from __future__ import annotations
@@ -207,38 +208,48 @@ def _ours(cfg: dict, model_dir: Path, items, device: torch.device, callbacks=())
     return module, datamodule, trainer
 
 
-def bench_time(cfg: dict, model_dir: Path, items, warmup: int, device: torch.device) -> tuple[float, float]:
-    """Median step times (ours, plain), interleaved step by step so both see the same machine load.
+def bench_time(cfg: dict, model_dir: Path, items, warmup: int, device: torch.device) -> dict[str, float]:
+    """Median step times of ours and plain, interleaved step by step so both see the same machine load.
 
-    A callback runs one plain step at the start of each Lightning step; our step time is the time
-    from the end of that plain step to the start of the next one.
+    A callback runs one plain step at the start of each Lightning step; our step is the time from
+    the end of that plain step to the start of the next one. Wall time and process CPU time (all
+    threads; robust to other jobs on a shared machine) are both measured.
     """
     from lightning.pytorch.callbacks import Callback
 
     plain = PlainLoop(cfg, model_dir, items, device)
-    ours_times: list[float] = []
-    plain_times: list[float] = []
-    mark: list[float] = []
+    ours_wall: list[float] = []
+    ours_cpu: list[float] = []
+    plain_wall: list[float] = []
+    plain_cpu: list[float] = []
+    mark: list[tuple[float, float]] = []
 
     class Interleave(Callback):
         def on_train_batch_start(self, trainer, *args) -> None:
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            now = time.perf_counter()
+            wall, cpu = time.perf_counter(), time.process_time()
             if mark:
-                ours_times.append(now - mark[-1])
-            plain_times.append(plain.step())
-            mark.append(time.perf_counter())
+                ours_wall.append(wall - mark[-1][0])
+                ours_cpu.append(cpu - mark[-1][1])
+            cpu = time.process_time()
+            plain_wall.append(plain.step())
+            plain_cpu.append(time.process_time() - cpu)
+            mark.append((time.perf_counter(), time.process_time()))
 
     module, datamodule, trainer = _ours(cfg, model_dir, items, device, [Interleave()])
     trainer.fit(module, datamodule=datamodule)
-    return statistics.median(ours_times[warmup:]), statistics.median(plain_times[warmup + 1 :])
+    med = lambda values, skip: statistics.median(values[skip:])  # noqa: E731
+    return {
+        "ours_s": med(ours_wall, warmup), "plain_s": med(plain_wall, warmup + 1),
+        "ours_cpu_s": med(ours_cpu, warmup), "plain_cpu_s": med(plain_cpu, warmup + 1),
+    }
 
 
 def bench_memory(cfg: dict, model_dir: Path, items, steps: int, device: torch.device, rounds: int = 2) -> tuple[int, int]:
     """Peak memory above the idle baseline of each loop run alone for `steps` steps; the loops
     alternate for `rounds` rounds and the smallest peak of each is kept (RSS is noisy on CPU).
-    No checkpoint is written in this pass (the plain loop writes none either)."""
+    Ours writes no periodic checkpoint here, only the final ``last.ckpt``."""
     from omegaconf import OmegaConf
 
     cfg = OmegaConf.to_container(OmegaConf.merge(cfg, {"trainer": {"max_steps": steps, "checkpoint_every_n_steps": 10**9}}))
@@ -280,21 +291,26 @@ def main() -> None:
     items = read_instance_items(work / "subject")
     n_params = sum(p.numel() for p in __import__("diffusers").UNet2DConditionModel.from_pretrained(str(model_dir), subfolder="unet").parameters())
     print(f"model: UNet {n_params / 1e6:.1f}M params, latent 32x32, batch 2, device {device}, torch threads {torch.get_num_threads()}")
-    header = f"{'method':<18} {'ours s/step':>11} {'plain s/step':>12} {'time ratio':>10} {'ours MiB':>9} {'plain MiB':>9} {'mem ratio':>9}"
+    header = f"{'method':<18} {'ours s/step':>11} {'plain s/step':>12} {'wall ratio':>10} {'cpu ratio':>9} {'ours MiB':>9} {'plain MiB':>9} {'mem ratio':>9}"
     print(header)
     results = []
     for method in args.methods.split(","):
         cfg = _config(method, work / "subject", model_dir, work / f"out-{method}", args.warmup + args.steps + 1, device.type)
-        ours_t, plain_t = bench_time(cfg, model_dir, items, args.warmup, device)
+        row = {"method": method, **bench_time(cfg, model_dir, items, args.warmup, device)}
         gc.collect()
         ours_m, plain_m = bench_memory(cfg, model_dir, items, args.memory_steps, device)
         gc.collect()
-        row = {
-            "method": method, "ours_s": ours_t, "plain_s": plain_t, "time_ratio": ours_t / plain_t,
-            "ours_mib": ours_m / 2**20, "plain_mib": plain_m / 2**20, "memory_ratio": ours_m / max(plain_m, 1),
-        }
+        row.update(
+            wall_ratio=row["ours_s"] / row["plain_s"], cpu_ratio=row["ours_cpu_s"] / row["plain_cpu_s"],
+            ours_mib=ours_m / 2**20, plain_mib=plain_m / 2**20, memory_ratio=ours_m / max(plain_m, 1),
+        )
         results.append(row)
-        print(f"{method:<18} {ours_t:>11.3f} {plain_t:>12.3f} {row['time_ratio']:>10.3f} {row['ours_mib']:>9.0f} {row['plain_mib']:>9.0f} {row['memory_ratio']:>9.3f}", flush=True)
+        print(
+            f"{method:<18} {row['ours_s']:>11.3f} {row['plain_s']:>12.3f} {row['wall_ratio']:>10.3f} {row['cpu_ratio']:>9.3f} "
+            f"{row['ours_mib']:>9.0f} {row['plain_mib']:>9.0f} {row['memory_ratio']:>9.3f}",
+            flush=True,
+        )
+    print(f"load average during the run: {' '.join(f'{x:.1f}' for x in __import__('os').getloadavg())} (ratios target <= 1.05)")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

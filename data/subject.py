@@ -121,6 +121,20 @@ def read_instance_items(instance_dir: str | Path, captions: bool = True) -> list
     return items
 
 
+def check_resolution(cfg: Any, vae_scale_factor: int | None, model_resolution: int | None = None) -> int | None:
+    """``data.resolution`` (default: the model's) checked against the VAE factor; returns it."""
+    resolution = cfg.resolution or model_resolution
+    if resolution is not None:
+        if resolution < 8:
+            raise SubjectDataError(f"config key 'data.resolution': {resolution} is too small")
+        if vae_scale_factor and resolution % vae_scale_factor:
+            raise SubjectDataError(
+                f"config key 'data.resolution': {resolution} is not a multiple of the VAE factor {vae_scale_factor} "
+                f"(try {max(vae_scale_factor, round(resolution / vae_scale_factor) * vae_scale_factor)})"
+            )
+    return resolution
+
+
 def validate_subject_data(
     cfg: Any,
     required_tokens: Sequence[str] = (),
@@ -140,15 +154,7 @@ def validate_subject_data(
         raise SubjectDataError("config keys 'data.repeats' and 'data.batch_size' must be >= 1 and 'data.num_workers' >= 0")
     if not 0.0 <= cfg.flip_p <= 1.0:
         raise SubjectDataError(f"config key 'data.flip_p': {cfg.flip_p} is not a probability")
-    resolution = cfg.resolution or model_resolution
-    if resolution is not None:
-        if resolution < 8:
-            raise SubjectDataError(f"config key 'data.resolution': {resolution} is too small")
-        if vae_scale_factor and resolution % vae_scale_factor:
-            raise SubjectDataError(
-                f"config key 'data.resolution': {resolution} is not a multiple of the VAE factor {vae_scale_factor} "
-                f"(try {max(vae_scale_factor, round(resolution / vae_scale_factor) * vae_scale_factor)})"
-            )
+    check_resolution(cfg, vae_scale_factor, model_resolution)
     templates = resolve_templates(cfg)
     if templates is not None and not cfg.subject:
         raise SubjectDataError("config key 'data.subject' must be set when data.prompt_templates is used (it fills the '{}')")

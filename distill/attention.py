@@ -155,12 +155,10 @@ class _RecordingProcessor:
             raise RuntimeError(f"layer {self.layer.name}: set recorder.value before a call that records products")
         side = int(math.isqrt(q.shape[2]))
         a = F.interpolate(a.to(q.dtype), size=(side, side), mode="bilinear", align_corners=False) if a.shape[-1] != side else a.to(q.dtype)
-        a = a.flatten(2).transpose(1, 2)  # [B, HW, 1]
-        a = a.unsqueeze(1).expand(-1, q.shape[1], -1, -1)  # the same value vector for every head
-        return F.scaled_dot_product_attention(q, k, a, attn_mask=mask, scale=scale).mean(dim=1)
+        return attention_apply(q, k, a.flatten(2).transpose(1, 2), scale, mask)
 
 
-def attention_apply(q: torch.Tensor, k: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
+def attention_apply(q: torch.Tensor, k: torch.Tensor, value: torch.Tensor, scale: float, mask: torch.Tensor | None = None) -> torch.Tensor:
     """``mean_h softmax(q_h k_h^T * scale) @ value`` by scaled-dot-product attention (no HW x HW map).
 
     `q`, `k`: ``[B, heads, HW, d]`` (as stored in ``AttentionRecorder.qk``); `value`: ``[B, HW, c]``,
@@ -172,7 +170,7 @@ def attention_apply(q: torch.Tensor, k: torch.Tensor, value: torch.Tensor, scale
         # The fused (flash / memory-efficient) kernels need v's head size to equal q's; a 1-wide value
         # falls back to the math path, which builds the HW x HW map. Zero columns change nothing.
         v = F.pad(v, (0, q.shape[-1] - channels))
-    return F.scaled_dot_product_attention(q, k, v, scale=scale)[..., :channels].mean(dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)[..., :channels].mean(dim=1)
 
 
 class AttentionRecorder:

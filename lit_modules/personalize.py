@@ -187,6 +187,12 @@ class PersonalizeModule(L.LightningModule):
         scheduler = get_scheduler(o.scheduler, optimizer, num_warmup_steps=o.warmup_steps, num_training_steps=trainer.max_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        # Lightning zeroes gradients after the next forward pass; freeing them now keeps them out of
+        # the forward's peak (a whole UNet of gradients for DreamBooth).
+        optimizer.zero_grad(set_to_none=True)
+
     # ------------------------------------------------------------------ validation samples
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         every = self.cfg.validation.every_n_steps

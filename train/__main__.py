@@ -43,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     run = task_function(task)
 
     def hydra_entry(cfg) -> None:
+        # Hydra has parsed the overrides; put the task name back so Lightning's DDP re-launch of
+        # ranks > 0 (`python -m train.__main__ <sys.argv[1:]>`) runs the same task.
+        sys.argv = [argv0, task, *sys.argv[1:]]
         try:
             run(cfg)
         except (ValueError, FileNotFoundError) as err:  # user-input errors: a short message, no traceback
@@ -51,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {err}", file=sys.stderr)
             sys.exit(2)
 
-    sys.argv = [f"python -m train {task}", *overrides]
+    argv0 = f"python -m train {task}"  # shown as the program name in Hydra's --help
+    sys.argv = [argv0, *overrides]
     hydra.main(config_path=str(CONF_DIR), config_name=task, version_base="1.3")(hydra_entry)()
     return 0
 

@@ -14,7 +14,6 @@ boxes, mask sizes, methods, overrides) and every adapter folder (adapter.json, b
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional
@@ -203,19 +202,13 @@ def _launched_externally() -> bool:
 
 
 def _strategy(cfg: DictConfig) -> str:
-    strategy = cfg.trainer.strategy
-    if strategy == "auto" and _world(cfg) > 1 and not _launched_externally():
-        return "ddp_spawn"  # single-node multi-process without a launcher; torchrun/SLURM get Lightning's "ddp"
-    if strategy == "ddp" and not _launched_externally():
-        _keep_task_in_argv("edit")
-    return strategy
-
-
-def _keep_task_in_argv(task: str) -> None:
-    """Lightning's "ddp" re-runs ``python -m <main module> sys.argv[1:]`` for ranks > 0; `python -m train`
-    drops the task name from sys.argv, so put it back for those re-launched processes."""
-    if sys.argv and sys.argv[0].startswith("python -m train") and (len(sys.argv) < 2 or sys.argv[1] != task):
-        sys.argv = [sys.argv[0], task, *sys.argv[1:]]
+    """`auto` with several processes and no launcher -> ``ddp_spawn`` (works from the CLI, scripts and tests);
+    an explicit ``ddp`` re-launches ``python -m train edit`` per rank; torchrun / SLURM start the ranks."""
+    if _launched_externally():
+        return cfg.trainer.strategy
+    if cfg.trainer.strategy == "auto" and _world(cfg) > 1:
+        return "ddp_spawn"
+    return cfg.trainer.strategy
 
 
 def run_jobs(cfg: DictConfig, cli_editor: dict[str, Any]) -> dict[str, Any]:
@@ -225,6 +218,9 @@ def run_jobs(cfg: DictConfig, cli_editor: dict[str, Any]) -> dict[str, Any]:
     from lit_modules.edit import (EditJobWriter, EditPredictModule, JobDataset, collate_one, is_finished, merge_failures,
                                   remove_partial_writes)
 
+    if _launched_externally() and not cfg.output_dir:
+        raise ConfigError("config key 'out': set it when ranks are started by torchrun / SLURM (each rank would "
+                          "otherwise get its own time-stamped Hydra folder)")
     manifest = Path(cfg.jobs).expanduser().resolve()
     jobs = read_manifest(manifest, METHODS, cli_editor["method"], cfg.seed)
     adapters = AdapterChecker(cfg.model)

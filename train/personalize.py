@@ -11,7 +11,7 @@ from typing import Any, List, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from data.subject import SubjectDataConfig, SubjectDataModule, validate_subject_data
+from data.subject import SubjectDataConfig, SubjectDataModule, check_resolution, validate_subject_data
 from train.config import ConfigError, LoggerConfig, ModelConfig, TrainerConfig, check_choice, check_common, output_dir, validate
 from train.logs import lightning_logger
 
@@ -191,6 +191,8 @@ def build_trainer(cfg: DictConfig, out: Path, callbacks: Sequence[Any] = ()):
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
+    from checkpoints.lightning import AtomicFileCheckpointIO
+
     t = cfg.trainer
     checkpoint = ModelCheckpoint(
         dirpath=str(out / "checkpoints"),
@@ -212,6 +214,7 @@ def build_trainer(cfg: DictConfig, out: Path, callbacks: Sequence[Any] = ()):
         log_every_n_steps=t.log_every_n_steps,
         logger=lightning_logger(cfg, out),
         callbacks=[*callbacks, checkpoint],
+        plugins=[AtomicFileCheckpointIO()],  # no in-memory copy of the checkpoint while saving
         default_root_dir=str(out),
         use_distributed_sampler=False,  # the DataModule shards its endless stream by rank itself
         limit_val_batches=0,
@@ -230,13 +233,12 @@ def run(cfg: DictConfig, callbacks: Sequence[Any] = ()) -> Path:
     out = output_dir(cfg)
     tokens = required_tokens(cfg)
     prior = cfg.loss.prior_preservation
-    validate_subject_data(cfg.data, tokens, prior)  # everything that needs no model, before loading one
+    items = validate_subject_data(cfg.data, tokens, prior)  # everything that needs no model, before loading one
 
     m = cfg.model
     # loaded on the CPU: the Trainer (trainer.accelerator / devices) moves it to each rank's device
     backbone = load_backbone(m.pretrained, m.dtype, "cpu", m.cache_dir, m.single_file_config)
-    items = validate_subject_data(cfg.data, tokens, prior, backbone.vae_scale_factor, backbone.resolution)
-    resolution = cfg.data.resolution or backbone.resolution
+    resolution = check_resolution(cfg.data, backbone.vae_scale_factor, backbone.resolution)
 
     export_dir = Path(cfg.export.dir) if cfg.export.dir else out / "adapter"
     module = MODULES[cfg.method.name](OmegaConf.to_container(cfg, resolve=True), backbone, str(export_dir) if cfg.export.enabled else None)
