@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -235,22 +233,9 @@ def build_tiny_gligen_pipeline(seed: int = 0, cache_dir: str | Path | None = Non
 
 def tiny_gligen_dir(seed: int = 0, cache_dir: str | Path | None = None) -> Path:
     """The diffusers folder of the tiny GLIGEN model for `seed`, built once (temp dir renamed into place)."""
-    from diffusion.tiny import TINY_VERSION, default_cache_dir
+    from diffusion.tiny import TINY_VERSION, build_once, default_cache_dir
 
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     # Both versions in the name: a change of the tiny SD model (the base) also rebuilds this one.
     target = root / f"tiny-gligen-v{TINY_GLIGEN_VERSION}.{TINY_VERSION}-seed{seed}"
-    if (target / "model_index.json").is_file():
-        return target
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=root))
-    try:
-        build_tiny_gligen_pipeline(seed, root).save_pretrained(tmp, safe_serialization=True)
-        try:
-            tmp.rename(target)
-        except OSError:
-            if not (target / "model_index.json").is_file():  # lost a race only if the winner finished
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return build_once(target, lambda: build_tiny_gligen_pipeline(seed, root))

@@ -19,6 +19,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
@@ -166,19 +167,23 @@ def default_cache_dir() -> Path:
 
 
 def tiny_model_dir(seed: int = 0, cache_dir: str | Path | None = None) -> Path:
-    """Return the diffusers folder of the tiny model for `seed`, building it once if missing.
+    """Return the diffusers folder of the tiny model for `seed`, building it once if missing."""
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    return build_once(root / f"tiny-v{TINY_VERSION}-seed{seed}", lambda: build_tiny_pipeline(seed))
+
+
+def build_once(target: Path, build: Callable[[], Any]) -> Path:
+    """Save the pipeline `build()` returns as the diffusers folder `target`, unless it exists.
 
     The folder is written to a temp dir and renamed into place, so a crash never leaves a
     half-written model that later runs would load.
     """
-    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    target = root / f"tiny-v{TINY_VERSION}-seed{seed}"
     if (target / "model_index.json").is_file():
         return target
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=root))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
     try:
-        build_tiny_pipeline(seed).save_pretrained(tmp, safe_serialization=True)
+        build().save_pretrained(tmp, safe_serialization=True)
         try:
             tmp.rename(target)
         except OSError:
