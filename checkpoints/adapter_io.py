@@ -17,7 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from checkpoints import formats
-from diffusion.adapters import AdapterError, attach_adapter, fingerprints_match, model_fingerprint
+from data.files import write_json_atomic
+from diffusion.adapters import (
+    AdapterError,
+    attach_adapter,
+    fingerprints_match,
+    model_fingerprint,
+)
 
 MANIFEST = "adapter.json"
 FORMAT_VERSION = 1
@@ -46,19 +52,6 @@ def library_versions() -> dict[str, str]:
         except PackageNotFoundError:
             continue
     return out
-
-
-def write_json_atomic(data: dict[str, Any], path: Path) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=False, default=str)
-            f.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
 
 
 def _replace_dir(tmp: Path, target: Path) -> None:

@@ -27,7 +27,14 @@ from PIL import Image
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from data.images import load_image, pil_to_tensor, resize_and_crop, save_image_atomic, tensor_to_pil
+from data.files import write_json_atomic
+from data.images import (
+    load_image,
+    pil_to_tensor,
+    resize_and_crop,
+    save_image_atomic,
+    tensor_to_pil,
+)
 from data.manifest import EditJob
 from distill.config import EditorConfig
 from distill.editor import EditResult, edit
@@ -51,18 +58,6 @@ class JobOutcome:
     timings: dict[str, float] = field(default_factory=dict)
     adapter_manifest: dict[str, Any] | None = None
     boxes: list[list[int]] = field(default_factory=list)
-
-
-def write_json_atomic(data: Any, path: Path) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, default=str)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
 
 
 def is_finished(out_dir: Path, job_id: str) -> bool:

@@ -1,4 +1,4 @@
-"""Exported adapters used by other tasks: `sample adapter=...`, and the demo's quick LoRA."""
+"""Exported adapters used by other tasks: a LoRA personalized on the bundled photos feeds `sample adapter=...`."""
 from __future__ import annotations
 
 import json
@@ -7,12 +7,17 @@ import numpy as np
 from PIL import Image
 
 from train.config import compose
-from train.personalize import quick_lora
+from data.samples import write_subject_set
+from train.personalize import run as personalize_run
 from train.sample import run as sample_run
 
 
-def test_quick_lora_export_feeds_the_sample_task(tmp_path):
-    adapter = quick_lora(tmp_path / "lora", steps=3, extra=["logger=none"])
+def test_lora_export_feeds_the_sample_task(tmp_path):
+    write_subject_set(tmp_path / "subject", "cat", count=4)
+    adapter = personalize_run(compose("personalize", [
+        "method=lora", f"data.instance_dir={tmp_path / 'subject'}", "data.instance_prompt='a photo of sks cat'",
+        "trainer.max_steps=3", "method.lr=1e-3", "logger=none", f"output_dir={tmp_path / 'lora'}",
+    ]))
     manifest = json.loads((adapter / "adapter.json").read_text())
     assert manifest["method"] == "lora" and manifest["training_steps"] == 3
     assert manifest["instance_prompt"] == "a photo of sks cat"

@@ -5,7 +5,7 @@ key or a wrong type fails before any compute, with the key named.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 

@@ -6,12 +6,8 @@ same seed), a ``generate.json`` manifest, and TensorBoard logs under ``tensorboa
 """
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -19,12 +15,22 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image, ImageDraw, ImageFont
 
+from data.files import write_json_atomic
 from data.images import save_image_atomic, tensor_to_pil
 from diffusion.backbone import load_backbone
 from diffusion.gligen import require_gligen, validate_layout
 from diffusion.reground import grounded_sample, grounding_steps
 from diffusion.schedulers import SCHEDULERS
-from train.config import ConfigError, LoggerConfig, ModelConfig, check_choice, check_common, output_dir, resolve_device, validate
+from train.config import (
+    ConfigError,
+    LoggerConfig,
+    ModelConfig,
+    check_choice,
+    check_common,
+    output_dir,
+    resolve_device,
+    validate,
+)
 from train.logs import summary_writer
 
 WIRING_CHOICES = ("sequential", "parallel", "both")
@@ -73,17 +79,6 @@ def side_by_side(left: Image.Image, right: Image.Image, gap: int = 4) -> Image.I
     canvas.paste(left, (0, 0))
     canvas.paste(right, (left.width + gap, 0))
     return canvas
-
-
-def _write_json_atomic(data: dict[str, Any], path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _check(cfg: DictConfig) -> tuple[list[str], list[list[float]]]:
@@ -153,7 +148,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         files["both_boxes"] = [save_image_atomic(side_by_side(a, b), out / f"both_{i:03d}_boxes.png").name for i, (a, b) in enumerate(boxed_pairs)]
         # How much the rewiring changed the pixels (0-255 scale), averaged over the images.
         manifest["mean_abs_pixel_diff"] = float(np.mean([np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).mean() for a, b in pairs]))
-    _write_json_atomic(manifest, out / "generate.json")
+    write_json_atomic(manifest, out / "generate.json")
 
     writer = summary_writer(cfg, out)
     if writer is not None:

@@ -248,20 +248,3 @@ def run(cfg: DictConfig, callbacks: Sequence[Any] = ()) -> Path:
     trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg.ckpt_path, out))
     return export_dir
 
-
-def quick_lora(out_dir: str | Path, subject: str = "cat", steps: int = 30, model: str = "tiny", extra: Sequence[str] = ()) -> Path:
-    """Personalize a LoRA on a bundled photo set (`data.samples.write_subject_set`) and return the export folder.
-
-    On the tiny model this takes well under a minute on a CPU (for `python -m train demo`).
-    """
-    from data.samples import write_subject_set
-    from train.config import compose
-
-    out_dir = Path(out_dir)
-    write_subject_set(out_dir / "subject", subject, count=4)
-    overrides = [
-        "method=lora", f"model.pretrained={model}", f"data.instance_dir={out_dir / 'subject'}",
-        f"data.instance_prompt='a photo of sks {subject}'", f"trainer.max_steps={steps}", "method.lr=1e-3",
-        "method.rank=8", "trainer.log_every_n_steps=5", f"output_dir={out_dir}", *extra,
-    ]
-    return run(compose("personalize", overrides))
