@@ -11,7 +11,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -20,6 +20,20 @@ from PIL import Image
 
 class ModelUnavailableError(ValueError):
     """A metric model that cannot be loaded (missing folder, unreachable hub, wrong files)."""
+
+
+def load_pretrained(kind: str, source: str, load: Callable[[str], Any]) -> Any:
+    """`load(source)` for a local folder or hub id, every failure as ModelUnavailableError naming `kind` and `source`."""
+    if not source:
+        raise ModelUnavailableError(f"no {kind} model given")
+    looks_local = os.path.isabs(source) or source.startswith(".") or os.path.exists(source)
+    if looks_local and not Path(source).is_dir():
+        raise ModelUnavailableError(f"{kind} model {source}: folder not found")
+    try:
+        return load(source)
+    except (OSError, ValueError, KeyError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelUnavailableError(f"{kind} model {source}: cannot be loaded ({first_line})") from err
 
 
 def _image_processor_class():
@@ -54,18 +68,11 @@ class ClipEmbedder:
         """Load CLIP from a local folder or a hub id; raises ModelUnavailableError naming `source`."""
         from transformers import AutoTokenizer, CLIPModel
 
-        if not source:
-            raise ModelUnavailableError("no CLIP model given")
-        looks_local = os.path.isabs(source) or source.startswith(".") or os.path.exists(source)
-        if looks_local and not Path(source).is_dir():
-            raise ModelUnavailableError(f"CLIP model {source}: folder not found")
-        try:
-            model = CLIPModel.from_pretrained(source, use_safetensors=True)
-            processor = _image_processor_class().from_pretrained(source)
-            tokenizer = AutoTokenizer.from_pretrained(source)
-        except (OSError, ValueError, KeyError) as err:
-            first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ModelUnavailableError(f"CLIP model {source}: cannot be loaded ({first_line})") from err
+        model, processor, tokenizer = load_pretrained("CLIP", source, lambda src: (
+            CLIPModel.from_pretrained(src, use_safetensors=True),
+            _image_processor_class().from_pretrained(src),
+            AutoTokenizer.from_pretrained(src),
+        ))
         return cls(model, processor, tokenizer, device, source, batch_size)
 
     @torch.no_grad()

@@ -7,15 +7,13 @@ mean/std normalization.
 """
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
-from metrics.clip import ModelUnavailableError
+from metrics.clip import ModelUnavailableError, load_pretrained
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -36,16 +34,7 @@ class DinoEmbedder:
         """Load a ViT from a local folder or hub id; raises ModelUnavailableError naming `source`."""
         from transformers import AutoModel
 
-        if not source:
-            raise ModelUnavailableError("no DINO model given")
-        looks_local = os.path.isabs(source) or source.startswith(".") or os.path.exists(source)
-        if looks_local and not Path(source).is_dir():
-            raise ModelUnavailableError(f"DINO model {source}: folder not found")
-        try:
-            model = AutoModel.from_pretrained(source, use_safetensors=True)
-        except (OSError, ValueError, KeyError) as err:
-            first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ModelUnavailableError(f"DINO model {source}: cannot be loaded ({first_line})") from err
+        model = load_pretrained("DINO", source, lambda src: AutoModel.from_pretrained(src, use_safetensors=True))
         if not hasattr(model.config, "image_size"):
             raise ModelUnavailableError(f"DINO model {source}: not a vision transformer (config has no image_size)")
         return cls(model, device, source, batch_size)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -93,31 +93,10 @@ def load_models(
     or FileNotFoundError / LPIPSWeightsError for LPIPS files).
     """
     models = Models()
-    if clip_model:
-        try:
-            models.clip = ClipEmbedder.load(clip_model, device, batch_size)
-            models.info["clip"] = {"source": clip_model, "status": "loaded"}
-        except ModelUnavailableError as err:
-            if strict:
-                raise
-            models.info["clip"] = {"source": clip_model, "status": "unavailable", "reason": str(err)}
-    if models.clip is None:
-        reason = models.info.get("clip", {}).get("reason") or "no clip_model given (set clip_model=<local CLIP folder or hub id>)"
-        models.info.setdefault("clip", {"source": None, "status": "not given", "reason": reason})
-        for name in CLIP_METRICS:
-            models.unavailable[name] = reason
-    if dino_model:
-        try:
-            models.dino = DinoEmbedder.load(dino_model, device, batch_size)
-            models.info["dino"] = {"source": dino_model, "status": "loaded"}
-        except ModelUnavailableError as err:
-            if strict:
-                raise
-            models.info["dino"] = {"source": dino_model, "status": "unavailable", "reason": str(err)}
-    if models.dino is None:
-        reason = models.info.get("dino", {}).get("reason") or "no dino_model given (set dino_model=<local DINO ViT folder or hub id>)"
-        models.info.setdefault("dino", {"source": None, "status": "not given", "reason": reason})
-        models.unavailable["dino"] = reason
+    models.clip = _load_or_skip(models, "clip", clip_model, lambda: ClipEmbedder.load(clip_model, device, batch_size),
+                                CLIP_METRICS, "no clip_model given (set clip_model=<local CLIP folder or hub id>)", strict)
+    models.dino = _load_or_skip(models, "dino", dino_model, lambda: DinoEmbedder.load(dino_model, device, batch_size),
+                                ("dino",), "no dino_model given (set dino_model=<local DINO ViT folder or hub id>)", strict)
     for path in lpips_weights:
         try:
             net = load_lpips(path, device)
@@ -136,6 +115,25 @@ def load_models(
                 f"no LPIPS {name.split('_')[1]} weights given (lpips_weights=[<file>.safetensors], see docs/evaluation.md){hint}"
             )
     return models
+
+
+def _load_or_skip(models: "Models", key: str, source: str | None, load: Callable[[], Any], metric_names: Sequence[str],
+                  not_given: str, strict: bool) -> Any:
+    """The loaded model, or None with the reason recorded in `models.info[key]` and for every metric it serves."""
+    if source:
+        try:
+            loaded = load()
+            models.info[key] = {"source": source, "status": "loaded"}
+            return loaded
+        except ModelUnavailableError as err:
+            if strict:
+                raise
+            models.info[key] = {"source": source, "status": "unavailable", "reason": str(err)}
+    else:
+        models.info[key] = {"source": None, "status": "not given", "reason": not_given}
+    for name in metric_names:
+        models.unavailable[name] = models.info[key]["reason"]
+    return None
 
 
 def _fit(image: Image.Image, size: tuple[int, int]) -> Image.Image:
