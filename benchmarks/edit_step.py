@@ -30,10 +30,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from distill.config import method_defaults  # noqa: E402
-from distill.editor import Editor, editor_config  # noqa: E402
-from distill.masks import box_region  # noqa: E402
-from distill.methods import Subtask  # noqa: E402
+from dreamsteer.distill.config import method_defaults  # noqa: E402
+from dreamsteer.distill.editor import Editor, editor_config  # noqa: E402
+from dreamsteer.distill.masks import box_region  # noqa: E402
+from dreamsteer.distill.methods import Subtask  # noqa: E402
 
 SRC, TGT = "a photo of a cat on a sofa", "a photo of a cat wearing a hat on a sofa"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -43,7 +43,7 @@ def build_backbone(quick: bool):
     """The tiny model's VAE / text encoder / tokenizer / scheduler; a big random UNet unless `quick`."""
     from diffusers import UNet2DConditionModel
 
-    from diffusion.backbone import Backbone, load_backbone
+    from dreamsteer.diffusion.backbone import Backbone, load_backbone
 
     tiny = load_backbone("tiny", device=DEVICE)
     if quick:

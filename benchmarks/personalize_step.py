@@ -48,7 +48,7 @@ def build_bench_model(directory: Path, seed: int = 0) -> Path:
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from diffusion.tiny import write_tiny_tokenizer_files
+    from dreamsteer.diffusion.tiny import write_tiny_tokenizer_files
 
     if (directory / "model_index.json").is_file():
         return directory
@@ -125,8 +125,8 @@ class PeakMemory:
 def _config(method: str, instance_dir: Path, model_dir: Path, out: Path, steps: int, device: str) -> dict:
     from omegaconf import OmegaConf
 
-    from train.config import compose
-    from train.personalize import validate_config
+    from dreamsteer.train.config import compose
+    from dreamsteer.train.personalize import validate_config
 
     cfg = compose("personalize", [
         f"method={method}", f"model.pretrained={model_dir}", f"data.instance_dir={instance_dir}",
@@ -139,7 +139,7 @@ def _config(method: str, instance_dir: Path, model_dir: Path, out: Path, steps: 
 def _dataloader(cfg: dict, items, resolution: int):
     from omegaconf import OmegaConf
 
-    from data.subject import SubjectDataModule
+    from dreamsteer.data.subject import SubjectDataModule
 
     return SubjectDataModule(OmegaConf.create(cfg["data"]), items, resolution, seed=cfg["seed"]).train_dataloader()
 
@@ -151,9 +151,9 @@ class PlainLoop:
     def __init__(self, cfg: dict, model_dir: Path, items, device: torch.device):
         from omegaconf import OmegaConf
 
-        from diffusion.adapters import attach_adapter
-        from diffusion.backbone import load_backbone
-        from lit_modules.personalize import MODULES
+        from dreamsteer.diffusion.adapters import attach_adapter
+        from dreamsteer.diffusion.backbone import load_backbone
+        from dreamsteer.lit_modules.personalize import MODULES
 
         self.device = device
         self.backbone = backbone = load_backbone(str(model_dir), device=device)
@@ -195,10 +195,10 @@ class PlainLoop:
 def _ours(cfg: dict, model_dir: Path, items, device: torch.device, callbacks=()):
     from omegaconf import OmegaConf
 
-    from data.subject import SubjectDataModule
-    from diffusion.backbone import load_backbone
-    from lit_modules.personalize import MODULES
-    from train.personalize import build_trainer
+    from dreamsteer.data.subject import SubjectDataModule
+    from dreamsteer.diffusion.backbone import load_backbone
+    from dreamsteer.lit_modules.personalize import MODULES
+    from dreamsteer.train.personalize import build_trainer
 
     backbone = load_backbone(str(model_dir))
     module = MODULES[cfg["method"]["name"]](cfg, backbone)
@@ -281,8 +281,8 @@ def main() -> None:
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
 
-    from data.samples import write_subject_set
-    from data.subject import read_instance_items
+    from dreamsteer.data.samples import write_subject_set
+    from dreamsteer.data.subject import read_instance_items
 
     device = torch.device(args.device)
     work = Path(tempfile.mkdtemp(prefix="personalize-bench-"))

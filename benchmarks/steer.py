@@ -86,9 +86,9 @@ class PeakMemory:
 # ----------------------------------------------------------------------------- children
 def make_parent(kind: str, model: str, root: Path) -> Path:
     """A personalized export of `kind` (adapter moved off its initialisation, as training would)."""
-    from checkpoints import export_adapter
-    from diffusion.adapters import attach_adapter
-    from diffusion.backbone import load_backbone
+    from dreamsteer.checkpoints import export_adapter
+    from dreamsteer.diffusion.adapters import attach_adapter
+    from dreamsteer.diffusion.backbone import load_backbone
 
     target = root / f"parent_{kind}"
     if (target / "adapter.json").is_file():
@@ -105,17 +105,17 @@ def make_parent(kind: str, model: str, root: Path) -> Path:
 
 def personalize_step(kind: str, model: str, device: str, root: Path, repeats: int) -> dict[str, Any]:
     """Median wall time of one personalization step and the peak memory of one with a fresh optimizer."""
-    from data.images import load_image_tensor
-    from lit_modules.personalize import DreamBoothModule, CustomDiffusionModule, LoraModule, TextualInversionModule
-    from train.config import compose
-    from train.personalize import validate_config
+    from dreamsteer.data.images import load_image_tensor
+    from dreamsteer.lit_modules.personalize import DreamBoothModule, CustomDiffusionModule, LoraModule, TextualInversionModule
+    from dreamsteer.train.config import compose
+    from dreamsteer.train.personalize import validate_config
 
     modules = {"lora": LoraModule, "dreambooth": DreamBoothModule, "textual_inversion": TextualInversionModule,
                "custom_diffusion": CustomDiffusionModule}
     _, instance, _ = PARENTS[kind]
     cfg = validate_config(compose("personalize", [f"method={kind}", f"model.pretrained={model}", f"model.device={device}",
                                                   f"data.instance_dir={root / 'photos'}", f"data.instance_prompt='{instance}'"]))
-    from diffusion.backbone import load_backbone
+    from dreamsteer.diffusion.backbone import load_backbone
 
     backbone = load_backbone(model, "fp32", device)
     module = modules[kind](cfg, backbone=backbone).to(backbone.device)
@@ -152,8 +152,8 @@ def personalize_step(kind: str, model: str, device: str, root: Path, repeats: in
 def steer_run(kind: str, model: str, device: str, root: Path, settings: dict[str, int]) -> dict[str, Any]:
     """A warm-up run, a timed run, then a run under the memory probe (polling slows CPU compute, so the
     timed run goes without it); returns the timed run's split and the probed run's peak above the model."""
-    from train.config import compose
-    from train.steer import prepare, steer
+    from dreamsteer.train.config import compose
+    from dreamsteer.train.steer import prepare, steer
 
     _, _, ref = PARENTS[kind]
     base = [f"adapter={root / f'parent_{kind}'}", f"image={root / 'photos' / 'cat.png'}", f"source_prompt='{SOURCE}'",
@@ -185,7 +185,7 @@ def _child(args: argparse.Namespace) -> None:
 
 def _spawn(args: argparse.Namespace, child: str, kind: str, root: Path) -> dict[str, Any]:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="131072")
-    cmd = [sys.executable, "-m", "benchmarks.steer", "--child", child, "--kind", kind, "--workdir", str(root),
+    cmd = [sys.executable, "-m", "dreamsteer.benchmarks.steer", "--child", child, "--kind", kind, "--workdir", str(root),
            "--model", args.model, "--device", args.device, "--threads", str(args.threads), "--repeats", str(args.repeats),
            "--steps", str(args.steps), "--n-ms", str(args.n_ms), "--sampling-steps", str(args.sampling_steps)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parent.parent)
@@ -216,14 +216,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.child:
-        from train.config import resolve_device
+        from dreamsteer.train.config import resolve_device
 
         args.device = resolve_device(args.device)
         _child(args)
         return 0
 
-    from data.samples import write_sample_images
-    from train.config import resolve_device
+    from dreamsteer.data.samples import write_sample_images
+    from dreamsteer.train.config import resolve_device
 
     args.device = resolve_device(args.device)
     results: dict[str, Any] = {"settings": {k: getattr(args, k) for k in ("model", "device", "threads", "steps", "n_ms", "sampling_steps")}}

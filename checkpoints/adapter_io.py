@@ -16,9 +16,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from checkpoints import formats
-from data.files import write_json_atomic
-from diffusion.adapters import (
+from dreamsteer.checkpoints import formats
+from dreamsteer.data.files import write_json_atomic
+from dreamsteer.diffusion.adapters import (
     AdapterError,
     attach_adapter,
     fingerprints_match,
@@ -189,7 +189,7 @@ def load_adapter(backbone: Any, adapter_dir: str | os.PathLike, trainable: bool 
 
 def _load_dreambooth(backbone: Any, directory: Path, config: dict[str, Any]) -> None:
     """The export's UNet (text encoder) replaces the backbone's, which becomes the frozen base for `disabled`."""
-    from diffusion.adapters import DreamBoothAdapter
+    from dreamsteer.diffusion.adapters import DreamBoothAdapter
 
     fingerprint = model_fingerprint(backbone)
     train_te = bool(config.get("train_text_encoder", False))

@@ -48,7 +48,7 @@ def _save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]
 def _peft_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     from peft.utils import get_peft_model_state_dict
 
-    from diffusion.adapters import LORA_ADAPTER_NAME
+    from dreamsteer.diffusion.adapters import LORA_ADAPTER_NAME
 
     return get_peft_model_state_dict(module, adapter_name=LORA_ADAPTER_NAME)
 
@@ -76,7 +76,7 @@ def write_lora(adapter: Any, backbone: Any, directory: Path, a1111: bool) -> lis
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
 
-    from diffusion.adapters import LORA_ADAPTER_NAME
+    from dreamsteer.diffusion.adapters import LORA_ADAPTER_NAME
 
     unet_state = {k: v.detach().float().cpu() for k, v in _peft_state(backbone.unet).items()}
     text_state = {k: v.detach().float().cpu() for k, v in _peft_state(backbone.text_encoder).items()} if adapter.config["text_encoder"] else {}
@@ -110,7 +110,7 @@ def read_lora(adapter: Any, backbone: Any, directory: Path) -> None:
     """Fill the attached LoRA layers from the diffusers file (keys ``unet.``/``text_encoder.`` + peft or diffusers names)."""
     from peft.utils import set_peft_model_state_dict
 
-    from diffusion.adapters import LORA_ADAPTER_NAME
+    from dreamsteer.diffusion.adapters import LORA_ADAPTER_NAME
 
     state = load_file(str(directory / LORA_FILE))
     for prefix, module in (("unet.", backbone.unet), ("text_encoder.", backbone.text_encoder)):
@@ -209,7 +209,7 @@ def custom_diffusion_processors(unet: torch.nn.Module, path: Path) -> dict[str, 
 def write_dreambooth(adapter: Any, backbone: Any, directory: Path) -> list[str]:
     from diffusers import StableDiffusionPipeline
 
-    from diffusion.backbone import resolve_model_source
+    from dreamsteer.diffusion.backbone import resolve_model_source
 
     scheduler = backbone.scheduler
     base = Path(resolve_model_source(backbone.source))

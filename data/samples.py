@@ -9,7 +9,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from data.images import save_image_atomic
+from dreamsteer.data.images import save_image_atomic
 
 # name -> skimage.data function; each is a real photograph shipped with scikit-image.
 SAMPLE_PHOTOS = {

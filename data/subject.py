@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from data.images import ImageLoadError, list_images, load_image, pil_to_tensor, resize_and_crop, save_image_atomic
+from dreamsteer.data.images import ImageLoadError, list_images, load_image, pil_to_tensor, resize_and_crop, save_image_atomic
 
 # Textual Inversion's prompt templates (Gal et al.; diffusers' textual_inversion example).
 TEMPLATES = {
@@ -202,7 +202,7 @@ def generate_class_images(
     """
     from tqdm.auto import tqdm
 
-    from diffusion.schedulers import make_scheduler
+    from dreamsteer.diffusion.schedulers import make_scheduler
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

@@ -188,9 +188,9 @@ def resolve_model_source(source: str, cache_dir: str | Path | None = None) -> st
     if not seed_text.isdigit():
         raise ModelLoadError(f"model '{source}': the seed after '{name}:' must be a non-negative integer")
     if name == "tiny":
-        from diffusion.tiny import tiny_model_dir as build
+        from dreamsteer.diffusion.tiny import tiny_model_dir as build
     else:  # the tiny model plus GLIGEN's gated layers
-        from diffusion.gligen import tiny_gligen_dir as build
+        from dreamsteer.diffusion.gligen import tiny_gligen_dir as build
     return str(build(int(seed_text), cache_dir))
 
 

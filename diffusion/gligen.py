@@ -205,7 +205,7 @@ def build_tiny_gligen_pipeline(seed: int = 0, cache_dir: str | Path | None = Non
     """
     from diffusers import StableDiffusionGLIGENPipeline, StableDiffusionPipeline, UNet2DConditionModel
 
-    from diffusion.tiny import tiny_model_dir
+    from dreamsteer.diffusion.tiny import tiny_model_dir
 
     base = StableDiffusionPipeline.from_pretrained(tiny_model_dir(seed, cache_dir), safety_checker=None, local_files_only=True)
     config = {k: v for k, v in base.unet.config.items() if not k.startswith("_")}
@@ -233,7 +233,7 @@ def build_tiny_gligen_pipeline(seed: int = 0, cache_dir: str | Path | None = Non
 
 def tiny_gligen_dir(seed: int = 0, cache_dir: str | Path | None = None) -> Path:
     """The diffusers folder of the tiny GLIGEN model for `seed`, built once (temp dir renamed into place)."""
-    from diffusion.tiny import TINY_VERSION, build_once, default_cache_dir
+    from dreamsteer.diffusion.tiny import TINY_VERSION, build_once, default_cache_dir
 
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     # Both versions in the name: a change of the tiny SD model (the base) also rebuilds this one.

@@ -27,8 +27,8 @@ from typing import Any, Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from diffusion.gligen import fuser_restored, gated_blocks, grounding_inputs, require_gligen, set_fuser, validate_layout
-from diffusion.schedulers import SCHEDULERS, make_scheduler
+from dreamsteer.diffusion.gligen import fuser_restored, gated_blocks, grounding_inputs, require_gligen, set_fuser, validate_layout
+from dreamsteer.diffusion.schedulers import SCHEDULERS, make_scheduler
 
 WIRINGS = ("sequential", "parallel")
 

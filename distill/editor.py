@@ -18,12 +18,12 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from distill.attention import AttentionRecorder, list_attention_layers, select_layers
-from distill.config import ATTENTION_PLACES, OPTIMIZERS, PENALTY_MODES, SCHEMAS, WEIGHTINGS, EditorConfig
-from distill.methods import METHOD_CLASSES, EditContext, Method, StepOut, Subtask, make_method
-from distill.prompts import edit_words, subject_word, token_indices
-from distill.regularizers import AttentionMask, GradientFilter, gamma_schedule, l2_pull, mask_weight, std_normalize
-from distill.scorer import Scorer
+from dreamsteer.distill.attention import AttentionRecorder, list_attention_layers, select_layers
+from dreamsteer.distill.config import ATTENTION_PLACES, OPTIMIZERS, PENALTY_MODES, SCHEMAS, WEIGHTINGS, EditorConfig
+from dreamsteer.distill.methods import METHOD_CLASSES, EditContext, Method, StepOut, Subtask, make_method
+from dreamsteer.distill.prompts import edit_words, subject_word, token_indices
+from dreamsteer.distill.regularizers import AttentionMask, GradientFilter, gamma_schedule, l2_pull, mask_weight, std_normalize
+from dreamsteer.distill.scorer import Scorer
 
 
 class EditorConfigError(ValueError):
@@ -158,7 +158,7 @@ class Editor:
         if not token:
             raise ValueError("editor key 'subject_token': could not infer the subject word of the source prompt; "
                              "set editor.subject_token (e.g. 'cat')")
-        from distill.subject_mask import subject_mask
+        from dreamsteer.distill.subject_mask import subject_mask
 
         return subject_mask(self.backbone, z_src, source_prompt, token, timesteps=tuple(cfg.mask_timesteps),
                             divisors=tuple(cfg.mask_divisors), threshold=cfg.mask_threshold,
@@ -258,7 +258,7 @@ class Editor:
         if self.ctx.subject_mask is not None:
             return self.ctx.subject_mask.detach().float().cpu()
         if self.cfg.method == "ground_a_score" and self.ctx.subtasks:
-            from distill.masks import union
+            from dreamsteer.distill.masks import union
 
             return union([s.region.mask for s in self.ctx.subtasks])
         return None

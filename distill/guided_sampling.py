@@ -26,7 +26,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
-from distill.attention import AttentionLayer, AttentionRecorder, list_attention_layers, select_layers
+from dreamsteer.distill.attention import AttentionLayer, AttentionRecorder, list_attention_layers, select_layers
 
 NORMALIZATIONS = ("rms", "none")
 

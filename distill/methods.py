@@ -19,11 +19,11 @@ from typing import Any, Sequence
 
 import torch
 
-from distill.attention import AttentionLayer
-from distill.config import EditorConfig
-from distill.masks import Region, resolve_overlaps, union
-from distill.patchnce import box_at, patch_nce, to_grid
-from distill.scorer import Capture, ScoreRequest, Scorer, Scores
+from dreamsteer.distill.attention import AttentionLayer
+from dreamsteer.distill.config import EditorConfig
+from dreamsteer.distill.masks import Region, resolve_overlaps, union
+from dreamsteer.distill.patchnce import box_at, patch_nce, to_grid
+from dreamsteer.distill.scorer import Capture, ScoreRequest, Scorer, Scores
 
 
 @dataclass

@@ -19,8 +19,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from distill.attention import AttentionLayer, attention_apply
-from distill.scorer import Capture
+from dreamsteer.distill.attention import AttentionLayer, attention_apply
+from dreamsteer.distill.scorer import Capture
 
 
 def gamma_schedule(k: int, steps: int, low: float, high: float, speed: float) -> float:

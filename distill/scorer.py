@@ -18,7 +18,7 @@ from typing import Sequence
 
 import torch
 
-from distill.attention import AttentionRecorder
+from dreamsteer.distill.attention import AttentionRecorder
 
 
 @dataclass

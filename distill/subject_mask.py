@@ -21,7 +21,7 @@ from typing import NamedTuple, Sequence
 import torch
 import torch.nn.functional as F
 
-from distill.attention import AttentionRecorder, list_attention_layers, select_layers
+from dreamsteer.distill.attention import AttentionRecorder, list_attention_layers, select_layers
 
 DEFAULT_TIMESTEPS = (100, 300, 500)
 

@@ -27,11 +27,11 @@ from typing import Any, Optional
 import lightning as L
 import torch
 
-from diffusion.gligen import LayoutError, NotGligenError, box_from_mask, require_gligen, validate_layout
-from diffusion.reground import WIRINGS, grounded_sample
-from distill.edsd import REDUCTIONS, check_jacobian, denoising_loss, edsd_loss
-from distill.guided_sampling import GUIDANCE_MODES, NORMALIZATIONS, cfg_eps, ddim_sample, make_guidance
-from distill.subject_mask import SubjectMask, subject_mask
+from dreamsteer.diffusion.gligen import LayoutError, NotGligenError, box_from_mask, require_gligen, validate_layout
+from dreamsteer.diffusion.reground import WIRINGS, grounded_sample
+from dreamsteer.distill.edsd import REDUCTIONS, check_jacobian, denoising_loss, edsd_loss
+from dreamsteer.distill.guided_sampling import GUIDANCE_MODES, NORMALIZATIONS, cfg_eps, ddim_sample, make_guidance
+from dreamsteer.distill.subject_mask import SubjectMask, subject_mask
 
 # Mode-shifting guidance that is a sampler of its own rather than a `Guidance` inside `ddim_sample`: GLIGEN's
 # grounding inputs follow each UNet call's batch and the wiring/fuser flags must be restored afterwards.

@@ -27,19 +27,19 @@ from PIL import Image
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from data.files import write_json_atomic
-from data.images import (
+from dreamsteer.data.files import write_json_atomic
+from dreamsteer.data.images import (
     load_image,
     pil_to_tensor,
     resize_and_crop,
     save_image_atomic,
     tensor_to_pil,
 )
-from data.manifest import EditJob
-from distill.config import EditorConfig
-from distill.editor import EditResult, edit
-from distill.masks import box_region, mask_region
-from distill.methods import Subtask
+from dreamsteer.data.manifest import EditJob
+from dreamsteer.distill.config import EditorConfig
+from dreamsteer.distill.editor import EditResult, edit
+from dreamsteer.distill.masks import box_region, mask_region
+from dreamsteer.distill.methods import Subtask
 
 FAILURES_DIR = "failures"
 FAILURES_FILE = "failures.jsonl"
@@ -85,13 +85,13 @@ class EditRunner:
     def backbone(self, adapter: str | None):
         """The base model with `adapter` attached (reloaded when the adapter changes: adapters do not detach)."""
         if self._backbone is None or adapter != self._adapter:
-            from diffusion.backbone import load_backbone
+            from dreamsteer.diffusion.backbone import load_backbone
 
             m = self.model
             bb = load_backbone(m["pretrained"], m.get("dtype", "fp32"), self.device, m.get("cache_dir"), m.get("single_file_config"))
             manifest = None
             if adapter is not None:
-                from checkpoints import load_adapter
+                from dreamsteer.checkpoints import load_adapter
 
                 manifest = load_adapter(bb, adapter)
             self._backbone, self._adapter, self._manifest = bb, adapter, manifest
@@ -106,7 +106,7 @@ class EditRunner:
             if not model_path:
                 raise JobInputError(f"job {job.id!r}: field 'subtasks[{pending[0][0]}]': no box or mask, and no grounding.model "
                                     "(a local zero-shot detector folder) to find it")
-            from distill.grounding import detect_boxes
+            from dreamsteer.distill.grounding import detect_boxes
 
             boxes = detect_boxes(source, [s.phrase or s.source for _, s in pending], model_path,
                                  self.grounding.get("threshold", 0.3), self.grounding.get("text_threshold", 0.25), device=self.device)
@@ -157,7 +157,7 @@ class EditRunner:
 def class_word(manifest: dict[str, Any], source_prompt: str) -> str | None:
     """The subject word for DDS-SM's mask from the adapter's class prompt ("a photo of a cat" -> "cat"),
     when it occurs in the source prompt."""
-    from distill.prompts import is_noun, words
+    from dreamsteer.distill.prompts import is_noun, words
 
     class_prompt = manifest.get("class_prompt") or ""
     nouns = [w for w in words(class_prompt) if is_noun(w)]

@@ -15,10 +15,10 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from checkpoints import export_adapter
-from data.subject import mix_seed
-from diffusion.adapters import attach_adapter
-from diffusion.backbone import Backbone, load_backbone
+from dreamsteer.checkpoints import export_adapter
+from dreamsteer.data.subject import mix_seed
+from dreamsteer.diffusion.adapters import attach_adapter
+from dreamsteer.diffusion.backbone import Backbone, load_backbone
 
 # Frozen modules stay in eval mode on purpose (see PersonalizeModule.train); Lightning warns about it.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
@@ -204,7 +204,7 @@ class PersonalizeModule(L.LightningModule):
     @torch.no_grad()
     def sample_images(self, prompts: list[str], num_images: int, steps: int, guidance_scale: float, seed: int) -> list[Any]:
         """PIL images from the current adapted model (DDIM), one generator per image."""
-        from diffusion.schedulers import make_scheduler
+        from dreamsteer.diffusion.schedulers import make_scheduler
 
         backbone = self.backbone
         pipe = backbone.pipeline(make_scheduler("ddim", backbone.scheduler.config))

@@ -177,7 +177,7 @@ def build_tiny_clip(directory: str | os.PathLike, seed: int = 0) -> Path:
     """
     from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
-    from diffusion.tiny import write_tiny_tokenizer_files
+    from dreamsteer.diffusion.tiny import write_tiny_tokenizer_files
 
     directory = Path(directory)
     if (directory / "config.json").is_file() and (directory / "preprocessor_config.json").is_file():

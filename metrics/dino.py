@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from metrics.clip import ModelUnavailableError, load_pretrained
+from dreamsteer.metrics.clip import ModelUnavailableError, load_pretrained
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -16,13 +16,13 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from data.images import load_image, resize_and_crop
-from metrics import curves
-from metrics.clip import ClipEmbedder, ModelUnavailableError, clip_i, clip_i_concept, clip_r, clip_t, masked_clip_score, masked_region
-from metrics.dino import DinoEmbedder
-from metrics.image import l1_distance, ms_ssim, ms_ssim_min_size, pil_to_unit, ssim
-from metrics.lpips import LPIPS, load_lpips
-from metrics.runs import EditJob, EditRun, Region
+from dreamsteer.data.images import load_image, resize_and_crop
+from dreamsteer.metrics import curves
+from dreamsteer.metrics.clip import ClipEmbedder, ModelUnavailableError, clip_i, clip_i_concept, clip_r, clip_t, masked_clip_score, masked_region
+from dreamsteer.metrics.dino import DinoEmbedder
+from dreamsteer.metrics.image import l1_distance, ms_ssim, ms_ssim_min_size, pil_to_unit, ssim
+from dreamsteer.metrics.lpips import LPIPS, load_lpips
+from dreamsteer.metrics.runs import EditJob, EditRun, Region
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 
 from PIL import Image
 
-from metrics.evaluator import AREAS, METRICS
+from dreamsteer.metrics.evaluator import AREAS, METRICS
 
 PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
 CARD_METRICS = ("clip_t", "clip_r", "clip_i", "l1", "lpips_alex", "ssim", "masked_clip")

@@ -116,7 +116,7 @@ def _regions(record: dict, run_dir: Path, job_file: Path) -> list[Region]:
 
 
 def _reference_images(record: dict, run_dir: Path, job_file: Path) -> list[Path]:
-    from data.images import list_images
+    from dreamsteer.data.images import list_images
 
     value = record.get("reference_images")
     if not value:

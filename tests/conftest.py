@@ -20,7 +20,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="session")
 def tiny_dir() -> Path:
-    from diffusion.tiny import tiny_model_dir
+    from dreamsteer.diffusion.tiny import tiny_model_dir
 
     return tiny_model_dir(0)
 
@@ -28,7 +28,7 @@ def tiny_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_backbone(tiny_dir):
     """A shared, read-only tiny backbone. Tests that modify a model use `fresh_backbone`."""
-    from diffusion.backbone import load_backbone
+    from dreamsteer.diffusion.backbone import load_backbone
 
     return load_backbone(str(tiny_dir))
 
@@ -36,6 +36,6 @@ def tiny_backbone(tiny_dir):
 @pytest.fixture
 def fresh_backbone(tiny_dir):
     """A tiny backbone of the test's own, free to be modified."""
-    from diffusion.backbone import load_backbone
+    from dreamsteer.diffusion.backbone import load_backbone
 
     return load_backbone(str(tiny_dir))

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from checkpoints import AdapterLoadError, export_adapter, load_adapter
-from checkpoints.formats import CD_FILE, LORA_KOHYA_FILE, custom_diffusion_processors
-from diffusion.adapters import AdapterError, attach_adapter, fingerprints_match, model_fingerprint
-from diffusion.backbone import load_backbone
+from dreamsteer.checkpoints import AdapterLoadError, export_adapter, load_adapter
+from dreamsteer.checkpoints.formats import CD_FILE, LORA_KOHYA_FILE, custom_diffusion_processors
+from dreamsteer.diffusion.adapters import AdapterError, attach_adapter, fingerprints_match, model_fingerprint
+from dreamsteer.diffusion.backbone import load_backbone
 
 CASES = {
     "lora": (dict(rank=4, alpha=8.0, text_encoder=True), "a photo of sks cat"),
@@ -225,7 +225,7 @@ def test_bad_tokens_are_rejected_before_anything_changes(fresh_backbone):
 
 @pytest.mark.parametrize("kind", ["lora", "custom_diffusion"])
 def test_attention_recorder_sees_the_adapter(fresh_backbone, kind):
-    from distill.attention import AttentionRecorder, list_attention_layers, select_layers
+    from dreamsteer.distill.attention import AttentionRecorder, list_attention_layers, select_layers
 
     attach_adapter(fresh_backbone, kind)
     _perturb(fresh_backbone)

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from diffusion.backbone import ModelLoadError, load_backbone
-from diffusion.tiny import build_tiny_pipeline, tiny_model_dir
+from dreamsteer.diffusion.backbone import ModelLoadError, load_backbone
+from dreamsteer.diffusion.tiny import build_tiny_pipeline, tiny_model_dir
 
 
 def _noise_prediction(unet, text_encoder, tokenizer):

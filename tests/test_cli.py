@@ -6,13 +6,13 @@ import subprocess
 import sys
 
 from tests.conftest import REPO_ROOT
-from train.config import compose
-from train.tasks import TASKS
+from dreamsteer.train.config import compose
+from dreamsteer.train.tasks import TASKS
 
 
 def _cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
     env = dict(os.environ, DREAMSTEER_OUTPUTS=str(cwd or REPO_ROOT / "outputs"))
-    return subprocess.run([sys.executable, "-m", "train", *args], cwd=cwd or REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "dreamsteer.train", *args], cwd=cwd or REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
 def test_help_lists_every_task():
@@ -50,7 +50,7 @@ def test_sample_writes_png_and_event_file(tmp_path):
 
 def test_sample_run_function_is_deterministic(tmp_path):
     from PIL import Image
-    from train.sample import run
+    from dreamsteer.train.sample import run
 
     outputs = []
     for name in ("a", "b"):

@@ -5,11 +5,11 @@ import json
 
 from PIL import Image
 
-from train.config import compose
+from dreamsteer.train.config import compose
 
 
 def test_demo_runs_every_stage(tmp_path):
-    from train.demo import run
+    from dreamsteer.train.demo import run
 
     cfg = compose("demo", [
         "personalize_steps=2", "steer_steps=2", "edit_steps=2", "logger=none",

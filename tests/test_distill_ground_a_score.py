@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distill.editor import Editor
-from distill.masks import box_region
-from distill.methods import Draw, Subtask
+from dreamsteer.distill.editor import Editor
+from dreamsteer.distill.masks import box_region
+from dreamsteer.distill.methods import Draw, Subtask
 from tests.test_distill_methods import (
     SRC,
     cfg_of,
@@ -38,7 +38,7 @@ def the_draw():
 
 
 def test_masks_overlap_rule_and_union():
-    from distill.masks import resolve_overlaps, union
+    from dreamsteer.distill.masks import resolve_overlaps, union
 
     a, b = box_region(BOX_A, (16, 16)), box_region(BOX_B, (16, 16))
     assert a.box == (0, 0, 5, 5) and b.box == (2, 2, 14, 14)
@@ -125,7 +125,7 @@ def test_sequential_mode_takes_one_optimizer_step_per_term(tiny_backbone, z_src)
 
 @pytest.mark.parametrize("box", [[0.5, 0.5, 0.5, 0.9], [-0.1, 0, 0.5, 0.5], [0, 0, 1.2, 1]])
 def test_bad_boxes_raise(box):
-    from distill.masks import MaskError
+    from dreamsteer.distill.masks import MaskError
 
     with pytest.raises(MaskError, match="box"):
         box_region(box, (16, 16))

@@ -12,9 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distill.config import method_defaults
-from distill.editor import Editor, editor_config, encode_source
-from distill.methods import Draw
+from dreamsteer.distill.config import method_defaults
+from dreamsteer.distill.editor import Editor, editor_config, encode_source
+from dreamsteer.distill.methods import Draw
 
 SRC = "a photo of a cat"
 TGT = "a photo of a cat wearing a hat"
@@ -29,8 +29,8 @@ def cfg_of(method: str, **overrides):
 
 @pytest.fixture(scope="module")
 def z_src(tiny_backbone):
-    from data.images import pil_to_tensor, resize_and_crop
-    from data.samples import sample_photo
+    from dreamsteer.data.images import pil_to_tensor, resize_and_crop
+    from dreamsteer.data.samples import sample_photo
 
     return encode_source(tiny_backbone, pil_to_tensor(resize_and_crop(sample_photo("cat"), tiny_backbone.resolution)))
 
@@ -209,7 +209,7 @@ def test_dds_s_source_branch_on_pretrained_model(fresh_backbone, z_src, z_cur):
 
 
 def test_dds_sm_auto_mask_is_the_subject_mask(tiny_backbone, z_src):
-    from distill.subject_mask import subject_mask
+    from dreamsteer.distill.subject_mask import subject_mask
 
     ed = Editor(tiny_backbone, cfg_of("dds_sm"), SRC, "a photo of a sks cat", z_src)
     expected = subject_mask(tiny_backbone, z_src, SRC, "cat", timesteps=(100, 300, 500), divisors=(2, 4)).mask
@@ -327,7 +327,7 @@ def test_lusd_ema_mask_and_filter(tiny_backbone, z_src, z_cur):
 
 
 def test_filter_threshold_decays_per_rejection_and_resets():
-    from distill.regularizers import GradientFilter
+    from dreamsteer.distill.regularizers import GradientFilter
 
     f = GradientFilter(eta0=1.0, decay=0.5, max_tries=10)
     weak = torch.tensor([0.0, 0.6])  # std 0.424

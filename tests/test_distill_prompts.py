@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from distill.config import METHODS, method_defaults
-from distill.prompts import edit_words, subject_word, token_indices
+from dreamsteer.distill.config import METHODS, method_defaults
+from dreamsteer.distill.prompts import edit_words, subject_word, token_indices
 
 
 @pytest.mark.parametrize("source,target,expected", [

@@ -6,8 +6,8 @@ import contextlib
 import pytest
 import torch
 
-from distill.attention import AttentionRecorder, attention_apply, list_attention_layers, select_layers
-from distill.scorer import ScoreRequest, Scorer
+from dreamsteer.distill.attention import AttentionRecorder, attention_apply, list_attention_layers, select_layers
+from dreamsteer.distill.scorer import ScoreRequest, Scorer
 
 
 def _requests(bb, n=5, pretrained=lambda i: False, record=lambda i: False):
@@ -116,8 +116,8 @@ def test_sdpa_product_equals_materialized_attention(tiny_backbone, divisor):
 
 
 def test_lusd_mask_same_with_sdpa_or_maps(tiny_backbone):
-    from distill.regularizers import attention_map
-    from distill.scorer import Capture
+    from dreamsteer.distill.regularizers import attention_map
+    from dreamsteer.distill.scorer import Capture
 
     bb = tiny_backbone
     layers = list_attention_layers(bb.unet)

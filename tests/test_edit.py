@@ -11,14 +11,14 @@ import pytest
 import torch
 from PIL import Image
 
-from train.config import compose
+from dreamsteer.train.config import compose
 
 CAT = "a photo of a cat"
 
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory) -> Path:
-    from data.samples import write_sample_images
+    from dreamsteer.data.samples import write_sample_images
 
     folder = tmp_path_factory.mktemp("photos")
     write_sample_images(folder, ["cat", "coffee"])
@@ -27,9 +27,9 @@ def photos(tmp_path_factory) -> Path:
 
 
 def _export_lora(source: str, folder: Path) -> Path:
-    from checkpoints import export_adapter
-    from diffusion.adapters import add_lora
-    from diffusion.backbone import load_backbone
+    from dreamsteer.checkpoints import export_adapter
+    from dreamsteer.diffusion.adapters import add_lora
+    from dreamsteer.diffusion.backbone import load_backbone
 
     bb = load_backbone(source)
     add_lora(bb, rank=4)
@@ -46,7 +46,7 @@ def lora_dir(tmp_path_factory, tiny_dir) -> Path:
 
 
 def _edit(out: Path, *overrides: str):
-    from train.edit import run
+    from dreamsteer.train.edit import run
 
     return run(compose("edit", [*overrides, f"output_dir={out}", "progress=false"]))
 
@@ -148,7 +148,7 @@ def test_adapter_for_another_base_model_is_rejected(photos, tmp_path):
 
 
 def test_single_edit_bad_config(photos, tmp_path):
-    from train.config import ConfigError
+    from dreamsteer.train.config import ConfigError
 
     with pytest.raises(ConfigError, match="target_prompt"):
         _edit(tmp_path, f"image={photos / 'cat.png'}", f"source_prompt={CAT}")

@@ -34,7 +34,7 @@ def _jobs(photos: Path, steps: int) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory) -> Path:
-    from data.samples import write_sample_images
+    from dreamsteer.data.samples import write_sample_images
 
     folder = tmp_path_factory.mktemp("photos")
     write_sample_images(folder, ["cat", "coffee"])
@@ -44,7 +44,7 @@ def photos(tmp_path_factory) -> Path:
 
 def _cli(manifest: Path, out: Path, devices: int, wait: bool = True):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}  # same threads per process -> same floats
-    cmd = [sys.executable, "-m", "train", "edit", f"jobs={manifest}", f"out={out}", f"trainer.devices={devices}",
+    cmd = [sys.executable, "-m", "dreamsteer.train", "edit", f"jobs={manifest}", f"out={out}", f"trainer.devices={devices}",
            "trainer.strategy=ddp_spawn" if devices > 1 else "trainer.strategy=auto", "progress=false"]
     if not wait:
         return subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)

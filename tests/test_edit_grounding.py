@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from train.config import compose
+from dreamsteer.train.config import compose
 
 
 @pytest.fixture(scope="module")
@@ -30,13 +30,13 @@ def owl_dir(tmp_path_factory, tiny_dir) -> Path:
 
 @pytest.fixture(scope="module")
 def cat_png(tmp_path_factory) -> Path:
-    from data.samples import write_sample_images
+    from dreamsteer.data.samples import write_sample_images
 
     return write_sample_images(tmp_path_factory.mktemp("img"), ["cat"])[0]
 
 
 def test_detect_boxes_format_and_threshold(owl_dir, cat_png):
-    from distill.grounding import detect_boxes
+    from dreamsteer.distill.grounding import detect_boxes
 
     image = Image.open(cat_png).convert("RGB").resize((128, 128))
     boxes = detect_boxes(image, ["hat", "cat"], str(owl_dir), threshold=0.0)
@@ -72,7 +72,7 @@ def grounding_dino_dir(tmp_path_factory) -> Path:
 
 
 def test_grounding_dino_path(grounding_dino_dir, cat_png):
-    from distill.grounding import detect_boxes
+    from dreamsteer.distill.grounding import detect_boxes
 
     image = Image.open(cat_png).convert("RGB").resize((128, 128))
     boxes = detect_boxes(image, ["cat", "hat"], str(grounding_dino_dir), threshold=0.0, text_threshold=0.0)
@@ -84,7 +84,7 @@ def test_grounding_dino_path(grounding_dino_dir, cat_png):
 
 
 def test_detector_folder_errors(tmp_path):
-    from distill.grounding import GroundingError, detect_boxes
+    from dreamsteer.distill.grounding import GroundingError, detect_boxes
 
     with pytest.raises(GroundingError, match="not a folder"):
         detect_boxes(Image.new("RGB", (64, 64)), ["cat"], str(tmp_path / "missing"))
@@ -94,9 +94,9 @@ def test_detector_folder_errors(tmp_path):
 
 
 def test_edit_with_detected_box_and_missing_detection(owl_dir, cat_png, tmp_path):
-    from distill.grounding import detect_boxes
-    from distill.masks import box_region
-    from train.edit import run
+    from dreamsteer.distill.grounding import detect_boxes
+    from dreamsteer.distill.masks import box_region
+    from dreamsteer.train.edit import run
 
     sub = "[{source: hat, target: crown}]"
     args = [f"image={cat_png}", "source_prompt=a photo of a cat", "target_prompt=a photo of a cat", "editor=ground_a_score",

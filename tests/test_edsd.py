@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distill.edsd import check_jacobian, edsd_loss, edsd_surrogate, noised
+from dreamsteer.distill.edsd import check_jacobian, edsd_loss, edsd_surrogate, noised
 
 JACOBIANS = (-1.0, 0.0, 1.0)
 

@@ -15,13 +15,13 @@ import pytest
 import torch
 from PIL import Image
 
-from data.images import resize_and_crop, save_image_atomic
-from data.samples import sample_photo
-from metrics.clip import build_tiny_clip
-from metrics.runs import RunFormatError, load_run
+from dreamsteer.data.images import resize_and_crop, save_image_atomic
+from dreamsteer.data.samples import sample_photo
+from dreamsteer.metrics.clip import build_tiny_clip
+from dreamsteer.metrics.runs import RunFormatError, load_run
 from tests.conftest import REPO_ROOT
-from train.config import ConfigError, compose
-from train.evaluate import run
+from dreamsteer.train.config import ConfigError, compose
+from dreamsteer.train.evaluate import run
 
 SIZE = 96
 
@@ -71,7 +71,7 @@ def tiny_clip(tmp_path_factory) -> Path:
 def lpips_file(tmp_path_factory) -> Path:
     from safetensors.torch import save_file
 
-    from metrics.lpips import LPIPS
+    from dreamsteer.metrics.lpips import LPIPS
 
     torch.manual_seed(0)
     model = LPIPS("alex")
@@ -150,9 +150,9 @@ def test_evaluate_single_run_metrics_and_report(runs, tiny_clip, lpips_file, tmp
 
 
 def test_evaluate_compares_runs_by_job_id(runs, tiny_clip, tmp_path):
-    from data.images import load_image, list_images
-    from data.samples import write_subject_set
-    from metrics.clip import ClipEmbedder
+    from dreamsteer.data.images import load_image, list_images
+    from dreamsteer.data.samples import write_subject_set
+    from dreamsteer.metrics.clip import ClipEmbedder
 
     baseline, steered = runs
     concept = tmp_path / "concept"
@@ -248,7 +248,7 @@ def test_cli_evaluate_writes_into_the_hydra_run_folder(runs, tmp_path):
     baseline, _ = runs
     env = dict(os.environ, DREAMSTEER_OUTPUTS=str(tmp_path))
     ok = subprocess.run(
-        [sys.executable, "-m", "train", "evaluate", f"run={baseline}", "report=false", "logger=none"],
+        [sys.executable, "-m", "dreamsteer.train", "evaluate", f"run={baseline}", "report=false", "logger=none"],
         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert ok.returncode == 0, ok.stderr
@@ -276,7 +276,7 @@ class _QuarterClip:
 
 
 def test_success_curve_and_areas_with_controlled_clip(tmp_path):
-    from metrics.evaluator import EvalSettings, Models, evaluate_run
+    from dreamsteer.metrics.evaluator import EvalSettings, Models, evaluate_run
 
     edited_run = make_run(tmp_path / "run", brighten=1.0, ids=("a", "b", "c"), failed=("d",))  # quarter turned white
     result = evaluate_run(load_run(edited_run), Models(clip=_QuarterClip()), EvalSettings())

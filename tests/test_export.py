@@ -6,10 +6,10 @@ import json
 import numpy as np
 from PIL import Image
 
-from train.config import compose
-from data.samples import write_subject_set
-from train.personalize import run as personalize_run
-from train.sample import run as sample_run
+from dreamsteer.train.config import compose
+from dreamsteer.data.samples import write_subject_set
+from dreamsteer.train.personalize import run as personalize_run
+from dreamsteer.train.sample import run as sample_run
 
 
 def test_lora_export_feeds_the_sample_task(tmp_path):

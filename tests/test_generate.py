@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffusion.gligen import LayoutError, NotGligenError
+from dreamsteer.diffusion.gligen import LayoutError, NotGligenError
 from tests.conftest import REPO_ROOT
-from train.config import ConfigError, compose
-from train.generate import BOX_COLORS, draw_boxes, run
+from dreamsteer.train.config import ConfigError, compose
+from dreamsteer.train.generate import BOX_COLORS, draw_boxes, run
 
 LAYOUT = ["phrases=[a red cat,a dog]", "boxes=[[0.125,0.25,0.5,0.875],[0.5625,0.125,0.9375,0.5]]"]  # whole pixels at 128
 
@@ -85,7 +85,7 @@ def test_draw_boxes_outlines_each_box_in_its_colour():
 def test_cli_generate_writes_images(tmp_path):
     env = dict(os.environ, DREAMSTEER_OUTPUTS=str(tmp_path))
     result = subprocess.run(
-        [sys.executable, "-m", "train", "generate", "model.pretrained=tiny-gligen", "prompt=a cat on the grass",
+        [sys.executable, "-m", "dreamsteer.train", "generate", "model.pretrained=tiny-gligen", "prompt=a cat on the grass",
          "phrases=[a cat]", "boxes=[[0.1,0.2,0.6,0.9]]", "wiring=parallel", "steps=2", f"output_dir={tmp_path / 'cli'}"],
         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
     )

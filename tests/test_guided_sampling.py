@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distill.guided_sampling import (
+from dreamsteer.distill.guided_sampling import (
     GUIDANCE_MODES,
     build_feature_guidance,
     ddim_sample,

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data.images import ImageLoadError, list_images, load_image, load_image_tensor, resize_and_crop, save_image_atomic
-from data.samples import sample_photo, write_sample_images
+from dreamsteer.data.images import ImageLoadError, list_images, load_image, load_image_tensor, resize_and_crop, save_image_atomic
+from dreamsteer.data.samples import sample_photo, write_sample_images
 
 
 @pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "LA", "P", "CMYK", "I;16", "I", "F", "1"])

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from metrics import curves
-from metrics.clip import (
+from dreamsteer.metrics import curves
+from dreamsteer.metrics.clip import (
     ClipEmbedder,
     ModelUnavailableError,
     build_tiny_clip,
@@ -22,8 +22,8 @@ from metrics.clip import (
     masked_clip_score,
     masked_region,
 )
-from metrics.image import MS_SSIM_BETAS, l1_distance, ms_ssim, ms_ssim_min_size, pil_to_unit, ssim
-from metrics.lpips import LPIPS, LPIPSWeightsError, convert_lpips_weights, load_lpips
+from dreamsteer.metrics.image import MS_SSIM_BETAS, l1_distance, ms_ssim, ms_ssim_min_size, pil_to_unit, ssim
+from dreamsteer.metrics.lpips import LPIPS, LPIPSWeightsError, convert_lpips_weights, load_lpips
 
 
 @pytest.fixture(scope="module")
@@ -268,7 +268,7 @@ def test_masked_region_crops_the_box_and_blacks_out_the_rest():
 def test_tiny_clip_embeddings_match_transformers(clip, tiny_clip_dir):
     from transformers import CLIPModel
 
-    from data.samples import sample_photo
+    from dreamsteer.data.samples import sample_photo
 
     photo = sample_photo("cat")
     images = [photo, photo.rotate(90)]
@@ -309,7 +309,7 @@ def test_tiny_clip_is_deterministic_and_missing_models_are_unavailable(tiny_clip
 def test_dino_embeddings_are_the_cls_token(tmp_path):
     from transformers import ViTConfig, ViTModel
 
-    from metrics.dino import IMAGENET_MEAN, DinoEmbedder
+    from dreamsteer.metrics.dino import IMAGENET_MEAN, DinoEmbedder
 
     torch.manual_seed(0)
     config = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
@@ -319,7 +319,7 @@ def test_dino_embeddings_are_the_cls_token(tmp_path):
     pixels = dino.preprocess(flat)
     assert pixels.shape == (3, 32, 32)
     assert torch.allclose(pixels, torch.tensor([(c / 255 - m) / s for c, m, s in zip((124, 116, 104), IMAGENET_MEAN, (0.229, 0.224, 0.225))]).view(3, 1, 1).expand(3, 32, 32), atol=1e-5)
-    from data.samples import sample_photo
+    from dreamsteer.data.samples import sample_photo
 
     photo = sample_photo("coffee")
     e = dino.images([photo, photo, photo.rotate(180)])

@@ -8,12 +8,12 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from omegaconf import OmegaConf
 
-from data.images import list_images
-from data.samples import write_subject_set
-from data.subject import SubjectDataset, read_instance_items
-from lit_modules.personalize import MODULES
-from train.config import ConfigError, compose
-from train.personalize import run, validate_config
+from dreamsteer.data.images import list_images
+from dreamsteer.data.samples import write_subject_set
+from dreamsteer.data.subject import SubjectDataset, read_instance_items
+from dreamsteer.lit_modules.personalize import MODULES
+from dreamsteer.train.config import ConfigError, compose
+from dreamsteer.train.personalize import run, validate_config
 
 PROMPTS = {
     "dreambooth": "a photo of sks cat",
@@ -152,7 +152,7 @@ class Crash(Callback):
 def test_interrupted_then_resumed_run_equals_uninterrupted_and_checkpoints_are_trimmed(subject_dir, tmp_path):
     from safetensors.torch import load_file
 
-    from train.export import run as export_run
+    from dreamsteer.train.export import run as export_run
 
     extra = (
         "trainer.max_steps=4", "trainer.accumulate_grad_batches=2", "trainer.checkpoint_every_n_steps=2",
@@ -257,7 +257,7 @@ def test_bad_input_fails_before_training(case, subject_dir, tmp_path):
 
 
 def test_caption_files_and_templates_feed_the_prompts(subject_dir, tmp_path):
-    from data.subject import SubjectDataError, resolve_templates, validate_subject_data
+    from dreamsteer.data.subject import SubjectDataError, resolve_templates, validate_subject_data
 
     directory = tmp_path / "captioned"
     paths = write_subject_set(directory, "cat", count=2)

@@ -5,9 +5,9 @@ import json
 
 import torch
 
-from data.samples import write_subject_set
-from train.config import compose
-from train.personalize import run
+from dreamsteer.data.samples import write_subject_set
+from dreamsteer.train.config import compose
+from dreamsteer.train.personalize import run
 
 
 def test_two_process_ddp_trains_and_exports_once(tmp_path, capfd):

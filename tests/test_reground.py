@@ -8,8 +8,8 @@ import pytest
 import torch
 from diffusers.models.attention import BasicTransformerBlock
 
-from diffusion.backbone import ModelLoadError, load_backbone, resolve_model_source
-from diffusion.gligen import (
+from dreamsteer.diffusion.backbone import ModelLoadError, load_backbone, resolve_model_source
+from dreamsteer.diffusion.gligen import (
     MAX_OBJECTS,
     LayoutError,
     NotGligenError,
@@ -20,8 +20,8 @@ from diffusion.gligen import (
     tiny_gligen_dir,
     validate_layout,
 )
-from diffusion.reground import apply_wiring, current_wiring, grounded_sample, remove_wiring, wired
-from diffusion.schedulers import make_scheduler
+from dreamsteer.diffusion.reground import apply_wiring, current_wiring, grounded_sample, remove_wiring, wired
+from dreamsteer.diffusion.schedulers import make_scheduler
 
 PROMPT = "a photo of a cat and a dog on the grass"
 PHRASES = ["a cat", "a dog"]

@@ -10,16 +10,16 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from checkpoints import AdapterLoadError, export_adapter, load_adapter
-from checkpoints.adapter_io import sha256_file
-from checkpoints.formats import CD_FILE, custom_diffusion_processors
-from data.images import ImageLoadError
-from diffusion.adapters import attach_adapter
-from diffusion.backbone import load_backbone
-from distill.guided_sampling import cfg_eps
-from lit_modules.dreamsteerer import DreamSteererModule, EDSDConfig, MaskConfig, ModeShiftConfig, OptimConfig
-from train.config import compose
-from train.steer import SteerConfig, concept_tokens, infer_class_token, run
+from dreamsteer.checkpoints import AdapterLoadError, export_adapter, load_adapter
+from dreamsteer.checkpoints.adapter_io import sha256_file
+from dreamsteer.checkpoints.formats import CD_FILE, custom_diffusion_processors
+from dreamsteer.data.images import ImageLoadError
+from dreamsteer.diffusion.adapters import attach_adapter
+from dreamsteer.diffusion.backbone import load_backbone
+from dreamsteer.distill.guided_sampling import cfg_eps
+from dreamsteer.lit_modules.dreamsteerer import DreamSteererModule, EDSDConfig, MaskConfig, ModeShiftConfig, OptimConfig
+from dreamsteer.train.config import compose
+from dreamsteer.train.steer import SteerConfig, concept_tokens, infer_class_token, run
 
 SOURCE = "a photo of a cat next to a mirror"
 PARENTS = {  # kind: (attach config, instance prompt, ref prompt)
@@ -37,7 +37,7 @@ FAST = [  # the demo's kind of settings, smaller still
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
-    from data.samples import write_sample_images
+    from dreamsteer.data.samples import write_sample_images
 
     root = tmp_path_factory.mktemp("steer")
     write_sample_images(root / "photos", ["cat"])
@@ -198,7 +198,7 @@ def test_mode_shift_images_are_regenerated_every_k_steps_and_lambda_zero_is_edsd
 
 
 def test_bad_input_fails_before_any_compute(tiny_dir, workdir, tmp_path, monkeypatch):
-    import train.steer as steer
+    import dreamsteer.train.steer as steer
 
     def no_compute(*args, **kwargs):
         raise AssertionError("steering compute started before the input was checked")

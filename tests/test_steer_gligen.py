@@ -9,17 +9,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from checkpoints import export_adapter, load_adapter
-from data.images import pil_to_tensor, resize_and_crop
-from data.samples import sample_photo, write_sample_images
-from diffusion.adapters import add_lora
-from diffusion.backbone import load_backbone
-from diffusion.gligen import NotGligenError, box_from_mask, gated_blocks
-from diffusion.reground import current_wiring, grounded_sample
-from distill.subject_mask import subject_mask
-from lit_modules.dreamsteerer import DreamSteererModule, EDSDConfig, MaskConfig, ModeShiftConfig, OptimConfig, subject_phrase
-from train.config import compose
-from train.steer import run
+from dreamsteer.checkpoints import export_adapter, load_adapter
+from dreamsteer.data.images import pil_to_tensor, resize_and_crop
+from dreamsteer.data.samples import sample_photo, write_sample_images
+from dreamsteer.diffusion.adapters import add_lora
+from dreamsteer.diffusion.backbone import load_backbone
+from dreamsteer.diffusion.gligen import NotGligenError, box_from_mask, gated_blocks
+from dreamsteer.diffusion.reground import current_wiring, grounded_sample
+from dreamsteer.distill.subject_mask import subject_mask
+from dreamsteer.lit_modules.dreamsteerer import DreamSteererModule, EDSDConfig, MaskConfig, ModeShiftConfig, OptimConfig, subject_phrase
+from dreamsteer.train.config import compose
+from dreamsteer.train.steer import run
 
 SOURCE = "a photo of a cat next to a mirror"
 REF = "a photo of a sks cat next to a mirror"
@@ -105,7 +105,7 @@ def test_box_from_mask_without_M_and_explicit_box_and_phrase(gligen_lora, mask_b
     def no_mask(*args, **kwargs):
         raise AssertionError("the subject mask must not be computed when mode_shift.box is set")
 
-    monkeypatch.setattr("lit_modules.dreamsteerer.subject_mask", no_mask)
+    monkeypatch.setattr("dreamsteer.lit_modules.dreamsteerer.subject_mask", no_mask)
     module = _module(bb, z_src, mask={**MASK, "enabled": False}, box=[0.1, 0.2, 0.6, 0.9], phrase="a sks cat")
     z = module.generate_mode_shift(0)
     assert module.ms_box == [0.1, 0.2, 0.6, 0.9]
@@ -143,7 +143,7 @@ def test_gligen_box_on_a_plain_model_fails_before_any_compute(fresh_backbone, ti
     def not_reached(*args, **kwargs):
         raise AssertionError("the adapter was loaded before the base model was checked")
 
-    monkeypatch.setattr("train.steer.load_adapter", not_reached)
+    monkeypatch.setattr("dreamsteer.train.steer.load_adapter", not_reached)
     with pytest.raises(NotGligenError, match="config key 'mode_shift.guidance'"):
         run(compose("steer", _overrides(adapter, photo, tmp_path / "run", f"model.pretrained={tiny_dir}")))
 

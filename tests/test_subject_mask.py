@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distill.subject_mask import subject_mask, token_positions
+from dreamsteer.distill.subject_mask import subject_mask, token_positions
 
 PROMPT = "a photo of a cat next to a mirror"
 

@@ -1,64 +1,7 @@
-"""`python -m train <task> key=value ...`: a thin Hydra launcher around each task's `run(cfg)`."""
-from __future__ import annotations
-
-import difflib
-import os
+"""`python -m train <task> key=value ...` from a checkout; the installed console script is `dreamsteer`."""
 import sys
 
-# transformers warns at import about optional torchvision image processors we never use.
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-# Idle OpenMP threads spin by default, which stalls other processes (DDP ranks) sharing the cores.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-from train.tasks import TASKS  # noqa: E402
-
-USAGE = "usage: python -m train <task> [key=value ...]   (python -m train <task> --help shows a task's config)"
-
-
-def _print_help() -> None:
-    print(USAGE)
-    print("\ntasks:")
-    width = max(len(name) for name in TASKS)
-    for name, (_, description) in TASKS.items():
-        print(f"  {name:<{width}}  {description}")
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help", "help"):
-        _print_help()
-        return 0
-    task, overrides = argv[0], argv[1:]
-    if task not in TASKS:
-        close = difflib.get_close_matches(task, TASKS, n=1)
-        hint = f" Did you mean '{close[0]}'?" if close else ""
-        print(f"error: unknown task '{task}'.{hint} Tasks: {', '.join(TASKS)}", file=sys.stderr)
-        return 2
-
-    import hydra
-
-    from train.config import CONF_DIR
-    from train.tasks import task_function
-
-    run = task_function(task)
-
-    def hydra_entry(cfg) -> None:
-        # Hydra has parsed the overrides; put the task name back so Lightning's DDP re-launch of
-        # ranks > 0 (`python -m train.__main__ <sys.argv[1:]>`) runs the same task.
-        sys.argv = [argv0, task, *sys.argv[1:]]
-        try:
-            run(cfg)
-        except (ValueError, FileNotFoundError) as err:  # user-input errors: a short message, no traceback
-            if os.environ.get("DREAMSTEER_DEBUG"):
-                raise
-            print(f"error: {err}", file=sys.stderr)
-            sys.exit(2)
-
-    argv0 = f"python -m train {task}"  # shown as the program name in Hydra's --help
-    sys.argv = [argv0, *overrides]
-    hydra.main(config_path=str(CONF_DIR), config_name=task, version_base="1.3")(hydra_entry)()
-    return 0
-
+from dreamsteer.train.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

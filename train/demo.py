@@ -16,10 +16,10 @@ import numpy as np
 from omegaconf import DictConfig
 from PIL import Image, ImageDraw
 
-from data.images import save_image_atomic
-from data.samples import SAMPLE_PHOTOS, write_sample_images, write_subject_set
-from train.config import LoggerConfig, ModelConfig, check_choice, check_common, compose, output_dir, validate
-from train.logs import summary_writer
+from dreamsteer.data.images import save_image_atomic
+from dreamsteer.data.samples import SAMPLE_PHOTOS, write_sample_images, write_subject_set
+from dreamsteer.train.config import LoggerConfig, ModelConfig, check_choice, check_common, compose, output_dir, validate
+from dreamsteer.train.logs import summary_writer
 
 
 @dataclass
@@ -76,7 +76,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     write_subject_set(subject_dir, cfg.subject_photo, cfg.subject_images)
     source = write_sample_images(out / "data", [cfg.source_photo])[0]
 
-    from train import edit, personalize, steer
+    from dreamsteer.train import edit, personalize, steer
 
     adapter = _stage("personalize (LoRA)", lambda: personalize.run(compose("personalize", [
         *model, *logger, "method=lora",
@@ -97,8 +97,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             f"seed={cfg.seed}", _arg("output_dir", out / f"3_edit_{label}"), *cfg.edit_overrides])), timings)
 
     if cfg.evaluate:
-        from metrics.clip import build_tiny_clip
-        from train import evaluate
+        from dreamsteer.metrics.clip import build_tiny_clip
+        from dreamsteer.train import evaluate
 
         clip_dir = build_tiny_clip(out / "data" / "tiny_clip", seed=cfg.seed)
         _stage("evaluate", lambda: evaluate.run(compose("evaluate", [

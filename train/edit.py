@@ -21,10 +21,10 @@ from typing import Any, List, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from data.manifest import EditJob, ManifestError, check_mask_size, parse_job, read_manifest
-from distill.config import METHODS, SCHEMAS, EditorConfig, method_defaults
-from distill.editor import EditorConfigError, check_editor
-from train.config import ConfigError, LoggerConfig, ModelConfig, TrainerConfig, check_common, output_dir, resolve_device, validate
+from dreamsteer.data.manifest import EditJob, ManifestError, check_mask_size, parse_job, read_manifest
+from dreamsteer.distill.config import METHODS, SCHEMAS, EditorConfig, method_defaults
+from dreamsteer.distill.editor import EditorConfigError, check_editor
+from dreamsteer.train.config import ConfigError, LoggerConfig, ModelConfig, TrainerConfig, check_common, output_dir, resolve_device, validate
 
 
 @dataclass
@@ -100,8 +100,8 @@ class AdapterChecker:
 
     def fingerprint(self) -> dict[str, Any]:
         if self._fingerprint is None:
-            from diffusion.adapters import model_fingerprint
-            from diffusion.backbone import load_backbone
+            from dreamsteer.diffusion.adapters import model_fingerprint
+            from dreamsteer.diffusion.backbone import load_backbone
 
             m = self.model
             self._fingerprint = model_fingerprint(load_backbone(m.pretrained, m.dtype, "cpu", m.cache_dir, m.single_file_config))
@@ -113,8 +113,8 @@ class AdapterChecker:
                             "give an exported adapter folder")
         if job.adapter is None or job.adapter in self._checked:
             return
-        from checkpoints import read_manifest
-        from diffusion.adapters import fingerprints_match
+        from dreamsteer.checkpoints import read_manifest
+        from dreamsteer.diffusion.adapters import fingerprints_match
 
         try:
             manifest = read_manifest(job.adapter)
@@ -147,7 +147,7 @@ def _model_dict(cfg: DictConfig) -> dict[str, Any]:
 
 
 def run_single(cfg: DictConfig, cli_editor: dict[str, Any]) -> dict[str, Any]:
-    from lit_modules.edit import EditRunner, write_job_outputs
+    from dreamsteer.lit_modules.edit import EditRunner, write_job_outputs
 
     for key in ("image", "target_prompt"):
         if not cfg.get(key):
@@ -168,14 +168,14 @@ def run_single(cfg: DictConfig, cli_editor: dict[str, Any]) -> dict[str, Any]:
 
 
 def _log_tensorboard(cfg: DictConfig, out: Path, outcome) -> None:
-    from train.logs import summary_writer
+    from dreamsteer.train.logs import summary_writer
 
     writer = summary_writer(cfg, out)
     if writer is None:
         return
     import numpy as np
 
-    from data.images import tensor_to_pil
+    from dreamsteer.data.images import tensor_to_pil
 
     for i, step in enumerate(outcome.result.trace["steps"]):
         writer.add_scalar("edit/raw_std", step["raw_std"], i)
@@ -215,7 +215,7 @@ def run_jobs(cfg: DictConfig, cli_editor: dict[str, Any]) -> dict[str, Any]:
     import lightning
     from torch.utils.data import DataLoader
 
-    from lit_modules.edit import (EditJobWriter, EditPredictModule, JobDataset, collate_one, is_finished, merge_failures,
+    from dreamsteer.lit_modules.edit import (EditJobWriter, EditPredictModule, JobDataset, collate_one, is_finished, merge_failures,
                                   remove_partial_writes)
 
     if _launched_externally() and not cfg.output_dir:

@@ -10,8 +10,8 @@ from typing import Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from train.config import ConfigError, LoggerConfig, check_common, output_dir, resolve_device, validate
-from train.logs import summary_writer
+from dreamsteer.train.config import ConfigError, LoggerConfig, check_common, output_dir, resolve_device, validate
+from dreamsteer.train.logs import summary_writer
 
 
 @dataclass
@@ -67,7 +67,7 @@ def _check(cfg: DictConfig) -> list[str]:
 
 
 def _print_summary(results: dict) -> None:
-    from metrics.evaluator import AREAS, METRICS
+    from dreamsteer.metrics.evaluator import AREAS, METRICS
 
     for run in results["runs"]:
         print(f"[{run['label']}] {run['num_jobs']} jobs, {run['num_failed']} failed")
@@ -83,10 +83,10 @@ def _print_summary(results: dict) -> None:
 
 def run(cfg: DictConfig) -> dict:
     """Evaluate the run folder(s), write `metrics.json` (and `report.html`), return the results dict."""
-    from data.images import list_images
-    from metrics.evaluator import EvalSettings, JobEvaluator, compare_runs, evaluate_run, json_safe, load_models
-    from metrics.report import write_report, write_text_atomic
-    from metrics.runs import load_run
+    from dreamsteer.data.images import list_images
+    from dreamsteer.metrics.evaluator import EvalSettings, JobEvaluator, compare_runs, evaluate_run, json_safe, load_models
+    from dreamsteer.metrics.report import write_report, write_text_atomic
+    from dreamsteer.metrics.runs import load_run
 
     cfg = validate(cfg, EvaluateConfig)
     check_common(cfg)

@@ -11,8 +11,8 @@ from typing import Optional
 
 from omegaconf import DictConfig
 
-from checkpoints.lightning import read_trimmed_checkpoint
-from train.config import ConfigError, output_dir, validate
+from dreamsteer.checkpoints.lightning import read_trimmed_checkpoint
+from dreamsteer.train.config import ConfigError, output_dir, validate
 
 
 @dataclass
@@ -25,7 +25,7 @@ class ExportTaskConfig:
 
 
 def run(cfg: DictConfig) -> Path:
-    from lit_modules.personalize import MODULES
+    from dreamsteer.lit_modules.personalize import MODULES
 
     cfg = validate(cfg, ExportTaskConfig)
     if cfg.ckpt in (None, "", "???"):

@@ -15,13 +15,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image, ImageDraw, ImageFont
 
-from data.files import write_json_atomic
-from data.images import save_image_atomic, tensor_to_pil
-from diffusion.backbone import load_backbone
-from diffusion.gligen import require_gligen, validate_layout
-from diffusion.reground import grounded_sample, grounding_steps
-from diffusion.schedulers import SCHEDULERS
-from train.config import (
+from dreamsteer.data.files import write_json_atomic
+from dreamsteer.data.images import save_image_atomic, tensor_to_pil
+from dreamsteer.diffusion.backbone import load_backbone
+from dreamsteer.diffusion.gligen import require_gligen, validate_layout
+from dreamsteer.diffusion.reground import grounded_sample, grounding_steps
+from dreamsteer.diffusion.schedulers import SCHEDULERS
+from dreamsteer.train.config import (
     ConfigError,
     LoggerConfig,
     ModelConfig,
@@ -31,7 +31,7 @@ from train.config import (
     resolve_device,
     validate,
 )
-from train.logs import summary_writer
+from dreamsteer.train.logs import summary_writer
 
 WIRING_CHOICES = ("sequential", "parallel", "both")
 # Distinct box colours (cycled), readable on most backgrounds.

@@ -11,9 +11,9 @@ from typing import Any, List, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from data.subject import SubjectDataConfig, SubjectDataModule, check_resolution, validate_subject_data
-from train.config import ConfigError, LoggerConfig, ModelConfig, TrainerConfig, check_choice, check_common, output_dir, validate
-from train.logs import lightning_logger
+from dreamsteer.data.subject import SubjectDataConfig, SubjectDataModule, check_resolution, validate_subject_data
+from dreamsteer.train.config import ConfigError, LoggerConfig, ModelConfig, TrainerConfig, check_choice, check_common, output_dir, validate
+from dreamsteer.train.logs import lightning_logger
 
 METHODS = ("dreambooth", "lora", "textual_inversion", "custom_diffusion")
 PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed")
@@ -191,7 +191,7 @@ def build_trainer(cfg: DictConfig, out: Path, callbacks: Sequence[Any] = ()):
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from checkpoints.lightning import AtomicFileCheckpointIO
+    from dreamsteer.checkpoints.lightning import AtomicFileCheckpointIO
 
     t = cfg.trainer
     checkpoint = ModelCheckpoint(
@@ -226,8 +226,8 @@ def build_trainer(cfg: DictConfig, out: Path, callbacks: Sequence[Any] = ()):
 # ----------------------------------------------------------------------------- task
 def run(cfg: DictConfig, callbacks: Sequence[Any] = ()) -> Path:
     """Validate everything, train, export on rank 0; return the export folder. `callbacks` are extra Lightning callbacks."""
-    from diffusion.backbone import load_backbone
-    from lit_modules.personalize import MODULES
+    from dreamsteer.diffusion.backbone import load_backbone
+    from dreamsteer.lit_modules.personalize import MODULES
 
     cfg = validate_config(cfg)
     out = output_dir(cfg)

@@ -8,11 +8,11 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from data.images import save_image_atomic
-from diffusion.backbone import load_backbone
-from diffusion.schedulers import SCHEDULERS, make_scheduler
-from train.config import LoggerConfig, ModelConfig, check_choice, check_common, output_dir, resolve_device, validate
-from train.logs import summary_writer
+from dreamsteer.data.images import save_image_atomic
+from dreamsteer.diffusion.backbone import load_backbone
+from dreamsteer.diffusion.schedulers import SCHEDULERS, make_scheduler
+from dreamsteer.train.config import LoggerConfig, ModelConfig, check_choice, check_common, output_dir, resolve_device, validate
+from dreamsteer.train.logs import summary_writer
 
 
 @dataclass
@@ -40,7 +40,7 @@ def run(cfg: DictConfig) -> list[Path]:
 
     backbone = load_backbone(cfg.model.pretrained, cfg.model.dtype, resolve_device(cfg.model.device), cfg.model.cache_dir, cfg.model.single_file_config)
     if cfg.adapter:
-        from checkpoints import load_adapter
+        from dreamsteer.checkpoints import load_adapter
 
         manifest = load_adapter(backbone, cfg.adapter)
         print(f"loaded {manifest['method']} adapter from {cfg.adapter} (tokens: {manifest.get('tokens') or '-'})")

@@ -23,10 +23,10 @@ from typing import Any, Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from checkpoints import AdapterLoadError, export_adapter, load_adapter
-from checkpoints.adapter_io import read_manifest, sha256_file, write_json_atomic
-from data.images import load_image, pil_to_tensor, resize_and_crop, save_image_atomic, tensor_to_pil
-from lit_modules.dreamsteerer import (
+from dreamsteer.checkpoints import AdapterLoadError, export_adapter, load_adapter
+from dreamsteer.checkpoints.adapter_io import read_manifest, sha256_file, write_json_atomic
+from dreamsteer.data.images import load_image, pil_to_tensor, resize_and_crop, save_image_atomic, tensor_to_pil
+from dreamsteer.lit_modules.dreamsteerer import (
     GLIGEN_BOX,
     DreamSteererModule,
     EDSDConfig,
@@ -37,8 +37,8 @@ from lit_modules.dreamsteerer import (
     check_settings,
     subject_phrase,
 )
-from train.config import ConfigError, LoggerConfig, ModelConfig, TrainerConfig, check_common, output_dir, resolve_device, validate
-from train.logs import lightning_logger
+from dreamsteer.train.config import ConfigError, LoggerConfig, ModelConfig, TrainerConfig, check_common, output_dir, resolve_device, validate
+from dreamsteer.train.logs import lightning_logger
 
 PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed")
 
@@ -183,8 +183,8 @@ class Prepared:
 
 def prepare(cfg: DictConfig) -> Prepared:
     """Check every input, then load the base model, attach the adapter and encode the source photo."""
-    from diffusion.backbone import load_backbone
-    from distill.subject_mask import token_positions
+    from dreamsteer.diffusion.backbone import load_backbone
+    from dreamsteer.distill.subject_mask import token_positions
 
     started = time.perf_counter()
     cfg = validate(cfg, SteerConfig)

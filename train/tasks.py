@@ -6,14 +6,14 @@ from typing import Any, Callable
 
 # task name -> (module under train/, one-line description shown by `python -m train --help`)
 TASKS: dict[str, tuple[str, str]] = {
-    "demo": ("train.demo", "the whole flow on the tiny model and a bundled photo"),
-    "sample": ("train.sample", "text-to-image samples from any model (and adapter)"),
-    "personalize": ("train.personalize", "DreamBooth / LoRA / Textual Inversion / Custom Diffusion on a few photos, exported"),
-    "export": ("train.export", "export an adapter folder (diffusers / A1111 formats) from a personalize checkpoint"),
-    "edit": ("train.edit", "score-distillation editing (SDS/DDS/DDS-S/DDS-SM/CDS/SBP/PDS/LUSD/Ground-A-Score): one image or a jobs manifest on N GPUs"),
-    "steer": ("train.steer", "DreamSteerer: steer a personalized adapter toward one source photo, export it"),
-    "generate": ("train.generate", "layout-grounded images (GLIGEN boxes), sequential or ReGround's parallel wiring"),
-    "evaluate": ("train.evaluate", "metrics (CLIP-T/R/AUC, L1*, CLIP-I*, LPIPS, SSIM, MS-SSIM, masked CLIP) + HTML report of edit runs"),
+    "demo": ("dreamsteer.train.demo", "the whole flow on the tiny model and a bundled photo"),
+    "sample": ("dreamsteer.train.sample", "text-to-image samples from any model (and adapter)"),
+    "personalize": ("dreamsteer.train.personalize", "DreamBooth / LoRA / Textual Inversion / Custom Diffusion on a few photos, exported"),
+    "export": ("dreamsteer.train.export", "export an adapter folder (diffusers / A1111 formats) from a personalize checkpoint"),
+    "edit": ("dreamsteer.train.edit", "score-distillation editing (SDS/DDS/DDS-S/DDS-SM/CDS/SBP/PDS/LUSD/Ground-A-Score): one image or a jobs manifest on N GPUs"),
+    "steer": ("dreamsteer.train.steer", "DreamSteerer: steer a personalized adapter toward one source photo, export it"),
+    "generate": ("dreamsteer.train.generate", "layout-grounded images (GLIGEN boxes), sequential or ReGround's parallel wiring"),
+    "evaluate": ("dreamsteer.train.evaluate", "metrics (CLIP-T/R/AUC, L1*, CLIP-I*, LPIPS, SSIM, MS-SSIM, masked CLIP) + HTML report of edit runs"),
 }
 
 
