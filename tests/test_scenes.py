@@ -1,0 +1,109 @@
+"""The toy world's scene renderer: determinism, truth consistent with pixels, captions in the grammar."""
+import itertools
+
+import numpy as np
+import pytest
+
+from dreamsteer.data.scenes import (
+    BACKGROUND_COLORS,
+    OBJECT_COLORS,
+    SHAPES,
+    SUBJECT,
+    SceneDataset,
+    SceneObject,
+    collate_scenes,
+    make_caption,
+    parse_caption,
+    random_scene,
+    render,
+    subject_scene,
+    write_subject_photos,
+)
+
+
+def test_same_seed_same_scene_and_different_seeds_differ():
+    a, b, c = random_scene(7), random_scene(7), random_scene(8)
+    assert np.array_equal(np.asarray(a.image), np.asarray(b.image)) and a.caption == b.caption
+    assert not np.array_equal(np.asarray(a.image), np.asarray(c.image))
+    dataset = SceneDataset(4, seed=3)
+    assert dataset[2]["caption"] == SceneDataset(4, seed=3)[2]["caption"] == random_scene((3, 2)).caption
+
+
+def test_colors_are_far_apart():
+    colors = {**OBJECT_COLORS, **BACKGROUND_COLORS}
+    assert not set(OBJECT_COLORS) & set(BACKGROUND_COLORS)
+    for a, b in itertools.combinations(colors, 2):
+        assert np.linalg.norm(np.subtract(colors[a], colors[b])) >= 115, (a, b)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_masks_boxes_and_colors_match_the_pixels(seed):
+    scene = random_scene(seed, 1, 3)
+    pixels = np.asarray(scene.image).astype(int)
+    background = np.array(BACKGROUND_COLORS[scene.background])
+    union = scene.masks.any(0)
+    assert not (scene.masks.sum(0) > 1).any()  # objects never overlap
+    # outside every mask and away from edges, the image is the background color exactly (+-1 rounding)
+    far = ~union
+    for dy, dx in itertools.product(range(-2, 3), repeat=2):
+        far &= ~np.roll(np.roll(union, dy, 0), dx, 1)
+    assert np.abs(pixels[far] - background).max() <= 1
+    for obj, mask, box in zip(scene.objects, scene.masks, scene.boxes):
+        x0, y0, x1, y1 = box
+        ys, xs = np.nonzero(mask)
+        assert (x0, y0, x1, y1) == (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+        # the box sits where the object was placed: its center within 2 px of the shape's center
+        cx, cy = obj.center[0] * 64, obj.center[1] * 64
+        assert abs((x0 + x1) / 2 - cx) <= 2 and abs((y0 + y1) / 2 - cy) <= 2
+        # the mask's interior pixels are the object's color; the median over the mask is too
+        assert np.abs(np.median(pixels[mask], 0) - OBJECT_COLORS[obj.color]).max() <= 1
+
+
+def test_shapes_have_their_expected_fill_of_the_box():
+    # independent check of the geometry: area / box area for each shape drawn big
+    expected = {"circle": np.pi / 4, "square": 1.0, "triangle": 0.5, "star": 0.4}
+    for shape in SHAPES:
+        scene = render("white", [SceneObject(shape, "red", (0.5, 0.5), 0.4)])
+        x0, y0, x1, y1 = scene.boxes[0]
+        fill = scene.masks[0].sum() / ((x1 - x0) * (y1 - y0))
+        assert abs(fill - expected[shape]) < 0.06, (shape, fill)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_caption_matches_truth(seed):
+    scene = random_scene(seed, 1, 3)
+    background, objects = parse_caption(scene.caption)
+    assert background == scene.background
+    assert objects == [(o.color, o.shape) for o in scene.objects]
+
+
+def test_caption_grammar_and_parse_errors():
+    objs = [SceneObject("circle", "red", (0.3, 0.3), 0.1), SceneObject("square", "blue", (0.7, 0.7), 0.1)]
+    assert make_caption("white", objs) == "a red circle and a blue square on a white background"
+    three = objs + [SceneObject("star", "green", (0.3, 0.8), 0.1)]
+    assert make_caption("black", three) == "a red circle, a blue square and a green star on a black background"
+    with pytest.raises(ValueError, match="background"):
+        parse_caption("a red circle on a mauve background")
+    with pytest.raises(ValueError, match="a <color> <shape>"):
+        parse_caption("a red hexagon on a white background")
+
+
+def test_subject_scene_and_photos(tmp_path):
+    scene = subject_scene(0)
+    assert scene.caption.startswith(f"a {SUBJECT.token} {SUBJECT.class_word} on a ")
+    obj, mask = scene.objects[0], scene.masks[0]
+    pixels = np.asarray(scene.image).astype(int)
+    cx, cy = int(obj.center[0] * 64), int(obj.center[1] * 64)
+    assert np.abs(pixels[cy, cx] - OBJECT_COLORS[SUBJECT.inner_color]).max() <= 1  # the center is the inner color
+    x0, y0, x1, y1 = scene.boxes[0]
+    assert np.abs(pixels[(y0 + y1) // 2, x0 + 1] - OBJECT_COLORS[SUBJECT.color]).max() <= 1  # the rim the outer color
+    paths = write_subject_photos(tmp_path, count=3, seed=1, token="<sks>")
+    assert [p.name for p in paths] == ["subject_00.png", "subject_01.png", "subject_02.png"]
+    assert paths[0].with_suffix(".txt").read_text().startswith("a <sks> circle on a ")
+
+
+def test_collate_keeps_ragged_truth():
+    batch = collate_scenes([SceneDataset(3, seed=0, min_objects=1, max_objects=3)[i] for i in range(3)])
+    assert batch["pixel_values"].shape == (3, 3, 64, 64)
+    assert batch["pixel_values"].min() >= -1 and batch["pixel_values"].max() <= 1
+    assert all(len(p) == len(b) for p, b in zip(batch["phrases"], batch["boxes"]))
