@@ -70,7 +70,7 @@ class ModeShiftConfig:
     places: list = field(default_factory=lambda: ["up"])  # self-attention layers of the energy
     divisors: list = field(default_factory=lambda: [2, 4])
     feature_prompt: str = "ref"  # prompt of the source branch of the energy: ref | src
-    log_unguided: bool = True  # also sample unguided images from the same noise, for TensorBoard
+    log_unguided: bool = False  # also sample unguided images from the same noise (a full extra sampling run), for TensorBoard
     # guidance=gligen_box only (a GLIGEN base model): grounded sampling, diffusion.reground.grounded_sample
     phrase: Optional[str] = None  # the grounded phrase; None: the subject's words of ref_prompt ("a sks cat")
     box: Optional[list] = None  # [x0, y0, x1, y1] fractions of the source photo; None: box of the subject mask
@@ -84,14 +84,14 @@ class MaskConfig:
     timesteps: list = field(default_factory=lambda: [100, 300, 500])
     divisors: list = field(default_factory=lambda: [2, 4])
     threshold: float = 0.5
-    dilation: int = 1  # latent pixels
+    dilation: int = 0  # latent pixels (the editor's dds_sm default: steering and editing mask the same region)
     pretrained: bool = True  # compute it with the adapter disabled
 
 
 @dataclass
 class OptimConfig:
-    # learning rates per baseline (the personalization defaults of diffusers' examples)
-    lr: dict = field(default_factory=lambda: {"lora": 1e-4, "textual_inversion": 5e-3, "custom_diffusion": 1e-5, "dreambooth": 5e-6})
+    # learning rates per baseline: personalize's defaults (conf/method/<kind>.yaml)
+    lr: dict = field(default_factory=lambda: {"lora": 1e-4, "textual_inversion": 5e-4, "custom_diffusion": 1e-5, "dreambooth": 5e-6})
     weight_decay: float = 0.0
     betas: list = field(default_factory=lambda: [0.9, 0.999])
     max_grad_norm: Optional[float] = 1.0
@@ -227,12 +227,14 @@ class DreamSteererModule(L.LightningModule):
         self.text_encoder = backbone.text_encoder
         self.register_buffer("z_src", z_src.detach().to(backbone.device, backbone.dtype), persistent=False)
         self.source_prompt = source_prompt
-        expand = getattr(backbone.adapter, "expand_prompt", lambda p: p)
-        self.ref_prompt = expand(ref_prompt)
+        # as written: `Backbone.tokenize` expands multi-vector TI placeholders itself ("<sks>" -> "<sks> <sks>_1 ...")
+        self.ref_prompt = ref_prompt
         self.class_token = class_token
-        # gligen_box: the grounded phrase (placeholders expanded like the prompt) and the box, found once
+        # gligen_box: the grounded phrase and the box, found once; GLIGEN's phrase encoder calls the tokenizer
+        # directly, so the phrase is expanded here
         self.phrase: str | None = None
         if mode_shift.guidance == GLIGEN_BOX:
+            expand = getattr(backbone.adapter, "expand_prompt", lambda p: p)
             self.phrase = expand(mode_shift.phrase or subject_phrase(source_prompt, ref_prompt, class_token))
         self.ms_box: list[float] | None = None
         self.edsd_cfg, self.ms_cfg, self.mask_cfg, self.optim_cfg = edsd, mode_shift, mask, optim

@@ -21,6 +21,7 @@ def test_demo_runs_every_stage(tmp_path):
     baseline = json.loads((result["adapter"] / "adapter.json").read_text())
     assert baseline["method"] == steered["method"] == "lora"
     assert "steering" in steered and "steering" not in baseline
+    assert (tmp_path / "2_steer" / "mode_shift_unguided.png").is_file()  # the demo shows guided vs unguided
     for label in ("baseline", "steered"):
         record = json.loads((tmp_path / f"3_edit_{label}" / "photo.json").read_text())
         assert record["method"] == "dds_sm"

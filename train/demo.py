@@ -87,7 +87,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     steered = _stage("steer (DreamSteerer)", lambda: steer.run(compose("steer", [
         *model, *logger, _arg("adapter", adapter), _arg("image", source),
         _arg("source_prompt", cfg.source_prompt), _arg("ref_prompt", cfg.ref_prompt),
-        f"steps={cfg.steer_steps}", f"seed={cfg.seed}", _arg("output_dir", out / "2_steer"), *cfg.steer_overrides])), timings)
+        f"steps={cfg.steer_steps}", f"seed={cfg.seed}", _arg("output_dir", out / "2_steer"),
+        "mode_shift.log_unguided=true", *cfg.steer_overrides])), timings)  # the demo shows guided vs unguided
 
     edits = {}
     for label, adapter_dir in (("baseline", adapter), ("steered", steered)):
