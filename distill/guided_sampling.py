@@ -15,6 +15,13 @@ with ``w_t = weight`` (``normalize="none"``) or ``w_t = weight * sqrt(1 - a_t) /
 (``normalize="rms"``, per sample: the step is a fixed fraction of the noise level whatever the model's
 feature scale), then takes an ordinary classifier-free-guided DDIM step.
 
+Every move lowers the energy it targets (backtracking): a sample's move ``x_t - s w_t grad E`` is taken
+with the largest ``s`` in ``1, 1/2, 1/4, ...`` (at most ``backtracks`` halvings) for which
+``E(x_t - s w_t grad E) < E(x_t)`` (same ``t``, same ``x_t_src``); a sample whose energy falls for none
+of them does not move. Near ``t = T`` the sample and the noised source share almost all their noise,
+``E`` is near its minimum, and a fixed-size normalized step would raise it (at the defaults 0.45 -> 32 on
+the first move); there the rule shrinks or skips the move. Each trial costs one UNet call without gradient.
+
 Guidance modes are a registry (`GUIDANCE_MODES`): ``"features"`` is the above, ``"none"`` plain DDIM.
 Another mode (e.g. GLIGEN boxes) registers a builder returning a `Guidance`; its `unet_kwargs` are passed
 to every denoising UNet call.
@@ -80,6 +87,17 @@ def feature_energy(backbone, x_t: torch.Tensor, x_t_src: torch.Tensor, t: torch.
 
 
 @dataclass
+class Move:
+    """One guidance move of a batch: per-sample ``E`` before and after it, and the step fraction ``s``
+    taken (0: the sample did not move)."""
+
+    step: int
+    before: torch.Tensor
+    after: torch.Tensor
+    scale: torch.Tensor
+
+
+@dataclass
 class FeatureGuidance:
     """Energy guidance toward the source's self-attention features (see the module docstring)."""
 
@@ -93,17 +111,19 @@ class FeatureGuidance:
     end: float = 0.5
     normalize: str = "rms"
     iters: int = 1
+    backtracks: int = 8  # halvings of a move that does not lower E before the sample stays put
     source_emb: torch.Tensor | None = None  # the source branch's prompt (default: `emb`)
     unet_kwargs: dict[str, Any] = field(default_factory=dict)
-    energies: list[tuple[int, float]] = field(default_factory=list)  # (step, mean E before the move)
+    moves: list[Move] = field(default_factory=list)  # every guidance move, for logging and tests
 
     def __post_init__(self) -> None:
         if self.normalize not in NORMALIZATIONS:
             raise ValueError(f"feature guidance normalize {self.normalize!r}: expected one of {NORMALIZATIONS}")
         if not 0.0 <= self.start <= self.end <= 1.0:
             raise ValueError(f"feature guidance window [{self.start}, {self.end}): expected 0 <= start <= end <= 1")
-        if self.weight < 0 or self.iters < 1:
-            raise ValueError(f"feature guidance weight {self.weight} / iters {self.iters}: expected weight >= 0, iters >= 1")
+        if self.weight < 0 or self.iters < 1 or self.backtracks < 0:
+            raise ValueError(f"feature guidance weight {self.weight} / iters {self.iters} / backtracks {self.backtracks}: "
+                             "expected weight >= 0, iters >= 1, backtracks >= 0")
 
     def active(self, step: int, num_steps: int) -> bool:
         return self.weight > 0 and self.start <= step / num_steps < self.end
@@ -112,28 +132,58 @@ class FeatureGuidance:
         a = self.backbone.alphas_cumprod[t.long().reshape(-1)[:1]].reshape(1, 1, 1, 1).to(self.noise.dtype)
         return a.sqrt() * self.z_src + (1 - a).sqrt() * self.noise
 
+    def energy(self, x_t: torch.Tensor, x_t_src: torch.Tensor, t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """``E`` of the samples `rows` (`x_t` holds those rows only) against their own noised source."""
+        def pick(emb: torch.Tensor | None) -> torch.Tensor | None:
+            return emb if emb is None or emb.shape[0] == 1 else emb[rows]
+
+        return feature_energy(self.backbone, x_t, x_t_src[rows], t, pick(self.emb), self.layers, pick(self.source_emb))
+
     def guide(self, x_t: torch.Tensor, t: torch.Tensor, step: int, num_steps: int) -> torch.Tensor:
         if not self.active(step, num_steps):
             return x_t
-        x_t_src = self.source_at(t)
+        x_t_src = self.source_at(t).to(x_t.dtype)
         sigma = (1 - self.backbone.alphas_cumprod[t.long().reshape(-1)[:1]]).sqrt().to(x_t.dtype)
+        every = torch.arange(x_t.shape[0], device=x_t.device)
         for _ in range(self.iters):
             x = x_t.detach().requires_grad_(True)
             with torch.enable_grad():
-                energy = feature_energy(self.backbone, x, x_t_src, t, self.emb, self.layers, self.source_emb)
+                energy = self.energy(x, x_t_src, t, every)
                 (grad,) = torch.autograd.grad(energy.sum(), [x])
-            self.energies.append((step, float(energy.detach().mean())))
             if self.normalize == "rms":
                 rms = grad.pow(2).flatten(1).mean(dim=1).sqrt().clamp_min(1e-12).reshape(-1, 1, 1, 1)
-                x_t = x_t.detach() - self.weight * sigma * grad / rms
+                direction = self.weight * sigma * grad / rms
             else:
-                x_t = x_t.detach() - self.weight * grad
+                direction = self.weight * grad
+            x_t, move = self.backtrack(x_t.detach(), direction, energy.detach(), x_t_src, t)
+            self.moves.append(Move(step, *move))
         return x_t
+
+    @torch.no_grad()
+    def backtrack(self, x_t: torch.Tensor, direction: torch.Tensor, energy: torch.Tensor, x_t_src: torch.Tensor,
+                  t: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """``x_t - s direction`` per sample with the largest ``s`` in ``1, 1/2, ...`` (``backtracks`` halvings)
+        that lowers ``E``, else ``s = 0``. Returns the moved ``x_t`` and ``(E before, E after, s)``."""
+        scale = torch.zeros_like(energy)
+        after = energy.clone()
+        pending = torch.ones_like(energy, dtype=torch.bool)
+        trial = 1.0
+        for _ in range(self.backtracks + 1):
+            rows = pending.nonzero().flatten()
+            moved = self.energy(x_t[rows] - trial * direction[rows], x_t_src, t, rows)
+            lower = moved < energy[rows]
+            scale[rows[lower]] = trial
+            after[rows[lower]] = moved[lower]
+            pending[rows[lower]] = False
+            if not pending.any():
+                break
+            trial /= 2
+        return x_t - scale.reshape(-1, 1, 1, 1).to(x_t.dtype) * direction, (energy, after, scale)
 
 
 def build_feature_guidance(backbone, z_src: torch.Tensor, noise: torch.Tensor, emb: torch.Tensor, options: dict[str, Any]) -> FeatureGuidance:
-    """`FeatureGuidance` from a plain dict of options (keys: weight, start, end, normalize, iters, places,
-    divisors, source_emb)."""
+    """`FeatureGuidance` from a plain dict of options (keys: weight, start, end, normalize, iters, backtracks,
+    places, divisors, source_emb)."""
     options = dict(options)
     layers = feature_layers(backbone.unet, options.pop("places", ("up",)), options.pop("divisors", (2, 4)))
     return FeatureGuidance(backbone, z_src, noise, emb, layers, **options)

@@ -67,6 +67,7 @@ class ModeShiftConfig:
     end: float = 0.5
     normalize: str = "rms"  # rms | none
     iters: int = 1  # guidance moves per guided step
+    backtracks: int = 8  # halvings of a move that would not lower the energy before the sample stays put
     places: list = field(default_factory=lambda: ["up"])  # self-attention layers of the energy
     divisors: list = field(default_factory=lambda: [2, 4])
     feature_prompt: str = "ref"  # prompt of the source branch of the energy: ref | src
@@ -127,8 +128,8 @@ def check_settings(edsd: EDSDConfig, ms: ModeShiftConfig, mask: MaskConfig, num_
         raise ValueError(f"config key 'mode_shift.normalize': {ms.normalize!r} is not one of {list(NORMALIZATIONS)}")
     if ms.feature_prompt not in ("ref", "src"):
         raise ValueError(f"config key 'mode_shift.feature_prompt': {ms.feature_prompt!r} is not one of ['ref', 'src']")
-    if ms.lambda_ms < 0 or ms.n_ms < 0 or ms.batch_size < 0 or ms.regenerate_every < 0:
-        raise ValueError("config keys 'mode_shift.lambda_ms', 'n_ms', 'batch_size', 'regenerate_every' must be >= 0")
+    if ms.lambda_ms < 0 or ms.n_ms < 0 or ms.batch_size < 0 or ms.regenerate_every < 0 or ms.backtracks < 0:
+        raise ValueError("config keys 'mode_shift.lambda_ms', 'n_ms', 'batch_size', 'regenerate_every', 'backtracks' must be >= 0")
     if ms.lambda_ms > 0 and ms.n_ms < 1:
         raise ValueError("config key 'mode_shift.n_ms': must be >= 1 when mode_shift.lambda_ms > 0")
     if ms.sampling_steps < 1:
@@ -311,7 +312,7 @@ class DreamSteererModule(L.LightningModule):
                 with self.bb.adapter_disabled():
                     source_emb = self.bb.encode_prompt([self.source_prompt])
             options = {"weight": ms.weight, "start": ms.start, "end": ms.end, "normalize": ms.normalize, "iters": ms.iters,
-                       "places": tuple(ms.places), "divisors": tuple(ms.divisors), "source_emb": source_emb}
+                       "backtracks": ms.backtracks, "places": tuple(ms.places), "divisors": tuple(ms.divisors), "source_emb": source_emb}
             guidance = make_guidance(ms.guidance, self.bb, self.z_src, noise, cond, options)
         return ddim_sample(self.bb, noise, cond, null, ms.sampling_steps, ms.guidance_scale, guidance, progress=self.progress)
 

@@ -42,7 +42,37 @@ def test_guided_sampling_ends_with_lower_feature_energy_than_unguided(setup):
     e_unguided = _final_energy(bb, unguided, z_src, noise, cond, layers)
     assert (e_guided < e_unguided).all(), (e_guided, e_unguided)
     # guidance acted only inside its window: the first half of the steps
-    assert sorted({step for step, _ in guidance.energies}) == [0, 1, 2, 3]
+    assert sorted({move.step for move in guidance.moves}) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("normalize", ["rms", "none"])
+def test_every_guidance_move_lowers_the_energy_it_targets(setup, normalize):
+    """Each move of x_t (recorded around `guide`) lowers E at the same t against the same noised source,
+    recomputed here; the first move (t near T, E near its minimum) included."""
+    bb, z_src, noise, cond, null = setup
+    weight = 0.2 if normalize == "rms" else 50.0
+    guidance = build_feature_guidance(bb, z_src, noise, cond, {"weight": weight, "start": 0.0, "end": 0.5, "normalize": normalize})
+    layers = feature_layers(bb.unet)
+    moves = []
+    guide = guidance.guide
+    guidance.guide = lambda x, t, i, n: moves.append((x.clone(), t, guide(x, t, i, n))) or moves[-1][2]
+    ddim_sample(bb, noise, cond, null, 8, 7.5, guidance)
+    assert len(moves) == 8
+    moved = 0
+    for x_before, t, x_after in moves:
+        if torch.equal(x_before, x_after):
+            continue  # outside the window
+        a = bb.alphas_cumprod[t.long()].reshape(1, 1, 1, 1)
+        x_src = a.sqrt() * z_src + (1 - a).sqrt() * noise  # each sample's own x_T
+        with torch.no_grad():
+            before = feature_energy(bb, x_before, x_src, t, cond, layers)
+            after = feature_energy(bb, x_after, x_src, t, cond, layers)
+        still = (x_before == x_after).flatten(1).all(dim=1)
+        assert (after[~still] < before[~still]).all(), (int(t), before, after)
+        moved += int((~still).sum())
+    assert moved >= 4  # most samples of the window's 4 steps do move
+    for move in guidance.moves:  # what the guidance records agrees
+        assert ((move.after < move.before) | (move.scale == 0)).all()
 
 
 def test_zero_weight_or_mode_none_is_plain_ddim(setup):
