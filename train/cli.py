@@ -25,6 +25,14 @@ def _print_help() -> None:
         print(f"  {name:<{width}}  {description}")
 
 
+def _exit_with(err: Exception) -> None:
+    """One line on stderr and exit status 2 (DREAMSTEER_DEBUG=1 re-raises for the traceback)."""
+    if os.environ.get("DREAMSTEER_DEBUG"):
+        raise err
+    print(f"error: {err}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -39,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import hydra
 
+    from dreamsteer.data.files import as_write_error
     from dreamsteer.train.config import CONF_DIR
     from dreamsteer.train.tasks import task_function
 
@@ -51,10 +60,12 @@ def main(argv: list[str] | None = None) -> int:
         try:
             run(cfg)
         except (ValueError, FileNotFoundError) as err:  # user-input errors: a short message, no traceback
-            if os.environ.get("DREAMSTEER_DEBUG"):
+            _exit_with(err)
+        except OSError as err:  # only what the user can fix (disk full, permissions, read-only): see data.files
+            mapped = as_write_error(err)
+            if mapped is None:
                 raise
-            print(f"error: {err}", file=sys.stderr)
-            sys.exit(2)
+            _exit_with(mapped)
 
     program = sys.argv[0]
     sys.argv = [f"{PROG} {task}", *overrides]  # the program name Hydra's --help shows

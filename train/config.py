@@ -5,6 +5,8 @@ key or a wrong type fails before any compute, with the key named.
 """
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -17,6 +19,14 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 class ConfigError(ValueError):
     """A config value that cannot be used; the message names the key."""
+
+
+# No config number of this project is meaningful beyond these: larger values are typos (lr=1e300)
+# or overflow what torch accepts (seeds are 64-bit).
+MAX_FLOAT = 1e6
+MAX_INT = 2**63 - 1
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 
 
 @dataclass
@@ -52,7 +62,26 @@ def validate(cfg: DictConfig, schema: type) -> DictConfig:
         key = getattr(err, "full_key", None) or "?"
         message = getattr(err, "msg", str(err)).splitlines()[0]
         raise ConfigError(f"config key '{key}': {message}") from None
+    problem = number_problem(OmegaConf.to_container(merged, resolve=False))
+    if problem:
+        raise ConfigError(f"config key '{problem[0]}': {problem[1]}")
     return merged
+
+
+def number_problem(cfg: Any, prefix: str = "") -> tuple[str, str] | None:
+    """The first number of the plain container `cfg` that no key can use, as (key, why): floats must be
+    finite and within +-MAX_FLOAT, ints fit in 64 bits. None when all are fine."""
+    items = cfg.items() if isinstance(cfg, dict) else enumerate(cfg) if isinstance(cfg, list) else ()
+    for key, value in items:
+        name = f"{prefix}[{key}]" if isinstance(cfg, list) else f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, float) and not (math.isfinite(value) and abs(value) <= MAX_FLOAT):
+            return name, f"{value} is not a usable number (it must be finite and within +-{MAX_FLOAT:g})"
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INT:
+            return name, f"{value} does not fit in 64 bits"
+        problem = number_problem(value, name)
+        if problem:
+            return problem
+    return None
 
 
 def check_choice(cfg: DictConfig, key: str, choices: Sequence[str]) -> None:
@@ -62,11 +91,81 @@ def check_choice(cfg: DictConfig, key: str, choices: Sequence[str]) -> None:
 
 
 def check_common(cfg: DictConfig) -> None:
-    """Checks every task shares: the model's dtype and the logger name."""
+    """Checks every task shares: the output folder, the model's dtype and device, the trainer's devices, the logger name."""
+    if cfg.get("output_dir"):
+        check_output_dir(cfg.output_dir)
     if "model" in cfg:
         check_choice(cfg, "model.dtype", ["fp32", "fp16", "bf16"])
+        check_device(cfg.model.device, "model.device")
+    if "trainer" in cfg:
+        check_trainer_devices(cfg.trainer)
     if "logger" in cfg:
         check_choice(cfg, "logger.name", ["tensorboard", "none"])
+
+
+def check_output_dir(path: str | os.PathLike, key: str = "output_dir") -> None:
+    """Refuse an output folder that is a file, lies under a file, or cannot be written; creates nothing."""
+    target = Path(path).expanduser().absolute()
+    if target.exists() and not target.is_dir():
+        raise ConfigError(f"config key '{key}': {path} is a file, not a folder")
+    existing = target
+    while not existing.is_dir():
+        if existing.exists() or existing.is_symlink():
+            raise ConfigError(f"config key '{key}': {path} lies under {existing}, which is not a folder")
+        existing = existing.parent
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"config key '{key}': cannot write in {existing} (no permission, or a read-only file system)")
+
+
+def check_device(name: str, key: str) -> None:
+    """`name` is 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', and that device exists here."""
+    import torch
+
+    if name == "auto":
+        return
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in DEVICE_TYPES:
+        raise ConfigError(f"config key '{key}': {name!r} is not a device (auto, cpu, cuda, cuda:N or mps)")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"config key '{key}': {name!r} but no CUDA device is visible (torch {torch.__version__}); use {key}=cpu or auto")
+        if device.index is not None and device.index >= count:
+            raise ConfigError(f"config key '{key}': {name!r} but only {count} CUDA device(s) are visible (cuda:0..cuda:{count - 1})")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"config key '{key}': 'mps' is not available on this machine; use {key}=cpu or auto")
+
+
+def check_trainer_devices(trainer: DictConfig) -> None:
+    """trainer.accelerator is one we support (and present); trainer.devices is a count >= 1, -1 (all), 'auto',
+    or a list of device indices."""
+    import torch
+
+    accelerator = trainer.get("accelerator", "auto")
+    if accelerator not in ACCELERATORS:
+        raise ConfigError(f"config key 'trainer.accelerator': {accelerator!r} is not one of {list(ACCELERATORS)}")
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"config key 'trainer.accelerator': {accelerator!r} but no CUDA device is visible; use trainer=cpu or trainer.accelerator=auto")
+    devices = trainer.get("devices", 1)
+    why = "expected a count >= 1, -1 (all devices), 'auto', or a list of device indices like [0,1]"
+    if OmegaConf.is_list(devices) or isinstance(devices, (list, tuple)):
+        indices = list(devices)
+        if not indices or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in indices) or len(set(indices)) != len(indices):
+            raise ConfigError(f"config key 'trainer.devices': {indices} {why}")
+        return
+    text = str(devices).strip()
+    if text == "auto":
+        return
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if "," in text:  # Lightning reads "0,1" as device indices
+        valid = bool(parts) and all(p.isdigit() for p in parts)
+    else:
+        valid = isinstance(devices, (int, str)) and not isinstance(devices, bool) and (text == "-1" or (text.isdigit() and int(text) >= 1))
+    if not valid:
+        raise ConfigError(f"config key 'trainer.devices': {devices!r}: {why}")
 
 
 def resolve_device(name: str) -> str:
@@ -99,5 +198,6 @@ def output_dir(cfg: DictConfig) -> Path:
         if not HydraConfig.initialized():
             raise ConfigError("config key 'output_dir': must be set when the task is not launched through `python -m train`")
         path = Path(HydraConfig.get().runtime.output_dir)
+    check_output_dir(path)
     path.mkdir(parents=True, exist_ok=True)
     return path

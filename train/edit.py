@@ -24,7 +24,8 @@ from omegaconf.errors import OmegaConfBaseException
 from dreamsteer.data.manifest import EditJob, ManifestError, check_mask_size, parse_job, read_manifest
 from dreamsteer.distill.config import METHODS, SCHEMAS, EditorConfig, method_defaults
 from dreamsteer.distill.editor import EditorConfigError, check_editor
-from dreamsteer.train.config import ConfigError, LoggerConfig, ModelConfig, TrainerConfig, check_common, output_dir, resolve_device, validate
+from dreamsteer.train.config import (ConfigError, LoggerConfig, ModelConfig, TrainerConfig, check_common, number_problem, output_dir,
+                                     resolve_device, validate)
 
 
 @dataclass
@@ -64,6 +65,9 @@ def editor_from(values: dict[str, Any], label: str = "config key 'editor", num_t
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None) or "?"
         raise ConfigError(f"{label}.{key}': {getattr(err, 'msg', str(err)).splitlines()[0]}") from None
+    problem = number_problem(OmegaConf.to_container(merged))
+    if problem:
+        raise ConfigError(f"{label}.{problem[0]}': {problem[1]}")
     cfg = OmegaConf.to_object(merged)
     try:
         check_editor(cfg, num_train_timesteps)

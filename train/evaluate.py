@@ -10,7 +10,7 @@ from typing import Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from dreamsteer.train.config import ConfigError, LoggerConfig, check_common, output_dir, resolve_device, validate
+from dreamsteer.train.config import ConfigError, LoggerConfig, check_common, check_device, output_dir, resolve_device, validate
 from dreamsteer.train.logs import summary_writer
 
 
@@ -63,6 +63,7 @@ def _check(cfg: DictConfig) -> list[str]:
         raise FileNotFoundError(f"config key 'concept_images': folder {cfg.concept_images} not found")
     if cfg.report_max_jobs is not None and cfg.report_max_jobs < 0:
         raise ConfigError("config key 'report_max_jobs': must be >= 0 or null")
+    check_device(cfg.device, "device")
     return folders
 
 

@@ -12,7 +12,7 @@ from typing import Optional
 from omegaconf import DictConfig
 
 from dreamsteer.checkpoints.lightning import read_trimmed_checkpoint
-from dreamsteer.train.config import ConfigError, output_dir, validate
+from dreamsteer.train.config import ConfigError, check_output_dir, output_dir, validate
 
 
 @dataclass
@@ -30,6 +30,8 @@ def run(cfg: DictConfig) -> Path:
     cfg = validate(cfg, ExportTaskConfig)
     if cfg.ckpt in (None, "", "???"):
         raise ConfigError("config key 'ckpt': set it to a checkpoint file or a personalize run folder")
+    if cfg.output_dir:
+        check_output_dir(cfg.output_dir)
     checkpoint = read_trimmed_checkpoint(cfg.ckpt)
     config = checkpoint["hyper_parameters"]["config"]
     if cfg.pretrained:

@@ -151,8 +151,8 @@ def validate_config(cfg: DictConfig) -> DictConfig:
     t = cfg.trainer
     if t.max_steps < 1 or t.accumulate_grad_batches < 1 or t.checkpoint_every_n_steps < 0 or t.log_every_n_steps < 1:
         raise ConfigError("config keys 'trainer.max_steps', 'trainer.accumulate_grad_batches', 'trainer.log_every_n_steps' must be >= 1 and 'trainer.checkpoint_every_n_steps' >= 0")
-    if cfg.method.lr <= 0:
-        raise ConfigError(f"config key 'method.lr': {cfg.method.lr} must be > 0")
+    if not 0 < cfg.method.lr <= 1:
+        raise ConfigError(f"config key 'method.lr': {cfg.method.lr} must lie in (0, 1]")
     loss = cfg.loss
     if loss.snr_gamma is not None and loss.snr_gamma <= 0:
         raise ConfigError(f"config key 'loss.snr_gamma': {loss.snr_gamma} must be > 0 (or null)")
@@ -230,10 +230,10 @@ def run(cfg: DictConfig, callbacks: Sequence[Any] = ()) -> Path:
     from dreamsteer.lit_modules.personalize import MODULES
 
     cfg = validate_config(cfg)
-    out = output_dir(cfg)
     tokens = required_tokens(cfg)
     prior = cfg.loss.prior_preservation
     items = validate_subject_data(cfg.data, tokens, prior)  # everything that needs no model, before loading one
+    out = output_dir(cfg)
 
     m = cfg.model
     # loaded on the CPU: the Trainer (trainer.accelerator / devices) moves it to each rank's device

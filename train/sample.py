@@ -36,7 +36,6 @@ def run(cfg: DictConfig) -> list[Path]:
     check_choice(cfg, "scheduler", SCHEDULERS)
     if cfg.num_images < 1 or cfg.steps < 1:
         raise ValueError("config keys 'num_images' and 'steps' must be >= 1")
-    out = output_dir(cfg)
 
     backbone = load_backbone(cfg.model.pretrained, cfg.model.dtype, resolve_device(cfg.model.device), cfg.model.cache_dir, cfg.model.single_file_config)
     if cfg.adapter:
@@ -44,6 +43,7 @@ def run(cfg: DictConfig) -> list[Path]:
 
         manifest = load_adapter(backbone, cfg.adapter)
         print(f"loaded {manifest['method']} adapter from {cfg.adapter} (tokens: {manifest.get('tokens') or '-'})")
+    out = output_dir(cfg)
     pipe = backbone.pipeline(make_scheduler(cfg.scheduler, backbone.scheduler.config))
     pipe.set_progress_bar_config(disable=False, desc="sampling")
     generator = torch.Generator(device="cpu").manual_seed(cfg.seed)
