@@ -4,5 +4,5 @@
 - `clip`: CLIP-T, CLIP-R, CLIP-I, masked CLIP score  - `dino`: DINO image similarity
 - `curves`: LUSD's success curves, CLIP-AUC, L1*, CLIP-I*
 - `runs`: reading edit run folders                   - `evaluator`: all metrics over runs
-- `report`: the self-contained HTML report
+- `report`: the self-contained HTML report           - `detector`: the toy world's classical scene detector
 """
