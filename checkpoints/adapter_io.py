@@ -7,17 +7,20 @@ sha256 of every file; ``load_adapter`` checks the hashes and the base model befo
 """
 from __future__ import annotations
 
+import ctypes
 import datetime as _dt
+import errno
 import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from dreamsteer.checkpoints import formats
-from dreamsteer.data.files import write_json_atomic
+from dreamsteer.data.files import fsync_dir, is_orphan_temp, temp_prefix, write_json_atomic
 from dreamsteer.diffusion.adapters import (
     AdapterError,
     attach_adapter,
@@ -54,15 +57,125 @@ def library_versions() -> dict[str, str]:
     return out
 
 
+class ExportTargetError(ValueError):
+    """An export target that must not be replaced; the message names it and why."""
+
+
+def is_adapter_folder(path: str | os.PathLike) -> bool:
+    """A folder written by `export_adapter`: our adapter.json and nothing but the files it lists."""
+    directory = Path(path)
+    try:
+        manifest = json.loads((directory / MANIFEST).read_text())
+        listed = set(manifest["files"]) | {MANIFEST}
+        manifest["method"], manifest["format_version"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    present = {p.relative_to(directory).as_posix() for p in directory.rglob("*") if not p.is_dir()}
+    return present <= listed
+
+
+def _leftovers(target: Path, kind: str) -> list[Path]:
+    """Temp (`tmp`) or moved-aside (`old`) folders of earlier exports to `target` whose writer is gone."""
+    parent = target.parent
+    if not parent.is_dir():
+        return []
+    return sorted(p for p in parent.glob(f".{target.name}.{kind}.*") if p.is_dir() and is_orphan_temp(p))
+
+
+def recover_export(target: str | os.PathLike) -> None:
+    """Finish what a killed export left beside `target`: put a moved-aside adapter back when `target` is
+    missing (a kill between the two renames of the fallback swap), then delete the leftovers."""
+    target = Path(target)
+    for old in reversed(_leftovers(target, "old")):
+        moved = old if is_adapter_folder(old) else old / target.name  # older versions nested it one level down
+        if not target.exists() and is_adapter_folder(moved):
+            os.replace(moved, target)
+            fsync_dir(target.parent)
+            print(f"restored the adapter {target} that an interrupted export had moved aside")
+    for leftover in _leftovers(target, "old") + _leftovers(target, "tmp"):
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def prepare_export_target(target: str | os.PathLike, protected: dict[str, str | os.PathLike | None] | None = None) -> Path:
+    """Check that `target` may receive an export, after recovering what a killed export left beside it.
+
+    `target` may be absent, an empty folder or one of our adapter folders (`is_adapter_folder`);
+    anything else (a file, a folder of other files, a symlink) is refused, and so is a target that is
+    or contains one of the `protected` paths ({description: path}: the run folder, its checkpoints,
+    the input data). Raises ExportTargetError naming the target and the reason; returns the target.
+    """
+    target = Path(target).expanduser()
+    resolved = target.resolve()
+    for what, path in (protected or {}).items():
+        if path is None:
+            continue
+        guarded = Path(path).expanduser().resolve()
+        if resolved == guarded or resolved in guarded.parents:
+            raise ExportTargetError(f"export target {target}: it is or contains {what} ({path}); choose another folder")
+    existing = next(p for p in (target, *target.parents) if p.exists() or p.is_symlink())
+    if existing != target and not existing.is_dir():
+        raise ExportTargetError(f"export target {target}: {existing} is a file, not a folder")
+    recover_export(target)
+    if target.is_symlink():
+        raise ExportTargetError(f"export target {target}: is a symlink; give the folder itself")
+    if target.exists() and not target.is_dir():
+        raise ExportTargetError(f"export target {target}: is a file; an export is a folder, choose another path")
+    if target.is_dir() and any(target.iterdir()) and not is_adapter_folder(target):
+        raise ExportTargetError(
+            f"export target {target}: holds files that are not one of our adapter exports (no {MANIFEST} listing them); "
+            "an export replaces its target, so choose an empty or new folder"
+        )
+    return target
+
+
+def export_is_stale(target: str | os.PathLike, checkpoint: str | os.PathLike) -> bool:
+    """Whether the export at `target` is missing or older than `checkpoint` (a kill during the final export)."""
+    manifest, checkpoint = Path(target) / MANIFEST, Path(checkpoint)
+    if not checkpoint.is_file():
+        return False
+    return not manifest.is_file() or manifest.stat().st_mtime_ns < checkpoint.stat().st_mtime_ns
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where that is not supported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
 def _replace_dir(tmp: Path, target: Path) -> None:
-    """Rename `tmp` to `target`; an existing `target` is moved aside first and removed after."""
-    old = None
-    if target.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
-        os.replace(target, old / target.name)
-    os.replace(tmp, target)
-    if old is not None:
+    """Put the finished export `tmp` at `target`. An existing `target` is swapped with `tmp` in one step,
+    so readers always find a complete adapter; where the swap is not supported it is first renamed to
+    a `.old.` sibling, which `recover_export` puts back if a kill lands between the two renames."""
+    fsync_dir(tmp)
+    if not target.exists():
+        os.replace(tmp, target)
+    elif _exchange(tmp, target):
+        shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the previous export
+    else:
+        old = Path(tempfile.mkdtemp(prefix=temp_prefix(f".{target.name}.old"), dir=target.parent))
+        os.replace(target, old)  # onto the empty folder
+        os.replace(tmp, target)
         shutil.rmtree(old, ignore_errors=True)
+    fsync_dir(target.parent)
+
+
+def _fsync_tree(directory: Path) -> None:
+    for path in directory.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+        elif path.is_dir():
+            fsync_dir(path)
 
 
 def export_adapter(backbone: Any, out_dir: str | os.PathLike, extra: dict[str, Any] | None = None, a1111: bool = False) -> Path:
@@ -71,6 +184,7 @@ def export_adapter(backbone: Any, out_dir: str | os.PathLike, extra: dict[str, A
     `extra` is merged into adapter.json (prompts, ``training_steps``, steering info ...); it may not
     override what describes the weights (method, config, tokens, files, fingerprint).
     With `a1111` the kohya LoRA file / A1111 embedding files are written too.
+    `out_dir` must be absent, empty or one of our adapter folders (`prepare_export_target`).
     Returns the export folder.
     """
     adapter = backbone.adapter
@@ -80,9 +194,9 @@ def export_adapter(backbone: Any, out_dir: str | os.PathLike, extra: dict[str, A
     clash = [k for k in _PROTECTED if k in extra]
     if clash:
         raise ValueError(f"export_adapter: extra may not set {clash}")
-    target = Path(out_dir)
+    target = prepare_export_target(out_dir)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp.", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(f".{target.name}.tmp"), dir=target.parent))
     try:
         token_files: dict[str, str] = {}
         if adapter.kind == "lora":
@@ -113,6 +227,7 @@ def export_adapter(backbone: Any, out_dir: str | os.PathLike, extra: dict[str, A
         manifest.update(extra)
         manifest["files"] = {name: sha256_file(tmp / name) for name in sorted(files)}
         write_json_atomic(manifest, tmp / MANIFEST)
+        _fsync_tree(tmp)
         _replace_dir(tmp, target)
     finally:
         if tmp.exists():

@@ -7,12 +7,14 @@ optimizer and scheduler state, ``hyper_parameters["config"]`` (the whole run con
 from __future__ import annotations
 
 import os
-import tempfile
+import re
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from dreamsteer.data.files import atomic_write, is_orphan_temp
 
 
 class CheckpointError(ValueError):
@@ -46,8 +48,80 @@ def read_trimmed_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return checkpoint
 
 
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """A checkpoint's dict, memory-mapped (cheap even for a DreamBooth UNet); CheckpointError in one line
+    for an empty, truncated or foreign file."""
+    path = Path(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # zip reader, unpickler and EOF errors of a damaged file
+        reason = "empty file" if path.stat().st_size == 0 else f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        raise CheckpointError(f"checkpoint {path}: cannot be read ({reason})") from None
+
+
+def _step_of(path: Path) -> tuple[int, int]:
+    """(step, version) of ``step000012.ckpt`` / ``step000012-v1.ckpt``; (-1, 0) for other names."""
+    match = re.fullmatch(r"step(\d+)(?:-v(\d+))?\.ckpt", path.name)
+    return (int(match.group(1)), int(match.group(2) or 0)) if match else (-1, 0)
+
+
+def recover_checkpoint_dir(directory: str | os.PathLike) -> None:
+    """Clean what killed runs left in a checkpoint folder: temp files of dead writers are deleted, and a
+    versioned duplicate (``step000012-v1.ckpt``, written when a resumed run reached a step whose file
+    already existed) replaces its base name, so the folder holds one file per step."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return
+    for path in directory.glob("*.tmp"):
+        if is_orphan_temp(path):
+            path.unlink(missing_ok=True)
+    for path in sorted(directory.glob("step*-v*.ckpt"), key=_step_of):
+        step, version = _step_of(path)
+        if version:
+            os.replace(path, directory / f"step{step:06d}.ckpt")
+
+
+def find_resume_checkpoint(directory: str | os.PathLike, clean: bool = True) -> tuple[Path, dict[str, Any]] | None:
+    """The checkpoint of `directory` to resume from: the loadable one with the highest step (``last.ckpt``
+    on a tie), so a corrupt ``last.ckpt`` or a kill before the first one falls back to ``step*.ckpt``.
+
+    Unreadable files are named in one line each and, with `clean`, renamed to ``<name>.corrupt`` (so a
+    resumed run does not write ``-v1`` copies beside them). None when the folder has no checkpoint;
+    CheckpointError when it has some but none loads.
+    """
+    directory = Path(directory)
+    if clean:
+        recover_checkpoint_dir(directory)
+    candidates = [directory / "last.ckpt"] + sorted(directory.glob("step*.ckpt"), key=_step_of, reverse=True)
+    candidates = [p for p in candidates if p.is_file()]
+    best: tuple[int, Path, dict[str, Any]] | None = None
+    bad = []
+    for path in candidates:
+        try:
+            checkpoint = load_checkpoint(path)
+        except CheckpointError as err:
+            bad.append(path)
+            print(f"warning: {err}; skipped" + (f", kept as {path.name}.corrupt" if clean else ""))
+            continue
+        step = int(checkpoint.get("global_step", -1))
+        if best is None or step > best[0]:
+            best = (step, path, checkpoint)
+    if clean:
+        for path in bad:
+            os.replace(path, path.with_name(path.name + ".corrupt"))
+    if best is None:
+        if bad:
+            raise CheckpointError(f"checkpoint folder {directory}: no checkpoint can be read ({', '.join(p.name for p in bad)}); "
+                                  "remove the folder or set ckpt_path=null to start over")
+        return None
+    step, path, checkpoint = best
+    if path.name != "last.ckpt":
+        print(f"resuming from {path} (step {step}), the newest readable checkpoint")
+    return path, checkpoint
+
+
 class AtomicFileCheckpointIO(TorchCheckpointIO):
-    """Write checkpoints with ``torch.save`` straight into a temp file beside the target, then ``os.replace``.
+    """Write checkpoints with ``torch.save`` straight into a temp file beside the target, fsync, then ``os.replace``.
 
     As atomic as Lightning's default writer, which first serializes the whole checkpoint into an
     in-memory buffer and then copies it out: for DreamBooth (UNet + two Adam moments) that costs
@@ -58,13 +132,5 @@ class AtomicFileCheckpointIO(TorchCheckpointIO):
         if storage_options is not None or "://" in str(path):
             super().save_checkpoint(checkpoint, path, storage_options)
             return
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            torch.save(checkpoint, tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with atomic_write(path) as f:
+            torch.save(checkpoint, f)

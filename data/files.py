@@ -1,5 +1,8 @@
-"""Atomic file writes: a temp file in the target's folder, then `os.replace`, so a crash never
-leaves a half-written record that a later run would read as finished.
+"""Atomic file writes: a temp file in the target's folder, flushed to disk, then `os.replace`, so a crash
+never leaves a half-written record that a later run would read as finished.
+
+Temp names carry the writing process's pid (``<name>.<pid>.<random>.tmp``), so a cleanup deletes
+only the leftovers of processes that are gone, never a file another live run is writing.
 
 A write that fails for a reason the user can fix (disk full, no permission, read-only file system)
 raises `OutputWriteError`, whose message names the path; the CLI prints it as one line.
@@ -10,9 +13,10 @@ import contextlib
 import errno
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import IO, Any, Iterator
 
 # errno -> how the message starts (the path follows)
 USER_WRITE_ERRORS = {
@@ -22,6 +26,7 @@ USER_WRITE_ERRORS = {
     errno.EPERM: "operation not permitted on",
     errno.EROFS: "read-only file system at",
 }
+_OWNER = re.compile(r"\.(\d+)\.[A-Za-z0-9_]+(\.tmp)?$")
 
 
 class OutputWriteError(OSError):
@@ -53,18 +58,66 @@ def writing(path: str | os.PathLike) -> Iterator[None]:
         raise mapped from err
 
 
-def write_json_atomic(data: Any, path: str | os.PathLike) -> Path:
-    """Write `data` as indented JSON to `path` atomically (non-JSON values are written with `str`)."""
+def temp_prefix(name: str) -> str:
+    """Prefix of this process's temp files for `name` (pass to `tempfile.mkstemp` / `mkdtemp`)."""
+    return f"{name}.{os.getpid()}."
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid runs on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
+def is_orphan_temp(path: str | os.PathLike) -> bool:
+    """A temp file/folder named by `temp_prefix` whose writer is gone (or an old name without a pid)."""
+    match = _OWNER.search(Path(path).name)
+    return match is None or not pid_alive(int(match.group(1)))
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Flush a folder's entries (a rename inside it) to disk; a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "wb", encoding: str | None = None) -> Iterator[IO[Any]]:
+    """Yield a temp file beside `path`; when the block ends cleanly it is fsynced and renamed over `path`
+    (and the folder fsynced); on an exception it is removed and `path` is left as it was.
+    User-fixable OS errors (disk full ...) come out as OutputWriteError naming `path`."""
     path = Path(path)
     with writing(path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path.name), suffix=".tmp", dir=path.parent)
         try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(data, f, indent=2, default=str)
-                f.write("\n")
+            with os.fdopen(fd, mode, encoding=encoding) as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
             os.replace(tmp, path)
+            fsync_dir(path.parent)
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-    return path
+
+
+def write_json_atomic(data: Any, path: str | os.PathLike) -> Path:
+    """Write `data` as indented JSON to `path` atomically (non-JSON values are written with `str`)."""
+    with atomic_write(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, default=str)
+        f.write("\n")
+    return Path(path)

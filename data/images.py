@@ -7,12 +7,13 @@ one place, and a bad file fails with an error that names it.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from dreamsteer.data.files import atomic_write
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 MIN_SIDE = 32
@@ -105,14 +106,6 @@ def list_images(directory: str | os.PathLike) -> list[Path]:
 
 def save_image_atomic(image: Image.Image, path: str | os.PathLike) -> Path:
     """Write a PNG through a temp file in the same folder, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    with atomic_write(path) as f:
+        image.save(f, format="PNG")
+    return Path(path)

@@ -12,8 +12,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 import traceback
 from dataclasses import asdict, dataclass, field, replace
@@ -27,7 +25,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from dreamsteer.data.files import write_json_atomic
+from dreamsteer.data.files import atomic_write, is_orphan_temp, write_json_atomic
 from dreamsteer.data.images import (
     load_image,
     pil_to_tensor,
@@ -211,12 +209,14 @@ def write_failure(out_dir: Path, job_id: str, error: BaseException, trace: str |
 
 
 def remove_partial_writes(out_dir: Path) -> int:
-    """Delete temp files a killed run left behind (``*.tmp``: never taken as outputs, only clutter)."""
+    """Delete temp files a killed run left behind (``*.tmp``: never taken as outputs, only clutter);
+    a temp file whose writer still runs is not ours to delete."""
     removed = 0
     for folder in (out_dir, out_dir / FAILURES_DIR):
         for path in folder.glob("*.tmp") if folder.is_dir() else ():
-            path.unlink(missing_ok=True)
-            removed += 1
+            if is_orphan_temp(path):
+                path.unlink(missing_ok=True)
+                removed += 1
     return removed
 
 
@@ -231,10 +231,8 @@ def merge_failures(out_dir: Path) -> list[dict[str, Any]]:
                 records.append(record)
     target = out_dir / FAILURES_FILE
     if records:
-        fd, tmp = tempfile.mkstemp(prefix=FAILURES_FILE + ".", suffix=".tmp", dir=out_dir)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        with atomic_write(target, "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
-        os.replace(tmp, target)
     elif target.exists():
         target.unlink()
     return records

@@ -74,6 +74,8 @@ class PersonalizeModule(L.LightningModule):
             if self.trains_text_encoder:
                 backbone.text_encoder.gradient_checkpointing_enable()
         self._last_validation_step = -1
+        # [{"step", "checkpoint", "changed": {key: [old, new]}}] per resume; kept in checkpoints, written to adapter.json
+        self.resumes: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------ method hooks
     # Subclasses set `method` and define the static `adapter_kwargs(method_cfg) -> dict`: the arguments of
@@ -107,6 +109,7 @@ class PersonalizeModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["state_dict"] = self.trainable_state_dict()  # frozen weights never enter a checkpoint
         checkpoint["adapter"] = {"method": self.method, "config": self.backbone.adapter.config}
+        checkpoint["resumes"] = self.resumes
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         expected = {name for name, _ in self.backbone.adapter.named_trainable(self.backbone)}
@@ -177,6 +180,7 @@ class PersonalizeModule(L.LightningModule):
         lr = float(self.cfg.method.lr)
         if o.scale_lr:
             lr *= self.cfg.data.batch_size * trainer.accumulate_grad_batches * trainer.world_size
+        self._lr = lr
         kwargs = dict(lr=lr, betas=tuple(o.betas), weight_decay=o.weight_decay, eps=o.eps)
         if o.name == "adamw8bit":
             import bitsandbytes as bnb
@@ -186,6 +190,15 @@ class PersonalizeModule(L.LightningModule):
             optimizer = torch.optim.AdamW(params, **kwargs)
         scheduler = get_scheduler(o.scheduler, optimizer, num_warmup_steps=o.warmup_steps, num_training_steps=trainer.max_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_train_start(self) -> None:
+        # A resume restores the checkpoint's optimizer and scheduler, learning rate included: apply this run's.
+        for config in self.trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            scheduler.base_lrs = [self._lr] * len(scheduler.base_lrs)
+            for group, factor in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas):
+                group["initial_lr"] = self._lr
+                group["lr"] = self._lr * factor(scheduler.last_epoch)
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
@@ -243,6 +256,7 @@ class PersonalizeModule(L.LightningModule):
                 "resolution": self.cfg.data.resolution or self.backbone.resolution,
                 "batch_size": int(d.batch_size),
                 "world_size": int(self.trainer.world_size) if self._trainer is not None else 1,
+                "resumes": self.resumes,
             },
         }
 

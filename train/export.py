@@ -7,12 +7,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from omegaconf import DictConfig
 
+from dreamsteer.checkpoints.adapter_io import prepare_export_target
 from dreamsteer.checkpoints.lightning import read_trimmed_checkpoint
 from dreamsteer.train.config import ConfigError, check_output_dir, output_dir, validate
+from dreamsteer.train.lock import output_lock
 
 
 @dataclass
@@ -22,6 +24,19 @@ class ExportTaskConfig:
     a1111: bool = False
     pretrained: Optional[str] = None  # override the base model recorded in the checkpoint (e.g. moved folder)
     output_dir: Optional[str] = None
+
+
+def export_checkpoint(module: Any, checkpoint: dict[str, Any], target: Path, a1111: bool | None = None) -> Path:
+    """Load a trimmed checkpoint's trainable state into `module` (a personalize module built from the same
+    config) and export it to `target`, with the checkpoint's step and resume history in adapter.json."""
+    module.backbone.adapter.load_trainable_state_dict(module.backbone, checkpoint["state_dict"])
+    module.resumes = list(checkpoint.get("resumes", []))
+    return module.export(target, a1111=a1111, training_steps=int(checkpoint.get("global_step", 0)))
+
+
+def checkpoint_run_folder(path: Path) -> Path:
+    """``<run>/checkpoints/x.ckpt`` -> ``<run>``; a checkpoint elsewhere -> its folder."""
+    return path.parent.parent if path.parent.name == "checkpoints" else path.parent
 
 
 def run(cfg: DictConfig) -> Path:
@@ -39,10 +54,15 @@ def run(cfg: DictConfig) -> Path:
     method = config["method"]["name"]
     if method not in MODULES:
         raise ConfigError(f"checkpoint {checkpoint['path']}: unknown method {method!r}")
-    module = MODULES[method](config)
-    backbone = module.backbone
-    backbone.adapter.load_trainable_state_dict(backbone, checkpoint["state_dict"])
-    target = Path(cfg.dir) if cfg.dir else output_dir(cfg) / "adapter"
-    path = module.export(target, a1111=cfg.a1111, training_steps=int(checkpoint.get("global_step", 0)))
+    source = Path(checkpoint["path"])
+    target = Path(cfg.dir).expanduser() if cfg.dir else output_dir(cfg) / "adapter"
+    data = config.get("data", {})
+    prepare_export_target(target, {
+        "the checkpoint": source, "its checkpoint folder": source.parent, "its run folder": checkpoint_run_folder(source),
+        "the subject photos (data.instance_dir)": data.get("instance_dir"), "the class images (data.class_dir)": data.get("class_dir"),
+    })
+    with output_lock(target.parent, "export"):
+        module = MODULES[method](config)
+        path = export_checkpoint(module, checkpoint, target, a1111=cfg.a1111)
     print(f"exported {method} adapter (step {checkpoint.get('global_step')}) from {checkpoint['path']} to {path}")
     return path

@@ -5,14 +5,17 @@ adapter (diffusers / A1111 formats + adapter.json) to ``<output_dir>/adapter``. 
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
+from dreamsteer.checkpoints.adapter_io import prepare_export_target
 from dreamsteer.data.subject import SubjectDataConfig, SubjectDataModule, check_resolution, validate_subject_data
 from dreamsteer.train.config import ConfigError, LoggerConfig, ModelConfig, TrainerConfig, check_choice, check_common, output_dir, validate
+from dreamsteer.train.lock import is_launch_rank_zero, output_lock
 from dreamsteer.train.logs import lightning_logger
 
 METHODS = ("dreambooth", "lora", "textual_inversion", "custom_diffusion")
@@ -171,20 +174,64 @@ def required_tokens(cfg: DictConfig) -> list[str]:
     return []
 
 
-def resolve_ckpt_path(ckpt_path: str | None, out: Path) -> str | None:
-    """``last`` -> ``<out>/checkpoints/last.ckpt`` (None, with a note, when there is none yet)."""
-    if ckpt_path is None:
-        return None
-    if ckpt_path == "last":
-        last = out / "checkpoints" / "last.ckpt"
-        if last.is_file():
-            return str(last)
-        print(f"ckpt_path=last: no checkpoint in {last.parent} yet, starting from scratch")
-        return None
-    path = Path(ckpt_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config key 'ckpt_path': checkpoint {path} not found")
-    return str(path)
+# Keys a resumed run must keep (they shape the trainable state, the optimizer state or the data);
+# every other change is applied from the resume step with a warning and recorded in adapter.json.
+FIXED_ON_RESUME = ("method.", "model.pretrained", "model.single_file_config", "data.resolution", "optim.name", "optim.scheduler")
+CHANGEABLE_ON_RESUME = ("method.lr",)
+# Where the run happens, not what it learns.
+NOT_RECORDED_ON_RESUME = ("ckpt_path", "output_dir", "export.", "logger.", "validation.", "trainer.accelerator", "trainer.devices",
+                          "trainer.num_nodes", "trainer.strategy", "trainer.log_every_n_steps", "model.cache_dir", "model.device",
+                          "data.num_workers")
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        return {k: v for key, value in tree.items() for k, v in _flatten(value, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: tree}
+
+
+def resume_changes(old: dict[str, Any], new: dict[str, Any], where: Path) -> dict[str, list[Any]]:
+    """The config keys that differ between a checkpoint's run and this one, ``{key: [old, new]}``;
+    ConfigError (one line, naming the key and both values) for a change that cannot work."""
+    before, after = _flatten(old), _flatten(new)
+    changed = {}
+    for key in sorted(set(before) | set(after)):
+        if before.get(key) == after.get(key) or key.startswith(NOT_RECORDED_ON_RESUME):
+            continue
+        if key.startswith(FIXED_ON_RESUME) and key not in CHANGEABLE_ON_RESUME:
+            raise ConfigError(f"config key '{key}': the checkpoint {where} was trained with {before.get(key)!r}, this run asks for "
+                              f"{after.get(key)!r}; a resumed run must keep it (use a new output_dir to train with the new value)")
+        changed[key] = [before.get(key), after.get(key)]
+    return changed
+
+
+def resume_point(cfg: DictConfig, out: Path, owner: bool) -> tuple[str | None, list[dict[str, Any]]]:
+    """The checkpoint to resume from (``ckpt_path=last``: the newest readable one of ``<out>/checkpoints``)
+    and the run's resume history with this resume appended. `owner`: this process may clean the folder."""
+    from dreamsteer.checkpoints.lightning import CheckpointError, find_resume_checkpoint, load_checkpoint
+
+    if cfg.ckpt_path is None:
+        return None, []
+    if cfg.ckpt_path == "last":
+        found = find_resume_checkpoint(out / "checkpoints", clean=owner)
+        if found is None:
+            print(f"ckpt_path=last: no checkpoint in {out / 'checkpoints'} yet, starting from scratch")
+            return None, []
+        path, checkpoint = found
+    else:
+        path = Path(cfg.ckpt_path).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"config key 'ckpt_path': checkpoint {path} not found")
+        checkpoint = load_checkpoint(path)
+    old = checkpoint.get("hyper_parameters", {}).get("config") if isinstance(checkpoint, dict) else None
+    if not isinstance(old, dict):
+        raise CheckpointError(f"checkpoint {path}: not written by `python -m train personalize` (no config)")
+    step = int(checkpoint.get("global_step", 0))
+    changed = resume_changes(old, OmegaConf.to_container(cfg, resolve=True), path)
+    if changed and owner:
+        listed = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
+        print(f"warning: resuming {path} (step {step}) with a changed config: {listed}; applied from step {step}, recorded in adapter.json")
+    return str(path), [*checkpoint.get("resumes", []), {"step": step, "checkpoint": path.name, "changed": changed}]
 
 
 def build_trainer(cfg: DictConfig, out: Path, callbacks: Sequence[Any] = ()):
@@ -226,25 +273,48 @@ def build_trainer(cfg: DictConfig, out: Path, callbacks: Sequence[Any] = ()):
 # ----------------------------------------------------------------------------- task
 def run(cfg: DictConfig, callbacks: Sequence[Any] = ()) -> Path:
     """Validate everything, train, export on rank 0; return the export folder. `callbacks` are extra Lightning callbacks."""
+    cfg = validate_config(cfg)
+    items = validate_subject_data(cfg.data, required_tokens(cfg), cfg.loss.prior_preservation)  # before loading a model
+    out = output_dir(cfg)
+    export_dir = Path(cfg.export.dir).expanduser() if cfg.export.dir else out / "adapter"
+    owner = is_launch_rank_zero()  # the other DDP ranks re-run this function and must not lock or clean
+    with contextlib.ExitStack() as locks:
+        if owner:
+            locks.enter_context(output_lock(out, "personalize"))
+        if owner and cfg.export.enabled:
+            prepare_export_target(export_dir, {
+                "the run folder": out, "its checkpoints": out / "checkpoints",
+                "the subject photos (data.instance_dir)": cfg.data.instance_dir, "the class images (data.class_dir)": cfg.data.class_dir,
+            })
+            if export_dir.parent.resolve() != out.resolve():
+                locks.enter_context(output_lock(export_dir.parent, "personalize (export)"))
+        return _run(cfg, items, out, export_dir, owner, callbacks)
+
+
+def _run(cfg: DictConfig, items: list[Any], out: Path, export_dir: Path, owner: bool, callbacks: Sequence[Any]) -> Path:
+    from dreamsteer.checkpoints.adapter_io import export_is_stale
+    from dreamsteer.checkpoints.lightning import read_trimmed_checkpoint
     from dreamsteer.diffusion.backbone import load_backbone
     from dreamsteer.lit_modules.personalize import MODULES
+    from dreamsteer.train.export import export_checkpoint
 
-    cfg = validate_config(cfg)
-    tokens = required_tokens(cfg)
     prior = cfg.loss.prior_preservation
-    items = validate_subject_data(cfg.data, tokens, prior)  # everything that needs no model, before loading one
-    out = output_dir(cfg)
+    class_dir = Path(cfg.data.class_dir) if cfg.data.class_dir else out / "class_images"
+    ckpt_path, resumes = resume_point(cfg, out, owner)
 
     m = cfg.model
     # loaded on the CPU: the Trainer (trainer.accelerator / devices) moves it to each rank's device
     backbone = load_backbone(m.pretrained, m.dtype, "cpu", m.cache_dir, m.single_file_config)
     resolution = check_resolution(cfg.data, backbone.vae_scale_factor, backbone.resolution)
 
-    export_dir = Path(cfg.export.dir) if cfg.export.dir else out / "adapter"
     module = MODULES[cfg.method.name](OmegaConf.to_container(cfg, resolve=True), backbone, str(export_dir) if cfg.export.enabled else None)
-    class_dir = Path(cfg.data.class_dir) if cfg.data.class_dir else out / "class_images"
+    module.resumes = resumes
     datamodule = SubjectDataModule(cfg.data, items, resolution, seed=cfg.seed, prior_preservation=prior, class_dir=class_dir)
     trainer = build_trainer(cfg, out, callbacks)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg.ckpt_path, out))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    last = out / "checkpoints" / "last.ckpt"
+    if cfg.export.enabled and trainer.is_global_zero and export_is_stale(export_dir, last):
+        # a resume at max_steps skips the loop (and its export): export what the last checkpoint holds
+        path = export_checkpoint(module, read_trimmed_checkpoint(last), export_dir)
+        print(f"exported {cfg.method.name} adapter from {last} to {path} (the adapter was missing or older than the checkpoint)")
     return export_dir
-

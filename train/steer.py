@@ -13,6 +13,7 @@ TensorBoard.
 from __future__ import annotations
 
 import difflib
+import os
 import re
 import time
 import warnings
@@ -24,7 +25,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from dreamsteer.checkpoints import AdapterLoadError, export_adapter, load_adapter
-from dreamsteer.checkpoints.adapter_io import read_manifest, sha256_file, write_json_atomic
+from dreamsteer.checkpoints.adapter_io import prepare_export_target, read_manifest, sha256_file, write_json_atomic
 from dreamsteer.data.images import load_image, pil_to_tensor, resize_and_crop, save_image_atomic, tensor_to_pil
 from dreamsteer.lit_modules.dreamsteerer import (
     GLIGEN_BOX,
@@ -38,6 +39,7 @@ from dreamsteer.lit_modules.dreamsteerer import (
     subject_phrase,
 )
 from dreamsteer.train.config import ConfigError, LoggerConfig, ModelConfig, TrainerConfig, check_common, output_dir, resolve_device, validate
+from dreamsteer.train.lock import output_lock
 from dreamsteer.train.logs import lightning_logger
 
 PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed")
@@ -143,6 +145,9 @@ def check_inputs(cfg: DictConfig) -> SteerInputs:
             raise ConfigError(f"config key '{key}': required (python -m train steer {key}=...)")
     if cfg.steps < 1:
         raise ConfigError(f"config key 'steps': must be >= 1, got {cfg.steps}")
+    if cfg.export_name in ("", ".", "..") or any(sep in cfg.export_name for sep in ("/", "\\", os.sep)):
+        raise ConfigError(f"config key 'export_name': {cfg.export_name!r} must be a plain folder name (no path separators, not '..'); "
+                          "the export goes to <output_dir>/<export_name>")
     if cfg.trainer.precision not in PRECISIONS:
         raise ConfigError(f"config key 'trainer.precision': {cfg.trainer.precision!r} is not one of {list(PRECISIONS)}")
     if cfg.model.dtype != "fp32" and not cfg.trainer.precision.endswith("-mixed"):
@@ -191,8 +196,7 @@ def prepare(cfg: DictConfig) -> Prepared:
     check_common(cfg)
     inputs = check_inputs(cfg)
     out = output_dir(cfg)
-    if (out / cfg.export_name).resolve() == inputs.adapter_dir.resolve():
-        raise ConfigError(f"config key 'export_name': the steered export would overwrite the input adapter {inputs.adapter_dir}")
+    prepare_export_target(out / cfg.export_name, {"the input adapter": inputs.adapter_dir, "the source photo": inputs.image_path})
 
     device = resolve_device(cfg.model.device)
     backbone = load_backbone(cfg.model.pretrained, cfg.model.dtype, device, cfg.model.cache_dir, cfg.model.single_file_config)
@@ -274,7 +278,9 @@ def steer(prepared: Prepared) -> tuple[Path, dict[str, float]]:
 
 def run(cfg: DictConfig) -> Path:
     """Steer the adapter in `cfg.adapter` toward `cfg.image`; returns the steered export dir."""
-    path, _ = steer(prepare(cfg))
+    cfg = validate(cfg, SteerConfig)
+    with output_lock(output_dir(cfg), "steer"):
+        path, _ = steer(prepare(cfg))
     return path
 
 
