@@ -2,8 +2,9 @@
 
 The folder is written to a temporary sibling and renamed into place, so a reader never sees a
 half-written export. ``adapter.json`` (the manifest) records the method, base model, its
-fingerprint, the adapter's config, tokens, prompts, training steps, library versions and the
-sha256 of every file; ``load_adapter`` checks the hashes and the base model before attaching.
+fingerprint, the adapter's config, tokens, prompts, training steps, library versions, which file
+is for which tool (``use_with``) and the sha256 of every file; ``load_adapter`` checks the hashes
+and the base model before attaching. Every folder also gets a model card (``README.md``).
 """
 from __future__ import annotations
 
@@ -17,10 +18,12 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from dreamsteer.checkpoints import formats
-from dreamsteer.data.files import fsync_dir, is_orphan_temp, temp_prefix, write_json_atomic
+from dreamsteer.checkpoints.model_card import CARD, model_card
+from dreamsteer.data.files import fsync_dir, is_orphan_temp, make_temp_dir, temp_prefix, write_json_atomic, write_text_atomic
+from dreamsteer.data.images import save_image_atomic
 from dreamsteer.diffusion.adapters import (
     AdapterError,
     attach_adapter,
@@ -66,7 +69,7 @@ def is_adapter_folder(path: str | os.PathLike) -> bool:
     directory = Path(path)
     try:
         manifest = json.loads((directory / MANIFEST).read_text())
-        listed = set(manifest["files"]) | {MANIFEST}
+        listed = set(manifest["files"]) | {MANIFEST, CARD}
         manifest["method"], manifest["format_version"]
     except (OSError, ValueError, KeyError, TypeError):
         return False
@@ -178,12 +181,13 @@ def _fsync_tree(directory: Path) -> None:
             fsync_dir(path)
 
 
-def export_adapter(backbone: Any, out_dir: str | os.PathLike, extra: dict[str, Any] | None = None, a1111: bool = False) -> Path:
-    """Write ``backbone.adapter`` to `out_dir` in the formats of its kind (see `checkpoints.formats`).
+def export_adapter(backbone: Any, out_dir: str | os.PathLike, extra: dict[str, Any] | None = None, samples: Sequence[tuple[str, Any]] = ()) -> Path:
+    """Write ``backbone.adapter`` to `out_dir` in every format of its kind (see `checkpoints.formats`).
 
-    `extra` is merged into adapter.json (prompts, ``training_steps``, steering info ...); it may not
-    override what describes the weights (method, config, tokens, files, fingerprint).
-    With `a1111` the kohya LoRA file / A1111 embedding files are written too.
+    `extra` is merged into adapter.json (prompts, ``training_steps``, ``caption_tag_frequency``,
+    steering info ...); it may not override what describes the weights (method, config, tokens,
+    files, fingerprint). `samples`: ``(prompt, PIL image)`` pairs (validation images), saved as
+    ``samples/<i>.png`` and shown in the model card.
     `out_dir` must be absent, empty or one of our adapter folders (`prepare_export_target`).
     Returns the export folder.
     """
@@ -196,19 +200,8 @@ def export_adapter(backbone: Any, out_dir: str | os.PathLike, extra: dict[str, A
         raise ValueError(f"export_adapter: extra may not set {clash}")
     target = prepare_export_target(out_dir)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(f".{target.name}.tmp"), dir=target.parent))
+    tmp = make_temp_dir(target.parent, f".{target.name}.tmp")
     try:
-        token_files: dict[str, str] = {}
-        if adapter.kind == "lora":
-            files = formats.write_lora(adapter, backbone, tmp, a1111)
-        elif adapter.kind == "textual_inversion":
-            files, token_files = formats.write_token_files(adapter.vectors(backbone), tmp, a1111)
-        elif adapter.kind == "custom_diffusion":
-            files, token_files = formats.write_custom_diffusion(adapter, backbone, tmp, a1111)
-        elif adapter.kind == "dreambooth":
-            files = formats.write_dreambooth(adapter, backbone, tmp)
-        else:
-            raise AdapterError(f"unknown adapter kind {adapter.kind!r}")
         manifest: dict[str, Any] = {
             "format_version": FORMAT_VERSION,
             "method": adapter.kind,
@@ -217,7 +210,6 @@ def export_adapter(backbone: Any, out_dir: str | os.PathLike, extra: dict[str, A
             "prediction_type": backbone.prediction_type,
             "adapter_config": adapter.config,
             "tokens": list(adapter.tokens),
-            "token_files": token_files,
             "instance_prompt": None,
             "class_prompt": None,
             "training_steps": None,
@@ -225,8 +217,26 @@ def export_adapter(backbone: Any, out_dir: str | os.PathLike, extra: dict[str, A
             "versions": library_versions(),
         }
         manifest.update(extra)
+        token_files: dict[str, str] = {}
+        if adapter.kind == "lora":
+            files = formats.write_lora(adapter, backbone, tmp, manifest, output_name=target.name)
+        elif adapter.kind == "textual_inversion":
+            files, token_files = formats.write_token_files(adapter.vectors(backbone), tmp)
+        elif adapter.kind == "custom_diffusion":
+            files, token_files = formats.write_custom_diffusion(adapter, backbone, tmp)
+        elif adapter.kind == "dreambooth":
+            files = formats.write_dreambooth(adapter, backbone, tmp)
+        else:
+            raise AdapterError(f"unknown adapter kind {adapter.kind!r}")
+        sample_files = [(prompt, f"samples/{i}.png") for i, (prompt, _) in enumerate(samples)]
+        for (_, image), (_, name) in zip(samples, sample_files):
+            save_image_atomic(image, tmp / name)
+        files = [*files, *(name for _, name in sample_files)]
+        manifest["token_files"] = token_files
+        manifest["use_with"] = formats.use_with(adapter.kind, files, token_files)
         manifest["files"] = {name: sha256_file(tmp / name) for name in sorted(files)}
         write_json_atomic(manifest, tmp / MANIFEST)
+        write_text_atomic(model_card(manifest, target.name, sample_files), tmp / CARD)
         _fsync_tree(tmp)
         _replace_dir(tmp, target)
     finally:

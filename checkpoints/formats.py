@@ -2,27 +2,35 @@
 
 | kind | files | loads with |
 |---|---|---|
-| lora | ``pytorch_lora_weights.safetensors`` (diffusers, with the LoraConfig as metadata); ``lora_kohya.safetensors`` on request | ``pipe.load_lora_weights(dir)``; A1111 / ComfyUI / kohya read the kohya file |
-| textual_inversion | ``learned_embeds.safetensors`` ``{token: [n, D]}`` (one file per placeholder token: ``learned_embeds_<i>.safetensors`` after the first); ``a1111/<name>.safetensors`` ``{"emb_params": [n, D]}`` on request | ``pipe.load_textual_inversion(dir)``; A1111 ``embeddings/`` |
-| custom_diffusion | ``pytorch_custom_diffusion_weights.safetensors`` (diffusers' ``save_attn_procs`` keys) + ``learned_embeds*.safetensors`` for the modifier tokens | ``load_adapter`` (our loader), or diffusers' CustomDiffusionAttnProcessor built from the file |
-| dreambooth | a complete diffusers pipeline folder (the export folder itself) | ``StableDiffusionPipeline.from_pretrained(dir)``; ``model=local model.pretrained=dir`` |
+| lora | ``pytorch_lora_weights.safetensors`` (diffusers, with the LoraConfig as metadata); ``lora_kohya.safetensors`` (kohya keys and metadata, `checkpoints.kohya`) | ``pipe.load_lora_weights(dir)``; A1111 / ComfyUI / kohya read the kohya file |
+| textual_inversion | ``learned_embeds.safetensors`` ``{token: [n, D]}`` (one file per placeholder token: ``learned_embeds_<i>.safetensors`` after the first); ``a1111/<name>.safetensors`` ``{"emb_params": [n, D]}`` | ``pipe.load_textual_inversion(dir)``; A1111 / ComfyUI ``embeddings/`` |
+| custom_diffusion | ``pytorch_custom_diffusion_weights.safetensors`` (diffusers' ``save_attn_procs`` keys) + ``learned_embeds*.safetensors`` for the modifier tokens (+ ``a1111/``) | ``load_adapter`` (our loader), or diffusers' CustomDiffusionAttnProcessor built from the file |
+| dreambooth | a complete diffusers pipeline folder (the export folder itself, with the base model's scheduler); ``sd_checkpoint.safetensors``: the same weights in the original SD layout (`checkpoints.sd_single_file`) | ``StableDiffusionPipeline.from_pretrained(dir)``; A1111 / ComfyUI ``checkpoints/`` |
+
+Every safetensors file is written reproducibly (sorted metadata): the same weights give the same bytes.
+Text-encoder weights are named with the ``text_model.`` prefix, the layout of every transformers
+release (4.x writes it; 5.x writes it without the prefix but loads both).
 """
 from __future__ import annotations
 
+import json
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from dreamsteer.checkpoints import kohya
+from dreamsteer.checkpoints.safetensors_files import read_metadata, save_safetensors
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 LORA_KOHYA_FILE = "lora_kohya.safetensors"
 CD_FILE = "pytorch_custom_diffusion_weights.safetensors"
 TI_FILE = "learned_embeds.safetensors"
 A1111_DIR = "a1111"
+SINGLE_FILE = "sd_checkpoint.safetensors"
+TEXT_ENCODER_WEIGHTS = "text_encoder/model.safetensors"
 
 
 class AdapterFormatError(ValueError):
@@ -39,9 +47,17 @@ def a1111_name(token: str) -> str:
     return stem
 
 
-def _save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    save_file(tensors, str(path), metadata={"format": "pt", **(metadata or {})})
+def use_with(kind: str, files: list[str], token_files: dict[str, str]) -> dict[str, list[str]]:
+    """Which files of an export each tool loads (adapter.json's ``use_with``)."""
+    embeddings = sorted(token_files.values())
+    a1111 = sorted(f for f in files if f.startswith(A1111_DIR + "/"))
+    if kind == "lora":
+        return {"diffusers": [LORA_FILE], "a1111": [LORA_KOHYA_FILE], "comfyui": [LORA_KOHYA_FILE], "kohya": [LORA_KOHYA_FILE]}
+    if kind == "textual_inversion":
+        return {"diffusers": embeddings, "a1111": a1111, "comfyui": a1111}
+    if kind == "custom_diffusion":  # A1111 and ComfyUI have no Custom Diffusion loader
+        return {"diffusers": [CD_FILE, *embeddings]}
+    return {"diffusers": ["model_index.json"], "a1111": [SINGLE_FILE], "comfyui": [SINGLE_FILE]}
 
 
 # ----------------------------------------------------------------------------- LoRA
@@ -53,50 +69,80 @@ def _peft_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return get_peft_model_state_dict(module, adapter_name=LORA_ADAPTER_NAME)
 
 
-def peft_to_kohya(state: dict[str, torch.Tensor], prefix: str, alpha: float, text_encoder: bool) -> dict[str, torch.Tensor]:
-    """peft keys ``<module>.lora_A.weight`` -> kohya ``<prefix><module_with_underscores>.lora_down.weight`` + ``.alpha``.
+def lora_states(backbone: Any) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The attached LoRA's peft states (fp32, CPU) of the UNet and the text encoder (empty if it has none)."""
+    from dreamsteer.diffusion.adapters import LORA_ADAPTER_NAME
 
-    SD 1.x/2.x kohya names: ``lora_unet_<diffusers module path>`` and
-    ``lora_te_text_model_<HF CLIP module path>``; the scale is ``alpha / rank``, stored per module.
+    def state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+        if LORA_ADAPTER_NAME not in getattr(module, "peft_config", {}):
+            return {}
+        return {k: v.detach().float().cpu() for k, v in _peft_state(module).items()}
+
+    return state(backbone.unet), state(backbone.text_encoder)
+
+
+def save_diffusers_lora(
+    directory: Path, unet_state: dict[str, torch.Tensor], text_state: dict[str, torch.Tensor],
+    unet_config: dict[str, Any] | None, text_config: dict[str, Any] | None,
+) -> None:
+    """diffusers' ``pytorch_lora_weights.safetensors`` from peft states (`*_config`: the LoraConfig dicts, or None).
+
+    Text-encoder keys get the ``text_model.`` prefix (see the module docstring); the file is then
+    rewritten reproducibly.
     """
-    out: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        module, _, rest = key.rpartition(".lora_")
-        if rest not in ("A.weight", "B.weight"):
-            raise AdapterFormatError(f"unexpected LoRA key {key!r} (only linear LoRA layers convert to kohya)")
-        if text_encoder and not module.startswith("text_model."):
-            module = "text_model." + module  # transformers 5 dropped the text_model wrapper; kohya names keep it
-        name = prefix + module.replace(".", "_")
-        out[f"{name}.{'lora_down' if rest[0] == 'A' else 'lora_up'}.weight"] = value
-        out[f"{name}.alpha"] = torch.tensor(float(alpha))
-    return out
-
-
-def write_lora(adapter: Any, backbone: Any, directory: Path, a1111: bool) -> list[str]:
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
 
-    from dreamsteer.diffusion.adapters import LORA_ADAPTER_NAME
-
-    unet_state = {k: v.detach().float().cpu() for k, v in _peft_state(backbone.unet).items()}
-    text_state = {k: v.detach().float().cpu() for k, v in _peft_state(backbone.text_encoder).items()} if adapter.config["text_encoder"] else {}
+    text_state = {k if k.startswith("text_model.") else "text_model." + k: v for k, v in text_state.items()}
     StableDiffusionPipeline.save_lora_weights(
         str(directory),
-        unet_lora_layers=convert_state_dict_to_diffusers(unet_state),
+        unet_lora_layers=convert_state_dict_to_diffusers(unet_state) if unet_state else None,
         text_encoder_lora_layers=convert_state_dict_to_diffusers(text_state) if text_state else None,
-        unet_lora_adapter_metadata=backbone.unet.peft_config[LORA_ADAPTER_NAME].to_dict(),
-        text_encoder_lora_adapter_metadata=backbone.text_encoder.peft_config[LORA_ADAPTER_NAME].to_dict() if text_state else None,
+        unet_lora_adapter_metadata=unet_config if unet_state else None,
+        text_encoder_lora_adapter_metadata=text_config if text_state else None,
         weight_name=LORA_FILE,
         safe_serialization=True,
     )
-    files = [LORA_FILE]
-    if a1111:
-        alpha = adapter.config["alpha"]
-        kohya = peft_to_kohya(unet_state, "lora_unet_", alpha, text_encoder=False)
-        kohya.update(peft_to_kohya(text_state, "lora_te_", alpha, text_encoder=True))
-        _save(kohya, directory / LORA_KOHYA_FILE, {"ss_network_dim": str(adapter.config["rank"]), "ss_network_alpha": str(alpha)})
-        files.append(LORA_KOHYA_FILE)
-    return files
+    path = directory / LORA_FILE
+    save_safetensors(load_file(str(path)), path, read_metadata(path))
+
+
+def save_kohya_lora(
+    path: Path, unet_state: dict[str, torch.Tensor], text_state: dict[str, torch.Tensor],
+    alpha: float, rank: int, metadata: dict[str, Any],
+) -> None:
+    """The kohya file (keys and metadata of `checkpoints.kohya`); `metadata`: `kohya.lora_metadata`'s arguments."""
+    tensors = kohya.peft_to_kohya(unet_state, kohya.UNET_PREFIX, alpha, text_encoder=False)
+    tensors.update(kohya.peft_to_kohya(text_state, kohya.TEXT_PREFIX, alpha, text_encoder=True))
+    save_safetensors(tensors, path, kohya.lora_metadata(tensors, rank=rank, alpha=alpha, **metadata))
+
+
+def kohya_info(backbone: Any, manifest: dict[str, Any], output_name: str) -> dict[str, Any]:
+    """The training facts kohya's metadata records, from the backbone and an adapter.json."""
+    training = manifest.get("training") or {}
+    return {
+        "v2": kohya.is_sd2(backbone.text_encoder.config),
+        "v_prediction": backbone.prediction_type == "v_prediction",
+        "base_model": str(manifest.get("base_model")),
+        "output_name": output_name,
+        "resolution": training.get("resolution") or backbone.resolution,
+        "steps": manifest.get("training_steps"),
+        "tag_frequency_json": manifest.get("caption_tag_frequency"),
+    }
+
+
+def write_lora(adapter: Any, backbone: Any, directory: Path, manifest: dict[str, Any], output_name: str) -> list[str]:
+    from dreamsteer.diffusion.adapters import LORA_ADAPTER_NAME
+
+    unet_state, text_state = lora_states(backbone)
+    save_diffusers_lora(
+        directory, unet_state, text_state,
+        backbone.unet.peft_config[LORA_ADAPTER_NAME].to_dict(),
+        backbone.text_encoder.peft_config[LORA_ADAPTER_NAME].to_dict() if text_state else None,
+    )
+    save_kohya_lora(directory / LORA_KOHYA_FILE, unet_state, text_state, adapter.config["alpha"], adapter.config["rank"],
+                    kohya_info(backbone, manifest, output_name))
+    return [LORA_FILE, LORA_KOHYA_FILE]
 
 
 def _diffusers_to_peft_key(key: str) -> str:
@@ -119,6 +165,8 @@ def read_lora(adapter: Any, backbone: Any, directory: Path) -> None:
             continue
         part = {_diffusers_to_peft_key(k): v for k, v in part.items()}
         expected = set(_peft_state(module))
+        if prefix == "text_encoder." and not any(k.startswith("text_model.") for k in expected):
+            part = {k.removeprefix("text_model."): v for k, v in part.items()}  # transformers 5 names
         if set(part) != expected:
             raise AdapterFormatError(
                 f"{directory / LORA_FILE}: {prefix[:-1]} LoRA keys do not match the adapter config "
@@ -130,18 +178,17 @@ def read_lora(adapter: Any, backbone: Any, directory: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- token embeddings (TI, CD)
-def write_token_files(vectors: dict[str, torch.Tensor], directory: Path, a1111: bool) -> tuple[list[str], dict[str, str]]:
+def write_token_files(vectors: dict[str, torch.Tensor], directory: Path) -> tuple[list[str], dict[str, str]]:
+    """diffusers' ``learned_embeds*.safetensors`` and A1111's ``a1111/<name>.safetensors`` for each token."""
     files, token_files = [], {}
     for i, (token, rows) in enumerate(vectors.items()):
         name = token_file_name(i)
-        _save({token: rows.float()}, directory / name)
+        save_safetensors({token: rows.float()}, directory / name)
         files.append(name)
         token_files[token] = name
-        if a1111:
-            (directory / A1111_DIR).mkdir(exist_ok=True)
-            a_name = f"{A1111_DIR}/{a1111_name(token)}.safetensors"
-            _save({"emb_params": rows.float()}, directory / a_name)
-            files.append(a_name)
+        a_name = f"{A1111_DIR}/{a1111_name(token)}.safetensors"
+        save_safetensors({"emb_params": rows.float()}, directory / a_name)
+        files.append(a_name)
     return files, token_files
 
 
@@ -165,11 +212,11 @@ def _cd_key(module_name: str, param_name: str) -> str:
     return f"{attn}.processor.{sub}_custom_diffusion.{param_name}"
 
 
-def write_custom_diffusion(adapter: Any, backbone: Any, directory: Path, a1111: bool) -> tuple[list[str], dict[str, str]]:
+def write_custom_diffusion(adapter: Any, backbone: Any, directory: Path) -> tuple[list[str], dict[str, str]]:
     modules = dict(backbone.unet.named_modules())
     weights = {_cd_key(m, p): modules[m]._parameters[p].detach().float() for m, p in adapter.weight_names()}
-    _save(weights, directory / CD_FILE)
-    files, token_files = write_token_files(adapter.vectors(backbone), directory, a1111)
+    save_safetensors(weights, directory / CD_FILE)
+    files, token_files = write_token_files(adapter.vectors(backbone), directory)
     return [CD_FILE] + files, token_files
 
 
@@ -206,21 +253,39 @@ def custom_diffusion_processors(unet: torch.nn.Module, path: Path) -> dict[str, 
 
 
 # ----------------------------------------------------------------------------- DreamBooth
-def write_dreambooth(adapter: Any, backbone: Any, directory: Path) -> list[str]:
-    from diffusers import StableDiffusionPipeline
+def base_scheduler(backbone: Any) -> Any:
+    """The base model's own sampling scheduler (class and config), else the backbone's."""
+    import diffusers
 
     from dreamsteer.diffusion.backbone import resolve_model_source
 
-    scheduler = backbone.scheduler
-    base = Path(resolve_model_source(backbone.source))
-    base_scheduler = base / "scheduler" / "scheduler_config.json"
+    config_path = Path(resolve_model_source(backbone.source)) / "scheduler" / "scheduler_config.json"
+    if not config_path.is_file():
+        return backbone.scheduler
+    config = json.loads(config_path.read_text())
+    cls = getattr(diffusers, str(config.get("_class_name")), None)
+    if cls is None:
+        raise AdapterFormatError(f"{config_path}: unknown scheduler class {config.get('_class_name')!r}")
+    return cls.from_config(config)
+
+
+def write_dreambooth(adapter: Any, backbone: Any, directory: Path) -> list[str]:
+    """The pipeline folder (base scheduler; text encoder named ``text_model.*``) and the single SD file."""
+    from diffusers import StableDiffusionPipeline
+
+    from dreamsteer.checkpoints.sd_single_file import pipeline_to_original
+
     pipe = StableDiffusionPipeline(
         vae=backbone.vae, text_encoder=backbone.text_encoder, tokenizer=backbone.tokenizer, unet=backbone.unet,
-        scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        scheduler=base_scheduler(backbone), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     pipe.save_pretrained(str(directory), safe_serialization=True)
-    if base.is_dir() and base_scheduler.is_file():  # keep the base model's sampling scheduler for users
-        shutil.copyfile(base_scheduler, directory / "scheduler" / "scheduler_config.json")
+    text_weights = directory / TEXT_ENCODER_WEIGHTS
+    state = load_file(str(text_weights))
+    state = {k if k.startswith("text_model.") else "text_model." + k: v for k, v in state.items()}
+    save_safetensors(state, text_weights, read_metadata(text_weights))
+    single = pipeline_to_original(backbone.unet, backbone.vae, backbone.text_encoder, kohya.is_sd2(backbone.text_encoder.config))
+    save_safetensors(single, directory / SINGLE_FILE)
     return sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file())
 
 
@@ -236,8 +301,3 @@ def read_dreambooth(backbone: Any, directory: Path, train_text_encoder: bool) ->
         text_encoder = CLIPTextModel.from_pretrained(str(directory), subfolder="text_encoder", dtype=backbone.text_encoder.dtype)
         text_encoder.to(backbone.text_encoder.device)
     return unet, text_encoder
-
-
-def safetensors_metadata(path: Path) -> dict[str, str]:
-    with safe_open(str(path), "pt") as f:
-        return dict(f.metadata() or {})

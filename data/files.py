@@ -6,6 +6,10 @@ only the leftovers of processes that are gone, never a file another live run is 
 
 A write that fails for a reason the user can fix (disk full, no permission, read-only file system)
 raises `OutputWriteError`, whose message names the path; the CLI prints it as one line.
+
+Temp files and folders from `tempfile` are created 0600 / 0700 whatever the umask; everything made
+here gets the mode a plain ``open`` / ``mkdir`` would give it (``0666 & ~umask``, ``0777 & ~umask``),
+so outputs are readable by whoever the umask lets read them (a ComfyUI running as another user, a container).
 """
 from __future__ import annotations
 
@@ -94,6 +98,22 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
+def current_umask() -> int:
+    """The process umask (read by setting it and putting it back: there is no getter)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def make_temp_dir(parent: str | os.PathLike, name: str) -> Path:
+    """A new empty temp folder for `name` in `parent` (`temp_prefix` naming), with the mode ``mkdir``
+    would give it (not mkdtemp's 0700)."""
+    with writing(parent):
+        path = Path(tempfile.mkdtemp(prefix=temp_prefix(name), dir=parent))
+        os.chmod(path, 0o777 & ~current_umask())
+    return path
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb", encoding: str | None = None) -> Iterator[IO[Any]]:
     """Yield a temp file beside `path`; when the block ends cleanly it is fsynced and renamed over `path`
@@ -104,6 +124,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", encoding: str | None
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path.name), suffix=".tmp", dir=path.parent)
         try:
+            os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600
             with os.fdopen(fd, mode, encoding=encoding) as f:
                 yield f
                 f.flush()
@@ -113,6 +134,13 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", encoding: str | None
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+
+
+def write_text_atomic(text: str, path: str | os.PathLike) -> Path:
+    """Write `text` (UTF-8) to `path` atomically."""
+    with atomic_write(path, "w", encoding="utf-8") as f:
+        f.write(text)
+    return Path(path)
 
 
 def write_json_atomic(data: Any, path: str | os.PathLike) -> Path:

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from dreamsteer.checkpoints import export_adapter
-from dreamsteer.data.subject import mix_seed
+from dreamsteer.checkpoints import export_adapter, kohya
+from dreamsteer.data.subject import mix_seed, read_instance_items
 from dreamsteer.diffusion.adapters import attach_adapter
 from dreamsteer.diffusion.backbone import Backbone, load_backbone
 
@@ -76,6 +76,7 @@ class PersonalizeModule(L.LightningModule):
         self._last_validation_step = -1
         # [{"step", "checkpoint", "changed": {key: [old, new]}}] per resume; kept in checkpoints, written to adapter.json
         self.resumes: list[dict[str, Any]] = []
+        self.last_validation: list[tuple[str, Any]] = []  # (prompt, image) of the newest validation, for the model card
 
     # ------------------------------------------------------------------ method hooks
     # Subclasses set `method` and define the static `adapter_kwargs(method_cfg) -> dict`: the arguments of
@@ -237,6 +238,7 @@ class PersonalizeModule(L.LightningModule):
         v = self.cfg.validation
         prompts = list(v.prompts) or [self.cfg.data.instance_prompt]
         images = self.sample_images(prompts, v.num_images, v.steps, v.guidance_scale, v.seed)
+        self.last_validation = [(prompt, im) for i, prompt in enumerate(prompts) for im in images[i * v.num_images : (i + 1) * v.num_images]]
         logger = self.logger
         if logger and hasattr(logger.experiment, "add_images"):
             for i, prompt in enumerate(prompts):
@@ -244,9 +246,22 @@ class PersonalizeModule(L.LightningModule):
                 logger.experiment.add_images(f"validation/{i}: {prompt}", batch, global_step=step, dataformats="NHWC")
 
     # ------------------------------------------------------------------ export
+    def caption_tag_frequency(self) -> dict[str, dict[str, int]] | None:
+        """kohya's tag counts of the caption files used (None without captions or when the photos are gone)."""
+        d = self.cfg.data
+        if not d.captions:
+            return None
+        try:
+            items = read_instance_items(d.instance_dir, captions=True)
+        except (OSError, ValueError):
+            return None
+        captions = [item.caption for item in items if item.caption]
+        return kohya.tag_frequency({Path(d.instance_dir).name: captions}) if captions else None
+
     def export_info(self) -> dict[str, Any]:
         d = self.cfg.data
         return {
+            "caption_tag_frequency": self.caption_tag_frequency(),
             "instance_prompt": d.instance_prompt,
             "class_prompt": d.class_prompt if self.cfg.loss.prior_preservation else None,
             "training_steps": int(self.trainer.global_step) if self._trainer is not None else None,
@@ -260,12 +275,11 @@ class PersonalizeModule(L.LightningModule):
             },
         }
 
-    def export(self, out_dir: str | Path, a1111: bool | None = None, training_steps: int | None = None) -> Path:
+    def export(self, out_dir: str | Path, training_steps: int | None = None) -> Path:
         info = self.export_info()
         if training_steps is not None:
             info["training_steps"] = training_steps
-        a1111 = self.cfg.export.a1111 if a1111 is None else a1111
-        return export_adapter(self.backbone, out_dir, info, a1111=a1111)
+        return export_adapter(self.backbone, out_dir, info, samples=self.last_validation)
 
     def on_train_end(self) -> None:
         if self.export_dir is not None and self.trainer.is_global_zero:

@@ -12,12 +12,12 @@ import io
 import math
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
 
 from PIL import Image
 
+from dreamsteer.data.files import write_text_atomic
 from dreamsteer.metrics.evaluator import AREAS, METRICS
 
 PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
@@ -416,18 +416,3 @@ def write_report(results: dict, report_path: str | os.PathLike, embed_images: bo
     text = render_report(results, report_path, embed_images, thumbnail, max_jobs)
     write_text_atomic(text, report_path)
     return report_path
-
-
-def write_text_atomic(text: str, path: Path) -> None:
-    """Write through a temp file in the same folder, then rename; the file gets the usual umask permissions."""
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600 files
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

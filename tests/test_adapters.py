@@ -154,7 +154,7 @@ def test_a1111_layouts_load_in_diffusers(tiny_dir, tmp_path):
     attach_adapter(lora, "lora", rank=4, alpha=2.0, text_encoder=True)
     _perturb(lora)
     expected = _unet_eps(lora, "a photo of a cat")
-    out = export_adapter(lora, tmp_path / "lora", a1111=True)
+    out = export_adapter(lora, tmp_path / "lora")
     from safetensors.torch import load_file
 
     keys = load_file(str(out / LORA_KOHYA_FILE))
@@ -172,7 +172,7 @@ def test_a1111_layouts_load_in_diffusers(tiny_dir, tmp_path):
     attach_adapter(ti, "textual_inversion", tokens=["<sks>"], num_vectors=2)
     _perturb(ti)
     expected = _unet_eps(ti, "a photo of <sks>")
-    out = export_adapter(ti, tmp_path / "ti", a1111=True)
+    out = export_adapter(ti, tmp_path / "ti")
     assert set(load_file(str(out / "a1111" / "sks.safetensors"))) == {"emb_params"}
     pipe = StableDiffusionPipeline.from_pretrained(str(tiny_dir))
     pipe.load_textual_inversion(str(out / "a1111" / "sks.safetensors"), token="<sks>")

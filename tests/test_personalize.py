@@ -177,7 +177,7 @@ def test_interrupted_then_resumed_run_equals_uninterrupted_and_checkpoints_are_t
     first = load_file(str(tmp_path / "a" / "adapter" / "pytorch_lora_weights.safetensors"))
     assert any(not torch.equal(first[k], torch.zeros_like(first[k])) for k in first if "lora.up" in k or "lora_B" in k)
 
-    exported = export_run(compose("export", [f"ckpt={tmp_path / 'b'}", f"dir={tmp_path / 'from_ckpt'}", "a1111=true"]))
+    exported = export_run(compose("export", [f"ckpt={tmp_path / 'b'}", f"dir={tmp_path / 'from_ckpt'}"]))
     c = load_file(str(exported / "pytorch_lora_weights.safetensors"))
     assert all(torch.equal(b[k], c[k]) for k in b)
     assert (exported / "lora_kohya.safetensors").is_file()

@@ -1,4 +1,4 @@
-"""`python -m train export ckpt=<checkpoint file or run folder> [dir=...] [a1111=true]`
+"""`python -m train export ckpt=<checkpoint file or run folder> [dir=...]`
 
 Rebuilds the base model and adapter from the checkpoint's own config, loads its trainable state
 and writes the adapter folder (the same formats as the end of `personalize`). Returns the folder.
@@ -21,17 +21,16 @@ from dreamsteer.train.lock import output_lock
 class ExportTaskConfig:
     ckpt: str = "???"
     dir: Optional[str] = None  # default: <output_dir>/adapter
-    a1111: bool = False
     pretrained: Optional[str] = None  # override the base model recorded in the checkpoint (e.g. moved folder)
     output_dir: Optional[str] = None
 
 
-def export_checkpoint(module: Any, checkpoint: dict[str, Any], target: Path, a1111: bool | None = None) -> Path:
+def export_checkpoint(module: Any, checkpoint: dict[str, Any], target: Path) -> Path:
     """Load a trimmed checkpoint's trainable state into `module` (a personalize module built from the same
     config) and export it to `target`, with the checkpoint's step and resume history in adapter.json."""
     module.backbone.adapter.load_trainable_state_dict(module.backbone, checkpoint["state_dict"])
     module.resumes = list(checkpoint.get("resumes", []))
-    return module.export(target, a1111=a1111, training_steps=int(checkpoint.get("global_step", 0)))
+    return module.export(target, training_steps=int(checkpoint.get("global_step", 0)))
 
 
 def checkpoint_run_folder(path: Path) -> Path:
@@ -63,6 +62,6 @@ def run(cfg: DictConfig) -> Path:
     })
     with output_lock(target.parent, "export"):
         module = MODULES[method](config)
-        path = export_checkpoint(module, checkpoint, target, a1111=cfg.a1111)
+        path = export_checkpoint(module, checkpoint, target)
     print(f"exported {method} adapter (step {checkpoint.get('global_step')}) from {checkpoint['path']} to {path}")
     return path

@@ -114,7 +114,6 @@ class ValidationConfig:
 class ExportConfig:
     enabled: bool = True
     dir: Optional[str] = None  # default: <output_dir>/adapter
-    a1111: bool = False  # also the kohya LoRA file / A1111 embedding files
 
 
 @dataclass
