@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save
 
-from dreamsteer.data.files import atomic_path
+from dreamsteer.data.files import atomic_write
 
 _ALIGN = 8  # safetensors pads its JSON header with spaces to a multiple of 8 bytes
 
@@ -34,8 +34,8 @@ def serialize(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
     """Write `tensors` to `path` atomically, reproducibly, with ``format: pt`` plus `metadata`."""
     data = serialize(tensors, {"format": "pt", **(metadata or {})})
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
+    with atomic_write(path) as f:
+        f.write(data)
     return Path(path)
 
 
