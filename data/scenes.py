@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-RESOLUTION = 64  # the toy model's image size in pixels
+RESOLUTION = 32  # the toy model's image size in pixels
 SUPERSAMPLE = 4  # anti-aliasing: coverage is measured on a 4x finer grid
 
 # Colors are far apart in RGB (>= 115 between any two) so a nearest-color rule
@@ -49,7 +49,7 @@ BACKGROUND_COLORS: dict[str, tuple[int, int, int]] = {
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star")
 
 # Object size: the radius of the circle an object is drawn in, as a fraction of the image side.
-MIN_SIZE, MAX_SIZE = 0.13, 0.21
+MIN_SIZE, MAX_SIZE = 0.14, 0.22
 GAP = 0.03  # the least distance between two objects' circles (fraction of the image side)
 MIN_OBJECTS, MAX_OBJECTS = 1, 2  # the pretraining distribution (the renderer draws up to 3)
 

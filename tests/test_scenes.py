@@ -7,6 +7,7 @@ import pytest
 from dreamsteer.data.scenes import (
     BACKGROUND_COLORS,
     OBJECT_COLORS,
+    RESOLUTION,
     SHAPES,
     SUBJECT,
     SceneDataset,
@@ -53,7 +54,7 @@ def test_masks_boxes_and_colors_match_the_pixels(seed):
         ys, xs = np.nonzero(mask)
         assert (x0, y0, x1, y1) == (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
         # the box sits where the object was placed: its center within 2 px of the shape's center
-        cx, cy = obj.center[0] * 64, obj.center[1] * 64
+        cx, cy = obj.center[0] * RESOLUTION, obj.center[1] * RESOLUTION
         assert abs((x0 + x1) / 2 - cx) <= 2 and abs((y0 + y1) / 2 - cy) <= 2
         # the mask's interior pixels are the object's color; the median over the mask is too
         assert np.abs(np.median(pixels[mask], 0) - OBJECT_COLORS[obj.color]).max() <= 1
@@ -93,7 +94,7 @@ def test_subject_scene_and_photos(tmp_path):
     assert scene.caption.startswith(f"a {SUBJECT.token} {SUBJECT.class_word} on a ")
     obj, mask = scene.objects[0], scene.masks[0]
     pixels = np.asarray(scene.image).astype(int)
-    cx, cy = int(obj.center[0] * 64), int(obj.center[1] * 64)
+    cx, cy = int(obj.center[0] * RESOLUTION), int(obj.center[1] * RESOLUTION)
     assert np.abs(pixels[cy, cx] - OBJECT_COLORS[SUBJECT.inner_color]).max() <= 1  # the center is the inner color
     x0, y0, x1, y1 = scene.boxes[0]
     assert np.abs(pixels[(y0 + y1) // 2, x0 + 1] - OBJECT_COLORS[SUBJECT.color]).max() <= 1  # the rim the outer color
@@ -104,6 +105,6 @@ def test_subject_scene_and_photos(tmp_path):
 
 def test_collate_keeps_ragged_truth():
     batch = collate_scenes([SceneDataset(3, seed=0, min_objects=1, max_objects=3)[i] for i in range(3)])
-    assert batch["pixel_values"].shape == (3, 3, 64, 64)
+    assert batch["pixel_values"].shape == (3, 3, RESOLUTION, RESOLUTION)
     assert batch["pixel_values"].min() >= -1 and batch["pixel_values"].max() <= 1
     assert all(len(p) == len(b) for p, b in zip(batch["phrases"], batch["boxes"]))
