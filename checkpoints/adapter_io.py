@@ -27,6 +27,7 @@ from dreamsteer.data.images import save_image_atomic
 from dreamsteer.diffusion.adapters import (
     AdapterError,
     attach_adapter,
+    check_text_encoder_lora,
     fingerprints_match,
     model_fingerprint,
 )
@@ -246,7 +247,11 @@ def export_adapter(backbone: Any, out_dir: str | os.PathLike, extra: dict[str, A
 
 
 def read_manifest(adapter_dir: str | os.PathLike) -> dict[str, Any]:
-    """adapter.json of an export folder (FileNotFoundError / AdapterLoadError name the folder)."""
+    """adapter.json of an export folder (FileNotFoundError / AdapterLoadError name the folder).
+
+    Also refuses, before any model is loaded, an adapter the installed libraries cannot attach (text-encoder LoRA
+    under a transformers that rejects the installed peft).
+    """
     directory = Path(adapter_dir)
     path = directory / MANIFEST
     if not directory.is_dir():
@@ -260,6 +265,11 @@ def read_manifest(adapter_dir: str | os.PathLike) -> dict[str, Any]:
     for key in ("method", "base_model_fingerprint", "adapter_config", "files"):
         if key not in manifest:
             raise AdapterLoadError(f"{path}: missing key {key!r}")
+    if manifest["method"] == "lora" and manifest["adapter_config"].get("text_encoder"):
+        try:
+            check_text_encoder_lora()
+        except AdapterError as err:
+            raise AdapterLoadError(f"adapter folder {directory}: {err}") from None
     return manifest
 
 

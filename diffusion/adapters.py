@@ -241,6 +241,27 @@ def _ensure_free(backbone: Any) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- LoRA
+def check_text_encoder_lora() -> None:
+    """Raise AdapterError, before any model is touched, when the installed transformers refuses the installed peft.
+
+    transformers checks ``peft >= MIN_PEFT_VERSION`` in every adapter call on its models (``add_adapter``,
+    ``disable_adapters``, ...), so text-encoder LoRA cannot run at all; the UNet side goes through diffusers and
+    is unaffected. Known case: transformers >= 5.24 needs peft >= 0.22, which was not released with it.
+    """
+    from importlib import metadata
+
+    from packaging.version import Version
+    from transformers.integrations.peft import MIN_PEFT_VERSION
+
+    transformers_version, peft_version = metadata.version("transformers"), metadata.version("peft")
+    if Version(peft_version) < Version(MIN_PEFT_VERSION):
+        raise AdapterError(
+            f"text-encoder LoRA cannot run with transformers {transformers_version} and peft {peft_version}: "
+            f"transformers {transformers_version} requires peft >= {MIN_PEFT_VERSION}; fix: install the tested versions "
+            f"(pip install -c requirements/lock.txt -e . in a checkout) or peft >= {MIN_PEFT_VERSION} where released"
+        )
+
+
 class LoraAdapter(_Adapter):
     """peft LoRA on the UNet (and optionally the text encoder): ``W x + (alpha / r) B A x``.
 
@@ -287,6 +308,8 @@ def add_lora(
         raise AdapterError(f"LoRA dropout must be in [0, 1), got {dropout}")
     if not target_modules:
         raise AdapterError("LoRA target_modules must name at least one module (e.g. to_q, to_k, to_v, to_out.0)")
+    if text_encoder:
+        check_text_encoder_lora()
     fingerprint = _ensure_free(backbone)
     alpha = float(rank if alpha is None else alpha)
     config = {

@@ -39,3 +39,17 @@ def fresh_backbone(tiny_dir):
     from dreamsteer.diffusion.backbone import load_backbone
 
     return load_backbone(str(tiny_dir))
+
+
+@pytest.fixture
+def transformers_refusing_peft(monkeypatch):
+    """Simulate transformers 5.24.0 (which requires peft >= 0.22.0) beside peft 0.21.2: the installed versions and
+    transformers' minimum, as the text-encoder LoRA guard reads them."""
+    import importlib.metadata
+
+    import transformers.integrations.peft
+
+    real_version = importlib.metadata.version
+    fake = {"transformers": "5.24.0", "peft": "0.21.2"}
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: fake.get(name) or real_version(name))
+    monkeypatch.setattr(transformers.integrations.peft, "MIN_PEFT_VERSION", "0.22.0")

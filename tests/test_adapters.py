@@ -238,3 +238,14 @@ def test_attention_recorder_sees_the_adapter(fresh_backbone, kind):
     with fresh_backbone.adapter_disabled():
         base = _unet_eps(fresh_backbone, "a photo of a cat")
     assert not torch.allclose(got, base, atol=1e-4)
+
+
+def test_text_encoder_lora_exports_are_refused_under_refusing_transformers(fresh_backbone, tmp_path, transformers_refusing_peft):
+    manifest = {"method": "lora", "base_model_fingerprint": {}, "adapter_config": {"rank": 4, "text_encoder": True}, "files": {}}
+    (tmp_path / "adapter.json").write_text(json.dumps(manifest))
+    with pytest.raises(AdapterLoadError, match=r"adapter folder .*: text-encoder LoRA cannot run with transformers 5\.24\.0 and peft 0\.21\.2"):
+        load_adapter(fresh_backbone, tmp_path)
+    with pytest.raises(AdapterError, match="requires peft >= 0.22.0"):
+        attach_adapter(fresh_backbone, "lora", rank=4, text_encoder=True)
+    assert fresh_backbone.adapter is None and not hasattr(fresh_backbone.unet, "peft_config")
+    attach_adapter(fresh_backbone, "lora", rank=4)  # UNet-only LoRA goes through diffusers: unaffected

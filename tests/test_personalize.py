@@ -275,3 +275,21 @@ def test_caption_files_and_templates_feed_the_prompts(subject_dir, tmp_path):
         validate_subject_data(cfg, ["<sks>"])
     cfg.prompt_templates, cfg.subject = "object", "<sks> cat"
     assert len(resolve_templates(cfg)) > 10
+
+
+def test_text_encoder_lora_under_refusing_transformers_fails_at_validation(transformers_refusing_peft, subject_dir, tmp_path, monkeypatch):
+    import dreamsteer.diffusion.backbone
+
+    def load_backbone(*args, **kwargs):
+        raise AssertionError("the model was loaded before the version guard")
+
+    monkeypatch.setattr(dreamsteer.diffusion.backbone, "load_backbone", load_backbone)
+    with pytest.raises(ConfigError) as failure:
+        run(compose("personalize", overrides("lora", subject_dir, tmp_path / "out", "method.train_text_encoder=true")))
+    message = str(failure.value)
+    assert "\n" not in message and message.startswith("config key 'method.train_text_encoder'")
+    assert "transformers 5.24.0" in message and "peft 0.21.2" in message and "peft >= 0.22.0" in message
+    assert "pip install -c requirements/lock.txt" in message
+    assert not (tmp_path / "out").exists()
+    # the UNet-only LoRA is unaffected: validation passes under the same versions
+    validate_config(compose("personalize", overrides("lora", subject_dir, tmp_path / "out")))

@@ -142,6 +142,13 @@ def validate_config(cfg: DictConfig) -> DictConfig:
         raise ConfigError(f"config key 'method': choose one with method=<{'|'.join(METHODS)}>")
     check_choice(cfg, "method.name", METHODS)
     cfg.method = validate(cfg.method, METHOD_SCHEMAS[cfg.method.name])
+    if cfg.method.name == "lora" and cfg.method.train_text_encoder:
+        from dreamsteer.diffusion.adapters import AdapterError, check_text_encoder_lora
+
+        try:
+            check_text_encoder_lora()
+        except AdapterError as err:
+            raise ConfigError(f"config key 'method.train_text_encoder': {err}") from None
     check_choice(cfg, "optim.name", ["adamw", "adamw8bit"])
     check_choice(cfg, "optim.scheduler", ["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"])
     check_choice(cfg, "trainer.precision", PRECISIONS)
