@@ -53,7 +53,7 @@ lock:
 	$(LOCK_VENV)/bin/python -m pytest -q
 	{ printf '%s\n' $(LOCK_HEADER); \
 	  $(LOCK_VENV)/bin/python -c "import platform, torch; print(f'# Python {platform.python_version()}, torch {torch.__version__}.')"; \
-	  $(LOCK_VENV)/bin/python -m pip freeze --exclude-editable | grep -v -i '^torch=='; } > $(LOCK).tmp
+	  $(LOCK_VENV)/bin/python -m pip freeze --all --exclude-editable | grep -v -i -E '^(torch|pip)=='; } > $(LOCK).tmp
 	mv $(LOCK).tmp $(LOCK)
 	rm -rf $(LOCK_VENV)
 

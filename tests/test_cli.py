@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 
 from tests.conftest import REPO_ROOT
+from dreamsteer.train.cli import override_error
 from dreamsteer.train.config import compose
 from dreamsteer.train.tasks import TASKS
 
@@ -36,6 +38,32 @@ def test_bad_override_names_the_key(tmp_path):
     assert wrong_type.returncode == 2 and "config key 'steps'" in wrong_type.stderr
     bad_choice = _cli("sample", "model.dtype=fp8", cwd=tmp_path)
     assert bad_choice.returncode == 2 and "config key 'model.dtype'" in bad_choice.stderr
+
+
+def test_unquotable_override_prints_one_line_with_the_quoted_form_that_works(tmp_path):
+    result = _cli("personalize", "method=textual_inversion", "data.instance_prompt=a photo of <sks> cat", cwd=tmp_path)
+    assert result.returncode == 2 and result.stdout == ""
+    (line,) = result.stderr.splitlines()
+    assert "LexerNoViableAltException" not in line
+    suggested = line.rsplit("quote it: ", 1)[1]
+    assert suggested == "data.instance_prompt=\"'a photo of <sks> cat'\""
+    # what the shell passes for the suggested form is read by Hydra as the original prompt
+    shown = _cli("personalize", "method=textual_inversion", *shlex.split(suggested), "--cfg", "job", cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    assert "instance_prompt: a photo of <sks> cat" in shown.stdout
+    assert not (tmp_path / "personalize").exists()
+
+
+def test_override_errors_quote_strings_and_list_items_and_leave_valid_overrides_alone():
+    comma = override_error(["source_prompt=a cat, wearing a hat"])
+    assert "sweep" in comma and comma.endswith("source_prompt=\"'a cat, wearing a hat'\"")
+    assert override_error(["--multirun", "seed=1,2"]) is None  # a sweep is what -m asks for
+    apostrophe = override_error(["prompt=it's <sks>"])
+    assert shlex.split(apostrophe.rsplit("quote it: ", 1)[1]) == ["prompt=\"it's <sks>\""]
+    items = override_error(["method.tokens=[<my-dog>, <b c>]"])
+    assert items.endswith("method.tokens=\"['<my-dog>','<b c>']\"")
+    assert override_error(["method.tokens=[<a>, b"]) is None  # a broken list: Hydra's own message
+    assert override_error(["steps=3", "prompt=a photo of a cat", "data.instance_prompt='a photo of <sks> cat'"]) is None
 
 
 def test_sample_writes_png_and_event_file(tmp_path):

@@ -245,6 +245,7 @@ def build_trainer(cfg: DictConfig, out: Path, callbacks: Sequence[Any] = ()):
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from dreamsteer.checkpoints.lightning import AtomicFileCheckpointIO
+    from dreamsteer.train.progress import StepProgressBar
 
     t = cfg.trainer
     checkpoint = ModelCheckpoint(
@@ -266,7 +267,7 @@ def build_trainer(cfg: DictConfig, out: Path, callbacks: Sequence[Any] = ()):
         gradient_clip_val=t.gradient_clip_val,
         log_every_n_steps=t.log_every_n_steps,
         logger=lightning_logger(cfg, out),
-        callbacks=[*callbacks, checkpoint],
+        callbacks=[*callbacks, checkpoint, StepProgressBar()],
         plugins=[AtomicFileCheckpointIO()],  # no in-memory copy of the checkpoint while saving
         default_root_dir=str(out),
         use_distributed_sampler=False,  # the DataModule shards its endless stream by rank itself

@@ -217,6 +217,8 @@ def steer(prepared: Prepared) -> tuple[Path, dict[str, float]]:
     """Fit the DreamSteerer module and export the steered adapter; returns (export dir, timings)."""
     import lightning as L
 
+    from dreamsteer.train.progress import StepProgressBar
+
     cfg, inputs, backbone, out = prepared.cfg, prepared.inputs, prepared.backbone, prepared.out
     module = DreamSteererModule(
         backbone, prepared.z_src, cfg.source_prompt, cfg.ref_prompt, inputs.class_token,
@@ -237,6 +239,7 @@ def steer(prepared: Prepared) -> tuple[Path, dict[str, float]]:
         enable_checkpointing=False,
         enable_model_summary=False,
         enable_progress_bar=cfg.progress,
+        callbacks=[StepProgressBar()] if cfg.progress else [],
         num_sanity_val_steps=0,
         default_root_dir=str(out),
     )
