@@ -142,6 +142,13 @@ def test_dreambooth_keeps_the_base_scheduler_and_names_text_weights_with_text_mo
     trained = backbone.text_encoder.state_dict()
     assert all(torch.equal(v, trained[k]) for k, v in model.state_dict().items())
 
+    # the single file in SD 2.x's layout (OpenCLIP text encoder, q/k/v stacked) loads back weight for weight
+    single = StableDiffusionPipeline.from_single_file(str(out / SINGLE_FILE), config=str(tiny_v2_dir), local_files_only=True)
+    assert "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight" in load_file(str(out / SINGLE_FILE))
+    for name in ("unet", "text_encoder", "vae"):
+        mine, loaded = getattr(backbone, name).state_dict(), getattr(single, name).state_dict()
+        assert set(mine) == set(loaded) and all(torch.equal(loaded[k], v) for k, v in mine.items()), name
+
     manifest = json.loads((out / "adapter.json").read_text())
     assert manifest["use_with"]["a1111"] == [SINGLE_FILE] == manifest["use_with"]["comfyui"]
     card = (out / "README.md").read_text()
