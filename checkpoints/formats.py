@@ -270,7 +270,12 @@ def base_scheduler(backbone: Any) -> Any:
 
 
 def write_dreambooth(adapter: Any, backbone: Any, directory: Path) -> list[str]:
-    """The pipeline folder (base scheduler; text encoder named ``text_model.*``) and the single SD file."""
+    return write_pipeline(backbone, directory)
+
+
+def write_pipeline(backbone: Any, directory: Path) -> list[str]:
+    """The backbone as a diffusers pipeline folder (the base model's scheduler; text encoder named
+    ``text_model.*``) plus the same weights as one SD checkpoint (`SINGLE_FILE`); returns every file."""
     from diffusers import StableDiffusionPipeline
 
     from dreamsteer.checkpoints.sd_single_file import pipeline_to_original

@@ -67,7 +67,7 @@ def kohya_to_peft(state: dict[str, torch.Tensor], unet_modules: Iterable[str], t
     Module names are found among the model's own (`unet_modules`, `text_modules`: names as
     ``named_modules`` gives them), since ``_`` in a kohya name may stand for ``.`` or ``_``.
     Each module's ``alpha / rank`` is folded into its ``lora_B`` so the result needs scale 1
-    (``lora_alpha = rank``). Raises `KohyaFormatError` naming the first key that maps nowhere.
+    (``lora_alpha = rank``). Convolution LoRAs keep their 4-d shapes. Raises `KohyaFormatError` naming the first key that maps nowhere.
     """
     text_modules = [m if m.startswith("text_model.") else "text_model." + m for m in text_modules]
     lookup = {UNET_PREFIX + m.replace(".", "_"): ("unet", m) for m in unet_modules}
@@ -80,8 +80,6 @@ def kohya_to_peft(state: dict[str, torch.Tensor], unet_modules: Iterable[str], t
         down, up = state.get(f"{name}.lora_down.weight"), state.get(f"{name}.lora_up.weight")
         if down is None or up is None:
             raise KohyaFormatError(f"kohya module {name!r}: needs both lora_down.weight and lora_up.weight")
-        if down.dim() != 2:
-            raise KohyaFormatError(f"kohya module {name!r}: only linear LoRA layers are supported (lora_down has shape {tuple(down.shape)})")
         rank = down.shape[0]
         alpha = float(state[f"{name}.alpha"]) if f"{name}.alpha" in state else float(rank)
         part, module = lookup[name]
