@@ -4,12 +4,16 @@ It reads an RGB image and returns what the scene renderer would have drawn, usin
 own palette (`OBJECT_COLORS`, `BACKGROUND_COLORS`), shapes (`SHAPES`, drawn by `scenes.coverage`)
 and subject (`SUBJECT`), so every change of the world flows through. Steps:
 
+Images smaller than `WORK_RESOLUTION` are analyzed bilinearly upsampled (the renderer's shapes are a few
+pixels wide at 32 px; interpolation puts the 50% coverage contour between pixel centers), and the
+masks, boxes and pixel counts are given back at the image's size.
+
 1. background: the median color of the image border, named by the nearest background color;
 2. foreground: a pixel ``p`` is foreground when it is nearer to some object color than to the
    measured background color, ``min_c |p - c| < |p - bg|`` (for an anti-aliased edge pixel
    ``p = bg + a (c - bg)`` this is the renderer's own mask rule ``a >= 0.5``); holes are filled
    (the seam between the subject's two colors can look like background);
-3. objects: connected foreground components of at least `MIN_PIXELS`; a component holding solid
+3. objects: connected foreground components larger than a speck (`SPECK`); a component holding solid
    regions of several colors (touching objects) is split between them, unless it is the subject;
 4. color: the nearest object color to the median color of the object's inner pixels, ``None``
    beyond `COLOR_TOLERANCE`;
@@ -38,13 +42,14 @@ from PIL import Image
 from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
 
-from dreamsteer.data.scenes import BACKGROUND_COLORS, OBJECT_COLORS, SHAPES, SUBJECT, SceneObject, coverage, mask_box
+from dreamsteer.data.scenes import BACKGROUND_COLORS, MIN_SIZE, OBJECT_COLORS, SHAPES, SUBJECT, SceneObject, coverage, mask_box, parse_caption
 
 COLOR_TOLERANCE = 100.0  # an object's median color farther than this from every object color has no color name
-MIN_PIXELS = 40  # smaller components are specks (the smallest rendered object covers ~110 pixels at 64 px)
+WORK_RESOLUTION = 64  # smaller images are analyzed bilinearly upsampled to at least this size
+SPECK = 1 / 3  # components smaller than this fraction of the smallest object the renderer draws are specks
 SUBJECT_THRESHOLD = 0.5
 BLUR_LEVELS = (0.0, 0.6, 1.2)  # Gaussian sigmas (pixels) of the shape templates: generated images are soft
-BORDER = 2  # pixels of the image border that measure the background
+BORDER = 1  # pixels of the image border that measure the background
 
 _OBJECT_NAMES = list(OBJECT_COLORS)
 _OBJECT_RGB = np.array([OBJECT_COLORS[n] for n in _OBJECT_NAMES], dtype=np.float32)
@@ -212,9 +217,9 @@ def _nearest(colors: np.ndarray, palette: np.ndarray) -> tuple[np.ndarray, np.nd
     return distances.argmin(-1), distances.min(-1)
 
 
-def _split_by_color(component: np.ndarray, labels: np.ndarray) -> list[np.ndarray]:
+def _split_by_color(component: np.ndarray, labels: np.ndarray, min_pixels: int) -> list[np.ndarray]:
     """The component as one mask, or split between its solid single-color regions (touching objects):
-    regions of one color that survive an opening and hold `MIN_PIXELS`; every other pixel of the
+    regions of one color that survive an opening and hold `min_pixels`; every other pixel of the
     component joins the nearest region."""
     seeds = np.zeros(component.shape, dtype=np.int32)
     count = 0
@@ -222,7 +227,7 @@ def _split_by_color(component: np.ndarray, labels: np.ndarray) -> list[np.ndarra
         solid = ndimage.binary_opening(component & (labels == index), structure=_CROSS)
         regions, n = ndimage.label(solid, structure=_CROSS)
         for r in range(1, n + 1):
-            if (regions == r).sum() >= MIN_PIXELS:
+            if (regions == r).sum() >= min_pixels:
                 count += 1
                 seeds[regions == r] = count
     if count < 2:
@@ -232,9 +237,10 @@ def _split_by_color(component: np.ndarray, labels: np.ndarray) -> list[np.ndarra
     return [component & (owner == k) for k in range(1, count + 1)]
 
 
-def _describe(mask: np.ndarray, image: np.ndarray, labels: np.ndarray, score: float) -> DetectedObject:
-    """An object from its mask; `score` is its subject score. The subject is named by its outer
-    color, measured on the pixels of that color (its median color mixes its two parts)."""
+def _describe(mask: np.ndarray, image: np.ndarray, labels: np.ndarray, score: float, factor: int) -> DetectedObject:
+    """An object from its mask on the analyzed image (`factor` times the input's size); `score` is its
+    subject score. The subject is named by its outer color, measured on the pixels of that color (its
+    median color mixes its two parts). Mask, box and pixel count are given at the input's size."""
     is_subject = score >= SUBJECT_THRESHOLD
     core = ndimage.binary_erosion(mask, structure=_CROSS)
     region = core if core.sum() >= 4 else mask
@@ -246,34 +252,54 @@ def _describe(mask: np.ndarray, image: np.ndarray, labels: np.ndarray, score: fl
         index, distance = _nearest(np.median(image[region], axis=0), _OBJECT_RGB)
     color = _OBJECT_NAMES[int(index)] if distance <= COLOR_TOLERANCE else None
     shape, shape_iou = classify_shape(mask)
-    box = tuple(int(v) for v in mask_box(mask))
-    return DetectedObject(color, shape, box, mask, int(mask.sum()), shape_iou, float(distance), score,
+    size = mask.shape[0] // factor
+    small = mask.reshape(size, factor, size, factor).mean(axis=(1, 3)) >= 0.5
+    x0, y0, x1, y1 = mask_box(mask)
+    box = tuple(int(v) for v in mask_box(small)) if small.any() else (x0 // factor, y0 // factor, -(-x1 // factor), -(-y1 // factor))
+    return DetectedObject(color, shape, box, small, int(small.sum()), shape_iou, float(distance), score,
                           SUBJECT.inner_color if is_subject else None)
 
 
+def _upsampled(array: np.ndarray, factor: int) -> np.ndarray:
+    """Bilinear upsampling by an integer factor (pixel centers aligned, as the renderer's grid)."""
+    if factor == 1:
+        return array
+    tensor = torch.from_numpy(array).permute(2, 0, 1)[None]
+    return torch.nn.functional.interpolate(tensor, scale_factor=factor, mode="bilinear", align_corners=False)[0].permute(1, 2, 0).numpy()
+
+
+def _min_pixels(resolution: int) -> int:
+    """`SPECK` of the smallest object the renderer draws at `resolution` (its smallest shape at MIN_SIZE)."""
+    return max(1, int(SPECK * min(_unit_geometry(s)[2] for s in SHAPES) * (MIN_SIZE * resolution) ** 2))
+
+
 def detect(image: Image.Image | np.ndarray | torch.Tensor) -> Detection:
-    """Read the background, the objects and the subject of a toy-world image (module docstring)."""
+    """Read the background, the objects and the subject of a toy-world image (module docstring).
+    Masks, boxes and pixel counts are at the image's resolution."""
     array = image_array(image)
     border = np.concatenate([array[:BORDER].reshape(-1, 3), array[-BORDER:].reshape(-1, 3),
                              array[:, :BORDER].reshape(-1, 3), array[:, -BORDER:].reshape(-1, 3)])
     background_rgb = np.median(border, axis=0)
     bg_index, bg_distance = _nearest(background_rgb, _BACKGROUND_RGB)
 
-    labels, object_distance = _nearest(array, _OBJECT_RGB)
-    foreground = ndimage.binary_fill_holes(object_distance < np.linalg.norm(array - background_rgb, axis=-1))
+    factor = -(-WORK_RESOLUTION // array.shape[0])
+    work = _upsampled(array, factor)
+    min_pixels = _min_pixels(work.shape[0])
+    labels, object_distance = _nearest(work, _OBJECT_RGB)
+    foreground = ndimage.binary_fill_holes(object_distance < np.linalg.norm(work - background_rgb, axis=-1))
     components, n = ndimage.label(foreground, structure=_CROSS)
 
     objects = []
     for k in range(1, n + 1):
         component = components == k
-        if component.sum() < MIN_PIXELS:
+        if component.sum() < min_pixels:
             continue
         score = subject_score(labels, foreground, mask_box(component))
-        parts = [component] if score >= SUBJECT_THRESHOLD else _split_by_color(component, labels)
+        parts = [component] if score >= SUBJECT_THRESHOLD else _split_by_color(component, labels, min_pixels)
         for part in parts:
-            if part.sum() >= MIN_PIXELS:
+            if part.sum() >= min_pixels:
                 part_score = score if part is component else subject_score(labels, foreground, mask_box(part))
-                objects.append(_describe(part, array, labels, part_score))
+                objects.append(_describe(part, work, labels, part_score, factor))
     objects.sort(key=lambda o: (o.box[0], o.box[1]))
     return Detection(_BACKGROUND_NAMES[int(bg_index)], tuple(float(v) for v in background_rgb), float(bg_distance), objects)
 
@@ -296,6 +322,24 @@ def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
     inter = w * h
     union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
     return float(inter / union) if union > 0 else 0.0
+
+
+def caption_agreement(detection: Detection, caption: str) -> dict[str, Any]:
+    """How a detection agrees with a grammar caption. Caption objects and detected objects are paired
+    one to one maximizing the number of agreeing colors plus shapes (Hungarian); an unpaired caption
+    object agrees in nothing. Returns ``background`` (bool), ``colors`` / ``shapes`` (one bool per
+    caption object), ``count`` (as many objects as the caption names) and ``exact`` (all of these)."""
+    background, wanted = parse_caption(caption)
+    colors, shapes = [False] * len(wanted), [False] * len(wanted)
+    if wanted and detection.objects:
+        score = np.array([[(o.color == c) + (o.shape == s) for o in detection.objects] for c, s in wanted], dtype=float)
+        for r, k in zip(*linear_sum_assignment(-score)):
+            colors[r] = detection.objects[k].color == wanted[r][0]
+            shapes[r] = detection.objects[k].shape == wanted[r][1]
+    agree = {"background": detection.background == background, "colors": colors, "shapes": shapes,
+             "count": len(detection.objects) == len(wanted)}
+    agree["exact"] = agree["background"] and agree["count"] and all(colors) and all(shapes)
+    return agree
 
 
 def summary(detection: Detection) -> dict[str, Any]:

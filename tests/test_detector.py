@@ -10,10 +10,10 @@ from scipy import ndimage
 
 from dreamsteer.data.images import pil_to_tensor
 from dreamsteer.data.scenes import SUBJECT, SceneObject, random_scene, render, subject_scene
-from dreamsteer.metrics.detector import box_iou, detect, match_masks
+from dreamsteer.metrics.detector import box_iou, caption_agreement, detect, match_masks
 
 
-def degrade(image: Image.Image, rng: np.random.Generator, sigma: float = 1.0, noise: float = 8.0, shift: float = 20.0) -> Image.Image:
+def degrade(image: Image.Image, rng: np.random.Generator, sigma: float = 0.5, noise: float = 8.0, shift: float = 20.0) -> Image.Image:
     """Gaussian blur (sigma pixels), a color shift of up to `shift` per channel, pixel noise of std `noise`."""
     array = ndimage.gaussian_filter(np.asarray(image, np.float32), (sigma, sigma, 0))
     array = array + rng.uniform(-shift, shift, size=3) + rng.normal(0, noise, array.shape)
@@ -114,3 +114,13 @@ def test_inputs_pil_uint8_and_tensor_agree_and_bad_inputs_fail():
         detect(np.zeros((64, 32, 3), np.uint8))
     with pytest.raises(ValueError, match=r"\[3, H, W\]"):
         detect(torch.zeros(64, 64, 3))
+
+
+def test_caption_agreement_pairs_objects_and_counts():
+    scene = render("black", [SceneObject("star", "red", (0.3, 0.3), 0.18), SceneObject("square", "blue", (0.7, 0.7), 0.18)])
+    detection = detect(scene.image)
+    assert caption_agreement(detection, scene.caption)["exact"]
+    recolored = caption_agreement(detection, "a green square and a red star on a white background")
+    assert recolored == {"background": False, "colors": [False, True], "shapes": [True, True], "count": True, "exact": False}
+    three = caption_agreement(detection, "a blue square, a red star and a green circle on a black background")
+    assert three["colors"] == [True, True, False] and three["count"] is False and not three["exact"]

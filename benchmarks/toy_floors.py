@@ -1,0 +1,358 @@
+"""The toy world's floors (issue 12), measured with the detector on what the project's own tasks make.
+
+    python -m dreamsteer.benchmarks.toy_floors                     # every part on the built-in toy models
+    python -m dreamsteer.benchmarks.toy_floors --part t2i --n 20   # one part, fewer cases
+    python -m dreamsteer.benchmarks.toy_floors --model tiny --n 2  # the machinery on any model (no floors met)
+
+Parts (each seeded; every case is drawn from seeds the pretraining never draws, see `FLOORS_SEED`):
+
+- ``t2i``: text-to-image on `n` (100) random grammar captions with classifier-free guidance, by the
+  backbone's diffusers pipeline with `sample`'s defaults (DDIM, 25 steps, guidance 7.5). Rates over
+  captions: background color, object color and shape (caption objects paired with detected objects,
+  `metrics.detector.caption_agreement`), object count on two-object captions.
+- ``edit``: DDS (``editor=dds``, its defaults) on `n` (50) rendered source scenes, target prompt = the
+  caption with one object's color changed, run as a jobs manifest through ``train edit``. Success: the
+  detector reads the target scene (background, count, and every object at its place, mask IoU >= 0.5,
+  with its target color and source shape). Preservation: mean absolute change (8-bit RGB) outside the
+  edited object's mask dilated by `EDIT_MARGIN` pixels, against the VAE's own reconstruction error of
+  the source on the same pixels (an editor that moves latents cannot get below it).
+- ``personalize``: each method's default recipe (``train personalize method=<m>``, its conf) on
+  `photos` (5) rendered photos of the subject with their captions; then `per_background` samples of
+  "a <token> circle on a <bg> background" per background; rate of samples where the detector finds
+  the subject, against the base model on the same prompts with the DreamBooth/LoRA word.
+- ``gligen``: the GLIGEN model (``toy-gligen``) with the ``generate`` task's defaults, phrases and
+  boxes from `n` (50) rendered scenes; rate of phrases whose object (detected with the phrase's color
+  and shape) has box IoU >= 0.5 with its box.
+
+A part whose model cannot be loaded is reported as skipped with the loader's reason. Writes
+``<out>/floors.json`` (every number, the settings, per-case records) and sample grids.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from scipy import ndimage
+
+from dreamsteer.data.files import write_json_atomic
+from dreamsteer.data.images import pil_to_tensor, save_image_atomic, tensor_to_pil
+from dreamsteer.data.scenes import BACKGROUND_COLORS, OBJECT_COLORS, SUBJECT, make_caption, random_scene, write_subject_photos
+from dreamsteer.metrics.detector import box_iou, caption_agreement, detect, match_masks, summary
+
+FLOORS_SEED = 1_000_003  # cases use seeds (FLOORS_SEED, part, i): pretraining draws (seed, index) pairs
+PARTS = ("t2i", "edit", "personalize", "gligen")
+_PART_IDS = {part: i + 1 for i, part in enumerate(PARTS)}
+METHODS = ("lora", "dreambooth", "textual_inversion", "custom_diffusion")
+EDIT_MARGIN = 2  # pixels around the edited object's mask that the edit may change (anti-aliased edge, VAE blur)
+EDIT_CHANGE_RATIO = 2.0  # preservation floor: outside change <= this times the VAE reconstruction error there
+
+
+@dataclass
+class Floor:
+    """One row of the table: `value` must satisfy ``value >= floor`` (or ``<=`` when not `higher`)."""
+
+    part: str
+    metric: str
+    value: float
+    floor: float
+    higher: bool = True
+    n: int = 0
+
+    @property
+    def met(self) -> bool:
+        return self.value >= self.floor if self.higher else self.value <= self.floor
+
+
+class PartSkipped(Exception):
+    """A part that cannot run here (its model is missing); the message says why."""
+
+
+# ----------------------------------------------------------------------------- shared
+def _case_seed(part: str, i: int) -> tuple[int, int, int]:
+    return (FLOORS_SEED, _PART_IDS[part], i + 1)
+
+
+def _load(model: str):
+    from dreamsteer.diffusion.backbone import ModelLoadError, load_backbone
+
+    try:
+        return load_backbone(model)
+    except ModelLoadError as err:
+        raise PartSkipped(f"model {model!r} cannot be loaded: {err}") from None
+
+
+def sample_images(backbone: Any, prompts: Sequence[str], seeds: Sequence[int], steps: int, guidance: float, batch: int = 25) -> list[Image.Image]:
+    """Text-to-image through the backbone's diffusers pipeline (`sample`'s path): one image per prompt,
+    each from its own seeded generator, so any image is reproducible alone."""
+    from dreamsteer.diffusion.schedulers import make_scheduler
+    from dreamsteer.train.sample import SampleConfig
+
+    pipe = backbone.pipeline(make_scheduler(SampleConfig.scheduler, backbone.scheduler.config))
+    images: list[Image.Image] = []
+    for start in range(0, len(prompts), batch):
+        chunk = list(prompts[start:start + batch])
+        generators = [torch.Generator().manual_seed(int(s)) for s in seeds[start:start + batch]]
+        images += pipe(chunk, num_inference_steps=steps, guidance_scale=guidance, generator=generators).images
+    return images
+
+
+def save_grid(images: Sequence[Image.Image], path: Path, columns: int = 8) -> Path:
+    """Images side by side in rows of `columns` (2-pixel white gaps)."""
+    size = images[0].size[0]
+    rows = -(-len(images) // columns)
+    canvas = Image.new("RGB", (columns * (size + 2), rows * (size + 2)), "white")
+    for i, image in enumerate(images):
+        canvas.paste(image.convert("RGB"), ((i % columns) * (size + 2), (i // columns) * (size + 2)))
+    return save_image_atomic(canvas, path)
+
+
+def _rate(flags: Sequence[bool]) -> float:
+    return float(np.mean(flags)) if len(flags) else float("nan")
+
+
+# ----------------------------------------------------------------------------- parts
+def text_to_image(model: str, n: int, out: Path, steps: int, guidance: float) -> tuple[list[Floor], dict[str, Any]]:
+    backbone = _load(model)
+    scenes = [random_scene(_case_seed("t2i", i)) for i in range(n)]
+    captions = [s.caption for s in scenes]
+    images = sample_images(backbone, captions, [FLOORS_SEED + i for i in range(n)], steps, guidance)
+    records = []
+    for caption, image in zip(captions, images):
+        detection = detect(image)
+        records.append({"caption": caption, "agreement": caption_agreement(detection, caption), "detection": summary(detection)})
+    save_grid(images[:32], out / "t2i_samples.png")
+    agree = [r["agreement"] for r in records]
+    two = [a["count"] for r, a in zip(records, agree) if len(a["colors"]) == 2]
+    colors = [c for a in agree for c in a["colors"]]
+    shapes = [s for a in agree for s in a["shapes"]]
+    rows = [
+        Floor("t2i", "background color", _rate([a["background"] for a in agree]), 0.95, n=n),
+        Floor("t2i", "object color", _rate(colors), 0.90, n=len(colors)),
+        Floor("t2i", "shape", _rate(shapes), 0.80, n=len(shapes)),
+        Floor("t2i", "count (two-object captions)", _rate(two), 0.80, n=len(two)),
+    ]
+    info = {"steps": steps, "guidance": guidance, "exact_rate": _rate([a["exact"] for a in agree]), "cases": records}
+    return rows, info
+
+
+def _edit_success(scene, target_colors: Sequence[str], image: Image.Image) -> tuple[bool, dict[str, Any]]:
+    detection = detect(image)
+    pairs = {t: (d, iou) for d, t, iou in match_masks([o.mask for o in detection.objects], list(scene.masks))}
+    ok = detection.background == scene.background and len(detection.objects) == len(scene.objects)
+    for t, obj in enumerate(scene.objects):
+        d, iou = pairs.get(t, (None, 0.0))
+        found = detection.objects[d] if d is not None else None
+        ok = ok and found is not None and iou >= 0.5 and found.color == target_colors[t] and found.shape == obj.shape
+    return ok, summary(detection)
+
+
+def editing(model: str, n: int, out: Path, steps: int | None) -> tuple[list[Floor], dict[str, Any]]:
+    from dreamsteer.train import edit as edit_task
+    from dreamsteer.train.config import compose
+
+    backbone = _load(model)
+    resolution = backbone.resolution
+    source_dir, edit_dir = out / "edit_sources", out / "edits"
+    source_dir.mkdir(parents=True, exist_ok=True)
+    cases, jobs = [], []
+    for i in range(n):
+        rng = np.random.default_rng(_case_seed("edit", i))
+        scene = random_scene(rng, 1, 2, resolution)
+        k = int(rng.integers(len(scene.objects)))
+        new = str(rng.choice([c for c in OBJECT_COLORS if c != scene.objects[k].color]))
+        targets = [new if j == k else o.color for j, o in enumerate(scene.objects)]
+        target_prompt = make_caption(scene.background, [replace(o, color=c) for o, c in zip(scene.objects, targets)])
+        path = save_image_atomic(scene.image, source_dir / f"scene_{i:03d}.png")
+        cases.append((scene, k, targets))
+        jobs.append({"id": f"scene_{i:03d}", "image": str(path), "source_prompt": scene.caption, "target_prompt": target_prompt, "seed": i})
+    manifest = out / "edit_jobs.jsonl"
+    manifest.write_text("".join(json.dumps(job) + "\n" for job in jobs), encoding="utf-8")
+    overrides = [f"model.pretrained={model}", "editor=dds", f"jobs={manifest}", f"out={edit_dir}", "progress=false"]
+    edit_task.run(compose("edit", overrides + ([f"editor.steps={steps}"] if steps else [])))
+
+    records, outside, vae_outside, successes, shown = [], [], [], [], []
+    for (scene, k, targets), job in zip(cases, jobs):
+        edited = Image.open(edit_dir / f"{job['id']}.png").convert("RGB")
+        ok, found = _edit_success(scene, targets, edited)
+        keep = ~ndimage.binary_dilation(scene.masks[k], iterations=EDIT_MARGIN)
+        source = np.asarray(scene.image, np.float32)
+        with torch.no_grad():
+            x = pil_to_tensor(scene.image)[None].to(backbone.device, backbone.dtype)
+            recon = np.asarray(tensor_to_pil(backbone.decode(backbone.encode_image(x))[0].float().clamp(-1, 1)), np.float32)
+        change = float(np.abs(np.asarray(edited, np.float32) - source)[keep].mean())
+        vae = float(np.abs(recon - source)[keep].mean())
+        successes.append(ok)
+        outside.append(change)
+        vae_outside.append(vae)
+        records.append({"id": job["id"], "target_prompt": job["target_prompt"], "success": ok, "outside_change": change,
+                        "vae_outside_error": vae, "detection": found})
+        if len(shown) < 32:
+            shown += [scene.image, edited]
+    save_grid(shown, out / "edit_pairs.png")
+    vae_mean = float(np.mean(vae_outside))
+    rows = [
+        Floor("edit", "color edit success (DDS)", _rate(successes), 0.80, n=n),
+        Floor("edit", f"outside change (<= {EDIT_CHANGE_RATIO:g}x VAE error {vae_mean:.2f})", float(np.mean(outside)),
+              EDIT_CHANGE_RATIO * vae_mean, higher=False, n=n),
+    ]
+    info = {"steps": steps, "vae_outside_error": vae_mean, "outside_change": float(np.mean(outside)),
+            "outside_change_successes": float(np.mean([c for c, s in zip(outside, successes) if s])) if any(successes) else None,
+            "margin_px": EDIT_MARGIN, "cases": records}
+    return rows, info
+
+
+def _subject_prompts(token: str, per_background: int) -> list[str]:
+    return [f"a {token} {SUBJECT.class_word} on a {bg} background" for bg in BACKGROUND_COLORS for _ in range(per_background)]
+
+
+def _method_token(cfg: Any) -> str:
+    """The word that names the subject in the method's prompts."""
+    if cfg.method.name == "textual_inversion":
+        return cfg.method.tokens[0]
+    if cfg.method.name == "custom_diffusion":
+        return cfg.method.modifier_tokens[0]
+    return SUBJECT.token
+
+
+def personalization(model: str, methods: Sequence[str], out: Path, photos: int, per_background: int, steps: int,
+                    guidance: float, train_steps: int | None) -> tuple[list[Floor], dict[str, Any]]:
+    from dreamsteer.checkpoints import load_adapter
+    from dreamsteer.diffusion.backbone import load_backbone
+    from dreamsteer.train import personalize
+    from dreamsteer.train.config import compose
+
+    base = _load(model)
+    seeds = [FLOORS_SEED + i for i in range(per_background * len(BACKGROUND_COLORS))]
+    base_images = sample_images(base, _subject_prompts(SUBJECT.token, per_background), seeds, steps, guidance)
+    base_rate = _rate([detect(im).has_subject for im in base_images])
+    save_grid(base_images, out / "personalize_base.png")
+    rows, info = [], {"photos": photos, "samples": len(seeds), "base_rate": base_rate, "methods": {}}
+    for method in methods:
+        run_dir = out / f"personalize_{method}"
+        overrides = [f"model.pretrained={model}", f"method={method}", "logger=none", f"output_dir={run_dir}",
+                     f"data.instance_dir={run_dir / 'photos'}", "data.instance_prompt=unused"]
+        cfg = compose("personalize", overrides + ([f"trainer.max_steps={train_steps}"] if train_steps else []))
+        token = _method_token(cfg)
+        write_subject_photos(run_dir / "photos", photos, seed=FLOORS_SEED, token=token)  # each photo's caption names the token
+        cfg.data.instance_prompt = f"a {token} {SUBJECT.class_word}"
+        started = time.perf_counter()
+        adapter = personalize.run(cfg)
+        train_s = time.perf_counter() - started
+        tuned = load_backbone(model)
+        load_adapter(tuned, adapter)
+        images = sample_images(tuned, _subject_prompts(token, per_background), seeds, steps, guidance)
+        flags = [detect(im).has_subject for im in images]
+        save_grid(images, out / f"personalize_{method}.png")
+        rows.append(Floor("personalize", f"{method} subject rate", _rate(flags), 0.70, n=len(flags)))
+        info["methods"][method] = {"rate": _rate(flags), "token": token, "train_steps": int(cfg.trainer.max_steps),
+                                   "lr": float(cfg.method.lr), "train_s": round(train_s, 1)}
+    rows.append(Floor("personalize", "base model subject rate", base_rate, 0.10, higher=False, n=len(seeds)))
+    return rows, info
+
+
+def grounding(model: str, n: int, out: Path) -> tuple[list[Floor], dict[str, Any]]:
+    from dreamsteer.diffusion.reground import grounded_sample
+    from dreamsteer.train.generate import GenerateConfig
+
+    backbone = _load(model)
+    defaults = GenerateConfig()
+    resolution = backbone.resolution
+    hits, all_hits, records, images = [], [], [], []
+    for i in range(n):
+        scene = random_scene(_case_seed("gligen", i), resolution=resolution)
+        boxes = (scene.boxes / resolution).tolist()
+        latents = grounded_sample(backbone, scene.caption, scene.phrases, boxes, defaults.wiring, defaults.beta, defaults.steps,
+                                  torch.Generator().manual_seed(FLOORS_SEED + i), guidance_scale=defaults.guidance_scale,
+                                  scheduler=defaults.scheduler)
+        with torch.no_grad():
+            image = tensor_to_pil(backbone.decode(latents)[0].float().clamp(-1, 1))
+        detection = detect(image)
+        case = []
+        for obj, box in zip(scene.objects, scene.boxes):
+            ious = [box_iou(o.box, box) for o in detection.objects if (o.color, o.shape) == (obj.color, obj.shape)]
+            case.append(max(ious, default=0.0) >= 0.5)
+        hits += case
+        all_hits.append(all(case))
+        records.append({"caption": scene.caption, "boxes": scene.boxes.tolist(), "hits": case, "detection": summary(detection)})
+        images.append(image)
+    save_grid(images[:32], out / "gligen_samples.png")
+    rows = [Floor("gligen", f"phrase in its box, IoU >= 0.5 ({defaults.wiring})", _rate(hits), 0.80, n=len(hits))]
+    info = {"wiring": defaults.wiring, "beta": defaults.beta, "steps": defaults.steps, "sample_rate": _rate(all_hits), "cases": records}
+    return rows, info
+
+
+# ----------------------------------------------------------------------------- table
+def format_table(rows: Sequence[Floor], skipped: dict[str, str]) -> str:
+    lines = ["| part | metric | measured | floor | met | n |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        floor = f"{'>=' if r.higher else '<='} {r.floor:.3g}"
+        lines.append(f"| {r.part} | {r.metric} | {r.value:.3f} | {floor} | {'yes' if r.met else 'NO'} | {r.n} |")
+    for part, why in skipped.items():
+        lines.append(f"| {part} | skipped: {why} | | | | |")
+    return "\n".join(lines)
+
+
+def run(parts: Sequence[str], model: str, gligen_model: str, out: Path, n: int | None = None, steps: int = 25, guidance: float = 7.5,
+        edit_steps: int | None = None, methods: Sequence[str] = METHODS, photos: int = 5, per_background: int = 5,
+        train_steps: int | None = None) -> dict[str, Any]:
+    """Measure `parts`; returns (and writes to ``<out>/floors.json``) the rows, skipped parts and details.
+    `n` overrides each part's case count (t2i 100, edit 50, gligen 50)."""
+    out.mkdir(parents=True, exist_ok=True)
+    jobs: dict[str, Callable[[], tuple[list[Floor], dict[str, Any]]]] = {
+        "t2i": lambda: text_to_image(model, n or 100, out, steps, guidance),
+        "edit": lambda: editing(model, n or 50, out, edit_steps),
+        "personalize": lambda: personalization(model, methods, out, photos, per_background, steps, guidance, train_steps),
+        "gligen": lambda: grounding(gligen_model, n or 50, out),
+    }
+    rows: list[Floor] = []
+    skipped: dict[str, str] = {}
+    details: dict[str, Any] = {}
+    for part in parts:
+        started = time.perf_counter()
+        try:
+            part_rows, details[part] = jobs[part]()
+        except PartSkipped as err:
+            skipped[part] = str(err)
+            continue
+        details[part]["seconds"] = round(time.perf_counter() - started, 1)
+        rows += part_rows
+    result = {"model": model, "gligen_model": gligen_model, "rows": [r.__dict__ | {"met": r.met} for r in rows],
+              "skipped": skipped, "details": details, "table": format_table(rows, skipped)}
+    write_json_atomic(result, out / "floors.json")
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--part", choices=(*PARTS, "all"), default="all")
+    parser.add_argument("--model", default="toy", help="text-to-image model for t2i / edit / personalize (default: toy)")
+    parser.add_argument("--gligen-model", default="toy-gligen")
+    parser.add_argument("--n", type=int, default=None, help="cases per part (default: t2i 100, edit 50, gligen 50)")
+    parser.add_argument("--steps", type=int, default=25, help="sampling steps (t2i, personalization samples)")
+    parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument("--edit-steps", type=int, default=None, help="DDS steps (default: the editor's)")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--per-background", type=int, default=5, help="personalization samples per background color")
+    parser.add_argument("--train-steps", type=int, default=None, help="personalization steps (default: the recipe's)")
+    parser.add_argument("--out", type=Path, default=Path("outputs") / "toy_floors")
+    args = parser.parse_args(argv)
+    if args.n is not None and args.n < 1:
+        parser.error("--n must be >= 1")
+    parts = PARTS if args.part == "all" else (args.part,)
+    result = run(parts, args.model, args.gligen_model, args.out, args.n, args.steps, args.guidance, args.edit_steps, args.methods,
+                 per_background=args.per_background, train_steps=args.train_steps)
+    print(result["table"])
+    print(f"\nwrote {args.out / 'floors.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

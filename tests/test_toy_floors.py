@@ -1,0 +1,44 @@
+"""The floors of issue 12 on the shipped toy weights (`benchmarks.toy_floors`), and its scoring rules.
+
+The floor tests need the built-in weights (``diffusion/builtin/toy``); they skip only when that folder
+is absent. A small seeded subset runs by default; the full table is marked slow.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from dreamsteer.benchmarks import toy_floors
+from dreamsteer.data.scenes import SceneObject, render
+from tests.conftest import REPO_ROOT
+
+TOY_DIR = REPO_ROOT / "diffusion" / "builtin" / "toy"
+needs_toy = pytest.mark.skipif(not (TOY_DIR / "model_index.json").is_file(),
+                               reason=f"the built-in toy weights are not shipped in this checkout ({TOY_DIR} is absent)")
+
+
+def test_edit_success_reads_the_target_scene_at_the_objects_places():
+    square, circle = SceneObject("square", "red", (0.3, 0.3), 0.2), SceneObject("circle", "blue", (0.7, 0.7), 0.2)
+    scene = render("white", [square, circle])
+    targets = ["green", "blue"]
+    assert toy_floors._edit_success(scene, targets, render("white", [replace(square, color="green"), circle]).image)[0]
+    assert not toy_floors._edit_success(scene, targets, scene.image)[0]  # unchanged
+    assert not toy_floors._edit_success(scene, targets, render("white", [replace(square, color="green", shape="star"), circle]).image)[0]
+    assert not toy_floors._edit_success(scene, targets, render("gray", [replace(square, color="green"), circle]).image)[0]
+    moved = render("white", [replace(square, color="green", center=(0.3, 0.75)), circle])
+    assert not toy_floors._edit_success(scene, targets, moved.image)[0]  # recolored, but not at its place
+
+
+def test_floor_direction_and_table():
+    rows = [toy_floors.Floor("t2i", "shape", 0.85, 0.80), toy_floors.Floor("edit", "outside change", 3.0, 2.5, higher=False)]
+    assert [r.met for r in rows] == [True, False]
+    table = toy_floors.format_table(rows, {"gligen": "model 'toy-gligen' cannot be loaded"})
+    assert "| t2i | shape | 0.850 | >= 0.8 | yes |" in table and "| edit | outside change | 3.000 | <= 2.5 | NO |" in table
+    assert "gligen | skipped: model 'toy-gligen'" in table
+
+
+def test_missing_model_is_reported_as_skipped(tmp_path):
+    result = toy_floors.run(["gligen"], "tiny", str(tmp_path / "no_such_model"), tmp_path / "out", n=1)
+    assert set(result["skipped"]) == {"gligen"} and "does not exist" in result["skipped"]["gligen"]
+    assert (tmp_path / "out" / "floors.json").is_file()
