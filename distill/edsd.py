@@ -3,11 +3,12 @@
 EDSD turns the DDS-S delta score into a loss over the *personalized model's parameters* phi.
 With ``x_t_src = sqrt(a_t) z_src + sqrt(1 - a_t) eps`` (the same ``t``, ``eps`` everywhere):
 
-- ``target = stopgrad(eps_hat_phi0(x_t_src, y_src))``: the pre-trained model on the source;
-- ``d = eps_hat_phi(x_t_src, y_ref) - target``: the DDS-S delta at the source (graph kept to phi);
+- ``target = stopgrad(eps_phi0(x_t_src, y_src))``: the pre-trained model on the source (the residual's
+  target), and ``delta_target`` the same with CFG (``eps_hat_phi0``, the DDS-S source branch; default ``target``);
+- ``d = eps_hat_phi(x_t_src, y_ref) - delta_target``: the DDS-S delta at the source (graph kept to phi);
 - ``z_hat(phi) = z_src - eta * M * d``: one small DDS-S editing step on the source latent;
 - ``x_hat_t(phi) = sqrt(a_t) z_hat(phi) + sqrt(1 - a_t) eps``;
-- ``r = M * (eps_hat_phi(stopgrad(x_hat_t), y_ref) - target)``;
+- ``r = M * (eps_phi(stopgrad(x_hat_t), y_ref) - target)`` (``predict_ref`` decides plain eps or CFG);
 - ``L = (||r||^2 + 2 J <stopgrad(M * r), x_hat_t(phi)>) / N`` (``N`` = number of elements of ``r``
   with ``reduction="mean"``, 1 with ``"sum"``).
 
@@ -78,18 +79,21 @@ def edsd_loss(
     eta: float = 0.1,
     jacobian: float = -1.0,
     reduction: str = "mean",
+    delta_target: torch.Tensor | None = None,
 ) -> EDSDOutput:
     """The EDSD surrogate loss for one ``(t, eps)``.
 
     eps_ref_src: ``eps_hat_phi(x_t_src, y_ref)`` with its graph to phi (computed by the caller so it can
         share a UNet call with other terms); predict_ref: ``x -> eps_hat_phi(x, y_ref)`` (graph to phi);
-    target: ``eps_hat_phi0(x_t_src, y_src)`` (detached here); mask: ``M`` broadcastable to the latent or
-        None (all ones); eta: step size of the single-step perturbation.
+    target: the pre-trained prediction the residual is measured against (detached here); delta_target: the
+        pre-trained term of ``d`` (None: `target`); mask: ``M`` broadcastable to the latent or None (all ones);
+        eta: step size of the single-step perturbation.
     """
     jacobian = check_jacobian(jacobian)
     target = target.detach()
+    delta_target = target if delta_target is None else delta_target.detach()
     m = torch.ones_like(z_src) if mask is None else mask.to(z_src.dtype)
-    delta = eps_ref_src - target
+    delta = eps_ref_src - delta_target
     z_hat = z_src.detach() - eta * m * delta
     x_hat_t = noised(z_hat, eps, alpha_t)
     residual = m * (predict_ref(x_hat_t.detach()) - target)
@@ -100,5 +104,6 @@ def edsd_loss(
 
 
 def denoising_loss(eps_pred: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    """The standard diffusion loss ``mean ||eps_phi(z_t, y) - eps||^2`` (mode-shifting term)."""
-    return (eps_pred.float() - eps.float()).pow(2).mean()
+    """The standard diffusion loss ``mean ||eps_phi(z_t, y) - eps||^2`` (mode-shifting term), in float32 or wider."""
+    dtype = torch.promote_types(eps_pred.dtype, torch.float32)
+    return (eps_pred.to(dtype) - eps.to(dtype)).pow(2).mean()

@@ -22,7 +22,7 @@ import hashlib
 import string
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import lightning as L
 import torch
@@ -30,7 +30,7 @@ import torch
 from dreamsteer.diffusion.gligen import LayoutError, NotGligenError, box_from_mask, require_gligen, validate_layout
 from dreamsteer.diffusion.reground import WIRINGS, grounded_sample
 from dreamsteer.distill.edsd import REDUCTIONS, check_jacobian, denoising_loss, edsd_loss
-from dreamsteer.distill.guided_sampling import GUIDANCE_MODES, NORMALIZATIONS, cfg_eps, ddim_sample, make_guidance
+from dreamsteer.distill.guided_sampling import GUIDANCE_MODES, NORMALIZATIONS, ddim_sample, make_guidance
 from dreamsteer.distill.subject_mask import SubjectMask, subject_mask
 
 # Mode-shifting guidance that is a sampler of its own rather than a `Guidance` inside `ddim_sample`: GLIGEN's
@@ -46,8 +46,9 @@ class EDSDConfig:
     t_max: int = 950
     eta: float = 0.1  # step size of the single-step DDS-S perturbation z_hat = z_src - eta * M * d
     jacobian: float = -1.0  # J in J * I replacing d eps / d x (paper: -I); 0 and +1 for ablation
-    guidance_src: float = 7.5  # CFG of the pre-trained branch eps_hat_phi0(x_t_src, y_src)
-    guidance_ref: float = 7.5  # CFG of the personalized branch eps_hat_phi(., y_ref)
+    guidance_src: float = 7.5  # CFG of the pre-trained branch of the DDS-S direction d (eps_hat_phi0(x_t_src, y_src))
+    guidance_ref: float = 7.5  # CFG of the personalized branch of d (eps_hat_phi(x_t_src, y_ref))
+    residual_cfg: bool = False  # False: the residual on plain eps (the paper's loss); True: with the CFG above
     reduction: str = "mean"  # mean | sum over latent elements
 
 
@@ -90,17 +91,32 @@ class MaskConfig:
 
 
 @dataclass
+class MemoryConfig:
+    gradient_checkpointing: bool = False  # recompute UNet (and trained text encoder) activations in backward
+    micro_batch: int = 0  # UNet rows per graph (0: one graph per step); the gradient is the same
+
+
+@dataclass
 class OptimConfig:
     # learning rates per baseline: personalize's defaults (conf/method/<kind>.yaml)
     lr: dict = field(default_factory=lambda: {"lora": 1e-4, "textual_inversion": 5e-4, "custom_diffusion": 1e-5, "dreambooth": 5e-6})
+    name: str = "adamw"  # adamw | adamw8bit (bitsandbytes: 8-bit optimizer state)
     weight_decay: float = 0.0
     betas: list = field(default_factory=lambda: [0.9, 0.999])
     max_grad_norm: Optional[float] = 1.0
 
 
-def check_settings(edsd: EDSDConfig, ms: ModeShiftConfig, mask: MaskConfig, num_train_timesteps: int = 1000) -> None:
+OPTIMIZERS = ("adamw", "adamw8bit")
+
+
+def check_settings(edsd: EDSDConfig, ms: ModeShiftConfig, mask: MaskConfig, num_train_timesteps: int = 1000,
+                   memory: MemoryConfig | None = None, optim: OptimConfig | None = None) -> None:
     """Raise ValueError naming the key for settings that cannot work (before any compute)."""
     check_jacobian(edsd.jacobian)
+    if memory is not None and memory.micro_batch < 0:
+        raise ValueError(f"config key 'memory.micro_batch': must be >= 0 (0: one graph), got {memory.micro_batch}")
+    if optim is not None and optim.name not in OPTIMIZERS:
+        raise ValueError(f"config key 'optim.name': {optim.name!r} is not one of {list(OPTIMIZERS)}")
     if edsd.reduction not in REDUCTIONS:
         raise ValueError(f"config key 'edsd.reduction': {edsd.reduction!r} is not one of {list(REDUCTIONS)}")
     for prefix, lo, hi in (("edsd", edsd.t_min, edsd.t_max), ("mode_shift", ms.t_min, ms.t_max)):
@@ -198,6 +214,40 @@ def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
+def _widened(x: torch.Tensor) -> torch.Tensor:
+    """`x` in float32 or wider (half-precision UNet outputs meet the fp32 loss)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _guided(out: torch.Tensor, scale: float) -> torch.Tensor:
+    """``e_null + scale (e_cond - e_null)`` from rows ``[null, cond]``, or the single row ``[cond]``."""
+    return out[:1] + scale * (out[1:2] - out[:1]) if out.shape[0] == 2 else out
+
+
+NULL, REF = "null", "ref"  # the prompts of a personalized UNet row
+
+
+@dataclass
+class Row:
+    """One row of a UNet call with gradient to phi: input (None: ``x_hat_t``, known later), timestep, prompt."""
+
+    x: Optional[torch.Tensor]
+    t: torch.Tensor
+    prompt: str
+
+
+@dataclass
+class StepDraw:
+    """A step's randomness: ``t``, ``eps``, ``x_t_src`` and the noised mode-shifting latents with their noise."""
+
+    t: torch.Tensor
+    eps: torch.Tensor
+    x_t_src: torch.Tensor
+    x_ms: Optional[torch.Tensor]
+    t_ms: Optional[torch.Tensor]
+    noise_ms: Optional[torch.Tensor]
+
+
 class DreamSteererModule(L.LightningModule):
     """EDSD + mode-shifting fine-tuning of an attached adapter (see the module docstring for the loss)."""
 
@@ -214,15 +264,26 @@ class DreamSteererModule(L.LightningModule):
         optim: OptimConfig,
         seed: int = 0,
         progress: bool = True,
+        memory: MemoryConfig | None = None,
     ):
         super().__init__()
+        memory = memory if memory is not None else MemoryConfig()
         if backbone.adapter is None:
             raise ValueError("DreamSteerer needs a backbone with an attached personalization adapter")
-        check_settings(edsd, mode_shift, mask, backbone.num_train_timesteps)
+        check_settings(edsd, mode_shift, mask, backbone.num_train_timesteps, memory, optim)
         check_model(backbone, mode_shift)
         self.bb = backbone
-        for p in backbone.adapter.trainable_parameters(backbone):
-            p.data = p.data.float()  # fp32 master weights whatever the model dtype (mixed precision meets them)
+        # manual optimization: a step may back-propagate several micro-batches before the optimizer step
+        self.automatic_optimization = False
+        trainable = backbone.adapter.trainable_parameters(backbone)
+        for p in trainable:
+            if p.dtype in (torch.float16, torch.bfloat16):
+                p.data = p.data.float()  # fp32 master weights for half-precision models (mixed precision meets them)
+        if memory.gradient_checkpointing:
+            backbone.unet.enable_gradient_checkpointing()
+            if any(n.startswith("text_encoder.") for n, _ in backbone.adapter.named_trainable(backbone)):
+                backbone.text_encoder.gradient_checkpointing_enable()
+        self.memory_cfg = memory
         # registered so Lightning moves them; the optimizer only sees the adapter's parameters
         self.unet = backbone.unet
         self.text_encoder = backbone.text_encoder
@@ -266,11 +327,16 @@ class DreamSteererModule(L.LightningModule):
         return emb[:1], emb[1:]
 
     @torch.no_grad()
-    def target_eps(self, x_t_src: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The pre-trained branch ``eps_hat_phi0(x_t_src, y_src)`` with CFG ``edsd.guidance_src``."""
+    def target_eps(self, x_t_src: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pre-trained branch at the source: ``(eps_phi0(x_t_src, y_src), eps_hat_phi0(x_t_src, y_src))``,
+        plain and with CFG ``edsd.guidance_src``, from one UNet call."""
         with self.bb.adapter_disabled():
-            emb = self.bb.encode_prompt([self.source_prompt, ""])
-            return cfg_eps(self.bb, x_t_src, t, emb[:1], emb[1:], self.edsd_cfg.guidance_src)
+            src, null = self.bb.encode_prompt([self.source_prompt, ""]).chunk(2)
+            if self.edsd_cfg.guidance_src == 1.0:
+                plain = self.bb.predict_eps(x_t_src, t, src)
+                return plain, plain
+            e_null, e_src = self.bb.predict_eps(torch.cat([x_t_src, x_t_src]), torch.cat([t, t]), torch.cat([null, src])).chunk(2)
+            return e_src, e_null + self.edsd_cfg.guidance_src * (e_src - e_null)
 
     def compute_mask(self) -> SubjectMask | None:
         """``M`` of EDSD: the subject mask, or None (``M = 1``) with ``mask.enabled=false``."""
@@ -370,64 +436,147 @@ class DreamSteererModule(L.LightningModule):
         self.timings["steps"] += time.perf_counter() - self._step_start
 
     # ------------------------------------------------------------------ the loss
-    def steering_loss(self, step: int) -> dict[str, torch.Tensor]:
-        """``L_EDSD + lambda_ms * L_ms`` for the step's own ``(t, eps)``; returns the terms."""
+    def draw(self, step: int) -> StepDraw:
+        """The step's randomness, seeded by the step index: ``t``, ``eps`` and the mode-shifting rows."""
         cfg, ms = self.edsd_cfg, self.ms_cfg
         gen = self._generator(1, step)
         t = torch.randint(cfg.t_min, cfg.t_max, (1,), generator=gen).to(self.bb.device)
         eps = torch.randn(self.z_src.shape, generator=gen).to(self.bb.device, self.bb.dtype)
-        alpha = self.bb.alphas_cumprod[t]
-        x_t_src = self.bb.add_noise(self.z_src, eps, t)
-        target = self.target_eps(x_t_src, t)
-        mask = self.subject.mask.to(self.z_src.dtype) if self.subject is not None else None
-
-        cond, null = self.encode_ref()
-        use_cfg = cfg.guidance_ref != 1.0
-        # One UNet call: the personalized branch at x_t_src ([null,] y_ref) plus the mode-shifting batch.
-        xs, ts, embs = [x_t_src], [t], [cond]
-        if use_cfg:
-            xs, ts, embs = [x_t_src, x_t_src], [t, t], [null, cond]
-        n_ms = 0
+        x_ms = t_ms = noise_ms = None
         if ms.lambda_ms > 0 and self.ms_latents is not None:
             z_ms = self.ms_latents
             if 0 < ms.batch_size < z_ms.shape[0]:
                 z_ms = z_ms[torch.randperm(z_ms.shape[0], generator=gen)[: ms.batch_size].to(z_ms.device)]
-            n_ms = z_ms.shape[0]
-            t_ms = torch.randint(ms.t_min, ms.t_max, (n_ms,), generator=gen).to(self.bb.device)
+            t_ms = torch.randint(ms.t_min, ms.t_max, (z_ms.shape[0],), generator=gen).to(self.bb.device)
             noise_ms = torch.randn(z_ms.shape, generator=gen).to(self.bb.device, self.bb.dtype)
-            xs.append(self.bb.add_noise(z_ms, noise_ms, t_ms))
-            ts.append(t_ms)
-            embs.append(cond.expand(n_ms, -1, -1))
-        out = self.bb.predict_eps(_cat(xs), _cat(ts), _cat(embs))
-        if use_cfg:
-            e_null, e_cond = out[:1], out[1:2]
-            eps_ref_src = e_null + cfg.guidance_ref * (e_cond - e_null)
-        else:
-            eps_ref_src = out[:1]
+            x_ms = self.bb.add_noise(z_ms, noise_ms, t_ms)
+        return StepDraw(t, eps, self.bb.add_noise(self.z_src, eps, t), x_ms, t_ms, noise_ms)
+
+    def branch_rows(self, cfg_scale: float) -> list[str]:
+        """The prompts of a personalized prediction: ``[null, y_ref]`` with CFG, ``[y_ref]`` without."""
+        return [NULL, REF] if cfg_scale != 1.0 else [REF]
+
+    def layout(self, draw: StepDraw) -> tuple[list[Row], list[Row]]:
+        """The UNet rows of a step with gradient to phi: the personalized branch at ``x_t_src`` plus the
+        mode-shifting rows (one call), and the residual rows at ``x_hat_t`` (whose input is set later)."""
+        first = [Row(draw.x_t_src, draw.t, prompt) for prompt in self.branch_rows(self.edsd_cfg.guidance_ref)]
+        if draw.x_ms is not None:
+            first += [Row(draw.x_ms[i:i + 1], draw.t_ms[i:i + 1], REF) for i in range(draw.x_ms.shape[0])]
+        residual_scale = self.edsd_cfg.guidance_ref if self.edsd_cfg.residual_cfg else 1.0
+        second = [Row(None, draw.t, prompt) for prompt in self.branch_rows(residual_scale)]
+        return first, second
+
+    def predict_rows(self, rows: list[Row], x: torch.Tensor | None = None) -> torch.Tensor:
+        """One UNet call on `rows` (`x` for rows whose input is None), prompts encoded by the personalized
+        text encoder here (graph kept to trainable text rows when grad is on)."""
+        cond, null = self.encode_ref()
+        emb = {REF: cond, NULL: null}
+        xs = [row.x if row.x is not None else x for row in rows]
+        return self.bb.predict_eps(_cat(xs), _cat([row.t for row in rows]), _cat([emb[row.prompt] for row in rows]))
+
+    def loss_terms(self, draw: StepDraw, first: torch.Tensor, predict_second: Callable[[torch.Tensor], torch.Tensor],
+                   mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """``L_EDSD + lambda_ms L_ms`` from the outputs of the first call and a function giving the residual
+        rows' outputs at ``x_hat_t``; the loss keeps whatever graph those outputs carry."""
+        cfg, ms = self.edsd_cfg, self.ms_cfg
+        plain_target, cfg_target = self.target_eps(draw.x_t_src, draw.t)
+        n_src = len(self.branch_rows(cfg.guidance_ref))
+        eps_ref_src = _guided(first[:n_src], cfg.guidance_ref)
+        residual_scale = cfg.guidance_ref if cfg.residual_cfg else 1.0
 
         def predict_ref(x: torch.Tensor) -> torch.Tensor:
-            return cfg_eps(self.bb, x, t, cond, null, cfg.guidance_ref)
+            return _guided(predict_second(x), residual_scale)
 
-        terms = edsd_loss(eps_ref_src, predict_ref, target, self.z_src, eps, alpha, mask, cfg.eta, cfg.jacobian, cfg.reduction)
+        target = cfg_target if cfg.residual_cfg else plain_target
+        alpha = self.bb.alphas_cumprod[draw.t]
+        terms = edsd_loss(eps_ref_src, predict_ref, target, self.z_src, draw.eps, alpha, mask, cfg.eta, cfg.jacobian,
+                          cfg.reduction, delta_target=cfg_target)
+        result = {"edsd": terms.loss.detach(), "edsd_residual": terms.residual_norm, "delta_norm": terms.delta.detach().pow(2).mean(),
+                  "t": draw.t.float()}
         loss = terms.loss
-        result = {"edsd": terms.loss.detach(), "edsd_residual": terms.residual_norm, "delta_norm": terms.delta.detach().pow(2).mean(), "t": t.float()}
-        if n_ms:
-            l_ms = denoising_loss(out[-n_ms:], noise_ms)
+        if draw.x_ms is not None:
+            l_ms = denoising_loss(first[n_src:], draw.noise_ms)
             loss = loss + ms.lambda_ms * l_ms
             result["mode_shift"] = l_ms.detach()
         result["loss"] = loss
         return result
 
+    def _mask(self) -> torch.Tensor | None:
+        return self.subject.mask.to(self.z_src.dtype) if self.subject is not None else None
+
+    def steering_loss(self, step: int) -> dict[str, torch.Tensor]:
+        """``L_EDSD + lambda_ms * L_ms`` for the step's own ``(t, eps)`` in one graph; returns the terms."""
+        draw = self.draw(step)
+        first_rows, second_rows = self.layout(draw)
+        first = self.predict_rows(first_rows)
+        return self.loss_terms(draw, first, lambda x: self.predict_rows(second_rows, x), self._mask())
+
+    def accumulate_gradient(self, step: int) -> dict[str, torch.Tensor]:
+        """Back-propagate the step's loss into the trainable parameters' ``.grad``; returns the detached terms.
+
+        ``memory.micro_batch = k > 0``: the UNet rows are first evaluated without graph, the loss's gradient
+        ``g_i`` with respect to each row's output is taken, then every chunk of at most ``k`` rows is run again
+        with graph and back-propagated as ``sum_i <g_i, out_i>`` -- the same gradient (chain rule) with at most
+        ``k`` rows of activations alive, for one extra forward pass.
+        """
+        k = self.memory_cfg.micro_batch
+        if k == 0:
+            terms = self.steering_loss(step)
+            self._backward(terms["loss"])
+            return {name: value.detach() for name, value in terms.items()}
+        draw = self.draw(step)
+        first_rows, second_rows = self.layout(draw)
+        with torch.no_grad():
+            first = _cat([self.predict_rows(first_rows[i:i + k]) for i in range(0, len(first_rows), k)])
+        first = _widened(first).requires_grad_(True)
+        seen: dict[str, torch.Tensor] = {}
+
+        def predict_second(x: torch.Tensor) -> torch.Tensor:
+            seen["x_hat"] = x.detach()
+            with torch.no_grad():
+                out = _cat([self.predict_rows(second_rows[i:i + k], seen["x_hat"]) for i in range(0, len(second_rows), k)])
+            seen["out"] = _widened(out).requires_grad_(True)
+            return seen["out"]
+
+        terms = self.loss_terms(draw, first, predict_second, self._mask())
+        grad_first, grad_second = torch.autograd.grad(terms["loss"], [first, seen["out"]], allow_unused=True)
+        chunks = [(first_rows, grad_first, None), (second_rows, grad_second, seen["x_hat"])]
+        for rows, grad, x in chunks:
+            if grad is None:
+                continue
+            for i in range(0, len(rows), k):
+                out = self.predict_rows(rows[i:i + k], x)
+                self._backward((_widened(out) * grad[i:i + k]).sum())
+        return {name: value.detach() for name, value in terms.items()}
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        if self._trainer is not None:
+            self.manual_backward(loss)  # Lightning's precision plugin (loss scaling under 16-mixed)
+        else:
+            loss.backward()
+
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        terms = self.steering_loss(int(self.global_step))
+        optimizer = self.optimizers()
+        terms = self.accumulate_gradient(int(self.global_step))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
         for name, value in terms.items():
-            self.log(f"steer/{name}", value.detach().float().mean(), prog_bar=name == "loss", on_step=True, on_epoch=False, batch_size=1)
+            self.log(f"steer/{name}", value.float().mean(), prog_bar=name == "loss", on_step=True, on_epoch=False, batch_size=1)
         return terms["loss"]
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # called after Lightning unscales 16-mixed gradients
+        if self.optim_cfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), float(self.optim_cfg.max_grad_norm))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         kind = self.bb.adapter.kind
         if kind not in self.optim_cfg.lr:
             raise ValueError(f"config key 'optim.lr.{kind}': no learning rate for adapter kind {kind!r}")
         params = self.trainable_parameters()
-        return torch.optim.AdamW(params, lr=float(self.optim_cfg.lr[kind]), betas=tuple(self.optim_cfg.betas),
-                                 weight_decay=self.optim_cfg.weight_decay)
+        kwargs = dict(lr=float(self.optim_cfg.lr[kind]), betas=tuple(self.optim_cfg.betas), weight_decay=self.optim_cfg.weight_decay)
+        if self.optim_cfg.name == "adamw8bit":
+            import bitsandbytes as bnb
+
+            return bnb.optim.AdamW8bit(params, **kwargs)
+        return torch.optim.AdamW(params, **kwargs)

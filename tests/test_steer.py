@@ -162,9 +162,11 @@ def test_pretrained_branch_is_exactly_the_base_model(kind, tiny_dir, tiny_backbo
     with torch.no_grad():
         emb = tiny_backbone.encode_prompt([SOURCE, ""])
         base = cfg_eps(tiny_backbone, x, t, emb[:1], emb[1:], 7.5)
+        base_plain = tiny_backbone.predict_eps(x, t, emb[:1])
         adapted = cfg_eps(bb, x, t, *bb.encode_prompt([module.ref_prompt, ""]).chunk(2), 7.5)
         base_ref = cfg_eps(tiny_backbone, x, t, *tiny_backbone.encode_prompt([PARENTS[kind][2], ""]).chunk(2), 7.5)
-    assert torch.equal(module.target_eps(x, t), base)
+    plain, guided = module.target_eps(x, t)
+    assert torch.equal(guided, base) and torch.allclose(plain, base_plain, rtol=0, atol=1e-5)
     assert not torch.allclose(adapted, base_ref, atol=1e-4)  # the personalized branch really is personalized
 
 
@@ -249,7 +251,7 @@ def test_steer_yaml_mirrors_the_schema_defaults():
     """conf/steer.yaml and the dataclass defaults say the same (the docs quote both)."""
     cfg = OmegaConf.to_container(compose("steer", []))
     defaults = asdict(SteerConfig())
-    for section in ("edsd", "mode_shift", "mask", "optim"):
+    for section in ("edsd", "mode_shift", "mask", "memory", "optim"):
         assert cfg[section] == defaults[section], section
     for key in ("steps", "seed", "export_name", "class_token", "concept_token"):
         assert cfg[key] == defaults[key], key

@@ -168,6 +168,7 @@ def test_steer_task_with_gligen_box_exports_a_steered_adapter(gligen_lora, mask_
     steered = run(compose("steer", _overrides(
         parent, photo, out, "model=tiny_gligen", "steps=2", "mode_shift.n_ms=1", "mode_shift.sampling_steps=2",
         "mode_shift.beta=1.0", "mode_shift.wiring=sequential", "mask.timesteps=[300]", "mask.threshold=0.8", "mask.dilation=0",
+        "mode_shift.log_unguided=true",
     )))
     info = json.loads((steered / "adapter.json").read_text())["steering"]
     assert info["config"]["mode_shift"]["guidance"] == "gligen_box" and info["config"]["mode_shift"]["wiring"] == "sequential"

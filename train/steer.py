@@ -32,6 +32,7 @@ from dreamsteer.lit_modules.dreamsteerer import (
     DreamSteererModule,
     EDSDConfig,
     MaskConfig,
+    MemoryConfig,
     ModeShiftConfig,
     OptimConfig,
     check_model,
@@ -64,6 +65,7 @@ class SteerConfig:
     edsd: EDSDConfig = field(default_factory=EDSDConfig)
     mode_shift: ModeShiftConfig = field(default_factory=ModeShiftConfig)
     mask: MaskConfig = field(default_factory=MaskConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
 
 
@@ -153,7 +155,7 @@ def check_inputs(cfg: DictConfig) -> SteerInputs:
     if cfg.model.dtype != "fp32" and not cfg.trainer.precision.endswith("-mixed"):
         raise ConfigError(f"config key 'trainer.precision': {cfg.trainer.precision!r} with model.dtype={cfg.model.dtype}: "
                           "half-precision frozen weights need bf16-mixed or 16-mixed")
-    check_settings(cfg.edsd, cfg.mode_shift, cfg.mask)
+    check_settings(cfg.edsd, cfg.mode_shift, cfg.mask, memory=cfg.memory, optim=cfg.optim)
     adapter_dir = Path(cfg.adapter).expanduser()
     manifest = read_manifest(adapter_dir)
     kind = manifest["method"]
@@ -224,7 +226,7 @@ def steer(prepared: Prepared) -> tuple[Path, dict[str, float]]:
         backbone, prepared.z_src, cfg.source_prompt, cfg.ref_prompt, inputs.class_token,
         EDSDConfig(**OmegaConf.to_container(cfg.edsd)), ModeShiftConfig(**OmegaConf.to_container(cfg.mode_shift)),
         MaskConfig(**OmegaConf.to_container(cfg.mask)), OptimConfig(**OmegaConf.to_container(cfg.optim)),
-        seed=cfg.seed, progress=cfg.progress,
+        seed=cfg.seed, progress=cfg.progress, memory=MemoryConfig(**OmegaConf.to_container(cfg.memory)),
     )
     on_gpu = backbone.device.type == "cuda"
     trainer = L.Trainer(
@@ -235,7 +237,6 @@ def steer(prepared: Prepared) -> tuple[Path, dict[str, float]]:
         max_epochs=1,
         logger=lightning_logger(cfg, out),
         log_every_n_steps=1,
-        gradient_clip_val=cfg.optim.max_grad_norm,
         enable_checkpointing=False,
         enable_model_summary=False,
         enable_progress_bar=cfg.progress,
