@@ -25,9 +25,11 @@ from dreamsteer.checkpoints.model_card import CARD, model_card
 from dreamsteer.data.files import fsync_dir, is_orphan_temp, make_temp_dir, temp_prefix, write_json_atomic, write_text_atomic
 from dreamsteer.data.images import save_image_atomic
 from dreamsteer.diffusion.adapters import (
+    KINDS,
     AdapterError,
     attach_adapter,
     check_text_encoder_lora,
+    config_keys,
     fingerprints_match,
     model_fingerprint,
 )
@@ -35,6 +37,8 @@ from dreamsteer.diffusion.adapters import (
 MANIFEST = "adapter.json"
 FORMAT_VERSION = 1
 _PROTECTED = ("method", "format_version", "base_model_fingerprint", "adapter_config", "files", "tokens")
+# the weights file every export of a kind has (textual inversion: its token files, checked separately)
+_WEIGHTS_FILE = {"lora": formats.LORA_FILE, "custom_diffusion": formats.CD_FILE, "dreambooth": "model_index.json"}
 
 
 class AdapterLoadError(ValueError):
@@ -259,12 +263,15 @@ def read_manifest(adapter_dir: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"adapter folder {directory}: no {MANIFEST} (was it written by `export_adapter`?)")
     try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise AdapterLoadError(f"{path}: not valid JSON ({err})") from err
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise AdapterLoadError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(manifest, dict):
+        raise AdapterLoadError(f"{path}: expected a JSON object")
     for key in ("method", "base_model_fingerprint", "adapter_config", "files"):
         if key not in manifest:
             raise AdapterLoadError(f"{path}: missing key {key!r}")
+    _check_manifest(directory, manifest)
     if manifest["method"] == "lora" and manifest["adapter_config"].get("text_encoder"):
         try:
             check_text_encoder_lora()
@@ -273,14 +280,58 @@ def read_manifest(adapter_dir: str | os.PathLike) -> dict[str, Any]:
     return manifest
 
 
+def _check_manifest(directory: Path, manifest: dict[str, Any]) -> None:
+    """What adapter.json says must be loadable as written: a known method, a config of that method's keys,
+    the method's weights files listed, every listed file a plain path inside the folder."""
+    path = directory / MANIFEST
+    kind, config, files = manifest["method"], manifest["adapter_config"], manifest["files"]
+    if kind not in KINDS:
+        raise AdapterLoadError(f"{path}: method {kind!r} is not one of {list(KINDS)}")
+    if not isinstance(config, dict):
+        raise AdapterLoadError(f"{path}: adapter_config must be an object, got {config!r}")
+    unknown = sorted(set(config) - config_keys(kind))
+    if unknown:
+        raise AdapterLoadError(f"{path}: adapter_config keys {unknown} do not belong to method {kind!r} (was 'method' or 'adapter_config' edited?)")
+    if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
+        raise AdapterLoadError(f"{path}: 'files' must map file names to sha256 digests")
+    for name in files:
+        _inside(directory, name)
+    token_files = manifest.get("token_files") or {}
+    if not isinstance(token_files, dict) or any(name not in files for name in token_files.values()):
+        raise AdapterLoadError(f"{path}: every 'token_files' entry must be one of the hashed 'files'")
+    needed = _WEIGHTS_FILE.get(kind)
+    if (needed and needed not in files) or (kind == "textual_inversion" and not token_files):
+        raise AdapterLoadError(f"{path}: method {kind!r} needs {needed or 'token files'} listed in 'files' (was 'method' edited?)")
+
+
+def _inside(directory: Path, name: str) -> Path:
+    """`directory / name` for a relative name that stays inside `directory` (symlinks resolved); else AdapterLoadError."""
+    relative = Path(name)
+    target = directory / relative
+    root = directory.resolve()
+    if relative.is_absolute() or ".." in relative.parts or not name.strip():
+        raise AdapterLoadError(f"adapter folder {directory}: refusing file {name!r} listed in {MANIFEST}: not a plain path inside the folder")
+    if root not in target.resolve().parents:
+        raise AdapterLoadError(f"adapter folder {directory}: refusing file {name!r} listed in {MANIFEST}: it resolves outside the folder (symlink?)")
+    return target
+
+
 def verify_files(adapter_dir: str | os.PathLike, manifest: dict[str, Any]) -> None:
     directory = Path(adapter_dir)
     for name, digest in manifest["files"].items():
-        path = directory / name
+        path = _inside(directory, name)
         if not path.is_file():
             raise AdapterLoadError(f"adapter folder {directory}: file {name} listed in {MANIFEST} is missing")
         if sha256_file(path) != digest:
             raise AdapterLoadError(f"adapter folder {directory}: file {name} does not match its sha256 in {MANIFEST} (corrupt or edited)")
+
+
+def check_adapter_folder(adapter_dir: str | os.PathLike) -> dict[str, Any]:
+    """Everything about an export folder that needs no model: adapter.json, its listed files and their hashes.
+    Returns the manifest (tasks call this before loading the base model)."""
+    manifest = read_manifest(adapter_dir)
+    verify_files(adapter_dir, manifest)
+    return manifest
 
 
 def load_adapter(backbone: Any, adapter_dir: str | os.PathLike, trainable: bool = False, check_base: bool = True) -> dict[str, Any]:
@@ -291,8 +342,7 @@ def load_adapter(backbone: Any, adapter_dir: str | os.PathLike, trainable: bool 
     The adapter's parameters are left frozen unless `trainable` (``trainable_parameters`` also marks them).
     """
     directory = Path(adapter_dir)
-    manifest = read_manifest(directory)
-    verify_files(directory, manifest)
+    manifest = check_adapter_folder(directory)
     if backbone.adapter is not None:
         raise AdapterLoadError(f"adapter folder {directory}: the backbone already has a {backbone.adapter.kind} adapter")
     if check_base:
@@ -308,7 +358,12 @@ def load_adapter(backbone: Any, adapter_dir: str | os.PathLike, trainable: bool 
         if kind == "dreambooth":
             _load_dreambooth(backbone, directory, config)
         else:
-            adapter = attach_adapter(backbone, kind, **config)
+            try:
+                adapter = attach_adapter(backbone, kind, **config)
+            except AdapterError:
+                raise
+            except (TypeError, ValueError) as err:  # values of the wrong type or range in adapter_config
+                raise AdapterError(f"adapter_config {config} does not fit method {kind!r} ({err})") from None
             if kind == "lora":
                 formats.read_lora(adapter, backbone, directory)
             elif kind == "textual_inversion":
@@ -316,7 +371,8 @@ def load_adapter(backbone: Any, adapter_dir: str | os.PathLike, trainable: bool 
             elif kind == "custom_diffusion":
                 formats.read_custom_diffusion(adapter, backbone, directory, manifest["token_files"])
     except (AdapterError, formats.AdapterFormatError) as err:
-        raise AdapterLoadError(f"adapter folder {directory}: {err}") from err
+        message = str(err) if str(directory) in str(err) else f"adapter folder {directory}: {err}"
+        raise AdapterLoadError(message) from err
     backbone.adapter.base_fingerprint = manifest["base_model_fingerprint"]
     backbone.adapter.set_trainable(backbone, trainable)
     return manifest

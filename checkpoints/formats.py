@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from dreamsteer.checkpoints import kohya
@@ -35,6 +36,18 @@ TEXT_ENCODER_WEIGHTS = "text_encoder/model.safetensors"
 
 class AdapterFormatError(ValueError):
     """An adapter file whose content does not fit the adapter it should fill."""
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors; AdapterFormatError names the file when it is unreadable or holds NaN/inf."""
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise AdapterFormatError(f"{path}: not a readable safetensors file ({err})") from None
+    for key, value in state.items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise AdapterFormatError(f"{path}: tensor {key} has NaN or infinite values")
+    return state
 
 
 def token_file_name(index: int) -> str:
@@ -158,20 +171,24 @@ def read_lora(adapter: Any, backbone: Any, directory: Path) -> None:
 
     from dreamsteer.diffusion.adapters import LORA_ADAPTER_NAME
 
-    state = load_file(str(directory / LORA_FILE))
+    state = read_tensors(directory / LORA_FILE)
     for prefix, module in (("unet.", backbone.unet), ("text_encoder.", backbone.text_encoder)):
         part = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         if not part:
             continue
         part = {_diffusers_to_peft_key(k): v for k, v in part.items()}
-        expected = set(_peft_state(module))
+        expected = _peft_state(module)
         if prefix == "text_encoder." and not any(k.startswith("text_model.") for k in expected):
             part = {k.removeprefix("text_model."): v for k, v in part.items()}  # transformers 5 names
-        if set(part) != expected:
+        if set(part) != set(expected):
             raise AdapterFormatError(
                 f"{directory / LORA_FILE}: {prefix[:-1]} LoRA keys do not match the adapter config "
-                f"(missing {sorted(expected - set(part))[:3]}, unexpected {sorted(set(part) - expected)[:3]})"
+                f"(missing {sorted(set(expected) - set(part))[:3]}, unexpected {sorted(set(part) - set(expected))[:3]})"
             )
+        for key, value in part.items():
+            if value.shape != expected[key].shape:
+                raise AdapterFormatError(f"{directory / LORA_FILE}: {prefix}{key} has shape {tuple(value.shape)}, the adapter config "
+                                         f"(rank {adapter.config['rank']}) needs {tuple(expected[key].shape)}")
         result = set_peft_model_state_dict(module, part, adapter_name=LORA_ADAPTER_NAME)
         if getattr(result, "unexpected_keys", None):
             raise AdapterFormatError(f"{directory / LORA_FILE}: unexpected keys {result.unexpected_keys[:3]}")
@@ -195,7 +212,7 @@ def write_token_files(vectors: dict[str, torch.Tensor], directory: Path) -> tupl
 def read_token_files(directory: Path, token_files: dict[str, str]) -> dict[str, torch.Tensor]:
     vectors = {}
     for token, name in token_files.items():
-        state = load_file(str(directory / name))
+        state = read_tensors(directory / name)
         if list(state) != [token]:
             raise AdapterFormatError(f"{directory / name}: expected the single key {token!r}, found {list(state)[:3]}")
         vectors[token] = state[token]
@@ -221,7 +238,7 @@ def write_custom_diffusion(adapter: Any, backbone: Any, directory: Path) -> tupl
 
 
 def read_custom_diffusion(adapter: Any, backbone: Any, directory: Path, token_files: dict[str, str]) -> None:
-    state = load_file(str(directory / CD_FILE))
+    state = read_tensors(directory / CD_FILE)
     wanted = {_cd_key(m, p): (m, p) for m, p in adapter.weight_names()}
     if set(state) != set(wanted):
         raise AdapterFormatError(
@@ -247,7 +264,7 @@ def custom_diffusion_processors(unet: torch.nn.Module, path: Path) -> dict[str, 
     """
     from diffusers.models.attention_processor import AttnProcessor2_0
 
-    state = load_file(str(path))
+    state = read_tensors(path)
     processors = unet._process_custom_diffusion(state_dict=state)
     return {name: processors.get(name, AttnProcessor2_0()) for name in unet.attn_processors}
 
@@ -299,10 +316,17 @@ def read_dreambooth(backbone: Any, directory: Path, train_text_encoder: bool) ->
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    unet = UNet2DConditionModel.from_pretrained(str(directory), subfolder="unet", torch_dtype=backbone.dtype)
+    try:
+        unet = UNet2DConditionModel.from_pretrained(str(directory), subfolder="unet", torch_dtype=backbone.dtype)
+        text_encoder = None
+        if train_text_encoder:
+            text_encoder = CLIPTextModel.from_pretrained(str(directory), subfolder="text_encoder", dtype=backbone.text_encoder.dtype)
+    except Exception as err:  # diffusers / transformers raise many types for a bad folder; name it in one message
+        raise AdapterFormatError(f"{directory}: the DreamBooth UNet / text encoder could not be loaded ({type(err).__name__}: {err})") from None
+    for name, module in (("unet", unet), ("text_encoder", text_encoder)):
+        if module is not None and not all(torch.isfinite(p).all() for p in module.parameters()):
+            raise AdapterFormatError(f"{directory / name}: weights have NaN or infinite values")
     unet.to(backbone.device)
-    text_encoder = None
-    if train_text_encoder:
-        text_encoder = CLIPTextModel.from_pretrained(str(directory), subfolder="text_encoder", dtype=backbone.text_encoder.dtype)
+    if text_encoder is not None:
         text_encoder.to(backbone.text_encoder.device)
     return unet, text_encoder

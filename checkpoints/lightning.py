@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import zipfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -34,9 +35,25 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     return path
 
 
+def check_checkpoint_file(path: str | os.PathLike) -> Path:
+    """Refuse, without loading it, a file that ``torch.load(weights_only=True)`` would refuse: anything but a
+    torch zip archive, or one that pickles Python objects other than tensors and plain containers."""
+    path = Path(path)
+    only = "only checkpoints written by `python -m train personalize` are loaded (torch.load with weights_only=True)"
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"checkpoint {path}: not a torch checkpoint archive (truncated, or a plain pickle?); {only}")
+    try:
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception as err:  # a damaged archive: torch raises RuntimeError, KeyError, UnpicklingError ...
+        raise CheckpointError(f"checkpoint {path}: cannot be read ({type(err).__name__}); {only}") from None
+    if unsafe:
+        raise CheckpointError(f"checkpoint {path}: pickles Python objects ({', '.join(sorted(unsafe)[:3])}) that a weights-only load refuses; {only}")
+    return path
+
+
 def read_trimmed_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Load a personalization checkpoint safely (no pickled code) and check it has what an export needs."""
-    path = resolve_checkpoint(path)
+    path = check_checkpoint_file(resolve_checkpoint(path))
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError ... for bad files
@@ -52,6 +69,9 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """A checkpoint's dict, memory-mapped (cheap even for a DreamBooth UNet); CheckpointError in one line
     for an empty, truncated or foreign file."""
     path = Path(path)
+    if path.is_file() and path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path}: cannot be read (empty file)")
+    check_checkpoint_file(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # zip reader, unpickler and EOF errors of a damaged file

@@ -3,11 +3,18 @@
 Every task reads images through `load_image` (PIL) or `load_image_tensor` ([-1, 1] tensor), so
 EXIF orientation, mode conversion (RGBA, LA, L, P, CMYK, I;16, I, F) and resizing are handled in
 one place, and a bad file fails with an error that names it.
+
+Images over PIL's decompression-bomb limit (``2 * PIL.Image.MAX_IMAGE_PIXELS``, about 179 megapixels)
+are refused before they are decoded; images between the warning and that limit are read silently.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+import warnings
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -40,26 +47,55 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image(path: str | os.PathLike, min_side: int = MIN_SIDE) -> Image.Image:
-    """Read `path` as an RGB PIL image with EXIF orientation applied.
+def pixel_limit() -> int:
+    """The most pixels an image may have: PIL's decompression-bomb error threshold."""
+    return 2 * int(Image.MAX_IMAGE_PIXELS or 0) or 2**62
 
-    Raises ImageLoadError naming the file when it is missing, empty, not an image, corrupt,
-    or smaller than `min_side` pixels on a side.
-    """
-    path = Path(path)
+
+@contextlib.contextmanager
+def _open(path: Path) -> Iterator[Image.Image]:
+    """`Image.open(path)` (the header only) with every failure turned into an ImageLoadError naming the file."""
+    if path.is_dir():
+        raise ImageLoadError(f"image {path}: is a folder, not an image file")
     if not path.is_file():
         raise ImageLoadError(f"image {path}: file not found")
     if path.stat().st_size == 0:
         raise ImageLoadError(f"image {path}: file is empty")
     try:
-        with Image.open(path) as image:
-            image.load()
-            image = ImageOps.exif_transpose(image)
-            rgb = _to_rgb(image)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                yield image
+    except Image.DecompressionBombError as err:
+        found = re.search(r"\((\d+) pixels\)", str(err))
+        size = f"{int(found.group(1)):,} pixels" if found else "too many pixels"
+        raise ImageLoadError(f"image {path}: {size}, over the limit of {pixel_limit():,} pixels "
+                             "(PIL's decompression-bomb guard); downscale it first") from None
     except UnidentifiedImageError as err:
         raise ImageLoadError(f"image {path}: not an image file PIL can read") from err
     except (OSError, SyntaxError, ValueError) as err:
+        if isinstance(err, ImageLoadError):
+            raise
         raise ImageLoadError(f"image {path}: corrupt or truncated ({err})") from err
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(width, height) from the file's header, without decoding it; ImageLoadError names an unusable file."""
+    with _open(Path(path)) as image:
+        return image.size
+
+
+def load_image(path: str | os.PathLike, min_side: int = MIN_SIDE) -> Image.Image:
+    """Read `path` as an RGB PIL image with EXIF orientation applied.
+
+    Raises ImageLoadError naming the file when it is missing, a folder, empty, not an image, corrupt,
+    over the pixel limit, or smaller than `min_side` pixels on a side.
+    """
+    path = Path(path)
+    with _open(path) as image:
+        image.load()
+        image = ImageOps.exif_transpose(image)
+        rgb = _to_rgb(image)
     if min(rgb.size) < min_side:
         raise ImageLoadError(f"image {path}: {rgb.size[0]}x{rgb.size[1]} is too small (each side must be >= {min_side} px)")
     return rgb

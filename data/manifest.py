@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Collection
 
-from PIL import Image, UnidentifiedImageError
+from dreamsteer.data.images import ImageLoadError, image_size
 
+MAX_SEED = 2**63 - 1  # torch generators take 64-bit seeds
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 JOB_KEYS = {"id", "image", "source_prompt", "target_prompt", "method", "adapter", "subtasks", "seed", "overrides"}
 SUBTASK_KEYS = {"source", "target", "box", "mask", "preserve", "phrase"}
@@ -74,6 +75,14 @@ def _resolve(path: Any, base: Path, what: str, where: str) -> str:
     return str(p if p.is_absolute() else (base / p).resolve())
 
 
+def _check_image(path: str, what: str, where: str) -> tuple[int, int]:
+    """The image's size from its header: a missing file, a folder, a non-image or a decompression bomb fails here."""
+    try:
+        return image_size(path)
+    except ImageLoadError as err:
+        raise ManifestError(f"{where}: field '{what}': {err}") from None
+
+
 def parse_job(obj: Any, where: str, base: Path, methods: Collection[str], default_method: str, default_seed: int = 0) -> EditJob:
     """One manifest entry -> EditJob, checking every field that can be checked without reading images."""
     if not isinstance(obj, dict):
@@ -95,8 +104,8 @@ def parse_job(obj: Any, where: str, base: Path, methods: Collection[str], defaul
             raise ManifestError(f"{label}: field '{key}': expected a string, got {value!r}")
         prompts[key] = value
     seed = obj.get("seed", default_seed)
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        raise ManifestError(f"{label}: field 'seed': expected a non-negative integer, got {seed!r}")
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
+        raise ManifestError(f"{label}: field 'seed': expected an integer in [0, 2**63 - 1], got {seed!r}")
     overrides = obj.get("overrides") or {}
     if not isinstance(overrides, dict):
         raise ManifestError(f"{label}: field 'overrides': expected an object of editor keys, got {overrides!r}")
@@ -108,8 +117,10 @@ def parse_job(obj: Any, where: str, base: Path, methods: Collection[str], defaul
     subtasks = [_parse_subtask(s, i, base, label) for i, s in enumerate(obj.get("subtasks") or [])]
     if subtasks and method != "ground_a_score":
         raise ManifestError(f"{label}: field 'subtasks': only method ground_a_score uses subtasks (method is {method})")
-    return EditJob(job_id, _resolve(obj.get("image"), base, "image", label), prompts["source_prompt"],
-                   prompts["target_prompt"], method, adapter, seed, dict(overrides), subtasks, where)
+    image = _resolve(obj.get("image"), base, "image", label)
+    _check_image(image, "image", label)
+    return EditJob(job_id, image, prompts["source_prompt"], prompts["target_prompt"], method, adapter, seed,
+                   dict(overrides), subtasks, where)
 
 
 def _parse_subtask(obj: Any, i: int, base: Path, label: str) -> SubtaskSpec:
@@ -126,8 +137,8 @@ def _parse_subtask(obj: Any, i: int, base: Path, label: str) -> SubtaskSpec:
         raise ManifestError(f"{label}: field '{key}': give a box or a mask, not both")
     box = _check_box(obj["box"], f"{label}: field '{key}.box'") if obj.get("box") is not None else None
     mask = _resolve(obj["mask"], base, f"{key}.mask", label) if obj.get("mask") is not None else None
-    if mask is not None and not Path(mask).is_file():
-        raise ManifestError(f"{label}: field '{key}.mask': file not found: {mask}")
+    if mask is not None:
+        _check_image(mask, f"{key}.mask", label)
     preserve = obj.get("preserve", False)
     if not isinstance(preserve, bool):
         raise ManifestError(f"{label}: field '{key}.preserve': expected true or false, got {preserve!r}")
@@ -149,25 +160,10 @@ def _check_box(box: Any, what: str) -> list[float]:
     return values
 
 
-def _size(path: str) -> tuple[int, int] | None:
-    try:
-        with Image.open(path) as img:
-            return img.size
-    except (OSError, UnidentifiedImageError):
-        return None
-
-
 def check_mask_size(job: EditJob, mask: str, key: str) -> None:
-    """A mask image must have the source image's size (both are resized and cropped alike).
-
-    Only image headers are read; an unreadable source image is left for the job to fail on at run time.
-    """
-    size = _size(job.image)
-    if size is None:
-        return
-    msize = _size(mask)
-    if msize is None:
-        raise job.error(key, f"{mask} is not an image PIL can read")
+    """A mask image must have the source image's size (both are resized and cropped alike); only headers are read."""
+    size = _check_image(job.image, "image", f"{job.where} (job {job.id!r})")
+    msize = _check_image(mask, key, f"{job.where} (job {job.id!r})")
     if msize != size:
         raise job.error(key, f"mask is {msize[0]}x{msize[1]} but the image is {size[0]}x{size[1]}; "
                         "a mask must have the source image's size")
@@ -187,10 +183,16 @@ def read_manifest(path: str | Path, methods: Collection[str], default_method: st
         raise FileNotFoundError(f"manifest {path}: file not found")
     jobs: list[EditJob] = []
     seen: dict[str, str] = {}
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for n, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        where = f"manifest {path.name} line {n}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ManifestError(f"{where}: not UTF-8 text (a manifest is a JSONL text file; is {path} binary?)") from None
+        if "\x00" in line:
+            raise ManifestError(f"{where}: contains NUL bytes (a manifest is a JSONL text file; is {path} binary?)")
         if not line.strip() or line.lstrip().startswith("#"):
             continue
-        where = f"manifest {path.name} line {n}"
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as err:

@@ -175,6 +175,15 @@ def _install_token_rows(backbone: Any, added: list[str], init_ids: list[int]) ->
     return embedding
 
 
+def _set_token_rows(backbone: Any, rows: torch.Tensor) -> None:
+    """Copy `rows` into the added token rows, which must have the same shape."""
+    module = _token_module(backbone)
+    if rows.shape != module.new.shape:
+        raise AdapterError(f"token vectors of shape {tuple(rows.shape)} do not fit the text encoder's added rows {tuple(module.new.shape)}")
+    with torch.no_grad():
+        module.new.copy_(rows.to(module.new.device, module.new.dtype))
+
+
 def _token_module(backbone: Any) -> TokenEmbedding:
     module = backbone.text_encoder.get_input_embeddings()
     if not isinstance(module, TokenEmbedding):
@@ -364,9 +373,7 @@ class TextualInversionAdapter(_Adapter):
             if v.shape[0] != n:
                 raise AdapterError(f"token {tok!r} has {v.shape[0]} vectors, the adapter expects {n}")
             rows.append(v)
-        module = _token_module(backbone)
-        with torch.no_grad():
-            module.new.copy_(torch.cat(rows).to(module.new.device, module.new.dtype))
+        _set_token_rows(backbone, torch.cat(rows))
 
     def expand_prompt(self, prompt: str) -> str:
         n = self.config["num_vectors"]
@@ -435,10 +442,10 @@ class CustomDiffusionAdapter(_Adapter):
     def set_vectors(self, backbone: Any, vectors: dict[str, torch.Tensor]) -> None:
         if not self.tokens:
             return
-        rows = [vectors[tok].reshape(1, -1) for tok in self.tokens]
-        module = _token_module(backbone)
-        with torch.no_grad():
-            module.new.copy_(torch.cat(rows).to(module.new.device, module.new.dtype))
+        missing = [tok for tok in self.tokens if tok not in vectors]
+        if missing:
+            raise AdapterError(f"no vectors for tokens {missing}")
+        _set_token_rows(backbone, torch.cat([vectors[tok].reshape(1, -1) for tok in self.tokens]))
 
     @contextlib.contextmanager
     def disabled(self, backbone: Any) -> Iterator[None]:
@@ -586,6 +593,15 @@ _ATTACH = {
     "custom_diffusion": add_custom_diffusion,
     "dreambooth": add_dreambooth,
 }
+
+
+def config_keys(kind: str) -> set[str]:
+    """The keyword arguments `attach_adapter` takes for `kind` (the keys of its adapter config)."""
+    import inspect
+
+    if kind not in _ATTACH:
+        raise AdapterError(f"unknown adapter kind {kind!r}: expected one of {list(KINDS)}")
+    return set(inspect.signature(_ATTACH[kind]).parameters) - {"backbone"}
 
 
 def attach_adapter(backbone: Any, kind: str, **config: Any) -> _Adapter:

@@ -37,7 +37,7 @@ def launch(tmp_path: Path, monkeypatch, capsys, argv: list[str]) -> tuple[int, s
 def assert_refused(status: int, err: str, *culprits: str) -> None:
     assert status == 2, err
     assert "Traceback" not in err
-    lines = [line for line in err.strip().splitlines() if line.strip()]
+    lines = [line for line in err.strip().splitlines() if line.strip() and "it/s]" not in line]  # progress bars aside
     assert 1 <= len(lines) <= 2, err
     for culprit in culprits:
         assert culprit in err, err
@@ -89,3 +89,183 @@ def test_unwritable_output_dir_is_refused(tmp_path, monkeypatch, capsys):
     finally:
         locked.chmod(0o755)
     assert_refused(status, err, "'output_dir'", str(locked), "cannot write")
+
+
+# ----------------------------------------------------------------------------- images and manifests
+def write_bomb(path: Path, side: int = 20000) -> Path:
+    """A tiny PNG whose header claims `side` x `side` pixels (PIL refuses it as a decompression bomb)."""
+    import io
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (120, 30, 30)).save(buf, "PNG")
+    data = bytearray(buf.getvalue())
+    data[16:24] = struct.pack(">II", side, side)  # IHDR width, height
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.fixture
+def inputs(tmp_path) -> Path:
+    from PIL import Image
+
+    folder = tmp_path / "in"
+    (folder / "photos").mkdir(parents=True)
+    Image.new("RGB", (64, 64), (200, 100, 50)).save(folder / "cat.png")
+    Image.new("RGB", (64, 64), (20, 100, 50)).save(folder / "photos" / "a.png")
+    write_bomb(folder / "photos" / "b.png")
+    write_bomb(folder / "bomb.png")
+    (folder / "subject").mkdir()
+    Image.new("RGB", (64, 64), (20, 100, 50)).save(folder / "subject" / "a.png")
+    jobs = {
+        "seed": {"id": "j", "image": "cat.png", "source_prompt": "a cat", "target_prompt": "a dog", "seed": 2**70},
+        "missing": {"id": "j", "image": "nope.png", "source_prompt": "a cat", "target_prompt": "a dog"},
+        "folder": {"id": "j", "image": "photos", "source_prompt": "a cat", "target_prompt": "a dog"},
+        "bomb": {"id": "j", "image": "bomb.png", "source_prompt": "a cat", "target_prompt": "a dog"},
+    }
+    import json
+
+    for name, job in jobs.items():
+        (folder / f"{name}.jsonl").write_text("# one job\n" + json.dumps(job) + "\n")
+    (folder / "binary.jsonl").write_bytes(b"# jobs\n" + bytes(range(128, 256)) + b"\n")
+    return folder
+
+
+EDIT = ["edit", "output_dir=out", "source_prompt=a cat", "target_prompt=a dog", "editor.steps=1"]
+
+
+@pytest.mark.parametrize("argv, culprits", [
+    (EDIT + ["image=in/bomb.png"], ["bomb.png", "400,000,000 pixels", "178,956,970"]),
+    (EDIT + ["image=in/photos"], ["in/photos", "is a folder"]),
+    (EDIT + ["editor=ground_a_score", "image=in/cat.png", "subtasks=[{source: cat, target: dog, mask: in/bomb.png}]"],
+     ["subtasks[0].mask", "bomb.png", "178,956,970"]),
+    (["personalize", "output_dir=out", "data.instance_dir=in/photos", "data.instance_prompt=a photo of sks cat"], ["b.png", "178,956,970"]),
+    (["edit", "output_dir=out", "jobs=in/seed.jsonl"], ["seed.jsonl line 2", "'seed'", str(2**70)]),
+    (["edit", "output_dir=out", "jobs=in/binary.jsonl"], ["binary.jsonl line 2", "not UTF-8"]),
+    (["edit", "output_dir=out", "jobs=in/missing.jsonl"], ["missing.jsonl line 2", "'image'", "nope.png: file not found"]),
+    (["edit", "output_dir=out", "jobs=in/folder.jsonl"], ["folder.jsonl line 2", "'image'", "is a folder"]),
+    (["edit", "output_dir=out", "jobs=in/bomb.jsonl"], ["bomb.jsonl line 2", "'image'", "178,956,970"]),
+])
+def test_bad_images_and_manifests_are_refused_before_loading(tmp_path, monkeypatch, capsys, inputs, argv, culprits):
+    status, err = launch(tmp_path, monkeypatch, capsys, argv)
+    assert_refused(status, err, *culprits)
+    assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- adapter folders
+@pytest.fixture(scope="module")
+def lora_export(tmp_path_factory, tiny_dir) -> Path:
+    from dreamsteer.checkpoints import export_adapter
+    from dreamsteer.diffusion.adapters import add_lora
+    from dreamsteer.diffusion.backbone import load_backbone
+
+    backbone = load_backbone("tiny")
+    add_lora(backbone, rank=4)
+    return export_adapter(backbone, tmp_path_factory.mktemp("adapters") / "lora")
+
+
+def _edit_manifest(folder: Path, change) -> None:
+    import json
+
+    manifest = json.loads((folder / "adapter.json").read_text())
+    change(manifest)
+    (folder / "adapter.json").write_text(json.dumps(manifest))
+
+
+def _rehash(folder: Path) -> None:
+    """Update the sha256 of every listed file, as someone who edits the weights on purpose would."""
+    from dreamsteer.checkpoints.adapter_io import sha256_file
+
+    def change(manifest):
+        manifest["files"] = {name: sha256_file(folder / name) for name in manifest["files"] if (folder / name).is_file()}
+
+    _edit_manifest(folder, change)
+
+
+def _set_weights(folder: Path, change) -> None:
+    from safetensors.torch import load_file, save_file
+
+    path = folder / "pytorch_lora_weights.safetensors"
+    state = load_file(path)
+    change(state)
+    save_file(state, path)
+
+
+def _tamper(folder: Path, case: str, outside: Path) -> None:
+    import torch
+
+    weights = folder / "pytorch_lora_weights.safetensors"
+    if case == "method edited":
+        _edit_manifest(folder, lambda m: m.update(method="textual_inversion"))
+    elif case == "config edited":
+        _edit_manifest(folder, lambda m: m["adapter_config"].update(rank=8))
+    elif case == "wrong shapes":
+        _set_weights(folder, lambda s: s.update({k: torch.zeros(v.shape[0], v.shape[1] + 1) for k, v in list(s.items())[:1]}))
+        _rehash(folder)
+    elif case == "truncated":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+        _rehash(folder)
+    elif case == "garbage":
+        weights.write_bytes(os.urandom(4096))
+        _rehash(folder)
+    elif case == "nan":
+        _set_weights(folder, lambda s: s.update({k: torch.full_like(v, float("nan")) for k, v in list(s.items())[:1]}))
+        _rehash(folder)
+    elif case == "absolute path":
+        _edit_manifest(folder, lambda m: m["files"].update({str(outside): "0" * 64}))
+    elif case == "dot-dot path":
+        _edit_manifest(folder, lambda m: m["files"].update({"../outside.txt": "0" * 64}))
+    elif case == "symlink out":
+        (folder / "notes.txt").symlink_to(outside)
+        _edit_manifest(folder, lambda m: m["files"].update({"notes.txt": "0" * 64}))
+
+
+@pytest.mark.parametrize("case, culprits", [
+    ("method edited", ["adapter.json", "'textual_inversion'", "edited"]),
+    ("config edited", ["pytorch_lora_weights.safetensors", "rank 8"]),
+    ("wrong shapes", ["pytorch_lora_weights.safetensors", "has shape"]),
+    ("truncated", ["pytorch_lora_weights.safetensors", "not a readable safetensors file"]),
+    ("garbage", ["pytorch_lora_weights.safetensors", "not a readable safetensors file"]),
+    ("nan", ["pytorch_lora_weights.safetensors", "NaN"]),
+    ("absolute path", ["refusing file", "outside.txt"]),
+    ("dot-dot path", ["refusing file", "../outside.txt"]),
+    ("symlink out", ["refusing file", "notes.txt", "outside the folder"]),
+])
+def test_tampered_adapter_is_refused(tmp_path, monkeypatch, capsys, lora_export, case, culprits):
+    import shutil
+
+    folder = tmp_path / "lora"
+    shutil.copytree(lora_export, folder)
+    outside = tmp_path / "outside.txt"
+    outside.write_text("not part of the adapter")
+    _tamper(folder, case, outside)
+    status, err = launch(tmp_path, monkeypatch, capsys, ["sample", f"adapter={folder}", "steps=1", "num_images=1", "output_dir=out"])
+    assert_refused(status, err, *culprits)
+    assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- checkpoints
+@pytest.mark.parametrize("task", ["personalize", "export"])
+@pytest.mark.parametrize("kind, culprits", [
+    ("pickle", ["plain.ckpt", "not a torch checkpoint archive", "weights_only=True"]),
+    ("code", ["code.ckpt", "posix.system", "weights_only=True"]),
+])
+def test_pickled_checkpoint_is_refused(tmp_path, monkeypatch, capsys, inputs, task, kind, culprits):
+    import pickle
+
+    import torch
+
+    if kind == "pickle":
+        (inputs / "plain.ckpt").write_bytes(pickle.dumps({"state_dict": {}, "note": "a plain pickle"}))
+    else:  # a zip checkpoint whose pickle names a function: loading it unsafely would call os.system
+        torch.save({"state_dict": {}, "hook": os.system}, inputs / "code.ckpt")
+    ckpt = inputs / culprits[0]
+    argv = (["personalize", "output_dir=out", "data.instance_dir=in/subject", "data.instance_prompt=a photo of sks cat",
+             f"ckpt_path={ckpt}"] if task == "personalize" else ["export", f"ckpt={ckpt}", "output_dir=out"])
+    status, err = launch(tmp_path, monkeypatch, capsys, argv)
+    assert_refused(status, err, *culprits)
+    assert not (tmp_path / "out").exists()

@@ -189,7 +189,14 @@ def compose(task: str, overrides: Sequence[str] = ()) -> DictConfig:
 
 
 def output_dir(cfg: DictConfig) -> Path:
-    """The task's output folder: `output_dir` when set, else the Hydra run folder."""
+    """The task's output folder (`output_path`), created."""
+    path = output_path(cfg)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def output_path(cfg: DictConfig) -> Path:
+    """The task's output folder, checked but not created: `output_dir` when set, else the Hydra run folder."""
     if cfg.get("output_dir"):
         path = Path(cfg.output_dir)
     else:
@@ -199,5 +206,4 @@ def output_dir(cfg: DictConfig) -> Path:
             raise ConfigError("config key 'output_dir': must be set when the task is not launched through `python -m train`")
         path = Path(HydraConfig.get().runtime.output_dir)
     check_output_dir(path)
-    path.mkdir(parents=True, exist_ok=True)
     return path

@@ -117,11 +117,11 @@ class AdapterChecker:
                             "give an exported adapter folder")
         if job.adapter is None or job.adapter in self._checked:
             return
-        from dreamsteer.checkpoints import read_manifest
+        from dreamsteer.checkpoints.adapter_io import check_adapter_folder
         from dreamsteer.diffusion.adapters import fingerprints_match
 
         try:
-            manifest = read_manifest(job.adapter)
+            manifest = check_adapter_folder(job.adapter)
         except (FileNotFoundError, ValueError) as err:
             raise job.error("adapter", str(err)) from None
         if manifest.get("base_model") != self.model.pretrained and not fingerprints_match(self.fingerprint(), manifest["base_model_fingerprint"]):

@@ -318,7 +318,7 @@ def _run(cfg: DictConfig, items: list[Any], out: Path, export_dir: Path, owner: 
     module.resumes = resumes
     datamodule = SubjectDataModule(cfg.data, items, resolution, seed=cfg.seed, prior_preservation=prior, class_dir=class_dir)
     trainer = build_trainer(cfg, out, callbacks)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     last = out / "checkpoints" / "last.ckpt"
     if cfg.export.enabled and trainer.is_global_zero and export_is_stale(export_dir, last):
         # a resume at max_steps skips the loop (and its export): export what the last checkpoint holds

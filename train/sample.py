@@ -37,6 +37,10 @@ def run(cfg: DictConfig) -> list[Path]:
     if cfg.num_images < 1 or cfg.steps < 1:
         raise ValueError("config keys 'num_images' and 'steps' must be >= 1")
 
+    if cfg.adapter:
+        from dreamsteer.checkpoints.adapter_io import check_adapter_folder
+
+        check_adapter_folder(cfg.adapter)  # adapter.json and the files' hashes, before the model loads
     backbone = load_backbone(cfg.model.pretrained, cfg.model.dtype, resolve_device(cfg.model.device), cfg.model.cache_dir, cfg.model.single_file_config)
     if cfg.adapter:
         from dreamsteer.checkpoints import load_adapter

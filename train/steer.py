@@ -25,7 +25,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from dreamsteer.checkpoints import AdapterLoadError, export_adapter, load_adapter
-from dreamsteer.checkpoints.adapter_io import prepare_export_target, read_manifest, sha256_file, write_json_atomic
+from dreamsteer.checkpoints.adapter_io import check_adapter_folder, prepare_export_target, sha256_file, write_json_atomic
 from dreamsteer.data.images import load_image, pil_to_tensor, resize_and_crop, save_image_atomic, tensor_to_pil
 from dreamsteer.lit_modules.dreamsteerer import (
     GLIGEN_BOX,
@@ -157,7 +157,7 @@ def check_inputs(cfg: DictConfig) -> SteerInputs:
                           "half-precision frozen weights need bf16-mixed or 16-mixed")
     check_settings(cfg.edsd, cfg.mode_shift, cfg.mask, memory=cfg.memory, optim=cfg.optim)
     adapter_dir = Path(cfg.adapter).expanduser()
-    manifest = read_manifest(adapter_dir)
+    manifest = check_adapter_folder(adapter_dir)
     kind = manifest["method"]
     if kind not in cfg.optim.lr:
         raise ConfigError(f"config key 'optim.lr.{kind}': no learning rate for the adapter's method {kind!r}")
