@@ -282,6 +282,10 @@ def run(cfg: DictConfig, callbacks: Sequence[Any] = ()) -> Path:
     """Validate everything, train, export on rank 0; return the export folder. `callbacks` are extra Lightning callbacks."""
     cfg = validate_config(cfg)
     items = validate_subject_data(cfg.data, required_tokens(cfg), cfg.loss.prior_preservation)  # before loading a model
+    if cfg.ckpt_path not in (None, "last"):  # a given checkpoint is checked before anything is written
+        from dreamsteer.checkpoints.lightning import check_checkpoint_file, resolve_checkpoint
+
+        check_checkpoint_file(resolve_checkpoint(Path(cfg.ckpt_path).expanduser()))
     out = output_dir(cfg)
     export_dir = Path(cfg.export.dir).expanduser() if cfg.export.dir else out / "adapter"
     owner = is_launch_rank_zero()  # the other DDP ranks re-run this function and must not lock or clean
