@@ -271,12 +271,12 @@ def read_manifest(adapter_dir: str | os.PathLike) -> dict[str, Any]:
     for key in ("method", "base_model_fingerprint", "adapter_config", "files"):
         if key not in manifest:
             raise AdapterLoadError(f"{path}: missing key {key!r}")
-    _check_manifest(directory, manifest)
-    if manifest["method"] == "lora" and manifest["adapter_config"].get("text_encoder"):
+    if manifest["method"] == "lora" and isinstance(manifest["adapter_config"], dict) and manifest["adapter_config"].get("text_encoder"):
         try:
             check_text_encoder_lora()
         except AdapterError as err:
             raise AdapterLoadError(f"adapter folder {directory}: {err}") from None
+    _check_manifest(directory, manifest)
     return manifest
 
 
