@@ -40,12 +40,11 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 from PIL import Image
-from scipy import ndimage
 
 from dreamsteer.data.files import write_json_atomic
 from dreamsteer.data.images import pil_to_tensor, save_image_atomic, tensor_to_pil
 from dreamsteer.data.scenes import BACKGROUND_COLORS, OBJECT_COLORS, SUBJECT, make_caption, random_scene, write_subject_photos
-from dreamsteer.metrics.detector import box_iou, caption_agreement, detect, match_masks, summary
+from dreamsteer.metrics.detector import box_iou, caption_agreement, detect, objects_at, outside_change, summary
 
 FLOORS_SEED = 1_000_003  # cases use seeds (FLOORS_SEED, part, i): pretraining draws (seed, index) pairs
 PARTS = ("t2i", "edit", "personalize", "gligen")
@@ -144,13 +143,12 @@ def text_to_image(model: str, n: int, out: Path, steps: int, guidance: float) ->
 
 
 def _edit_success(scene, target_colors: Sequence[str], image: Image.Image) -> tuple[bool, dict[str, Any]]:
+    """The detector reads the target scene: same background and count, every object at its place
+    (mask IoU >= 0.5) with its target color and its source shape."""
     detection = detect(image)
-    pairs = {t: (d, iou) for d, t, iou in match_masks([o.mask for o in detection.objects], list(scene.masks))}
-    ok = detection.background == scene.background and len(detection.objects) == len(scene.objects)
-    for t, obj in enumerate(scene.objects):
-        d, iou = pairs.get(t, (None, 0.0))
-        found = detection.objects[d] if d is not None else None
-        ok = ok and found is not None and iou >= 0.5 and found.color == target_colors[t] and found.shape == obj.shape
+    found = objects_at(detection, list(scene.masks))
+    ok = detection.background == scene.background and len(detection.objects) == len(scene.objects) and all(
+        f is not None and f.color == color and f.shape == obj.shape for f, obj, color in zip(found, scene.objects, target_colors))
     return ok, summary(detection)
 
 
@@ -182,13 +180,11 @@ def editing(model: str, n: int, out: Path, steps: int | None) -> tuple[list[Floo
     for (scene, k, targets), job in zip(cases, jobs):
         edited = Image.open(edit_dir / f"{job['id']}.png").convert("RGB")
         ok, found = _edit_success(scene, targets, edited)
-        keep = ~ndimage.binary_dilation(scene.masks[k], iterations=EDIT_MARGIN)
-        source = np.asarray(scene.image, np.float32)
         with torch.no_grad():
             x = pil_to_tensor(scene.image)[None].to(backbone.device, backbone.dtype)
-            recon = np.asarray(tensor_to_pil(backbone.decode(backbone.encode_image(x))[0].float().clamp(-1, 1)), np.float32)
-        change = float(np.abs(np.asarray(edited, np.float32) - source)[keep].mean())
-        vae = float(np.abs(recon - source)[keep].mean())
+            recon = tensor_to_pil(backbone.decode(backbone.encode_image(x))[0].float().clamp(-1, 1))
+        change = outside_change(scene.image, edited, scene.masks[k], EDIT_MARGIN)
+        vae = outside_change(scene.image, recon, scene.masks[k], EDIT_MARGIN)
         successes.append(ok)
         outside.append(change)
         vae_outside.append(vae)

@@ -315,6 +315,24 @@ def match_masks(detected: Sequence[np.ndarray], truth: Sequence[np.ndarray]) -> 
     return [(int(r), int(c), float(iou[r, c])) for r, c in zip(rows, cols) if iou[r, c] > 0]
 
 
+def objects_at(detection: Detection, masks: Sequence[np.ndarray], min_iou: float = 0.5) -> list[DetectedObject | None]:
+    """For each of `masks` (a scene's truth), the detected object matched to it (`match_masks`) with mask
+    IoU >= `min_iou`, else None: what the image shows at each object's place."""
+    found: list[DetectedObject | None] = [None] * len(masks)
+    for d, t, iou in match_masks([o.mask for o in detection.objects], masks):
+        if iou >= min_iou:
+            found[t] = detection.objects[d]
+    return found
+
+
+def outside_change(source: Image.Image | np.ndarray | torch.Tensor, edited: Image.Image | np.ndarray | torch.Tensor,
+                   mask: np.ndarray, margin: int = 2) -> float:
+    """Mean absolute difference (8-bit RGB, over pixels and channels) between two images outside `mask`
+    dilated by `margin` pixels: how much an edit of the masked object changed the rest."""
+    keep = ~ndimage.binary_dilation(mask, iterations=margin) if margin else ~mask
+    return float(np.abs(image_array(edited) - image_array(source))[keep].mean())
+
+
 def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
     """IoU of two boxes (x0, y0, x1, y1)."""
     w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))

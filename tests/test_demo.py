@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from PIL import Image
 
 from dreamsteer.train.config import compose
@@ -12,7 +13,7 @@ def test_demo_runs_every_stage(tmp_path):
     from dreamsteer.train.demo import run
 
     cfg = compose("demo", [
-        "personalize_steps=2", "steer_steps=2", "edit_steps=2", "logger=none",
+        "world=photo", "personalize_steps=2", "steer_steps=2", "edit_steps=2", "logger=none",
         "steer_overrides=['mode_shift.n_ms=1','mode_shift.sampling_steps=3']",
         f"output_dir={tmp_path}",
     ])
@@ -31,3 +32,35 @@ def test_demo_runs_every_stage(tmp_path):
     assert (tmp_path / "4_evaluate" / "report.html").is_file()
     summary = Image.open(tmp_path / "demo_summary.png")
     assert summary.width == 4 * 128
+
+
+def test_toy_world_demo_chains_the_rendered_subject_and_scene(tmp_path):
+    """The toy world's path on the tiny model (the trained toy weights are tested in test_toy_floors):
+    rendered subject photos with captions, the scene's prompts, detector metrics, the summary."""
+    from dreamsteer.data.scenes import SUBJECT
+    from dreamsteer.train.demo import run
+
+    cfg = compose("demo", [
+        "world=toy", "model=tiny", "subject_images=2", "personalize_steps=1", "steer_steps=1", "edit_steps=1", "logger=none",
+        "scene_objects=[green square, purple circle]",
+        "steer_overrides=['mode_shift.n_ms=1','mode_shift.sampling_steps=2']", f"output_dir={tmp_path}",
+    ])
+    result = run(cfg)
+    record = json.loads((tmp_path / "3_edit_steered" / "photo.json").read_text())
+    assert record["source_prompt"] == "a green square and a purple circle on a white background"
+    assert record["target_prompt"] == f"a green square and a {SUBJECT.token} {SUBJECT.class_word} on a white background"
+    assert sorted(p.name for p in (tmp_path / "data" / "subject").iterdir()) == ["subject_00.png", "subject_00.txt", "subject_01.png", "subject_01.txt"]
+    metrics = json.loads((tmp_path / "4_evaluate" / "metrics.json").read_text())
+    assert set(metrics["steered"]) >= {"subject_score", "subject", "others_kept", "background_kept", "outside_change"}
+    assert Image.open(tmp_path / "demo_summary.png").width == 5 * 128
+    assert result["timings"]
+
+
+def test_toy_world_refuses_a_scene_without_the_subjects_class(tmp_path):
+    from dreamsteer.train.config import ConfigError
+    from dreamsteer.train.demo import run
+
+    with pytest.raises(ConfigError, match="scene_objects"):
+        run(compose("demo", ["world=toy", "model=tiny", "scene_objects=[green square]", f"output_dir={tmp_path}"]))
+    with pytest.raises(ConfigError, match=r"scene_objects\[0\]"):
+        run(compose("demo", ["world=toy", "model=tiny", "scene_objects=[orange circle]", f"output_dir={tmp_path}"]))

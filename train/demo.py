@@ -1,47 +1,83 @@
 """`python -m train demo`: personalize -> steer -> edit -> evaluate, each stage through its own task.
 
 The stages are the same `run(cfg)` functions the CLI runs, composed from their own configs, so the
-demo exercises exactly what users run. Outputs: `<out>/1_personalize`, `2_steer`, `3_edit_baseline`,
-`3_edit_steered`, `4_evaluate`, and `demo_summary.png` (source | subject mask | baseline edit |
-steered edit), also logged to TensorBoard.
+demo exercises exactly what users run. Two worlds (``world=``, a config group that also picks the model):
+
+- ``toy`` (default): the built-in trained ``toy`` model; the personal subject rendered by `data.scenes`
+  (a blue disc with a yellow center, "sks circle"); a rendered source scene holding an object of the
+  subject's class; evaluated with the toy detector (`metrics.detector`): is the subject at that
+  object's place after the edit, are the other objects and the background kept, how much changed
+  outside the object.
+- ``photo``: the built-in ``tiny`` model (random weights) and a bundled photo; evaluated with the
+  offline tiny CLIP (the images are noise: this world proves the path, not the quality).
+
+Outputs: `<out>/1_personalize`, `2_steer`, `3_edit_baseline`, `3_edit_steered`, `4_evaluate`, and
+`demo_summary.png` (toy: subject photo | source | subject mask | baseline edit | steered edit, with
+the detector's subject scores; photo: the same without the subject photo), also logged to TensorBoard.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import numpy as np
 from omegaconf import DictConfig
 from PIL import Image, ImageDraw
 
+from dreamsteer.data.files import write_json_atomic
 from dreamsteer.data.images import save_image_atomic
 from dreamsteer.data.samples import SAMPLE_PHOTOS, write_sample_images, write_subject_set
-from dreamsteer.train.config import LoggerConfig, ModelConfig, check_choice, check_common, compose, output_dir, validate
+from dreamsteer.data.scenes import (BACKGROUND_COLORS, GAP, MAX_SIZE, MIN_SIZE, OBJECT_COLORS, SHAPES, SUBJECT, Scene, SceneObject,
+                                    make_caption, render, write_subject_photos)
+from dreamsteer.train.config import ConfigError, LoggerConfig, ModelConfig, check_choice, check_common, compose, output_dir, validate
 from dreamsteer.train.logs import summary_writer
+
+WORLDS = ("toy", "photo")
+EDIT_MARGIN = 2  # pixels around the edited object that an edit may change (anti-aliased edge, VAE blur)
 
 
 @dataclass
 class DemoConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    world: str = "photo"
+    subject_images: int = 5
+    # --- toy world
+    scene_background: str = "white"
+    scene_objects: list[str] = field(default_factory=lambda: ["red circle", "green square"])
+    # --- photo world
     subject_photo: str = "cat"
-    subject_images: int = 4
     source_photo: str = "cat"
-    instance_prompt: str = "a photo of sks cat"
-    source_prompt: str = "a photo of a cat"
-    ref_prompt: str = "a photo of a sks cat"
+    # prompts: the photo world sets them; the toy world derives them from the scene when null
+    instance_prompt: Optional[str] = None
+    source_prompt: Optional[str] = None
+    ref_prompt: Optional[str] = None
     personalize_steps: int = 30
     steer_steps: int = 10
     edit_steps: int = 40
     editor: str = "dds_sm"
     evaluate: bool = True
     seed: int = 0
-    output_dir: str | None = None
+    output_dir: Optional[str] = None
     personalize_overrides: list[str] = field(default_factory=list)
     steer_overrides: list[str] = field(default_factory=lambda: ["mode_shift.n_ms=2", "mode_shift.sampling_steps=8"])
     edit_overrides: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DemoInputs:
+    """What the stages read: the subject photos, the source image, the prompts, and in the toy world
+    the source scene's truth and the index of the object that becomes the subject."""
+
+    subject_dir: Path
+    source: Path
+    instance_prompt: str
+    source_prompt: str
+    ref_prompt: str
+    scene: Optional[Scene] = None
+    index: int = 0
 
 
 def _arg(key: str, value: Any) -> str:
@@ -62,31 +98,29 @@ def _stage(name: str, fn: Callable[[], Any], timings: dict[str, float]) -> Any:
 def run(cfg: DictConfig) -> dict[str, Any]:
     cfg = validate(cfg, DemoConfig)
     check_common(cfg)
-    check_choice(cfg, "subject_photo", list(SAMPLE_PHOTOS))
-    check_choice(cfg, "source_photo", list(SAMPLE_PHOTOS))
+    check_choice(cfg, "world", list(WORLDS))
     check_choice(cfg, "editor", ["dds_sm", "dds_s", "dds", "lusd", "cds", "sbp", "pds", "sds"])
+    inputs_for = _toy_inputs if cfg.world == "toy" else _photo_inputs
     out = output_dir(cfg)
+    inputs = inputs_for(cfg, out)
     model = [_arg("model.pretrained", cfg.model.pretrained), _arg("model.dtype", cfg.model.dtype), _arg("model.device", cfg.model.device)]
     if cfg.model.cache_dir:
         model.append(_arg("model.cache_dir", cfg.model.cache_dir))
     logger = [f"logger={cfg.logger.name}"]
     timings: dict[str, float] = {}
-
-    subject_dir = out / "data" / "subject"
-    write_subject_set(subject_dir, cfg.subject_photo, cfg.subject_images)
-    source = write_sample_images(out / "data", [cfg.source_photo])[0]
+    subject_dir, source = inputs.subject_dir, inputs.source
 
     from dreamsteer.train import edit, personalize, steer
 
     adapter = _stage("personalize (LoRA)", lambda: personalize.run(compose("personalize", [
         *model, *logger, "method=lora",
-        _arg("data.instance_dir", subject_dir), _arg("data.instance_prompt", cfg.instance_prompt),
+        _arg("data.instance_dir", subject_dir), _arg("data.instance_prompt", inputs.instance_prompt),
         f"trainer.max_steps={cfg.personalize_steps}", f"seed={cfg.seed}",
         _arg("output_dir", out / "1_personalize"), *cfg.personalize_overrides])), timings)
 
     steered = _stage("steer (DreamSteerer)", lambda: steer.run(compose("steer", [
         *model, *logger, _arg("adapter", adapter), _arg("image", source),
-        _arg("source_prompt", cfg.source_prompt), _arg("ref_prompt", cfg.ref_prompt),
+        _arg("source_prompt", inputs.source_prompt), _arg("ref_prompt", inputs.ref_prompt),
         f"steps={cfg.steer_steps}", f"seed={cfg.seed}", _arg("output_dir", out / "2_steer"),
         "mode_shift.log_unguided=true", *cfg.steer_overrides])), timings)  # the demo shows guided vs unguided
 
@@ -94,10 +128,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     for label, adapter_dir in (("baseline", adapter), ("steered", steered)):
         edits[label] = _stage(f"edit with the {label} adapter ({cfg.editor})", lambda adapter_dir=adapter_dir, label=label: edit.run(compose("edit", [
             *model, f"editor={cfg.editor}", f"editor.steps={cfg.edit_steps}", _arg("adapter", adapter_dir), _arg("image", source),
-            _arg("source_prompt", cfg.source_prompt), _arg("target_prompt", cfg.ref_prompt), "id=photo",
+            _arg("source_prompt", inputs.source_prompt), _arg("target_prompt", inputs.ref_prompt), "id=photo",
             f"seed={cfg.seed}", _arg("output_dir", out / f"3_edit_{label}"), *cfg.edit_overrides])), timings)
 
-    if cfg.evaluate:
+    scores: dict[str, float] = {}
+    if cfg.evaluate and cfg.world == "toy":
+        scores = _stage("evaluate (toy detector)", lambda: _toy_evaluate(out, inputs), timings)
+    elif cfg.evaluate:
         from dreamsteer.metrics.clip import build_tiny_clip
         from dreamsteer.train import evaluate
 
@@ -107,7 +144,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "labels=[baseline,steered]", _arg("clip_model", clip_dir), _arg("concept_images", subject_dir), "ms_ssim_scales=4",
             _arg("output_dir", out / "4_evaluate")])), timings)
 
-    summary = _summary_image(out)
+    summary = _summary_image(out, inputs, scores)
     save_image_atomic(summary, out / "demo_summary.png")
     writer = summary_writer(cfg, out)
     if writer is not None:
@@ -121,19 +158,101 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return {"output_dir": out, "adapter": adapter, "steered_adapter": steered, "edits": edits, "timings": timings}
 
 
-def _summary_image(out: Path) -> Image.Image:
-    """Source | subject mask | baseline edit | steered edit, labelled, side by side."""
+def _photo_inputs(cfg: DictConfig, out: Path) -> DemoInputs:
+    check_choice(cfg, "subject_photo", list(SAMPLE_PHOTOS))
+    check_choice(cfg, "source_photo", list(SAMPLE_PHOTOS))
+    for key in ("instance_prompt", "source_prompt", "ref_prompt"):
+        if not cfg.get(key):
+            raise ConfigError(f"config key '{key}': the photo world needs it (world=photo sets it)")
+    subject_dir = out / "data" / "subject"
+    write_subject_set(subject_dir, cfg.subject_photo, cfg.subject_images)
+    source = write_sample_images(out / "data", [cfg.source_photo])[0]
+    return DemoInputs(subject_dir, source, cfg.instance_prompt, cfg.source_prompt, cfg.ref_prompt)
+
+
+def row_scene(background: str, phrases: list[str]) -> Scene:
+    """A toy scene with the objects named by `phrases` ("red circle") in a row, left to right, at the
+    middle height, as large as the renderer's sizes allow without touching."""
+    if background not in BACKGROUND_COLORS:
+        raise ConfigError(f"config key 'scene_background': {background!r} is not a background color ({list(BACKGROUND_COLORS)})")
+    if not 1 <= len(phrases) <= 3:
+        raise ConfigError(f"config key 'scene_objects': give 1 to 3 objects, got {len(phrases)}")
+    size = max(MIN_SIZE, min(MAX_SIZE, (1 / len(phrases) - GAP) / 2 * 0.95))
+    objects = []
+    for i, phrase in enumerate(phrases):
+        words = str(phrase).split()
+        if len(words) != 2 or words[0] not in OBJECT_COLORS or words[1] not in SHAPES:
+            raise ConfigError(f"config key 'scene_objects[{i}]': {phrase!r} is not '<color> <shape>' "
+                              f"(colors {list(OBJECT_COLORS)}, shapes {list(SHAPES)})")
+        objects.append(SceneObject(words[1], words[0], ((2 * i + 1) / (2 * len(phrases)), 0.5), size))
+    return render(background, objects)
+
+
+def _toy_inputs(cfg: DictConfig, out: Path) -> DemoInputs:
+    """The rendered subject photos (with captions) and source scene; the first object of the subject's
+    class becomes the subject in the reference prompt: "a red circle and ..." -> "a sks circle and ..."."""
+    scene = row_scene(cfg.scene_background, list(cfg.scene_objects))
+    shapes = [o.shape for o in scene.objects]
+    if SUBJECT.shape not in shapes:
+        raise ConfigError(f"config key 'scene_objects': needs an object of the subject's class ({SUBJECT.shape}) to steer toward")
+    index = shapes.index(SUBJECT.shape)
+    subject_dir = out / "data" / "subject"
+    write_subject_photos(subject_dir, cfg.subject_images, seed=cfg.seed)
+    source = save_image_atomic(scene.image, out / "data" / "source.png")
+    ref_objects = [replace(o, color=SUBJECT.color, inner_color=SUBJECT.inner_color) if i == index else o for i, o in enumerate(scene.objects)]
+    return DemoInputs(subject_dir, source, cfg.instance_prompt or f"a {SUBJECT.token} {SUBJECT.class_word}",
+                      cfg.source_prompt or scene.caption, cfg.ref_prompt or make_caption(scene.background, ref_objects), scene, index)
+
+
+def _toy_evaluate(out: Path, inputs: DemoInputs) -> dict[str, float]:
+    """What the detector reads in each edit at the source scene's places: the subject at the edited
+    object's place, the other objects and the background kept, the change outside the object.
+    Writes `4_evaluate/metrics.json`; returns the subject scores by edit."""
+    from dreamsteer.metrics.detector import detect, objects_at, outside_change, summary
+
+    scene, index = inputs.scene, inputs.index
+    metrics: dict[str, Any] = {"source_prompt": inputs.source_prompt, "ref_prompt": inputs.ref_prompt}
+    for label in ("baseline", "steered"):
+        edited = Image.open(out / f"3_edit_{label}" / "photo.png").convert("RGB").resize(scene.image.size, Image.Resampling.BICUBIC)
+        detection = detect(edited)
+        found = objects_at(detection, list(scene.masks))
+        at = found[index]
+        others = [(f, o) for i, (f, o) in enumerate(zip(found, scene.objects)) if i != index]
+        metrics[label] = {
+            "subject_score": at.subject_score if at is not None else 0.0,
+            "subject": bool(at is not None and at.is_subject),
+            "others_kept": all(f is not None and (f.color, f.shape) == (o.color, o.shape) for f, o in others),
+            "background_kept": detection.background == scene.background,
+            "outside_change": outside_change(scene.image, edited, scene.masks[index], EDIT_MARGIN),
+            "detection": summary(detection),
+        }
+        m = metrics[label]
+        print(f"  {label:8s} subject score {m['subject_score']:.2f} ({'subject' if m['subject'] else 'no subject'}), "
+              f"other objects {'kept' if m['others_kept'] else 'changed'}, background {'kept' if m['background_kept'] else 'changed'}, "
+              f"mean change outside the object {m['outside_change']:.1f} / 255")
+    write_json_atomic(metrics, out / "4_evaluate" / "metrics.json")
+    return {label: metrics[label]["subject_score"] for label in ("baseline", "steered")}
+
+
+def _summary_image(out: Path, inputs: DemoInputs, scores: dict[str, float]) -> Image.Image:
+    """(Subject photo |) source | subject mask | baseline edit | steered edit, labelled, side by side,
+    at least 128 pixels each (toy images are 32 px: enlarged without smoothing)."""
     panels = [
         ("source", out / "3_edit_steered" / "photo_source.png"),
         ("subject mask", out / "3_edit_steered" / "photo_mask.png"),
         ("baseline edit", out / "3_edit_baseline" / "photo.png"),
         ("steered edit", out / "3_edit_steered" / "photo.png"),
     ]
+    if inputs.scene is not None:
+        panels.insert(0, ("subject photo", sorted(inputs.subject_dir.glob("*.png"))[0]))
     images = [(label, Image.open(path).convert("RGB")) for label, path in panels if path.is_file()]
-    size = images[0][1].size[1]
-    canvas = Image.new("RGB", (size * len(images), size + 16), "white")
+    size = max(images[-1][1].size[1], 128)
+    canvas = Image.new("RGB", (size * len(images), size + 28), "white")
     draw = ImageDraw.Draw(canvas)
     for i, (label, image) in enumerate(images):
-        canvas.paste(image.resize((size, size)), (i * size, 16))
+        canvas.paste(image.resize((size, size), Image.Resampling.NEAREST), (i * size, 28))
         draw.text((i * size + 3, 2), label, fill="black")
+        edit = label.split()[0]
+        if edit in scores:
+            draw.text((i * size + 3, 14), f"subject score {scores[edit]:.2f}", fill="black")
     return canvas
