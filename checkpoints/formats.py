@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 
 from dreamsteer.checkpoints import kohya
 from dreamsteer.checkpoints.safetensors_files import read_metadata, save_safetensors
+from dreamsteer.data.files import write_text_atomic
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 LORA_KOHYA_FILE = "lora_kohya.safetensors"
@@ -306,9 +307,24 @@ def write_pipeline(backbone: Any, directory: Path) -> list[str]:
     state = load_file(str(text_weights))
     state = {k if k.startswith("text_model.") else "text_model." + k: v for k, v in state.items()}
     save_safetensors(state, text_weights, read_metadata(text_weights))
+    write_vocab_files(directory / "tokenizer")
     single = pipeline_to_original(backbone.unet, backbone.vae, backbone.text_encoder, kohya.is_sd2(backbone.text_encoder.config))
     save_safetensors(single, directory / SINGLE_FILE)
     return sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file())
+
+
+def write_vocab_files(tokenizer_dir: Path) -> None:
+    """``vocab.json`` + ``merges.txt`` from ``tokenizer.json`` (BPE) where missing: transformers 5 saves only
+    the latter, transformers 4.x's ``CLIPTokenizer`` (what ``model_index.json`` names) reads the former."""
+    source = tokenizer_dir / "tokenizer.json"
+    if not source.is_file() or (tokenizer_dir / "vocab.json").is_file():
+        return
+    model = json.loads(source.read_text(encoding="utf-8"))["model"]
+    if model.get("type") != "BPE":
+        return
+    merges = [" ".join(m) if isinstance(m, list) else m for m in model["merges"]]
+    write_text_atomic(json.dumps(model["vocab"], ensure_ascii=False), tokenizer_dir / "vocab.json")
+    write_text_atomic("#version: 0.2\n" + "\n".join(merges) + "\n", tokenizer_dir / "merges.txt")
 
 
 def read_dreambooth(backbone: Any, directory: Path, train_text_encoder: bool) -> tuple[torch.nn.Module, torch.nn.Module | None]:

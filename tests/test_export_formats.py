@@ -141,6 +141,11 @@ def test_dreambooth_keeps_the_base_scheduler_and_names_text_weights_with_text_mo
     assert not info["missing_keys"] and not info["unexpected_keys"]
     trained = backbone.text_encoder.state_dict()
     assert all(torch.equal(v, trained[k]) for k, v in model.state_dict().items())
+    # transformers 4.x's CLIPTokenizer reads vocab.json + merges.txt (5.x writes only tokenizer.json)
+    vocab = json.loads((out / "tokenizer" / "vocab.json").read_text())
+    assert vocab == {t: i for t, i in backbone.tokenizer.get_vocab().items() if t in vocab} and len(vocab) >= len(backbone.tokenizer) - 2
+    merges = (out / "tokenizer" / "merges.txt").read_text().splitlines()
+    assert merges[0] == "#version: 0.2" and len(merges) > 1 and all(len(m.split(" ")) == 2 for m in merges[1:])
 
     # the single file in SD 2.x's layout (OpenCLIP text encoder, q/k/v stacked) loads back weight for weight
     single = StableDiffusionPipeline.from_single_file(str(out / SINGLE_FILE), config=str(tiny_v2_dir), local_files_only=True)
