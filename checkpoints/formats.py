@@ -131,13 +131,18 @@ def save_kohya_lora(
     save_safetensors(tensors, path, kohya.lora_metadata(tensors, rank=rank, alpha=alpha, **metadata))
 
 
+def _model_name(source: str) -> str:
+    """A local model path as its folder / file name (kohya's ``ss_sd_model_name``); hub ids and presets unchanged."""
+    return Path(source).name if Path(source).expanduser().exists() else source
+
+
 def kohya_info(backbone: Any, manifest: dict[str, Any], output_name: str) -> dict[str, Any]:
     """The training facts kohya's metadata records, from the backbone and an adapter.json."""
     training = manifest.get("training") or {}
     return {
         "v2": kohya.is_sd2(backbone.text_encoder.config),
         "v_prediction": backbone.prediction_type == "v_prediction",
-        "base_model": str(manifest.get("base_model")),
+        "base_model": _model_name(str(manifest.get("base_model"))),
         "output_name": output_name,
         "resolution": training.get("resolution") or backbone.resolution,
         "steps": manifest.get("training_steps"),
