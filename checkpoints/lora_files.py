@@ -11,11 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
 from dreamsteer.checkpoints import kohya
-from dreamsteer.checkpoints.formats import LORA_FILE
+from dreamsteer.checkpoints.formats import LORA_FILE, AdapterFormatError, read_tensors
 from dreamsteer.checkpoints.safetensors_files import read_metadata
 
 
@@ -108,9 +106,9 @@ def read_lora(path: str | os.PathLike, unet_modules: set[str], text_modules: set
     if not path.is_file():
         raise LoraFileError(f"{path}: no such LoRA file")
     try:
-        state = load_file(str(path))
-    except (SafetensorError, OSError) as err:
-        raise LoraFileError(f"{path}: not a readable safetensors file ({err})") from err
+        state = read_tensors(path)
+    except AdapterFormatError as err:
+        raise LoraFileError(str(err)) from None
     if not state:
         raise LoraFileError(f"{path}: holds no tensors")
     if all(k.startswith((kohya.UNET_PREFIX, kohya.TEXT_PREFIX)) for k in state):
