@@ -1,4 +1,5 @@
-"""Editor configurations: one dataclass per method, defaults = the reference implementations' defaults.
+"""Editor configurations: one dataclass per method, defaults = the reference implementations' defaults
+(SBP's schedule excepted: see `SBPConfig`).
 
 Every field is a config key (`conf/editor/<method>.yaml` mirrors these defaults; a test keeps them
 equal). Units: the optimizer sees ``z.grad = loss_scale / loss_divisor * g + extra`` where ``g`` is the
@@ -90,7 +91,11 @@ class CDSConfig(EditorConfig):
 
 @dataclass
 class SBPConfig(EditorConfig):
-    """SBP: ``g = w(t) (eps_hat(z_t, y_tgt) - eps_hat(z_t, y_src)) = w(t) * guidance * (eps_tgt - eps_src)``."""
+    """SBP: ``g = w(t) (eps_hat(z_t, y_tgt) - eps_hat(z_t, y_src)) = w(t) * guidance * (eps_tgt - eps_src)``.
+
+    The gradient is the reference's; the schedule is the editor's, not the reference script's (its 500-step
+    DDIM grid for t, raw gradient with AdamW lr 0.01, 1000 steps of which 500 plain SDS, CFG 40): each
+    difference and its reason in `conf/editor/sbp.yaml` and docs/editing.md."""
 
     method: str = "sbp"
     guidance: float = 30.0

@@ -131,8 +131,10 @@ class Editor:
         columns = None
         if cfg.attention_mask:
             self.tokens = list(cfg.edit_tokens) if cfg.edit_tokens else edit_words(source_prompt, target_prompt)
-            expand = getattr(backbone.adapter, "expand_prompt", None)  # multi-vector TI: as `Backbone.tokenize` sees it
-            columns = token_indices(backbone.tokenizer, expand(target_prompt) if expand else target_prompt, self.tokens) if self.tokens else None
+            expand = getattr(backbone.adapter, "expand_prompt", lambda p: p)  # multi-vector TI: as `Backbone.tokenize` sees it
+            # found from the prompts' difference: only their occurrences in the differing part; user-named: every one
+            differing_from = None if cfg.edit_tokens else expand(source_prompt)
+            columns = token_indices(backbone.tokenizer, expand(target_prompt), self.tokens, differing_from) if self.tokens else None
         features = cfg.method == "cds" or (cfg.method == "ground_a_score" and any(s.preserve for s in subtasks))
         self.layers = attention_layers(cfg, backbone.unet, mask=columns is not None, features=features)
         self.recorder: AttentionRecorder | None = None

@@ -262,25 +262,30 @@ class PDS(Method):
     ``x_t`` / ``x_{t'}`` noise ``z`` (target) or ``z_src`` (source) with the shared noises ``eps`` / ``eps'``;
     ``mu = c0 x0_hat + c1 x_t``, ``x0_hat = (x_t - sqrt(1 - a_t) eps_hat_w) / sqrt(a_t)``,
     ``c0 = sqrt(a_t') beta_t / (1 - a_t)``, ``c1 = sqrt(alpha_t) (1 - a_t') / (1 - a_t)``,
-    ``sigma_t = sqrt((1 - a_t') / (1 - a_t) beta_t)``. ``t`` is drawn from a grid of `pds_grid` steps
-    (indices in [min_ratio, max_ratio) of the grid), ``t'`` is the grid step before it.
+    ``sigma_t = sqrt((1 - a_t') / (1 - a_t) beta_t)``. ``t`` is drawn from the timesteps of a DDIM scheduler
+    built from the model's scheduler config and set to `pds_grid` steps (indices in [min_ratio, max_ratio)
+    of the ascending grid, as the reference), ``t'`` is the grid step before it -- whatever the config's
+    ``timestep_spacing`` (leading, trailing, linspace) and ``steps_offset``.
     """
 
     name = "pds"
 
     def __init__(self, cfg: EditorConfig, backbone=None):
+        from diffusers import DDIMScheduler
+
         super().__init__(cfg, backbone)
         if backbone is None:
             raise ValueError("PDS needs the backbone: its timestep grid comes from the model's scheduler")
-        self.grid_step = backbone.num_train_timesteps // cfg.pds_grid
-        self.offset = int(getattr(backbone.scheduler.config, "steps_offset", 0) or 0)
+        grid = DDIMScheduler.from_config(backbone.scheduler.config)
+        grid.set_timesteps(cfg.pds_grid)
+        self.grid = grid.timesteps.flip(0).long().cpu()  # ascending
 
     def sample_t(self, gen, m):
         cfg = self.cfg
         lo = max(1, int(cfg.pds_grid * cfg.pds_min_ratio))
         hi = max(lo + 1, int(cfg.pds_grid * cfg.pds_max_ratio))
         idx = torch.randint(lo, hi, (1,), generator=gen)
-        return torch.cat([idx * self.grid_step + self.offset, (idx - 1) * self.grid_step + self.offset])
+        return torch.cat([self.grid[idx], self.grid[idx - 1]])
 
     def sample_noise(self, gen, ctx, unit, t):
         eps = torch.randn((2, *ctx.z_src.shape[1:]), generator=gen)

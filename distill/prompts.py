@@ -84,20 +84,36 @@ def edit_words(source: str, target: str) -> list[str]:
     return [w for w in tgt[prefix:end] if is_noun(w)]
 
 
-def token_indices(tokenizer, prompt: str, chosen: Sequence[str]) -> list[int]:
+def token_indices(tokenizer, prompt: str, chosen: Sequence[str], source: str | None = None) -> list[int]:
     """Columns (BOS = 0, padded prompt) of every sub-word token of each word in `chosen`.
 
-    Raises ValueError naming the word when it does not occur in `prompt`.
+    Without `source`: every occurrence of each word (user-named tokens). With `source`: only the occurrences
+    in the part of `prompt` that differs from `source`, as LUSD masks the tokens of the differing part: the
+    k-th repeat of a word in `chosen` takes its k-th occurrence at or after the first token where the two
+    prompts' token ids differ ("a cat next to a mirror" -> "a cat next to a cat": the second "cat" only).
+    A word split into several tokens contributes all of them (its meaning is spread over its pieces).
+    Raises ValueError naming the word when it does not occur there.
     """
     ids = tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length).input_ids
+    start = 0
+    if source is not None:
+        src = tokenizer(source, truncation=True, max_length=tokenizer.model_max_length).input_ids
+        while start < min(len(ids), len(src)) and ids[start] == src[start]:
+            start += 1
     columns: list[int] = []
+    repeats: dict[str, int] = {}
     for word in chosen:
         piece = tokenizer(word.strip(), add_special_tokens=False).input_ids
-        found = [s for s in range(len(ids) - len(piece) + 1) if piece and ids[s : s + len(piece)] == piece]
+        found = [s for s in range(start, len(ids) - len(piece) + 1) if piece and ids[s : s + len(piece)] == piece]
+        if source is not None:
+            k = repeats.get(word, 0)
+            repeats[word] = k + 1
+            found = found[k : k + 1]
         if not found:
-            raise ValueError(f"edit token {word!r} does not occur in the target prompt {prompt!r}")
-        for start in found:
-            columns.extend(range(start, start + len(piece)))
+            where = f"the part of the target prompt {prompt!r} that differs from {source!r}" if source is not None else f"the target prompt {prompt!r}"
+            raise ValueError(f"edit token {word!r} does not occur in {where}")
+        for first in found:
+            columns.extend(range(first, first + len(piece)))
     return sorted(set(columns))
 
 

@@ -163,6 +163,27 @@ def test_pds_timesteps_on_the_grid(tiny_backbone, z_src):
         assert t - tp == 2 and t % 2 == 1 and 21 <= t <= 979  # grid of 500, steps_offset 1, [0.02, 0.98)
 
 
+@pytest.mark.parametrize("spacing, grid", [("trailing", 300), ("linspace", 500), ("leading", 300)])
+def test_pds_grid_is_the_schedulers_own_timesteps_for_any_spacing(fresh_backbone, z_src, spacing, grid):
+    """t and t' are neighbours among the timesteps a DDIM scheduler of that spacing visits (the old
+    `idx * (T // grid) + steps_offset` formula matches "leading" only)."""
+    from diffusers import DDIMScheduler
+
+    bb = fresh_backbone
+    bb.scheduler = DDIMScheduler.from_config(bb.scheduler.config, timestep_spacing=spacing)
+    ed = Editor(bb, cfg_of("pds", pds_grid=grid), SRC, TGT, z_src)
+    visits = DDIMScheduler.from_config(bb.scheduler.config)
+    visits.set_timesteps(grid)
+    ascending = sorted(int(t) for t in visits.timesteps)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(30):
+        t, tp = ed.method.sample(gen, ed.ctx).t.tolist()
+        i = ascending.index(t)  # t is on the scheduler's grid ...
+        assert i >= 1 and ascending[i - 1] == tp  # ... and t' is the step before it
+    if spacing == "linspace":  # np.linspace(0, 999, 500).round(): even timesteps at the low end, not "leading"'s odd ones
+        assert ascending[:3] == [0, 2, 4]
+
+
 # ----------------------------------------------------------------------------- DDS-S / DDS-SM
 class WeightSwapAdapter:
     """Hand-made adapter: the personalized model has a changed conv_in; `disabled` swaps the original back."""

@@ -40,6 +40,24 @@ def test_token_indices(tiny_backbone):
         token_indices(tok, "a photo of a cat", ["dog"])
 
 
+def test_token_indices_of_the_differing_part_only(tiny_backbone):
+    """LUSD masks the tokens of the part of the target that differs from the source, not every occurrence."""
+    tok = tiny_backbone.tokenizer
+    source, target = "a cat next to a mirror", "a cat next to a cat"
+    assert edit_words(source, target) == ["cat"]
+    assert token_indices(tok, target, ["cat"]) == [2, 6]  # user-named: every occurrence
+    assert token_indices(tok, target, ["cat"], source) == [6]
+    assert token_indices(tok, "a dog and a cat", ["dog"], "a cat and a cat") == [2]
+    assert token_indices(tok, "a cat and a dog and a dog", ["dog", "dog"], "a cat") == [5, 8]  # the k-th repeat
+    assert token_indices(tok, "a blue car", ["car"], "a red car") == [3]  # the span extended to its noun
+    # a noun split into several tokens: all of its pieces
+    pieces = tok("matcha", add_special_tokens=False).input_ids
+    assert len(pieces) > 1
+    assert token_indices(tok, "a cup of matcha", ["matcha"], "a cup of coffee") == list(range(4, 4 + len(pieces)))
+    with pytest.raises(ValueError, match="differs"):
+        token_indices(tok, "a cat next to a mirror", ["cat"], "a cat next to a dog")
+
+
 def test_editor_yaml_files_hold_the_dataclass_defaults():
     conf = Path(__file__).resolve().parent.parent / "conf" / "editor"
     assert sorted(p.stem for p in conf.glob("*.yaml")) == sorted(METHODS)
@@ -54,3 +72,16 @@ def test_reference_defaults():
     assert (gas["steps"], gas["beta"], gas["penalty_area"], gas["penalty_coeff"], gas["overlap_value"]) == (500, [0.5, 0.4, 0.3, 0.2, 0.1], 0.15, 5.0, 0.3)
     assert method_defaults("dds_sm")["subject_mask"] == "auto" and method_defaults("dds_s")["source_pretrained"]
     assert method_defaults("cds")["w_cut"] == 3.0 and method_defaults("pds")["guidance"] == 100.0
+
+
+def test_lusd_editor_masks_the_changed_occurrence_only(tiny_backbone):
+    import torch
+
+    from dreamsteer.distill.editor import Editor, editor_config
+
+    editor = Editor(tiny_backbone, editor_config(method_defaults("lusd")), "a cat next to a mirror", "a cat next to a cat",
+                    torch.zeros(1, 4, 16, 16))
+    assert editor.tokens == ["cat"] and list(editor.recorder.token_indices) == [6]
+    named = Editor(tiny_backbone, editor_config(method_defaults("lusd") | {"edit_tokens": ["cat"]}), "a cat next to a mirror",
+                   "a cat next to a cat", torch.zeros(1, 4, 16, 16))
+    assert list(named.recorder.token_indices) == [2, 6]  # user-named tokens: every occurrence
