@@ -97,3 +97,21 @@ def model_card(manifest: dict[str, Any], folder_name: str, samples: Sequence[tup
     body += [f"| {tool} | {', '.join(f'`{f}`' for f in files)} |" for tool, files in manifest.get("use_with", {}).items()]
     body += ["", "`adapter.json` records the training config, library versions and the sha256 of every file.", ""]
     return "\n".join(body)
+
+
+def merge_card(record: dict[str, Any], folder_name: str, single_file: str) -> str:
+    """Markdown of the card of a `merge` output folder (`record`: its merge.json)."""
+    base = record.get("base_model")
+    loras = [f"- `{x['path']}` x {x['weight']}" for x in record.get("loras", [])]
+    return "\n".join([
+        "---", f"base_model: {_yaml_value(base)}", "library_name: diffusers", "tags:",
+        *[f"- {t}" for t in ("text-to-image", "diffusers", "stable-diffusion", "lora-merged", "dreamsteer")], "---", "",
+        f"# {folder_name}: {base} with LoRAs merged in", "",
+        "`W' = W + sum_i w_i * (alpha_i / r_i) * up_i @ down_i` for every layer a LoRA touches "
+        "(`python -m dreamsteer.train merge`):", "", *loras, "",
+        "## Use it", "", "```python", "from diffusers import StableDiffusionPipeline", "",
+        f"pipe = StableDiffusionPipeline.from_pretrained({folder_name!r})", "```", "",
+        f"- **ComfyUI**: copy `{single_file}` into `models/checkpoints/` and pick it in *Load Checkpoint*.",
+        f"- **AUTOMATIC1111**: copy `{single_file}` into `models/Stable-diffusion/` and pick it as the checkpoint.", "",
+        "`merge.json` records the inputs and the sha256 of every file.", "",
+    ])

@@ -156,6 +156,10 @@ def test_dreambooth_keeps_the_base_scheduler_and_names_text_weights_with_text_mo
 
     manifest = json.loads((out / "adapter.json").read_text())
     assert manifest["use_with"]["a1111"] == [SINGLE_FILE] == manifest["use_with"]["comfyui"]
+    again = export_adapter(backbone, tmp_path / "again" / "db", {"instance_prompt": "a photo of sks cat"})
+    for path in out.rglob("*"):
+        if path.is_file() and path.name != "adapter.json":
+            assert path.read_bytes() == (again / path.relative_to(out)).read_bytes(), path
     card = (out / "README.md").read_text()
     assert card.startswith("---\nbase_model: ") and "instance_prompt: \"a photo of sks cat\"" in card
     assert f"`{SINGLE_FILE}` into `models/Stable-diffusion/`" in card and "from_pretrained" in card

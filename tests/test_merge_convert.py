@@ -64,6 +64,8 @@ def test_merge_bakes_weighted_loras_like_diffusers_multi_adapter(tiny_dir, two_l
     assert torch.equal(_eps(single), got)
     record = json.loads((out / "merge.json").read_text())
     assert [x["weight"] for x in record["loras"]] == [1.0, 0.5] and record["layers_changed"]["text_encoder"] == 8
+    card = (out / "README.md").read_text()
+    assert f"`{a}` x 1.0" in card and f"`{SINGLE_FILE}` into `models/checkpoints/`" in card
 
     with pytest.raises(ConfigError, match="exists and is not an empty folder"):
         merge_run(compose("merge", [f"model.pretrained={tiny_dir}", f"loras=[{a}]", f"out={out}"]))

@@ -3,8 +3,8 @@
 Bakes one or several LoRAs into the base model's weights, ``W' = W + sum_i w_i * (alpha_i / r_i) * up_i @ down_i``
 for every layer a LoRA touches (computed in float32, stored in the base's dtype), and writes the
 result as a diffusers pipeline folder (the base's scheduler) plus the same weights as one SD
-checkpoint (``sd_checkpoint.safetensors``) for A1111 / ComfyUI, and ``merge.json`` recording the
-inputs. A LoRA is one of our export folders, a diffusers / peft ``.safetensors`` file, or a
+checkpoint (``sd_checkpoint.safetensors``) for A1111 / ComfyUI, ``merge.json`` recording the
+inputs and a model card ``README.md``. A LoRA is one of our export folders, a diffusers / peft ``.safetensors`` file, or a
 kohya / A1111 / ComfyUI file.
 """
 from __future__ import annotations
@@ -19,9 +19,10 @@ import torch
 from omegaconf import DictConfig
 
 from dreamsteer.checkpoints.adapter_io import sha256_file
-from dreamsteer.checkpoints.formats import write_pipeline
+from dreamsteer.checkpoints.model_card import CARD, merge_card
+from dreamsteer.checkpoints.formats import SINGLE_FILE, write_pipeline
 from dreamsteer.checkpoints.lora_files import LoraWeights, lora_target_modules, read_lora, weight_delta
-from dreamsteer.data.files import fsync_dir, make_temp_dir, write_json_atomic
+from dreamsteer.data.files import fsync_dir, make_temp_dir, write_json_atomic, write_text_atomic
 from dreamsteer.diffusion.backbone import load_backbone
 from dreamsteer.train.config import ConfigError, ModelConfig, check_output_dir, output_dir, resolve_device, validate
 
@@ -90,6 +91,7 @@ def run(cfg: DictConfig) -> Path:
             "files": {name: sha256_file(tmp / name) for name in files},
         }
         write_json_atomic(record, tmp / MERGE_RECORD)
+        write_text_atomic(merge_card(record, target.name, SINGLE_FILE), tmp / CARD)
         if target.exists():
             target.rmdir()  # empty (checked above)
         os.replace(tmp, target)
