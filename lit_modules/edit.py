@@ -12,6 +12,9 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
+import threading
 import time
 import traceback
 from dataclasses import asdict, dataclass, field, replace
@@ -260,6 +263,19 @@ def collate_one(batch: list[tuple[EditJob, EditorConfig] | None]) -> tuple[EditJ
     return batch[0]
 
 
+def stop_with_parent(parent: int, poll_s: float = 1.0) -> None:
+    """Exit this process as soon as its `parent` is gone: without it, a ``kill -9`` of the main process of
+    a ``ddp_spawn`` run leaves the workers editing to the end. A daemon thread polls ``os.getppid()``,
+    which changes when the parent dies and this process is re-parented."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="stop-with-parent", daemon=True).start()
+
+
 class EditPredictModule(LightningModule):
     """``predict_step`` runs one job; a failure is returned as a record instead of stopping the run."""
 
@@ -269,6 +285,11 @@ class EditPredictModule(LightningModule):
         self.grounding = dict(grounding or {})
         self.progress = progress
         self._runner: EditRunner | None = None
+
+    def setup(self, stage: str) -> None:
+        parent = multiprocessing.parent_process()
+        if parent is not None:  # a ddp_spawn worker: stop with the main process
+            stop_with_parent(parent.pid)
 
     def predict_step(self, batch: tuple[EditJob, EditorConfig] | None, batch_idx: int) -> dict[str, Any] | None:
         if batch is None:  # padding for a rank without a job

@@ -158,3 +158,136 @@ def test_killed_before_the_first_last_ckpt_resumes_from_a_step_checkpoint(traine
     (folder / "step000001.ckpt").write_bytes(b"PK\x03\x04garbage")
     with pytest.raises(CheckpointError, match="no checkpoint can be read"):
         find_resume_checkpoint(folder)
+
+
+# ----------------------------------------------------------------------------- concurrency
+HOLD_LOCK = """
+import json, socket, sys, time
+from dreamsteer.train.lock import output_lock
+with output_lock(sys.argv[1], "personalize"):
+    if len(sys.argv) > 2:  # pretend the recorded holder is a process that died (a child kept the file open)
+        open(sys.argv[1] + "/.dreamsteer.lock", "w").write(json.dumps({"task": "x", "pid": int(sys.argv[2]), "host": socket.gethostname()}))
+    print("locked", flush=True)
+    time.sleep(60)
+"""
+
+
+def hold_lock(folder: Path, *fake_pid: int) -> subprocess.Popen:
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(folder), *map(str, fake_pid)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    return holder
+
+
+def test_second_writer_on_an_output_folder_is_refused_naming_the_holder(trained, tmp_path):
+    from dreamsteer.lit_modules.edit import remove_partial_writes
+    from dreamsteer.train.lock import OutputFolderLocked
+
+    root, overrides = trained
+    out = tmp_path / "busy"
+    holder = hold_lock(out)
+    try:
+        theirs = out / f"x.png.{holder.pid}.abc.tmp"  # a temp file the live run is writing
+        theirs.write_bytes(b"")
+        with pytest.raises(OutputFolderLocked, match=rf"in use by personalize \(pid {holder.pid} on .*started"):
+            personalize(compose("personalize", [*overrides[:-1], f"output_dir={out}"]))
+        assert not (out / "checkpoints").exists()
+        remove_partial_writes(out)
+        assert theirs.exists()  # only temp files of dead writers are cleaned
+    finally:
+        holder.kill()
+        holder.wait()
+    remove_partial_writes(out)
+    assert not theirs.exists()
+
+
+def test_stale_lock_of_a_dead_holder_is_taken_over(tmp_path, capsys):
+    from dreamsteer.train.lock import output_lock
+
+    dead = dead_pid()
+    holder = hold_lock(tmp_path, dead)  # the flock is still held, by a process that is not the recorded one
+    try:
+        with output_lock(tmp_path, "sample"):
+            record = json.loads((tmp_path / ".dreamsteer.lock").read_text())
+            assert record["pid"] == os.getpid() and record["task"] == "sample"
+        assert f"took over the stale lock of {tmp_path}: its holder x (pid {dead}" in capsys.readouterr().out
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+RUN_FOLDER = """
+import sys
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from dreamsteer.train.config import CONF_DIR
+from hydra.core.utils import *  # registers the `now` resolver
+with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+    cfg = compose(config_name="sample", overrides=sys.argv[1:], return_hydra_config=True)
+print(OmegaConf.select(cfg, "hydra.run.dir"))
+"""
+
+
+def test_default_run_folders_differ_for_runs_started_in_the_same_second_and_output_dir_is_the_run_folder(tmp_path):
+    procs = [subprocess.Popen([sys.executable, "-c", RUN_FOLDER], stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    folders = [p.communicate()[0].strip() for p in procs]
+    assert folders[0] != folders[1] and all(f.startswith("outputs/sample/") for f in folders)
+    given = subprocess.run([sys.executable, "-c", RUN_FOLDER, f"output_dir={tmp_path / 'mine'}"], capture_output=True, text=True)
+    assert given.stdout.strip() == str(tmp_path / "mine")  # Hydra's .hydra/ record lands in output_dir
+
+
+def _children(pid: int) -> list[int]:
+    """Processes whose parent is `pid` and that run multiprocessing's spawn entry point (Linux /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and b"spawn_main" in cmdline:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_ddp_spawn_workers_stop_when_the_main_process_is_killed(tmp_path):
+    import signal
+    import time
+
+    from dreamsteer.data.samples import write_sample_images
+
+    write_sample_images(tmp_path, ["cat"])
+    jobs = [{"id": f"j{i}", "image": str(tmp_path / "cat.png"), "source_prompt": "a cat", "target_prompt": "a dog",
+             "method": "sds", "seed": i, "overrides": {"steps": 5000}} for i in range(4)]
+    (tmp_path / "jobs.jsonl").write_text("\n".join(json.dumps(j) for j in jobs) + "\n")
+    main = subprocess.Popen([sys.executable, "-m", "dreamsteer.train", "edit", f"jobs={tmp_path / 'jobs.jsonl'}", f"out={tmp_path / 'out'}",
+                             "editor=sds", "trainer.devices=2", "trainer.strategy=ddp_spawn", "progress=false"],
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers: list[int] = []
+    try:
+        deadline = time.time() + 300
+        while len(workers) < 2 and time.time() < deadline and main.poll() is None:
+            time.sleep(0.5)
+            workers = _children(main.pid)
+        assert len(workers) == 2, "the ddp_spawn workers did not start"
+        time.sleep(3)  # let them reach setup
+        main.send_signal(signal.SIGKILL)
+        main.wait()
+        deadline = time.time() + 60
+        while any(_running(w) for w in workers) and time.time() < deadline:
+            time.sleep(0.5)
+        assert not any(_running(w) for w in workers)
+    finally:
+        for pid in workers:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

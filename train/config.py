@@ -17,6 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
+
 class ConfigError(ValueError):
     """A config value that cannot be used; the message names the key."""
 
@@ -115,6 +116,27 @@ def check_output_dir(path: str | os.PathLike, key: str = "output_dir") -> None:
         existing = existing.parent
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"config key '{key}': cannot write in {existing} (no permission, or a read-only file system)")
+
+
+def run_folder(*candidates: str | None) -> str:
+    """Hydra's run folder (conf/hydra/default.yaml): the first candidate (output_dir, out) that is set and usable,
+    else the last (the time-stamped default). An unusable output_dir is left to the task's own check, which
+    names the key, instead of failing inside Hydra with a traceback."""
+    *chosen, default = candidates
+    for path in chosen:
+        if path in (None, ""):
+            continue
+        try:
+            check_output_dir(path)
+        except ConfigError:
+            break
+        return str(path)
+    return str(default)
+
+
+# Run folders are `${run_folder:...}` and end in `${pid:}`: two runs started in the same second get different folders.
+OmegaConf.register_new_resolver("run_folder", run_folder, replace=True)
+OmegaConf.register_new_resolver("pid", os.getpid, replace=True)
 
 
 def check_device(name: str, key: str) -> None:

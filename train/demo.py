@@ -32,6 +32,7 @@ from dreamsteer.data.samples import SAMPLE_PHOTOS, write_sample_images, write_su
 from dreamsteer.data.scenes import (BACKGROUND_COLORS, GAP, MAX_SIZE, MIN_SIZE, OBJECT_COLORS, SHAPES, SUBJECT, Scene, SceneObject,
                                     make_caption, render, write_subject_photos)
 from dreamsteer.train.config import ConfigError, LoggerConfig, ModelConfig, check_choice, check_common, compose, output_dir, validate
+from dreamsteer.train.lock import output_lock
 from dreamsteer.train.logs import summary_writer
 
 WORLDS = ("toy", "photo")
@@ -102,6 +103,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     check_choice(cfg, "editor", ["dds_sm", "dds_s", "dds", "lusd", "cds", "sbp", "pds", "sds"])
     inputs_for = _toy_inputs if cfg.world == "toy" else _photo_inputs
     out = output_dir(cfg)
+    with output_lock(out, "demo"):
+        return _run(cfg, out, inputs_for)
+
+
+def _run(cfg: DictConfig, out: Path, inputs_for: Callable[[DictConfig, Path], DemoInputs]) -> dict[str, Any]:
     inputs = inputs_for(cfg, out)
     model = [_arg("model.pretrained", cfg.model.pretrained), _arg("model.dtype", cfg.model.dtype), _arg("model.device", cfg.model.device)]
     if cfg.model.cache_dir:

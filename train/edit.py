@@ -13,6 +13,7 @@ boxes, mask sizes, methods, overrides) and every adapter folder (adapter.json, b
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ from dreamsteer.distill.config import METHODS, SCHEMAS, EditorConfig, method_def
 from dreamsteer.distill.editor import EditorConfigError, check_editor
 from dreamsteer.train.config import (ConfigError, LoggerConfig, ModelConfig, TrainerConfig, check_common, number_problem, output_dir,
                                      resolve_device, validate)
+from dreamsteer.train.lock import is_launch_rank_zero, output_lock
 
 
 @dataclass
@@ -163,11 +165,12 @@ def run_single(cfg: DictConfig, cli_editor: dict[str, Any]) -> dict[str, Any]:
     editor = job_editor(job, cli_editor, Path.cwd())
     AdapterChecker(cfg.model).check(job)
     out = output_dir(cfg)
-    runner = EditRunner(_model_dict(cfg), resolve_device(cfg.model.device), OmegaConf.to_container(cfg.grounding))
-    outcome = runner.run(job, editor, progress=cfg.progress)
-    record = write_job_outputs(out, outcome)
-    _log_tensorboard(cfg, out, outcome)
-    print(f"edited image: {record['output']}  (record: {out / (job.id + '.json')})")
+    with output_lock(out, "edit"):
+        runner = EditRunner(_model_dict(cfg), resolve_device(cfg.model.device), OmegaConf.to_container(cfg.grounding))
+        outcome = runner.run(job, editor, progress=cfg.progress)
+        record = write_job_outputs(out, outcome)
+        _log_tensorboard(cfg, out, outcome)
+        print(f"edited image: {record['output']}  (record: {out / (job.id + '.json')})")
     return record
 
 
@@ -193,11 +196,6 @@ def _world(cfg: DictConfig) -> int:
     count = len(devices) if isinstance(devices, (list, tuple)) or OmegaConf.is_list(devices) else (
         int(devices) if str(devices).lstrip("-").isdigit() else 1)
     return max(count, 1) * int(cfg.trainer.num_nodes)
-
-
-def _rank_zero() -> bool:
-    """True in the process that reports (global rank 0, or no distributed launch at all)."""
-    return all(os.environ.get(k, "0") == "0" for k in ("RANK", "LOCAL_RANK", "SLURM_PROCID"))
 
 
 def _launched_externally() -> bool:
@@ -236,32 +234,33 @@ def run_jobs(cfg: DictConfig, cli_editor: dict[str, Any]) -> dict[str, Any]:
         adapters.check(job)
         items.append((job, editor))
     out = output_dir(cfg)
-    if _rank_zero():
-        remove_partial_writes(out)
-    todo = [(j, e) for j, e in items if not is_finished(out, j.id)]
-    todo.sort(key=lambda item: item[0].adapter or "")  # jobs sharing an adapter run back to back (one model load)
-    if _rank_zero():
-        print(f"edit jobs: {len(items)} in {manifest.name}, {len(items) - len(todo)} already done, {len(todo)} to run -> {out}")
-    if todo:
-        trainer = lightning.Trainer(
-            accelerator=cfg.trainer.accelerator,
-            devices=cfg.trainer.devices,
-            num_nodes=cfg.trainer.num_nodes,
-            strategy=_strategy(cfg),
-            precision=cfg.trainer.precision,
-            logger=False,
-            callbacks=[EditJobWriter(out)],
-            enable_progress_bar=False,
-            enable_checkpointing=False,
-            enable_model_summary=False,
-            inference_mode=False,  # CDS / Ground-A-Score back-propagate through the UNet
-        )
-        module = EditPredictModule(_model_dict(cfg), OmegaConf.to_container(cfg.grounding), cfg.progress)
-        loader = DataLoader(JobDataset(todo, trainer.world_size), batch_size=1, shuffle=False, collate_fn=collate_one)
-        trainer.predict(module, dataloaders=loader, return_predictions=False)
-    done = [j.id for j in jobs if is_finished(out, j.id)]
-    failures = merge_failures(out)
-    summary = {"out": str(out), "jobs": len(jobs), "done": done, "failures": failures}
-    if _rank_zero():
-        print(f"edit jobs: {len(done)}/{len(jobs)} done, {len(failures)} failed" + (f" (see {out / 'failures.jsonl'})" if failures else ""))
-    return summary
+    with output_lock(out, "edit jobs") if is_launch_rank_zero() else contextlib.nullcontext():
+        if is_launch_rank_zero():
+            remove_partial_writes(out)
+        todo = [(j, e) for j, e in items if not is_finished(out, j.id)]
+        todo.sort(key=lambda item: item[0].adapter or "")  # jobs sharing an adapter run back to back (one model load)
+        if is_launch_rank_zero():
+            print(f"edit jobs: {len(items)} in {manifest.name}, {len(items) - len(todo)} already done, {len(todo)} to run -> {out}")
+        if todo:
+            trainer = lightning.Trainer(
+                accelerator=cfg.trainer.accelerator,
+                devices=cfg.trainer.devices,
+                num_nodes=cfg.trainer.num_nodes,
+                strategy=_strategy(cfg),
+                precision=cfg.trainer.precision,
+                logger=False,
+                callbacks=[EditJobWriter(out)],
+                enable_progress_bar=False,
+                enable_checkpointing=False,
+                enable_model_summary=False,
+                inference_mode=False,  # CDS / Ground-A-Score back-propagate through the UNet
+            )
+            module = EditPredictModule(_model_dict(cfg), OmegaConf.to_container(cfg.grounding), cfg.progress)
+            loader = DataLoader(JobDataset(todo, trainer.world_size), batch_size=1, shuffle=False, collate_fn=collate_one)
+            trainer.predict(module, dataloaders=loader, return_predictions=False)
+        done = [j.id for j in jobs if is_finished(out, j.id)]
+        failures = merge_failures(out)
+        summary = {"out": str(out), "jobs": len(jobs), "done": done, "failures": failures}
+        if is_launch_rank_zero():
+            print(f"edit jobs: {len(done)}/{len(jobs)} done, {len(failures)} failed" + (f" (see {out / 'failures.jsonl'})" if failures else ""))
+        return summary

@@ -31,6 +31,7 @@ from dreamsteer.train.config import (
     resolve_device,
     validate,
 )
+from dreamsteer.train.lock import output_lock
 from dreamsteer.train.logs import summary_writer
 
 WIRING_CHOICES = ("sequential", "parallel", "both")
@@ -103,63 +104,63 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     backbone = load_backbone(cfg.model.pretrained, cfg.model.dtype, device, cfg.model.cache_dir, cfg.model.single_file_config)
     require_gligen(backbone.unet, cfg.model.pretrained)
     out = output_dir(cfg)
+    with output_lock(out, "generate"):
+        images: dict[str, list[Image.Image]] = {}
+        seconds: dict[str, float] = {}
+        for wiring in wirings:
+            generator = torch.Generator(device="cpu").manual_seed(cfg.seed)  # the same noise for every wiring
+            start = time.perf_counter()
+            latents = grounded_sample(
+                backbone, cfg.prompt, phrases, boxes, wiring, cfg.beta, cfg.steps, generator,
+                guidance_scale=cfg.guidance_scale, negative_prompt=cfg.negative_prompt, scheduler=cfg.scheduler,
+                num_images=cfg.num_images, progress=True,
+            )
+            with torch.no_grad():
+                decoded = backbone.decode(latents)
+            seconds[wiring] = time.perf_counter() - start
+            images[wiring] = [tensor_to_pil(x) for x in decoded]
 
-    images: dict[str, list[Image.Image]] = {}
-    seconds: dict[str, float] = {}
-    for wiring in wirings:
-        generator = torch.Generator(device="cpu").manual_seed(cfg.seed)  # the same noise for every wiring
-        start = time.perf_counter()
-        latents = grounded_sample(
-            backbone, cfg.prompt, phrases, boxes, wiring, cfg.beta, cfg.steps, generator,
-            guidance_scale=cfg.guidance_scale, negative_prompt=cfg.negative_prompt, scheduler=cfg.scheduler,
-            num_images=cfg.num_images, progress=True,
-        )
-        with torch.no_grad():
-            decoded = backbone.decode(latents)
-        seconds[wiring] = time.perf_counter() - start
-        images[wiring] = [tensor_to_pil(x) for x in decoded]
+        files: dict[str, list[str]] = {}
+        boxed: dict[str, list[Image.Image]] = {}
+        for wiring, batch in images.items():
+            boxed[wiring] = [draw_boxes(im, boxes, phrases) for im in batch]
+            files[wiring] = [save_image_atomic(im, out / f"{wiring}_{i:03d}.png").name for i, im in enumerate(batch)]
+            files[f"{wiring}_boxes"] = [save_image_atomic(im, out / f"{wiring}_{i:03d}_boxes.png").name for i, im in enumerate(boxed[wiring])]
+        manifest: dict[str, Any] = {
+            "model": cfg.model.pretrained,
+            "prompt": cfg.prompt,
+            "negative_prompt": cfg.negative_prompt,
+            "phrases": phrases,
+            "boxes": boxes,
+            "wiring": cfg.wiring,
+            "beta": cfg.beta,
+            "grounding_steps": grounding_steps(cfg.beta, cfg.steps),
+            "steps": cfg.steps,
+            "guidance_scale": cfg.guidance_scale,
+            "scheduler": cfg.scheduler,
+            "seed": cfg.seed,
+            "seconds": seconds,
+            "files": files,
+        }
+        if cfg.wiring == "both":
+            pairs = list(zip(images["sequential"], images["parallel"]))
+            boxed_pairs = list(zip(boxed["sequential"], boxed["parallel"]))
+            files["both"] = [save_image_atomic(side_by_side(a, b), out / f"both_{i:03d}.png").name for i, (a, b) in enumerate(pairs)]
+            files["both_boxes"] = [save_image_atomic(side_by_side(a, b), out / f"both_{i:03d}_boxes.png").name for i, (a, b) in enumerate(boxed_pairs)]
+            # How much the rewiring changed the pixels (0-255 scale), averaged over the images.
+            manifest["mean_abs_pixel_diff"] = float(np.mean([np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).mean() for a, b in pairs]))
+        write_json_atomic(manifest, out / "generate.json")
 
-    files: dict[str, list[str]] = {}
-    boxed: dict[str, list[Image.Image]] = {}
-    for wiring, batch in images.items():
-        boxed[wiring] = [draw_boxes(im, boxes, phrases) for im in batch]
-        files[wiring] = [save_image_atomic(im, out / f"{wiring}_{i:03d}.png").name for i, im in enumerate(batch)]
-        files[f"{wiring}_boxes"] = [save_image_atomic(im, out / f"{wiring}_{i:03d}_boxes.png").name for i, im in enumerate(boxed[wiring])]
-    manifest: dict[str, Any] = {
-        "model": cfg.model.pretrained,
-        "prompt": cfg.prompt,
-        "negative_prompt": cfg.negative_prompt,
-        "phrases": phrases,
-        "boxes": boxes,
-        "wiring": cfg.wiring,
-        "beta": cfg.beta,
-        "grounding_steps": grounding_steps(cfg.beta, cfg.steps),
-        "steps": cfg.steps,
-        "guidance_scale": cfg.guidance_scale,
-        "scheduler": cfg.scheduler,
-        "seed": cfg.seed,
-        "seconds": seconds,
-        "files": files,
-    }
-    if cfg.wiring == "both":
-        pairs = list(zip(images["sequential"], images["parallel"]))
-        boxed_pairs = list(zip(boxed["sequential"], boxed["parallel"]))
-        files["both"] = [save_image_atomic(side_by_side(a, b), out / f"both_{i:03d}.png").name for i, (a, b) in enumerate(pairs)]
-        files["both_boxes"] = [save_image_atomic(side_by_side(a, b), out / f"both_{i:03d}_boxes.png").name for i, (a, b) in enumerate(boxed_pairs)]
-        # How much the rewiring changed the pixels (0-255 scale), averaged over the images.
-        manifest["mean_abs_pixel_diff"] = float(np.mean([np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).mean() for a, b in pairs]))
-    write_json_atomic(manifest, out / "generate.json")
-
-    writer = summary_writer(cfg, out)
-    if writer is not None:
-        for wiring in images:
-            writer.add_images(f"{wiring}/images", np.stack([np.asarray(im) for im in images[wiring]]), 0, dataformats="NHWC")
-            writer.add_images(f"{wiring}/boxes", np.stack([np.asarray(im) for im in boxed[wiring]]), 0, dataformats="NHWC")
-            writer.add_scalar(f"{wiring}/seconds", seconds[wiring], 0)
-        if "mean_abs_pixel_diff" in manifest:
-            writer.add_scalar("both/mean_abs_pixel_diff", manifest["mean_abs_pixel_diff"], 0)
-        writer.add_text("layout", "\n".join(f"- {p}: {b}" for p, b in zip(phrases, boxes)), 0)
-        writer.add_text("config", f"```\n{OmegaConf.to_yaml(cfg)}\n```", 0)
-        writer.close()
-    print(f"wrote {sum(len(v) for v in files.values())} images ({', '.join(wirings)}) to {out}")
-    return manifest
+        writer = summary_writer(cfg, out)
+        if writer is not None:
+            for wiring in images:
+                writer.add_images(f"{wiring}/images", np.stack([np.asarray(im) for im in images[wiring]]), 0, dataformats="NHWC")
+                writer.add_images(f"{wiring}/boxes", np.stack([np.asarray(im) for im in boxed[wiring]]), 0, dataformats="NHWC")
+                writer.add_scalar(f"{wiring}/seconds", seconds[wiring], 0)
+            if "mean_abs_pixel_diff" in manifest:
+                writer.add_scalar("both/mean_abs_pixel_diff", manifest["mean_abs_pixel_diff"], 0)
+            writer.add_text("layout", "\n".join(f"- {p}: {b}" for p, b in zip(phrases, boxes)), 0)
+            writer.add_text("config", f"```\n{OmegaConf.to_yaml(cfg)}\n```", 0)
+            writer.close()
+        print(f"wrote {sum(len(v) for v in files.values())} images ({', '.join(wirings)}) to {out}")
+        return manifest

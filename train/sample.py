@@ -12,6 +12,7 @@ from dreamsteer.data.images import save_image_atomic
 from dreamsteer.diffusion.backbone import load_backbone
 from dreamsteer.diffusion.schedulers import SCHEDULERS, make_scheduler
 from dreamsteer.train.config import LoggerConfig, ModelConfig, check_choice, check_common, output_dir, resolve_device, validate
+from dreamsteer.train.lock import output_lock
 from dreamsteer.train.logs import summary_writer
 
 
@@ -48,23 +49,24 @@ def run(cfg: DictConfig) -> list[Path]:
         manifest = load_adapter(backbone, cfg.adapter)
         print(f"loaded {manifest['method']} adapter from {cfg.adapter} (tokens: {manifest.get('tokens') or '-'})")
     out = output_dir(cfg)
-    pipe = backbone.pipeline(make_scheduler(cfg.scheduler, backbone.scheduler.config))
-    pipe.set_progress_bar_config(disable=False, desc="sampling")
-    generator = torch.Generator(device="cpu").manual_seed(cfg.seed)
-    images = pipe(
-        [cfg.prompt] * cfg.num_images,
-        negative_prompt=[cfg.negative_prompt] * cfg.num_images if cfg.negative_prompt else None,
-        num_inference_steps=cfg.steps,
-        guidance_scale=cfg.guidance_scale,
-        generator=generator,
-    ).images
+    with output_lock(out, "sample"):
+        pipe = backbone.pipeline(make_scheduler(cfg.scheduler, backbone.scheduler.config))
+        pipe.set_progress_bar_config(disable=False, desc="sampling")
+        generator = torch.Generator(device="cpu").manual_seed(cfg.seed)
+        images = pipe(
+            [cfg.prompt] * cfg.num_images,
+            negative_prompt=[cfg.negative_prompt] * cfg.num_images if cfg.negative_prompt else None,
+            num_inference_steps=cfg.steps,
+            guidance_scale=cfg.guidance_scale,
+            generator=generator,
+        ).images
 
-    paths = [save_image_atomic(image, out / f"sample_{i:03d}.png") for i, image in enumerate(images)]
-    writer = summary_writer(cfg, out)
-    if writer is not None:
-        batch = np.stack([np.asarray(image) for image in images])
-        writer.add_images("samples", batch, global_step=0, dataformats="NHWC")
-        writer.add_text("config", f"```\n{OmegaConf.to_yaml(cfg)}\n```", global_step=0)
-        writer.close()
-    print(f"wrote {len(paths)} images to {out}")
-    return paths
+        paths = [save_image_atomic(image, out / f"sample_{i:03d}.png") for i, image in enumerate(images)]
+        writer = summary_writer(cfg, out)
+        if writer is not None:
+            batch = np.stack([np.asarray(image) for image in images])
+            writer.add_images("samples", batch, global_step=0, dataformats="NHWC")
+            writer.add_text("config", f"```\n{OmegaConf.to_yaml(cfg)}\n```", global_step=0)
+            writer.close()
+        print(f"wrote {len(paths)} images to {out}")
+        return paths
