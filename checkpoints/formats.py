@@ -277,19 +277,8 @@ def custom_diffusion_processors(unet: torch.nn.Module, path: Path) -> dict[str, 
 
 # ----------------------------------------------------------------------------- DreamBooth
 def base_scheduler(backbone: Any) -> Any:
-    """The base model's own sampling scheduler (class and config), else the backbone's."""
-    import diffusers
-
-    from dreamsteer.diffusion.backbone import resolve_model_source
-
-    config_path = Path(resolve_model_source(backbone.source)) / "scheduler" / "scheduler_config.json"
-    if not config_path.is_file():
-        return backbone.scheduler
-    config = json.loads(config_path.read_text())
-    cls = getattr(diffusers, str(config.get("_class_name")), None)
-    if cls is None:
-        raise AdapterFormatError(f"{config_path}: unknown scheduler class {config.get('_class_name')!r}")
-    return cls.from_config(config)
+    """The base model's own sampling scheduler (class and config) as loaded, else the backbone's."""
+    return backbone.sampling_scheduler if backbone.sampling_scheduler is not None else backbone.scheduler
 
 
 def write_dreambooth(adapter: Any, backbone: Any, directory: Path) -> list[str]:

@@ -52,6 +52,7 @@ class Backbone:
     scheduler: Any
     source: str
     adapter: Adapter | None = field(default=None)
+    sampling_scheduler: Any = field(default=None)  # the model's own scheduler (class and config), kept for exports
 
     # ----------------------------------------------------------------- properties
     @property
@@ -247,6 +248,7 @@ def load_backbone(
         tokenizer=pipe.tokenizer,
         scheduler=_training_scheduler(pipe.scheduler),
         source=str(source),
+        sampling_scheduler=pipe.scheduler,
     )
     return backbone.to(device).freeze()
 
