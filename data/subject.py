@@ -195,6 +195,7 @@ def generate_class_images(
     guidance_scale: float = 7.5,
     batch_size: int = 4,
     seed: int = 0,
+    progress: bool = True,
 ) -> list[Path]:
     """Fill `directory` up to `count` images of `prompt` sampled by `backbone` (DDIM); existing ones are kept.
 
@@ -214,7 +215,7 @@ def generate_class_images(
     indices = [k for k in range(count + len(existing)) if f"class_{k:05d}.png" not in taken][:missing]
     pipe = backbone.pipeline(make_scheduler("ddim", backbone.scheduler.config))
     autocast = torch.autocast(backbone.device.type, dtype=backbone.dtype) if backbone.dtype != torch.float32 else contextlib.nullcontext()
-    with autocast, tqdm(total=missing, desc="class images") as bar:
+    with autocast, tqdm(total=missing, desc="class images", disable=not progress) as bar:
         for start in range(0, missing, batch_size):
             chunk = indices[start : start + batch_size]
             generators = [torch.Generator("cpu").manual_seed(seed + k) for k in chunk]
@@ -349,8 +350,10 @@ class SubjectDataModule(L.LightningDataModule):
         seed: int = 0,
         prior_preservation: bool = False,
         class_dir: str | Path | None = None,
+        progress: bool = True,
     ):
         super().__init__()
+        self.progress = progress
         self.cfg = cfg
         self.items = list(items)
         self.resolution = resolution
@@ -372,7 +375,7 @@ class SubjectDataModule(L.LightningDataModule):
         generate_class_images(
             backbone, self.cfg.class_prompt, self.class_dir, self.cfg.num_class_images,
             steps=self.cfg.class_steps, guidance_scale=self.cfg.class_guidance_scale,
-            batch_size=self.cfg.class_batch_size, seed=self.seed,
+            batch_size=self.cfg.class_batch_size, seed=self.seed, progress=self.progress,
         )
 
     def setup(self, stage: str | None = None) -> None:

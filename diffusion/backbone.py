@@ -171,6 +171,16 @@ class Backbone:
         return pipe
 
 
+def set_progress_bars(enabled: bool) -> None:
+    """The libraries' own bars (diffusers / transformers model loading) on or off for this process; the
+    tasks pass their ``progress`` setting to their own bars and to Lightning's."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    for library in (diffusers_logging, transformers_logging):
+        (library.enable_progress_bar if enabled else library.disable_progress_bar)()
+
+
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     if isinstance(name, torch.dtype):
         return name

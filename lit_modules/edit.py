@@ -37,6 +37,7 @@ from dreamsteer.data.images import (
     tensor_to_pil,
 )
 from dreamsteer.data.manifest import EditJob
+from dreamsteer.diffusion.backbone import set_progress_bars
 from dreamsteer.distill.config import EditorConfig
 from dreamsteer.distill.editor import EditResult, edit
 from dreamsteer.distill.masks import box_region, mask_region
@@ -288,8 +289,9 @@ class EditPredictModule(LightningModule):
 
     def setup(self, stage: str) -> None:
         parent = multiprocessing.parent_process()
-        if parent is not None:  # a ddp_spawn worker: stop with the main process
+        if parent is not None:  # a ddp_spawn worker: stop with the main process, and show bars as it would
             stop_with_parent(parent.pid)
+            set_progress_bars(self.progress)
 
     def predict_step(self, batch: tuple[EditJob, EditorConfig] | None, batch_idx: int) -> dict[str, Any] | None:
         if batch is None:  # padding for a rank without a job
@@ -308,9 +310,10 @@ class EditPredictModule(LightningModule):
 class EditJobWriter(BasePredictionWriter):
     """Writes each job's outputs (or failure record) as soon as it finishes; merges failures at the end."""
 
-    def __init__(self, out_dir: str | Path):
+    def __init__(self, out_dir: str | Path, progress: bool = True):
         super().__init__(write_interval="batch")
         self.out_dir = Path(out_dir)
+        self.progress = progress
         self._bar: tqdm | None = None
 
     def on_predict_start(self, trainer, pl_module) -> None:
@@ -319,7 +322,7 @@ class EditJobWriter(BasePredictionWriter):
         per_rank = sum(sum(item is not None for item in dl.dataset.items[trainer.global_rank::trainer.world_size])
                        if isinstance(dl.dataset, JobDataset) else len(dl) for dl in loaders)
         self._bar = tqdm(total=per_rank, desc=f"edit jobs, rank {trainer.global_rank}/{trainer.world_size}",
-                         position=trainer.global_rank, unit="job")
+                         position=trainer.global_rank, unit="job", disable=not self.progress)
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx) -> None:
         if prediction is None:

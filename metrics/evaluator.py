@@ -299,12 +299,13 @@ def aggregate(jobs: dict[str, dict], metric_names: list[str], unavailable: dict[
     return out
 
 
-def evaluate_run(run: EditRun, models: Models, settings: EvalSettings, evaluator: Optional[JobEvaluator] = None) -> dict:
+def evaluate_run(run: EditRun, models: Models, settings: EvalSettings, evaluator: Optional[JobEvaluator] = None,
+                 progress: bool = True) -> dict:
     """Evaluate every finished job of `run`; a JSON-ready dict with per-job values and aggregates."""
     evaluator = evaluator or JobEvaluator(models, settings)
     metric_names = list(METRICS)
     jobs: dict[str, dict] = {}
-    for job in tqdm(run.jobs.values(), desc=f"evaluate {run.label}", disable=len(run.jobs) < 8):
+    for job in tqdm(run.jobs.values(), desc=f"evaluate {run.label}", disable=not progress or len(run.jobs) < 8):
         result = evaluator(job)
         jobs[job.id] = {
             "method": job.method,

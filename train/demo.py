@@ -62,6 +62,7 @@ class DemoConfig:
     evaluate: bool = True
     seed: int = 0
     output_dir: Optional[str] = None
+    progress: bool = True
     personalize_overrides: list[str] = field(default_factory=list)
     steer_overrides: list[str] = field(default_factory=lambda: ["mode_shift.n_ms=2", "mode_shift.sampling_steps=8"])
     edit_overrides: list[str] = field(default_factory=list)
@@ -122,12 +123,12 @@ def _run(cfg: DictConfig, out: Path, inputs_for: Callable[[DictConfig, Path], De
         *model, *logger, "method=lora",
         _arg("data.instance_dir", subject_dir), _arg("data.instance_prompt", inputs.instance_prompt),
         f"trainer.max_steps={cfg.personalize_steps}", f"seed={cfg.seed}",
-        _arg("output_dir", out / "1_personalize"), *cfg.personalize_overrides])), timings)
+        _arg("output_dir", out / "1_personalize"), f"progress={cfg.progress}", *cfg.personalize_overrides])), timings)
 
     steered = _stage("steer (DreamSteerer)", lambda: steer.run(compose("steer", [
         *model, *logger, _arg("adapter", adapter), _arg("image", source),
         _arg("source_prompt", inputs.source_prompt), _arg("ref_prompt", inputs.ref_prompt),
-        f"steps={cfg.steer_steps}", f"seed={cfg.seed}", _arg("output_dir", out / "2_steer"),
+        f"steps={cfg.steer_steps}", f"seed={cfg.seed}", _arg("output_dir", out / "2_steer"), f"progress={cfg.progress}",
         "mode_shift.log_unguided=true", *cfg.steer_overrides])), timings)  # the demo shows guided vs unguided
 
     edits = {}
@@ -135,7 +136,7 @@ def _run(cfg: DictConfig, out: Path, inputs_for: Callable[[DictConfig, Path], De
         edits[label] = _stage(f"edit with the {label} adapter ({cfg.editor})", lambda adapter_dir=adapter_dir, label=label: edit.run(compose("edit", [
             *model, f"editor={cfg.editor}", f"editor.steps={cfg.edit_steps}", _arg("adapter", adapter_dir), _arg("image", source),
             _arg("source_prompt", inputs.source_prompt), _arg("target_prompt", inputs.ref_prompt), "id=photo",
-            f"seed={cfg.seed}", _arg("output_dir", out / f"3_edit_{label}"), *cfg.edit_overrides])), timings)
+            f"seed={cfg.seed}", _arg("output_dir", out / f"3_edit_{label}"), f"progress={cfg.progress}", *cfg.edit_overrides])), timings)
 
     scores: dict[str, float] = {}
     if cfg.evaluate and cfg.world == "toy":
@@ -148,7 +149,7 @@ def _run(cfg: DictConfig, out: Path, inputs_for: Callable[[DictConfig, Path], De
         _stage("evaluate", lambda: evaluate.run(compose("evaluate", [
             *logger, f"runs=['{out / '3_edit_baseline'}','{out / '3_edit_steered'}']",
             "labels=[baseline,steered]", _arg("clip_model", clip_dir), _arg("concept_images", subject_dir), "ms_ssim_scales=4",
-            _arg("output_dir", out / "4_evaluate")])), timings)
+            _arg("output_dir", out / "4_evaluate"), f"progress={cfg.progress}"])), timings)
 
     summary = _summary_image(out, inputs, scores)
     save_image_atomic(summary, out / "demo_summary.png")

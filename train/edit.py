@@ -133,7 +133,10 @@ class AdapterChecker:
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
+    from dreamsteer.diffusion.backbone import set_progress_bars
+
     cfg = validate(cfg, EditTaskConfig)
+    set_progress_bars(cfg.progress)
     check_common(cfg)
     if cfg.editor is None:
         raise ConfigError("config key 'editor': choose a method, e.g. editor=dds")
@@ -249,7 +252,7 @@ def run_jobs(cfg: DictConfig, cli_editor: dict[str, Any]) -> dict[str, Any]:
                 strategy=_strategy(cfg),
                 precision=cfg.trainer.precision,
                 logger=False,
-                callbacks=[EditJobWriter(out)],
+                callbacks=[EditJobWriter(out, cfg.progress)],
                 enable_progress_bar=False,
                 enable_checkpointing=False,
                 enable_model_summary=False,

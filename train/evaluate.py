@@ -37,6 +37,7 @@ class EvaluateConfig:
     thumbnail_size: int = 256
     report_max_jobs: Optional[int] = None
     output_dir: Optional[str] = None
+    progress: bool = True
 
 
 def _check(cfg: DictConfig) -> list[str]:
@@ -101,7 +102,7 @@ def run(cfg: DictConfig) -> dict:
     device = resolve_device(cfg.device)
     models = load_models(cfg.clip_model, cfg.dino_model, list(cfg.lpips_weights), device, cfg.strict_models, cfg.batch_size)
     evaluator = JobEvaluator(models, settings)
-    run_results = [evaluate_run(edit_run, models, settings, evaluator) for edit_run in edit_runs]
+    run_results = [evaluate_run(edit_run, models, settings, evaluator, cfg.progress) for edit_run in edit_runs]
     results = json_safe(
         {
             "created": datetime.now().isoformat(timespec="seconds"),

@@ -23,6 +23,7 @@ class ExportTaskConfig:
     dir: Optional[str] = None  # default: <output_dir>/adapter
     pretrained: Optional[str] = None  # override the base model recorded in the checkpoint (e.g. moved folder)
     output_dir: Optional[str] = None
+    progress: bool = True  # false: no model-loading bars
 
 
 def export_checkpoint(module: Any, checkpoint: dict[str, Any], target: Path) -> Path:
@@ -39,9 +40,11 @@ def checkpoint_run_folder(path: Path) -> Path:
 
 
 def run(cfg: DictConfig) -> Path:
+    from dreamsteer.diffusion.backbone import set_progress_bars
     from dreamsteer.lit_modules.personalize import MODULES
 
     cfg = validate(cfg, ExportTaskConfig)
+    set_progress_bars(cfg.progress)
     if cfg.ckpt in (None, "", "???"):
         raise ConfigError("config key 'ckpt': set it to a checkpoint file or a personalize run folder")
     if cfg.output_dir:

@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from dreamsteer.data.files import write_json_atomic
 from dreamsteer.data.images import save_image_atomic, tensor_to_pil
-from dreamsteer.diffusion.backbone import load_backbone
+from dreamsteer.diffusion.backbone import load_backbone, set_progress_bars
 from dreamsteer.diffusion.gligen import require_gligen, validate_layout
 from dreamsteer.diffusion.reground import grounded_sample, grounding_steps
 from dreamsteer.diffusion.schedulers import SCHEDULERS
@@ -55,6 +55,7 @@ class GenerateConfig:
     scheduler: str = "ddim"
     seed: int = 0
     output_dir: Optional[str] = None
+    progress: bool = True
 
 
 def draw_boxes(image: Image.Image, boxes: Sequence[Sequence[float]], phrases: Sequence[str]) -> Image.Image:
@@ -97,6 +98,7 @@ def _check(cfg: DictConfig) -> tuple[list[str], list[list[float]]]:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     cfg = validate(cfg, GenerateConfig)
+    set_progress_bars(cfg.progress)
     phrases, boxes = _check(cfg)
     wirings = ["sequential", "parallel"] if cfg.wiring == "both" else [cfg.wiring]
 
@@ -113,7 +115,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             latents = grounded_sample(
                 backbone, cfg.prompt, phrases, boxes, wiring, cfg.beta, cfg.steps, generator,
                 guidance_scale=cfg.guidance_scale, negative_prompt=cfg.negative_prompt, scheduler=cfg.scheduler,
-                num_images=cfg.num_images, progress=True,
+                num_images=cfg.num_images, progress=cfg.progress,
             )
             with torch.no_grad():
                 decoded = backbone.decode(latents)

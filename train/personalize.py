@@ -131,6 +131,7 @@ class PersonalizeConfig:
     seed: int = 0
     ckpt_path: Optional[str] = None  # "last" (this output_dir's checkpoints/last.ckpt) or a path
     output_dir: Optional[str] = None
+    progress: bool = True  # false: no progress bar at all (Lightning's, class images, model loading)
 
 
 # ----------------------------------------------------------------------------- checks
@@ -267,20 +268,24 @@ def build_trainer(cfg: DictConfig, out: Path, callbacks: Sequence[Any] = ()):
         gradient_clip_val=t.gradient_clip_val,
         log_every_n_steps=t.log_every_n_steps,
         logger=lightning_logger(cfg, out),
-        callbacks=[*callbacks, checkpoint, StepProgressBar()],
+        callbacks=[*callbacks, checkpoint, *([StepProgressBar()] if cfg.progress else [])],
         plugins=[AtomicFileCheckpointIO()],  # no in-memory copy of the checkpoint while saving
         default_root_dir=str(out),
         use_distributed_sampler=False,  # the DataModule shards its endless stream by rank itself
         limit_val_batches=0,
         num_sanity_val_steps=0,
         enable_model_summary=False,
+        enable_progress_bar=cfg.progress,
     )
 
 
 # ----------------------------------------------------------------------------- task
 def run(cfg: DictConfig, callbacks: Sequence[Any] = ()) -> Path:
     """Validate everything, train, export on rank 0; return the export folder. `callbacks` are extra Lightning callbacks."""
+    from dreamsteer.diffusion.backbone import set_progress_bars
+
     cfg = validate_config(cfg)
+    set_progress_bars(cfg.progress)
     items = validate_subject_data(cfg.data, required_tokens(cfg), cfg.loss.prior_preservation)  # before loading a model
     if cfg.ckpt_path not in (None, "last"):  # a given checkpoint is checked before anything is written
         from dreamsteer.checkpoints.lightning import check_checkpoint_file, resolve_checkpoint
@@ -320,7 +325,8 @@ def _run(cfg: DictConfig, items: list[Any], out: Path, export_dir: Path, owner: 
 
     module = MODULES[cfg.method.name](OmegaConf.to_container(cfg, resolve=True), backbone, str(export_dir) if cfg.export.enabled else None)
     module.resumes = resumes
-    datamodule = SubjectDataModule(cfg.data, items, resolution, seed=cfg.seed, prior_preservation=prior, class_dir=class_dir)
+    datamodule = SubjectDataModule(cfg.data, items, resolution, seed=cfg.seed, prior_preservation=prior, class_dir=class_dir,
+                                   progress=cfg.progress)
     trainer = build_trainer(cfg, out, callbacks)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     last = out / "checkpoints" / "last.ckpt"

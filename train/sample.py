@@ -9,7 +9,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from dreamsteer.data.images import save_image_atomic
-from dreamsteer.diffusion.backbone import load_backbone
+from dreamsteer.diffusion.backbone import load_backbone, set_progress_bars
 from dreamsteer.diffusion.schedulers import SCHEDULERS, make_scheduler
 from dreamsteer.train.config import LoggerConfig, ModelConfig, check_choice, check_common, output_dir, resolve_device, validate
 from dreamsteer.train.lock import output_lock
@@ -29,10 +29,12 @@ class SampleConfig:
     seed: int = 0
     adapter: str | None = None  # an export folder (adapter.json inside), loaded with checkpoints.load_adapter
     output_dir: str | None = None
+    progress: bool = True
 
 
 def run(cfg: DictConfig) -> list[Path]:
     cfg = validate(cfg, SampleConfig)
+    set_progress_bars(cfg.progress)
     check_common(cfg)
     check_choice(cfg, "scheduler", SCHEDULERS)
     if cfg.num_images < 1 or cfg.steps < 1:
@@ -51,7 +53,7 @@ def run(cfg: DictConfig) -> list[Path]:
     out = output_dir(cfg)
     with output_lock(out, "sample"):
         pipe = backbone.pipeline(make_scheduler(cfg.scheduler, backbone.scheduler.config))
-        pipe.set_progress_bar_config(disable=False, desc="sampling")
+        pipe.set_progress_bar_config(disable=not cfg.progress, desc="sampling")
         generator = torch.Generator(device="cpu").manual_seed(cfg.seed)
         images = pipe(
             [cfg.prompt] * cfg.num_images,

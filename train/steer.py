@@ -282,7 +282,10 @@ def steer(prepared: Prepared) -> tuple[Path, dict[str, float]]:
 
 def run(cfg: DictConfig) -> Path:
     """Steer the adapter in `cfg.adapter` toward `cfg.image`; returns the steered export dir."""
+    from dreamsteer.diffusion.backbone import set_progress_bars
+
     cfg = validate(cfg, SteerConfig)
+    set_progress_bars(cfg.progress)
     with output_lock(output_dir(cfg), "steer"):
         path, _ = steer(prepare(cfg))
     return path
