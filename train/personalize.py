@@ -215,7 +215,7 @@ def resume_changes(old: dict[str, Any], new: dict[str, Any], where: Path) -> dic
 def resume_point(cfg: DictConfig, out: Path, owner: bool) -> tuple[str | None, list[dict[str, Any]]]:
     """The checkpoint to resume from (``ckpt_path=last``: the newest readable one of ``<out>/checkpoints``)
     and the run's resume history with this resume appended. `owner`: this process may clean the folder."""
-    from dreamsteer.checkpoints.lightning import CheckpointError, find_resume_checkpoint, load_checkpoint
+    from dreamsteer.checkpoints.lightning import CheckpointError, find_resume_checkpoint, load_checkpoint, resolve_checkpoint
 
     if cfg.ckpt_path is None:
         return None, []
@@ -226,9 +226,7 @@ def resume_point(cfg: DictConfig, out: Path, owner: bool) -> tuple[str | None, l
             return None, []
         path, checkpoint = found
     else:
-        path = Path(cfg.ckpt_path).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"config key 'ckpt_path': checkpoint {path} not found")
+        path = resolve_checkpoint(Path(cfg.ckpt_path).expanduser())  # a file, or a run folder's last.ckpt
         checkpoint = load_checkpoint(path)
     old = checkpoint.get("hyper_parameters", {}).get("config") if isinstance(checkpoint, dict) else None
     if not isinstance(old, dict):
