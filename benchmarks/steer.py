@@ -13,6 +13,16 @@ slower). Memory: on CUDA ``torch.cuda.max_memory_allocated`` above what was allo
 the resident set size polled every 5 ms above its value before the measured phase (in a
 separate run: polling slows CPU compute, so timed runs go without it), with glibc's
 dynamic mmap threshold pinned (``MALLOC_MMAP_THRESHOLD_``) so freed tensors leave the RSS at once.
+
+    python -m benchmarks.steer --edsd-memory --latents 16 32 --n-ms 1
+
+measures instead the peak memory of **one EDSD step** (`DreamSteererModule.accumulate_gradient`: the
+forward and backward of every UNet row, no optimizer step) at SD-1.5 shape: a UNet with random weights
+(``UNet2DConditionModel(sample_size=64, block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768,
+attention_head_dim=8, layers_per_block=2)``, 860M parameters) and a random CLIP text encoder of SD-1.5's
+width (768, 12 layers; the tiny model's tokenizer), a LoRA adapter (rank 4), each latent size given, for
+each memory setting (``--settings``): default, ``micro1`` (``memory.micro_batch=1``), ``ckpt``
+(``memory.gradient_checkpointing``), both. One process (model built once), one no-grad forward as warm-up.
 """
 from __future__ import annotations
 
@@ -171,9 +181,76 @@ def steer_run(kind: str, model: str, device: str, root: Path, settings: dict[str
     return {"timings": timings, "peak_bytes": mem.peak}
 
 
+MEMORY_SETTINGS = {  # name: (memory.micro_batch, memory.gradient_checkpointing)
+    "default": (0, False),
+    "micro1": (1, False),
+    "ckpt": (0, True),
+    "micro1+ckpt": (1, True),
+}
+
+
+def sd15_backbone(device: str):
+    """An SD-1.5-shaped backbone with random weights: UNet and text encoder of SD 1.5's shape, the tiny
+    model's tokenizer, VAE (unused) and scheduler."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from dreamsteer.diffusion.backbone import Backbone, load_backbone
+
+    tiny = load_backbone("tiny")
+    unet = UNet2DConditionModel(sample_size=64, block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768,
+                                attention_head_dim=8, layers_per_block=2)
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tiny.tokenizer), hidden_size=768, intermediate_size=3072,
+                                        num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77,
+                                        bos_token_id=tiny.tokenizer.bos_token_id, eos_token_id=tiny.tokenizer.eos_token_id,
+                                        pad_token_id=tiny.tokenizer.pad_token_id))
+    bb = Backbone(unet=unet, vae=tiny.vae, text_encoder=text, tokenizer=tiny.tokenizer, scheduler=tiny.scheduler, source="sd15-shape-random")
+    return bb.freeze().to(device)
+
+
+def edsd_memory(latents: list[int], n_ms: int, device: str, settings: list[str]) -> dict[str, Any]:
+    """Peak memory (above the loaded model + adapter) and wall time of one EDSD step for each latent size
+    and memory setting (see the module docstring)."""
+    from dreamsteer.diffusion.adapters import attach_adapter
+    from dreamsteer.lit_modules.dreamsteerer import DreamSteererModule, EDSDConfig, MaskConfig, MemoryConfig, ModeShiftConfig, OptimConfig
+
+    bb = sd15_backbone(device)
+    attach_adapter(bb, "lora", rank=4)
+    out: dict[str, Any] = {"unet_parameters": sum(p.numel() for p in bb.unet.parameters()),
+                           "text_encoder_parameters": sum(p.numel() for p in bb.text_encoder.parameters())}
+    for latent in latents:
+        gen = torch.Generator().manual_seed(0)
+        z_src = torch.randn(1, 4, latent, latent, generator=gen).to(bb.device)
+        module = DreamSteererModule(bb, z_src, SOURCE, PARENTS["lora"][2], "cat", EDSDConfig(), ModeShiftConfig(n_ms=n_ms),
+                                    MaskConfig(enabled=False), OptimConfig(), progress=False)
+        module.ms_latents = torch.randn(n_ms, 4, latent, latent, generator=gen).to(bb.device)  # stand-ins: sampling is not measured
+        for name in settings:
+            micro_batch, checkpointing = MEMORY_SETTINGS[name]
+            module.memory_cfg = MemoryConfig(checkpointing, micro_batch)
+            if checkpointing:
+                bb.unet.enable_gradient_checkpointing()
+            else:
+                bb.unet.disable_gradient_checkpointing()
+            if not out.get("warm"):  # one-time allocations of the first call (oneDNN primitives, workspaces)
+                with torch.no_grad():
+                    bb.predict_eps(z_src, torch.tensor([500]), bb.encode_prompt([SOURCE]))
+                out["warm"] = True
+            for p in module.trainable_parameters():
+                p.grad = None
+            start = time.perf_counter()
+            with PeakMemory(bb.device) as mem:
+                module.accumulate_gradient(1)
+            out[f"{latent}/{name}"] = {"peak_bytes": mem.peak, "step_s": time.perf_counter() - start}
+            print(f"latent {latent}x{latent}, {name}: peak +{_mib(mem.peak).strip()}, {time.perf_counter() - start:.0f} s", flush=True)
+    return out
+
+
 # ----------------------------------------------------------------------------- driver
 def _child(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
+    if args.child == "edsd":
+        print("RESULT " + json.dumps(edsd_memory(args.latents, args.n_ms, args.device, args.settings)))
+        return
     root = Path(args.workdir)
     if args.child == "personalize":
         result = personalize_step(args.kind, args.model, args.device, root, args.repeats)
@@ -187,7 +264,8 @@ def _spawn(args: argparse.Namespace, child: str, kind: str, root: Path) -> dict[
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="131072")
     cmd = [sys.executable, "-m", "dreamsteer.benchmarks.steer", "--child", child, "--kind", kind, "--workdir", str(root),
            "--model", args.model, "--device", args.device, "--threads", str(args.threads), "--repeats", str(args.repeats),
-           "--steps", str(args.steps), "--n-ms", str(args.n_ms), "--sampling-steps", str(args.sampling_steps)]
+           "--steps", str(args.steps), "--n-ms", str(args.n_ms), "--sampling-steps", str(args.sampling_steps),
+           "--latents", *map(str, args.latents), "--settings", *args.settings]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parent.parent)
     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
@@ -210,7 +288,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sampling-steps", type=int, default=25, help="DDIM steps of the guided sampling")
     parser.add_argument("--repeats", type=int, default=5, help="timed personalization steps (median)")
     parser.add_argument("--json", default=None, help="also write the results here")
-    parser.add_argument("--child", choices=["personalize", "steer"], help=argparse.SUPPRESS)
+    parser.add_argument("--edsd-memory", action="store_true", help="peak memory of one EDSD step at SD-1.5 shape (random weights)")
+    parser.add_argument("--latents", type=int, nargs="+", default=[16, 32], help="--edsd-memory: latent sizes (SD 1.5 at 512 px: 64)")
+    parser.add_argument("--settings", nargs="+", default=list(MEMORY_SETTINGS), choices=list(MEMORY_SETTINGS),
+                        help="--edsd-memory: memory settings to measure (micro1: memory.micro_batch=1, ckpt: gradient checkpointing)")
+    parser.add_argument("--child", choices=["personalize", "steer", "edsd"], help=argparse.SUPPRESS)
     parser.add_argument("--kind", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -226,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     from dreamsteer.train.config import resolve_device
 
     args.device = resolve_device(args.device)
+    if args.edsd_memory:
+        return edsd_memory_report(args)
     results: dict[str, Any] = {"settings": {k: getattr(args, k) for k in ("model", "device", "threads", "steps", "n_ms", "sampling_steps")}}
     with tempfile.TemporaryDirectory(prefix="bench-steer-") as tmp:
         root = Path(tmp)
@@ -251,6 +335,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {'peak memory above loaded model':<34} {_mib(s['peak_bytes'])}  = {ratio:7.2f} x a personalization step")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+def edsd_memory_report(args: argparse.Namespace) -> int:
+    """Spawn the EDSD-step measurement (one process), print it, and extrapolate each setting to SD's 64x64
+    latent with the line through the two smallest latent areas (activations grow with the area)."""
+    result = _spawn(args, "edsd", "lora", Path(tempfile.gettempdir()))
+    print(f"\nOne EDSD step at SD-1.5 shape (LoRA rank 4, {args.n_ms} mode-shifting row(s), {args.device}, {args.threads} threads): "
+          f"peak above the loaded model + adapter")
+    latents = sorted(args.latents)
+    for name in args.settings:
+        cells = [f"{lat}x{lat}: {_mib(result[f'{lat}/{name}']['peak_bytes']).strip()} ({result[f'{lat}/{name}']['step_s']:.0f} s)" for lat in latents]
+        line = f"  {name:<32} " + ", ".join(cells)
+        if len(latents) >= 2:
+            (a0, p0), (a1, p1) = [(lat * lat, result[f"{lat}/{name}"]["peak_bytes"]) for lat in latents[:2]]
+            slope = (p1 - p0) / (a1 - a0)
+            line += f"; extrapolated to 64x64: {_mib(p0 + slope * (64 * 64 - a0)).strip()}"
+        print(line)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"settings": vars(args), **result}, indent=2))
     return 0
 
 
