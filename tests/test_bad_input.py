@@ -74,7 +74,7 @@ def test_bad_config_values_are_refused_before_loading(tmp_path, monkeypatch, cap
     (tmp_path / "afile").write_text("not a folder")
     status, err = launch(tmp_path, monkeypatch, capsys, argv)
     assert_refused(status, err, *culprits)
-    assert not (tmp_path / "out").exists()
+    assert not _files(tmp_path / "out")  # at most Hydra's record: output_dir is the Hydra run folder
 
 
 def test_unwritable_output_dir_is_refused(tmp_path, monkeypatch, capsys):
@@ -153,7 +153,7 @@ EDIT = ["edit", "output_dir=out", "source_prompt=a cat", "target_prompt=a dog", 
 def test_bad_images_and_manifests_are_refused_before_loading(tmp_path, monkeypatch, capsys, inputs, argv, culprits):
     status, err = launch(tmp_path, monkeypatch, capsys, argv)
     assert_refused(status, err, *culprits)
-    assert not (tmp_path / "out").exists()
+    assert not _files(tmp_path / "out")  # at most Hydra's record: output_dir is the Hydra run folder
 
 
 # ----------------------------------------------------------------------------- adapter folders
@@ -245,7 +245,7 @@ def test_tampered_adapter_is_refused(tmp_path, monkeypatch, capsys, lora_export,
     _tamper(folder, case, outside)
     status, err = launch(tmp_path, monkeypatch, capsys, ["sample", f"adapter={folder}", "steps=1", "num_images=1", "output_dir=out"])
     assert_refused(status, err, *culprits)
-    assert not (tmp_path / "out").exists()
+    assert not _files(tmp_path / "out")  # at most Hydra's record: output_dir is the Hydra run folder
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -268,4 +268,4 @@ def test_pickled_checkpoint_is_refused(tmp_path, monkeypatch, capsys, inputs, ta
              f"ckpt_path={ckpt}"] if task == "personalize" else ["export", f"ckpt={ckpt}", "output_dir=out"])
     status, err = launch(tmp_path, monkeypatch, capsys, argv)
     assert_refused(status, err, *culprits)
-    assert not (tmp_path / "out").exists()
+    assert not _files(tmp_path / "out")  # at most Hydra's record: output_dir is the Hydra run folder
