@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 from dreamsteer.checkpoints import formats
 from dreamsteer.checkpoints.model_card import CARD, model_card
-from dreamsteer.data.files import fsync_dir, is_orphan_temp, make_temp_dir, temp_prefix, write_json_atomic, write_text_atomic
+from dreamsteer.data.files import fsync_dir, is_orphan_temp, make_temp_dir, temp_prefix, write_json_atomic, write_text_atomic, writing
 from dreamsteer.data.images import save_image_atomic
 from dreamsteer.diffusion.adapters import (
     KINDS,
@@ -204,7 +204,13 @@ def export_adapter(backbone: Any, out_dir: str | os.PathLike, extra: dict[str, A
     if clash:
         raise ValueError(f"export_adapter: extra may not set {clash}")
     target = prepare_export_target(out_dir)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    with writing(target):  # disk full while writing any file: one error naming the export; the old export stays
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return _write_export(backbone, adapter, target, extra, samples)
+
+
+def _write_export(backbone: Any, adapter: Any, target: Path, extra: dict[str, Any], samples: Sequence[tuple[str, Any]]) -> Path:
+    """Write the export into a temp folder beside `target`, then swap it in (`export_adapter`)."""
     tmp = make_temp_dir(target.parent, f".{target.name}.tmp")
     try:
         manifest: dict[str, Any] = {

@@ -52,14 +52,14 @@ def as_write_error(err: OSError, path: str | os.PathLike | None = None) -> Outpu
 
 @contextlib.contextmanager
 def writing(path: str | os.PathLike) -> Iterator[None]:
-    """Turn a user-fixable OSError raised inside the block into an OutputWriteError naming `path`."""
+    """Turn a user-fixable OSError raised inside the block into an OutputWriteError naming `path`
+    (nested blocks: the outermost names the output, e.g. an export folder rather than its temp file)."""
     try:
         yield
     except OSError as err:
-        mapped = as_write_error(err, path)
-        if mapped is None or mapped is err:
+        if err.errno not in USER_WRITE_ERRORS:
             raise
-        raise mapped from err
+        raise OutputWriteError(err.errno, os.strerror(err.errno), str(path)) from err
 
 
 def temp_prefix(name: str) -> str:

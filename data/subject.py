@@ -219,7 +219,8 @@ def generate_class_images(
         for start in range(0, missing, batch_size):
             chunk = indices[start : start + batch_size]
             generators = [torch.Generator("cpu").manual_seed(seed + k) for k in chunk]
-            images = pipe([prompt] * len(chunk), num_inference_steps=steps, guidance_scale=guidance_scale, generator=generators).images
+            images = pipe(prompt_embeds=backbone.encode_prompt([prompt] * len(chunk)), num_inference_steps=steps,
+                          guidance_scale=guidance_scale, generator=generators).images
             for k, image in zip(chunk, images):
                 save_image_atomic(image, directory / f"class_{k:05d}.png")
             bar.update(len(chunk))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Protocol, Sequence
@@ -20,6 +21,26 @@ import torch
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+class PromptTruncatedWarning(UserWarning):
+    """A prompt longer than the text encoder's context (77 tokens for CLIP): the tokens past it are ignored."""
+
+
+_CHECKED_PROMPTS: set[tuple[int, str]] = set()  # (token limit, prompt): each prompt is measured (and warned about) once
+
+
+def warn_if_truncated(tokenizer: Any, prompts: Sequence[str], expanded: Sequence[str]) -> None:
+    """Warn once per prompt whose tokens (of its `expanded` form, e.g. multi-vector TI) exceed the tokenizer's limit."""
+    limit = int(tokenizer.model_max_length)
+    for prompt, text in zip(prompts, expanded):
+        if (limit, prompt) in _CHECKED_PROMPTS:
+            continue
+        _CHECKED_PROMPTS.add((limit, prompt))
+        length = len(tokenizer(text, truncation=False, verbose=False).input_ids)  # with the start/end tokens
+        if length > limit:
+            warnings.warn(f"prompt {prompt!r} is {length} tokens long; the text encoder reads only the first {limit} "
+                          "(the rest is ignored)", PromptTruncatedWarning, stacklevel=3)
 
 
 class ModelLoadError(ValueError):
@@ -99,13 +120,16 @@ class Backbone:
 
     # ----------------------------------------------------------------- text
     def tokenize(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Token ids padded/truncated to the tokenizer's max length, on the model's device."""
+        """Token ids padded/truncated to the tokenizer's max length, on the model's device
+        (every prompt of every task is tokenized here: a truncated one is warned about once)."""
         prompts = list(prompts)
+        expanded = prompts
         if self.adapter is not None and hasattr(self.adapter, "expand_prompt"):
             # multi-vector Textual Inversion: "<tok>" -> "<tok> <tok>_1 ...", as diffusers' pipelines do
-            prompts = [self.adapter.expand_prompt(p) for p in prompts]
+            expanded = [self.adapter.expand_prompt(p) for p in prompts]
+        warn_if_truncated(self.tokenizer, prompts, expanded)
         ids = self.tokenizer(
-            prompts,
+            expanded,
             padding="max_length",
             max_length=self.tokenizer.model_max_length,
             truncation=True,

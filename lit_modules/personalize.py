@@ -229,7 +229,8 @@ class PersonalizeModule(L.LightningModule):
         try:
             context = self._trainer.precision_plugin.forward_context() if self._trainer is not None else contextlib.nullcontext()
             with context:
-                images = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance_scale, generator=generators).images
+                images = pipe(prompt_embeds=backbone.encode_prompt(prompts), num_inference_steps=steps, guidance_scale=guidance_scale,
+                              generator=generators).images
         finally:
             self.train(was_training)
         return images

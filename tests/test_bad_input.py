@@ -18,18 +18,23 @@ def _files(root: Path) -> set[Path]:
     return {p for p in root.rglob("*") if p.is_file() and ".hydra" not in p.parts and p.name != "cli.log"}
 
 
-def launch(tmp_path: Path, monkeypatch, capsys, argv: list[str]) -> tuple[int, str]:
-    """Run the launcher in-process from `tmp_path`; return (exit status, stderr) and check nothing was written."""
+def _run(tmp_path: Path, monkeypatch, capsys, argv: list[str]) -> tuple[int, str]:
+    """Run the launcher in-process from `tmp_path`; return (exit status, stderr)."""
     monkeypatch.setenv("DREAMSTEER_OUTPUTS", str(tmp_path / "hydra"))
     monkeypatch.delenv("DREAMSTEER_DEBUG", raising=False)
     monkeypatch.setattr(sys, "argv", ["dreamsteer"])
     monkeypatch.chdir(tmp_path)
-    before = _files(tmp_path)
     try:
         status = main(argv)
     except SystemExit as exit_:
         status = exit_.code
-    err = capsys.readouterr().err
+    return status, capsys.readouterr().err
+
+
+def launch(tmp_path: Path, monkeypatch, capsys, argv: list[str]) -> tuple[int, str]:
+    """`_run`, checking that nothing was written."""
+    before = _files(tmp_path)
+    status, err = _run(tmp_path, monkeypatch, capsys, argv)
     assert _files(tmp_path) == before, f"a refused run wrote {sorted(_files(tmp_path) - before)}"
     return status, err
 
@@ -55,6 +60,7 @@ def no_gpu(monkeypatch):
 # ----------------------------------------------------------------------------- config values
 @pytest.mark.parametrize("argv, culprits", [
     (["sample", "output_dir=afile"], ["'output_dir'", "afile is a file"]),
+    (["edit", "out=afile", "jobs=j.jsonl"], ["'out'", "afile is a file"]),
     (["edit", "output_dir=afile/sub", "image=x.png", "target_prompt=t"], ["'output_dir'", "under", "afile"]),
     (["sample", "model.device=cuda", "output_dir=out"], ["'model.device'", "no CUDA device"]),
     (["sample", "model.device=cuda:1", "output_dir=out"], ["'model.device'", "no CUDA device"]),
@@ -269,3 +275,119 @@ def test_pickled_checkpoint_is_refused(tmp_path, monkeypatch, capsys, inputs, ta
     status, err = launch(tmp_path, monkeypatch, capsys, argv)
     assert_refused(status, err, *culprits)
     assert not _files(tmp_path / "out")  # at most Hydra's record: output_dir is the Hydra run folder
+
+
+# ----------------------------------------------------------------------------- disk full
+@pytest.fixture
+def disk_full(monkeypatch):
+    """``disk_full(match)``: from then on, flushing a file whose name contains `match` fails with ENOSPC
+    (every writer of ours fsyncs each file before renaming it into place)."""
+    import errno
+
+    real_fsync = os.fsync
+
+    def start(match: str) -> None:
+        def fsync(fd: int) -> None:
+            name = os.readlink(f"/proc/self/fd/{fd}")
+            if match in Path(name).name:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            real_fsync(fd)
+
+        monkeypatch.setattr(os, "fsync", fsync)
+
+    if not Path("/proc/self/fd").is_dir():
+        pytest.skip("needs /proc/self/fd to tell which file is flushed")
+    return start
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def assert_disk_full(status: int, err: str, path: Path) -> None:
+    assert status == 2 and "Traceback" not in err, err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: no space left on {path}"], err
+
+
+def test_disk_full_during_checkpoint_and_export_keeps_earlier_outputs(tmp_path, monkeypatch, capsys, inputs, disk_full):
+    import torch
+
+    run = tmp_path / "run"
+    disk_full("step000002")
+    status, err = _run(tmp_path, monkeypatch, capsys, [
+        "personalize", "method=lora", f"output_dir={run}", "data.instance_dir=in/subject", "data.instance_prompt=a photo of sks cat",
+        "trainer.max_steps=2", "trainer.checkpoint_every_n_steps=1", "logger=none"])
+    assert_disk_full(status, err, run / "checkpoints" / "step000002.ckpt")
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert names == ["last.ckpt", "step000001.ckpt"], names  # no temp file left behind
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 1
+    monkeypatch.undo()
+
+    exported = tmp_path / "exported"
+    status, err = _run(tmp_path, monkeypatch, capsys, ["export", f"ckpt={run}", f"dir={exported}"])
+    assert status == 0, err
+    before = _snapshot(tmp_path / "exported")
+    disk_full("")  # every file
+    status, err = _run(tmp_path, monkeypatch, capsys, ["export", f"ckpt={run}", f"dir={exported}"])
+    assert_disk_full(status, err, exported)
+    assert _snapshot(exported) == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".exported")) == []
+
+
+def test_disk_full_during_an_edit_keeps_the_earlier_edit(tmp_path, monkeypatch, capsys, inputs, disk_full):
+    out = tmp_path / "out"
+    edit = ["edit", f"output_dir={out}", "image=in/cat.png", "source_prompt=a cat", "editor.steps=1", "progress=false"]
+    status, err = _run(tmp_path, monkeypatch, capsys, [*edit, "target_prompt=a dog"])
+    assert status == 0, err
+    before = _snapshot(out)
+    disk_full("edit.png")
+    status, err = _run(tmp_path, monkeypatch, capsys, [*edit, "target_prompt=a red dog"])
+    assert_disk_full(status, err, out / "edit.png")
+    assert _snapshot(out) == before
+
+
+def test_edit_with_a_failed_job_exits_non_zero(tmp_path, monkeypatch, capsys, inputs):
+    import json
+
+    (inputs / "cut.png").write_bytes((inputs / "cat.png").read_bytes()[:60])  # a readable header, truncated data
+    jobs = [{"id": "ok", "image": "cat.png", "source_prompt": "a cat", "target_prompt": "a dog", "overrides": {"steps": 1}},
+            {"id": "cut", "image": "cut.png", "source_prompt": "a cat", "target_prompt": "a dog", "overrides": {"steps": 1}}]
+    (inputs / "jobs.jsonl").write_text("".join(json.dumps(job) + "\n" for job in jobs))
+    status, err = _run(tmp_path, monkeypatch, capsys, ["edit", "jobs=in/jobs.jsonl", "out=out", "progress=false"])
+    assert status == 1 and "Traceback" not in err, err
+    assert [line for line in err.splitlines() if line.startswith("error:")] == [
+        "error: 1 of 2 edit jobs failed (cut); the reasons are in out/failures.jsonl, a re-run retries only those"]
+    assert (tmp_path / "out" / "ok.png").is_file() and (tmp_path / "out" / "failures.jsonl").is_file()
+
+
+# ----------------------------------------------------------------------------- long prompts
+def _long_prompt(task: str) -> str:
+    return f"a {task} photo of a cat " + " ".join(["with a small red hat"] * 20)  # about 110 CLIP tokens
+
+
+@pytest.mark.parametrize("task, argv", [
+    ("sample", ["sample", "steps=1", "num_images=1", "output_dir=out", "prompt={prompt}"]),
+    ("edit", ["edit", "image=in/cat.png", "source_prompt=a cat", "target_prompt={prompt}", "editor.steps=1", "progress=false", "output_dir=out"]),
+    ("personalize", ["personalize", "data.instance_dir=in/subject", "data.instance_prompt={prompt}", "trainer.max_steps=1", "logger=none",
+                     "output_dir=out"]),
+])
+def test_long_prompts_are_warned_about_in_every_task(tmp_path, monkeypatch, capsys, inputs, task, argv):
+    from dreamsteer.diffusion.backbone import PromptTruncatedWarning
+
+    prompt = _long_prompt(task)
+    with pytest.warns(PromptTruncatedWarning, match=r"is 1\d\d tokens long; the text encoder reads only the first 77") as caught:
+        status, err = _run(tmp_path, monkeypatch, capsys, [a.replace("{prompt}", prompt) for a in argv])
+    assert status == 0, err
+    named = [w for w in caught if w.category is PromptTruncatedWarning]
+    assert len(named) == 1 and repr(prompt) in str(named[0].message)  # once, however often it is encoded
+
+
+def test_prompts_within_the_limit_are_not_warned_about(tiny_backbone, recwarn):
+    from dreamsteer.diffusion.backbone import PromptTruncatedWarning
+
+    fits = " ".join(["cat"] * 75)  # 75 words + start and end tokens = 77
+    tiny_backbone.tokenize([fits, "a photo of a dog"])
+    assert not [w for w in recwarn if w.category is PromptTruncatedWarning]
+    with pytest.warns(PromptTruncatedWarning, match="78 tokens"):
+        tiny_backbone.tokenize([fits + " cat"])

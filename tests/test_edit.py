@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from dreamsteer.train.config import compose
+from dreamsteer.train.edit import EditJobsFailed
 
 CAT = "a photo of a cat"
 
@@ -174,7 +175,9 @@ def test_jobs_record_failures_and_rerun_skips_finished(photos, tmp_path):
              subtasks=[{"source": "cat", "target": "dog", "box": [0.2, 0.1, 0.8, 0.9], "preserve": True}]),
     )
     out = tmp_path / "out"
-    summary = _edit(out, f"jobs={manifest}", "trainer.devices=1")
+    with pytest.raises(EditJobsFailed, match=r"2 of 4 edit jobs failed \(broken, undetected\).*failures\.jsonl") as failed:
+        _edit(out, f"jobs={manifest}", "trainer.devices=1")
+    summary = failed.value.summary
     assert sorted(summary["done"]) == ["cat-dds", "gas"]
     failures = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
     assert {f["id"] for f in failures} == {"broken", "undetected"}
@@ -183,7 +186,9 @@ def test_jobs_record_failures_and_rerun_skips_finished(photos, tmp_path):
     assert (out / "gas_mask.png").is_file() and not (out / "cat-dds_mask.png").exists()
     stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("*.png")}
 
-    summary = _edit(out, f"jobs={manifest}", "trainer.devices=1")  # finished jobs are skipped, failures retried
+    with pytest.raises(EditJobsFailed) as failed:  # finished jobs are skipped, failures retried
+        _edit(out, f"jobs={manifest}", "trainer.devices=1")
+    summary = failed.value.summary
     assert sorted(summary["done"]) == ["cat-dds", "gas"] and len(summary["failures"]) == 2
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.png")} == stamps
 

@@ -38,7 +38,8 @@ def photos(tmp_path_factory) -> Path:
 
     folder = tmp_path_factory.mktemp("photos")
     write_sample_images(folder, ["cat", "coffee"])
-    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    # a readable header (the manifest check passes) but truncated data: the job fails at run time
+    (folder / "broken.png").write_bytes((folder / "cat.png").read_bytes()[:200])
     return folder
 
 
@@ -49,7 +50,9 @@ def _cli(manifest: Path, out: Path, devices: int, wait: bool = True):
     if not wait:
         return subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     done = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    # the manifest has one broken job: the run ends with status 1 and one line saying so
+    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "error: 1 of 6 edit jobs failed (bad-image)" in done.stderr and "Traceback" not in done.stderr, done.stderr[-3000:]
     return done.stdout + done.stderr
 
 

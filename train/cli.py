@@ -27,12 +27,12 @@ def _print_help() -> None:
         print(f"  {name:<{width}}  {description}")
 
 
-def _exit_with(err: Exception) -> None:
-    """One line on stderr and exit status 2 (DREAMSTEER_DEBUG=1 re-raises for the traceback)."""
+def _exit_with(err: Exception, status: int = 2) -> None:
+    """One line on stderr and exit `status` (DREAMSTEER_DEBUG=1 re-raises for the traceback)."""
     if os.environ.get("DREAMSTEER_DEBUG"):
         raise err
     print(f"error: {err}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(status)
 
 
 def _shell_quoted(override: str) -> str | None:
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     import hydra
 
     from dreamsteer.data.files import as_write_error
-    from dreamsteer.train.config import CONF_DIR
+    from dreamsteer.train.config import CONF_DIR, TaskFailed
     from dreamsteer.train.tasks import task_function
 
     run = task_function(task)
@@ -129,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
             if mapped is None:
                 raise
             _exit_with(mapped)
+        except TaskFailed as err:
+            _exit_with(err, status=1)
 
     program = sys.argv[0]
     sys.argv = [f"{PROG} {task}", *overrides]  # the program name Hydra's --help shows

@@ -22,6 +22,11 @@ class ConfigError(ValueError):
     """A config value that cannot be used; the message names the key."""
 
 
+class TaskFailed(Exception):
+    """A task ran to its end but part of its work failed (e.g. some edit jobs); the message says what and
+    where the details are. The CLI prints it as one line and exits with status 1."""
+
+
 # No config number of this project is meaningful beyond these: larger values are typos (lr=1e300)
 # or overflow what torch accepts (seeds are 64-bit).
 MAX_FLOAT = 1e6

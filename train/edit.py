@@ -4,7 +4,7 @@ One edit::
 
     python -m train edit image=cat.png source_prompt="a cat" target_prompt="a cat wearing a hat" editor=lusd
 
-Jobs (Lightning predict; each job exactly once; resumable; failures in failures.jsonl)::
+Jobs (Lightning predict; each job exactly once; resumable; failures in failures.jsonl and exit status 1)::
 
     python -m train edit jobs=jobs.jsonl out=runs/edit trainer.devices=4
 
@@ -25,8 +25,8 @@ from omegaconf.errors import OmegaConfBaseException
 from dreamsteer.data.manifest import EditJob, ManifestError, check_mask_size, parse_job, read_manifest
 from dreamsteer.distill.config import METHODS, SCHEMAS, EditorConfig, method_defaults
 from dreamsteer.distill.editor import EditorConfigError, check_editor
-from dreamsteer.train.config import (ConfigError, LoggerConfig, ModelConfig, TrainerConfig, check_common, number_problem, output_dir,
-                                     resolve_device, validate)
+from dreamsteer.train.config import (ConfigError, LoggerConfig, ModelConfig, TaskFailed, TrainerConfig, check_common, check_output_dir,
+                                     number_problem, output_dir, resolve_device, validate)
 from dreamsteer.train.lock import is_launch_rank_zero, output_lock
 
 
@@ -96,6 +96,14 @@ def job_editor(job: EditJob, cli: dict[str, Any], base_dir: Path) -> EditorConfi
         raise ManifestError(str(err)) from None
 
 
+class EditJobsFailed(TaskFailed):
+    """Some jobs of a manifest failed (the others are done); `summary` is what `run_jobs` would return."""
+
+    def __init__(self, message: str, summary: dict[str, Any]):
+        super().__init__(message)
+        self.summary = summary
+
+
 class AdapterChecker:
     """Checks adapter folders before compute: adapter.json present and trained on the configured model."""
 
@@ -145,6 +153,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.out and cfg.output_dir and Path(cfg.out) != Path(cfg.output_dir):
         raise ConfigError("config keys 'out' and 'output_dir' name different folders; set one of them")
     if cfg.out:
+        check_output_dir(cfg.out, "out")
         cfg.output_dir = cfg.out
     if cfg.jobs:
         return run_jobs(cfg, cli_editor)
@@ -217,6 +226,7 @@ def _strategy(cfg: DictConfig) -> str:
 
 
 def run_jobs(cfg: DictConfig, cli_editor: dict[str, Any]) -> dict[str, Any]:
+    """Run every unfinished job of the manifest; the summary, or EditJobsFailed (carrying it) when any job failed."""
     import lightning
     from torch.utils.data import DataLoader
 
@@ -266,4 +276,8 @@ def run_jobs(cfg: DictConfig, cli_editor: dict[str, Any]) -> dict[str, Any]:
         summary = {"out": str(out), "jobs": len(jobs), "done": done, "failures": failures}
         if is_launch_rank_zero():
             print(f"edit jobs: {len(done)}/{len(jobs)} done, {len(failures)} failed" + (f" (see {out / 'failures.jsonl'})" if failures else ""))
+        if failures:
+            raise EditJobsFailed(f"{len(failures)} of {len(jobs)} edit jobs failed ({', '.join(f['id'] for f in failures[:3])}"
+                                 f"{', ...' if len(failures) > 3 else ''}); the reasons are in {out / 'failures.jsonl'}, "
+                                 "a re-run retries only those", summary)
         return summary
