@@ -5,6 +5,7 @@ record (`.hydra/`, `cli.log`) is the only thing it may write for a refused run.
 """
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -24,6 +25,12 @@ def _run(tmp_path: Path, monkeypatch, capsys, argv: list[str]) -> tuple[int, str
     monkeypatch.delenv("DREAMSTEER_DEBUG", raising=False)
     monkeypatch.setattr(sys, "argv", ["dreamsteer"])
     monkeypatch.chdir(tmp_path)
+    # Lightning gives its loggers a stream handler on the stderr of the moment it is first imported, which
+    # may be an earlier test's (closed) capture: point them at this test's stderr
+    for name, logger in list(logging.root.manager.loggerDict.items()):
+        for handler in getattr(logger, "handlers", []) if name.startswith("lightning") else []:
+            if type(handler) is logging.StreamHandler:
+                monkeypatch.setattr(handler, "stream", sys.stderr)
     try:
         status = main(argv)
     except SystemExit as exit_:
@@ -301,7 +308,8 @@ def disk_full(monkeypatch):
 
 
 def _snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    """The outputs in `folder` (not the run's bookkeeping: Hydra's record, the log, the lock's holder record)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(_files(folder)) if p.name != ".dreamsteer.lock"}
 
 
 def assert_disk_full(status: int, err: str, path: Path) -> None:
