@@ -19,7 +19,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -27,7 +27,7 @@ TINY_RESOLUTION = 128
 TINY_VERSION = 1  # bump when the architecture below changes, so stale caches are rebuilt
 
 # Whole-word tokens, so class nouns ("cat", "dog") are one token each as in SD's vocabulary.
-_WORDS = """
+BASE_WORDS = """
 a an the of in on at with and or to from by for next near under over behind front top side
 photo picture image painting drawing sketch render close up shot portrait style art digital
 cat cats dog dogs puppy kitten person man woman boy girl child face people astronaut rocket
@@ -56,18 +56,18 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, [chr(c) for c in cs]))
 
 
-def write_tiny_tokenizer_files(directory: Path) -> None:
+def write_tiny_tokenizer_files(directory: Path, words: Sequence[str] = tuple(BASE_WORDS)) -> None:
     """Write vocab.json and merges.txt of a small CLIP BPE tokenizer.
 
     The vocabulary holds every byte character (alone and word-final), the merges that build each
-    word of `_WORDS` left to right, and the start/end tokens, in CLIP's layout.
+    of `words` (default: `BASE_WORDS`) left to right, and the start/end tokens, in CLIP's layout.
     """
     chars = list(_bytes_to_unicode().values())
     vocab: list[str] = chars + [c + "</w>" for c in chars]
     merges: list[tuple[str, str]] = []
     ranks: dict[tuple[str, str], int] = {}
     known = set(vocab)
-    for word in dict.fromkeys(_WORDS):  # dedupe, keep order
+    for word in dict.fromkeys(words):  # dedupe, keep order
         # Segment the word with the merges so far (lowest rank first, as BPE does), then add the
         # merges joining what is left, left to right. New merges rank after all earlier ones, so
         # they never change how an earlier word is segmented: every word becomes one token.

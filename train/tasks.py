@@ -15,6 +15,7 @@ TASKS: dict[str, tuple[str, str]] = {
     "edit": ("dreamsteer.train.edit", "score-distillation editing (SDS/DDS/DDS-S/DDS-SM/CDS/SBP/PDS/LUSD/Ground-A-Score): one image or a jobs manifest on N GPUs"),
     "steer": ("dreamsteer.train.steer", "DreamSteerer: steer a personalized adapter toward one source photo, export it"),
     "generate": ("dreamsteer.train.generate", "layout-grounded images (GLIGEN boxes), sequential or ReGround's parallel wiring"),
+    "pretrain": ("dreamsteer.train.pretrain", "train the toy text-to-image model from scratch (stage=vae|unet|gligen) on rendered scenes or captioned images"),
     "evaluate": ("dreamsteer.train.evaluate", "metrics (CLIP-T/R/AUC, L1*, CLIP-I*, LPIPS, SSIM, MS-SSIM, masked CLIP) + HTML report of edit runs"),
 }
 

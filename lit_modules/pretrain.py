@@ -1,0 +1,211 @@
+"""Text-to-image training from scratch as LightningModules: the VAE, then the UNet + text encoder,
+then (optionally) GLIGEN's gated layers on a trained model.
+
+`VaePretrainModule` trains an `AutoencoderKL` on images ``x`` in [-1, 1]::
+
+    q(z | x) = N(mu(x), sigma(x)^2),   r = D(mu(x)),
+    L = mean |r - x| + mean (r - x)^2 + kl_weight * KL(q(z | x) || N(0, I))
+
+With `train_encoder` False only the decoder trains (SD's "ft-MSE" decoder fine-tune): the latents
+stay exactly what a diffusion model trained on the encoder saw, so the better decoder drops in.
+
+The squared term weighs the few large errors (on objects, a tenth of the pixels) over the many
+small ones (on the flat background), which an L1 loss alone treats alike.
+
+It decodes the posterior mean, not a sample: with SD's tiny KL weight the variance starts at 1 and
+only slowly shrinks, and decoding samples that noisy left the toy VAE blurry for hundreds of steps.
+
+`DiffusionPretrainModule` trains the denoiser of a Stable-Diffusion-shaped model with the VAE frozen::
+
+    z = s * mu(x)  (s: the VAE's scaling_factor),  eps ~ N(0, I),  t ~ U{0..T-1}
+    z_t = sqrt(a_t) z + sqrt(1 - a_t) eps,     L = mean (eps_theta(z_t, t, E(c)) - eps)^2
+
+where the caption ``c`` is replaced by "" with probability `caption_dropout` (classifier-free
+guidance needs the unconditional model). In the ``gligen`` stage the UNet also gets the grounding
+tokens of each object's phrase and box (dropped together with the caption), and only GLIGEN's new
+layers (``position_net`` and the gated self-attention ``fuser``s) train, as in GLIGEN.
+
+An exponential moving average of the trained weights, ``w_ema <- decay * w_ema + (1 - decay) * w``,
+is what gets exported.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import Any, Sequence
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+# Frozen modules stay in eval mode on purpose; Lightning warns about it.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+
+
+def warmup_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int) -> dict[str, Any]:
+    """Linear warm-up from 0 to the base learning rate over `warmup_steps`, then constant."""
+    lam = lambda step: min(1.0, (step + 1) / max(1, warmup_steps))  # noqa: E731
+    return {"scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, lam), "interval": "step"}
+
+
+class VaePretrainModule(L.LightningModule):
+    """Trains an AutoencoderKL with L1 + squared reconstruction losses and a small KL term (formula above)."""
+
+    def __init__(self, vae: torch.nn.Module, lr: float, kl_weight: float, warmup_steps: int = 0, train_encoder: bool = True):
+        super().__init__()
+        self.vae = vae
+        self.lr, self.kl_weight, self.warmup_steps, self.train_encoder = lr, kl_weight, warmup_steps, train_encoder
+        if not train_encoder:
+            self.vae.encoder.requires_grad_(False)
+            self.vae.quant_conv.requires_grad_(False)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        x = batch["pixel_values"]
+        with torch.set_grad_enabled(self.train_encoder):
+            posterior = self.vae.encode(x).latent_dist
+        recon = self.vae.decode(posterior.mode()).sample
+        l1 = (recon - x).abs().mean()
+        l2 = (recon - x).pow(2).mean()
+        kl = posterior.kl().mean() / x[0].numel()  # per pixel, so kl_weight does not depend on the image size
+        loss = l1 + l2 + self.kl_weight * kl
+        self.log_dict({"train/loss": loss, "train/l1": l1, "train/l2": l2, "train/kl": kl}, prog_bar=True)
+        return loss
+
+    def configure_optimizers(self):
+        trainable = [p for p in self.vae.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=self.lr, weight_decay=0.0)
+        return {"optimizer": optimizer, "lr_scheduler": warmup_schedule(optimizer, self.warmup_steps)}
+
+    def export(self) -> torch.nn.Module:
+        """What this stage produces: the VAE."""
+        return self.vae
+
+    @torch.no_grad()
+    def set_scaling_factor(self, images: torch.Tensor) -> float:
+        """Set the VAE's scaling_factor to 1 / std of the latent means of `images`, as SD did, so
+        the diffusion model sees latents of unit spread; returns it."""
+        self.vae.eval()
+        z = self.vae.encode(images.to(self.device)).latent_dist.mean
+        scale = float(1.0 / z.std())
+        self.vae.register_to_config(scaling_factor=scale)
+        return scale
+
+
+class DiffusionPretrainModule(L.LightningModule):
+    """Trains the UNet (and the text encoder when `train_text_encoder`), or GLIGEN's layers when
+    `grounded`, with the VAE frozen; keeps an EMA of the trained weights (formulas above)."""
+
+    def __init__(
+        self,
+        vae: torch.nn.Module,
+        text_encoder: torch.nn.Module,
+        tokenizer: Any,
+        unet: torch.nn.Module,
+        scheduler: Any,
+        lr: float,
+        warmup_steps: int,
+        caption_dropout: float,
+        ema_decay: float,
+        train_text_encoder: bool,
+        grounded: bool = False,
+    ):
+        super().__init__()
+        self.vae, self.text_encoder, self.unet = vae, text_encoder, unet
+        self.tokenizer, self.scheduler = tokenizer, scheduler
+        self.lr, self.warmup_steps, self.caption_dropout, self.ema_decay = lr, warmup_steps, caption_dropout, ema_decay
+        self.grounded = grounded
+        self.vae.requires_grad_(False).eval()
+        if grounded:  # GLIGEN: the pretrained model stays frozen, only the new layers learn
+            self.text_encoder.requires_grad_(False).eval()
+            for name, p in self.unet.named_parameters():
+                p.requires_grad_(name.startswith("position_net.") or ".fuser." in name)
+        else:
+            self.text_encoder.requires_grad_(train_text_encoder)
+        self.trained = [m for m in (self.unet, self.text_encoder) if any(p.requires_grad for p in m.parameters())]
+        # EMA copies of the trained modules (their frozen parts are copied too, so they export whole)
+        self.ema = torch.nn.ModuleList([copy.deepcopy(m).requires_grad_(False).eval() for m in self.trained])
+        self.register_buffer("alphas_cumprod", scheduler.alphas_cumprod.clone().float(), persistent=False)
+
+    def on_train_start(self) -> None:
+        # Every rank is seeded alike; offset the generator so ranks draw different noise and timesteps.
+        if self.trainer.world_size > 1:
+            torch.manual_seed(torch.initial_seed() + self.global_rank)
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for m in self.trained for p in m.parameters() if p.requires_grad]
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.vae.eval()
+        self.ema.eval()
+        if self.grounded:
+            self.text_encoder.eval()
+        return self
+
+    def encode_text(self, captions: Sequence[str]) -> torch.Tensor:
+        ids = self.tokenizer(
+            list(captions), padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids.to(self.device)
+        return self.text_encoder(ids)[0]
+
+    def grounding(self, phrases: Sequence[Sequence[str]], boxes: Sequence[torch.Tensor], keep: torch.Tensor) -> dict[str, torch.Tensor]:
+        """GLIGEN's ``cross_attention_kwargs["gligen"]`` for a batch; items where `keep` is False get
+        no grounding tokens (masks 0), as the unconditional half of classifier-free guidance does."""
+        from dreamsteer.diffusion.gligen import MAX_OBJECTS
+
+        b, dim = len(phrases), self.unet.config.cross_attention_dim
+        flat = [p for item in phrases for p in item]
+        tokens = self.tokenizer(flat, padding=True, truncation=True, max_length=self.tokenizer.model_max_length, return_tensors="pt")
+        with torch.no_grad():
+            pooled = self.text_encoder(**tokens.to(self.device)).pooler_output
+        box_t = torch.zeros(b, MAX_OBJECTS, 4, device=self.device)
+        emb = torch.zeros(b, MAX_OBJECTS, dim, device=self.device)
+        masks = torch.zeros(b, MAX_OBJECTS, device=self.device)
+        start = 0
+        for i, (item, item_boxes) in enumerate(zip(phrases, boxes)):
+            n = len(item)
+            box_t[i, :n] = item_boxes.to(self.device)
+            emb[i, :n] = pooled[start : start + n]
+            masks[i, :n] = float(keep[i])
+            start += n
+        return {"boxes": box_t, "positive_embeddings": emb, "masks": masks}
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        x = batch["pixel_values"]
+        b = x.shape[0]
+        with torch.no_grad():
+            z = self.vae.encode(x).latent_dist.mean * self.vae.config.scaling_factor
+        keep = torch.rand(b, device=self.device) >= self.caption_dropout
+        captions = [c if k else "" for c, k in zip(batch["caption"], keep.tolist())]
+        text_emb = self.encode_text(captions)
+        t = torch.randint(0, len(self.alphas_cumprod), (b,), device=self.device)
+        eps = torch.randn_like(z)
+        a = self.alphas_cumprod[t].view(b, 1, 1, 1)
+        z_t = a.sqrt() * z + (1 - a).sqrt() * eps
+        kwargs = {"cross_attention_kwargs": {"gligen": self.grounding(batch["phrases"], batch["boxes"], keep)}} if self.grounded else {}
+        pred = self.unet(z_t, t, encoder_hidden_states=text_emb, **kwargs).sample
+        loss = F.mse_loss(pred, eps)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    @torch.no_grad()
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # Early on the average warms up faster (decay ramps to ema_decay), so a short run's EMA is not stale.
+        step = self.global_step
+        decay = min(self.ema_decay, (1 + step) / (10 + step))
+        for ema, model in zip(self.ema, self.trained):
+            ema_params = [p for p in ema.parameters()]
+            params = [p.detach() for p in model.parameters()]
+            torch._foreach_lerp_(ema_params, params, 1 - decay)
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(self.trainable_parameters(), lr=self.lr, weight_decay=0.0)
+        return {"optimizer": optimizer, "lr_scheduler": warmup_schedule(optimizer, self.warmup_steps)}
+
+    def export(self):
+        """What this stage produces: the pipeline, with the EMA weights where they were trained."""
+        from dreamsteer.diffusion.toy import make_pipeline
+
+        by_id = {id(m): e for m, e in zip(self.trained, self.ema)}
+        unet, text_encoder = by_id.get(id(self.unet), self.unet), by_id.get(id(self.text_encoder), self.text_encoder)
+        return make_pipeline(self.vae, text_encoder, self.tokenizer, unet, self.scheduler)

@@ -1,0 +1,295 @@
+"""`python -m train pretrain stage=<vae|unet|gligen> ...`: train the toy model from scratch.
+
+The recipe of the shipped `toy` model (docs/toy.md) is three runs of this task:
+
+    python -m train pretrain stage=vae output_dir=runs/vae
+    python -m train pretrain stage=unet vae=runs/vae/model/vae output_dir=runs/unet
+    python -m train pretrain stage=gligen init=runs/unet/model output_dir=runs/gligen
+
+Each writes its result as a diffusers folder ``<output_dir>/model`` (``vae/`` alone for stage=vae; a
+whole pipeline otherwise), rewritten atomically every ``trainer.export_every_n_steps`` steps and at
+the end, so a run stopped early still leaves usable weights. Data: the scene renderer
+(``data.source=scenes``, `data.scenes`) or a folder of images with caption .txt files
+(``data.source=folder data.folder=...``). Lightning checkpoints under ``<output_dir>/checkpoints``
+resume a run (``ckpt_path=last``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from omegaconf import DictConfig
+
+from dreamsteer.train.config import ConfigError, LoggerConfig, TrainerConfig, check_choice, check_common, output_dir, validate
+from dreamsteer.train.logs import lightning_logger
+
+STAGES = ("vae", "unet", "gligen")
+
+
+@dataclass
+class ArchConfig:
+    """Sizes of the toy model (`diffusion.toy.ToyArchitecture`)."""
+
+    resolution: int = 32
+    vae_channels: List[int] = field(default_factory=lambda: [32, 64])
+    unet_channels: List[int] = field(default_factory=lambda: [32, 64, 64])
+    layers_per_block: int = 1
+    attention_head_dim: int = 32
+    text_width: int = 128
+    text_layers: int = 2
+    max_tokens: int = 24
+
+
+@dataclass
+class PretrainDataConfig:
+    source: str = "scenes"  # scenes | folder
+    folder: Optional[str] = None  # source=folder: images with <image>.txt captions
+    min_objects: int = 1
+    max_objects: int = 2
+    batch_size: int = 32
+    num_workers: int = 1
+
+
+@dataclass
+class PretrainTrainerConfig(TrainerConfig):
+    max_steps: int = 4000
+    log_every_n_steps: int = 25
+    checkpoint_every_n_steps: int = 500
+    export_every_n_steps: int = 500  # rewrite <output_dir>/model every N steps (0: only at the end)
+    gradient_clip_val: Optional[float] = 1.0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    warmup_steps: int = 200
+    caption_dropout: float = 0.1  # stage unet/gligen: the caption (and grounding) is dropped for CFG
+    ema_decay: float = 0.999  # stage unet/gligen
+    train_text_encoder: bool = True  # stage unet
+    kl_weight: float = 1e-6  # stage vae
+    train_vae_encoder: bool = True  # stage vae: false fine-tunes the decoder of `vae` only (latents unchanged)
+
+
+@dataclass
+class PretrainConfig:
+    stage: str = "unet"
+    vae: Optional[str] = None  # stage unet: the trained VAE folder (a stage=vae run's model/vae); stage vae: start from it
+    init: Optional[str] = None  # stage gligen: the text-to-image model to add GLIGEN layers to
+    arch: ArchConfig = field(default_factory=ArchConfig)
+    data: PretrainDataConfig = field(default_factory=PretrainDataConfig)
+    trainer: PretrainTrainerConfig = field(default_factory=PretrainTrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    threads: int = 1  # torch CPU threads (on a busy CPU, one thread is much faster than two)
+    seed: int = 0
+    ckpt_path: Optional[str] = None  # last | path to a Lightning checkpoint
+    output_dir: Optional[str] = None
+
+
+def validate_config(cfg: DictConfig) -> DictConfig:
+    """Schema and value checks (ConfigError names the key), before any model is built."""
+    cfg = validate(cfg, PretrainConfig)
+    check_common(cfg)
+    check_choice(cfg, "stage", STAGES)
+    check_choice(cfg, "data.source", ["scenes", "folder"])
+    a, d, t, o = cfg.arch, cfg.data, cfg.trainer, cfg.optim
+    factor = 2 ** (len(a.vae_channels) - 1)
+    if a.resolution % (factor * 2 ** (len(a.unet_channels) - 1)):
+        raise ConfigError(f"config key 'arch.resolution': {a.resolution} must be divisible by the VAE factor times the UNet's downsampling")
+    if any(c % 16 for c in [*a.vae_channels, *a.unet_channels]):
+        raise ConfigError("config keys 'arch.vae_channels' / 'arch.unet_channels': every width must be a multiple of 16 (group norm)")
+    if d.source == "folder" and not d.folder:
+        raise ConfigError("config key 'data.folder': required with data.source=folder")
+    if d.source == "folder" and cfg.stage == "gligen":
+        raise ConfigError("config key 'data.source': stage=gligen needs boxes, which only data.source=scenes provides")
+    if not 1 <= d.min_objects <= d.max_objects <= 3:
+        raise ConfigError("config keys 'data.min_objects' / 'data.max_objects': need 1 <= min <= max <= 3")
+    if d.batch_size < 1 or t.max_steps < 1 or t.export_every_n_steps < 0 or t.checkpoint_every_n_steps < 0:
+        raise ConfigError("config keys 'data.batch_size', 'trainer.max_steps' must be >= 1, 'trainer.*_every_n_steps' >= 0")
+    if o.lr <= 0 or not 0 <= o.caption_dropout < 1 or not 0 <= o.ema_decay < 1:
+        raise ConfigError("config keys 'optim.lr' > 0, 'optim.caption_dropout' and 'optim.ema_decay' in [0, 1)")
+    if cfg.stage == "vae" and not o.train_vae_encoder and not cfg.vae:
+        raise ConfigError("config key 'vae': optim.train_vae_encoder=false fine-tunes the decoder of a trained VAE; give its folder")
+    if cfg.stage == "unet" and not cfg.vae:
+        raise ConfigError("config key 'vae': stage=unet needs the trained VAE folder (e.g. a stage=vae run's <output_dir>/model/vae)")
+    if cfg.stage == "gligen" and not cfg.init:
+        raise ConfigError("config key 'init': stage=gligen needs the text-to-image model to extend (e.g. toy)")
+    for key in ("vae", "init"):
+        path = cfg[key]
+        if path is not None and path != "toy" and not Path(path).is_dir():
+            raise ConfigError(f"config key '{key}': folder {path} not found")
+    if d.source == "folder" and not Path(d.folder).is_dir():
+        raise ConfigError(f"config key 'data.folder': folder {d.folder} not found")
+    return cfg
+
+
+def architecture(cfg: DictConfig):
+    from dreamsteer.diffusion.toy import ToyArchitecture
+
+    a = cfg.arch
+    return ToyArchitecture(
+        resolution=a.resolution,
+        vae_channels=tuple(a.vae_channels),
+        unet_channels=tuple(a.unet_channels),
+        layers_per_block=a.layers_per_block,
+        attention_head_dim=a.attention_head_dim,
+        text_width=a.text_width,
+        text_layers=a.text_layers,
+        max_tokens=a.max_tokens,
+    )
+
+
+def dataset(cfg: DictConfig, resolution: int):
+    """The training images: `cfg.trainer.max_steps` batches of random scenes, or the caption folder."""
+    from dreamsteer.data.captioned import CaptionedFolder
+    from dreamsteer.data.scenes import SceneDataset
+
+    d = cfg.data
+    if d.source == "folder":
+        return CaptionedFolder(d.folder, resolution)
+    return SceneDataset(cfg.trainer.max_steps * d.batch_size, cfg.seed, resolution, d.min_objects, d.max_objects)
+
+
+def load_vae(folder: str, resolution: int):
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(folder, torch_dtype=torch.float32, local_files_only=True)
+    if vae.config.sample_size != resolution:
+        raise ConfigError(f"config key 'vae': the VAE in {folder} was trained at {vae.config.sample_size} px, arch.resolution is {resolution}")
+    return vae
+
+
+def build_modules(cfg: DictConfig):
+    """The LightningModule for the stage (its `export()` gives the VAE or pipeline to save)."""
+    from dreamsteer.data.scenes import GRAMMAR_WORDS, SUBJECT
+    from dreamsteer.diffusion import toy
+    from dreamsteer.lit_modules.pretrain import DiffusionPretrainModule, VaePretrainModule
+
+    arch, o = architecture(cfg), cfg.optim
+    if cfg.stage == "vae":
+        vae = load_vae(cfg.vae, arch.resolution) if cfg.vae else toy.build_vae(arch, cfg.seed)
+        return VaePretrainModule(vae, o.lr, o.kl_weight, o.warmup_steps, train_encoder=o.train_vae_encoder)
+    if cfg.stage == "unet":
+        vae = load_vae(cfg.vae, arch.resolution)
+        tokenizer = toy.toy_tokenizer([*GRAMMAR_WORDS, SUBJECT.token], arch.max_tokens)
+        text_encoder = toy.build_text_encoder(arch, tokenizer, cfg.seed + 1)
+        latent = arch.resolution // 2 ** (len(vae.config.block_out_channels) - 1)
+        unet = toy.build_unet(arch, latent, arch.text_width, cfg.seed + 2)
+        scheduler = toy.toy_scheduler()
+    else:
+        from dreamsteer.diffusion.backbone import load_backbone
+
+        base = load_backbone(cfg.init)
+        vae, text_encoder, tokenizer, scheduler = base.vae, base.text_encoder, base.tokenizer, toy.toy_scheduler()
+        unet = toy.add_gated_layers(base.unet, cfg.seed + 3)
+    module = DiffusionPretrainModule(
+        vae, text_encoder, tokenizer, unet, scheduler, o.lr, o.warmup_steps, o.caption_dropout, o.ema_decay, o.train_text_encoder, grounded=cfg.stage == "gligen"
+    )
+    return module
+
+
+class ExportCallback(Callback):
+    """Writes the stage's result to ``<output_dir>/model`` every N steps and at the end (rank 0):
+    a VAE to ``model/vae``, a pipeline as the whole folder, both atomically."""
+
+    def __init__(self, target: Path, every: int, scale_images: torch.Tensor | None):
+        self.target, self.every, self.scale_images = target, every, scale_images
+
+    def write(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        from dreamsteer.diffusion.toy import save_pretrained_atomic
+
+        if trainer.global_rank != 0:
+            return
+        if self.scale_images is not None:
+            module.set_scaling_factor(self.scale_images)
+        result = module.export()
+        save_pretrained_atomic(result, self.target if hasattr(result, "components") else self.target / "vae")
+        module.train()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        if self.every and trainer.global_step % self.every == 0:
+            self.write(trainer, module)
+
+    def on_train_end(self, trainer, module) -> None:
+        self.write(trainer, module)
+
+
+def resume_checkpoint(ckpt_path: str | None, out: Path) -> str | None:
+    """``last`` -> ``<out>/checkpoints/last.ckpt`` (None when there is none yet); a path must exist."""
+    if ckpt_path is None:
+        return None
+    path = out / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
+    if path.is_file():
+        return str(path)
+    if ckpt_path == "last":
+        print(f"ckpt_path=last: no checkpoint in {path.parent} yet, starting from scratch")
+        return None
+    raise FileNotFoundError(f"config key 'ckpt_path': checkpoint {path} not found")
+
+
+def run(cfg: DictConfig) -> Path:
+    """Validate, train the stage, export; returns ``<output_dir>/model``."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from torch.utils.data import DataLoader
+
+    from dreamsteer.checkpoints.lightning import AtomicFileCheckpointIO
+    from dreamsteer.data.scenes import collate_scenes, random_scene
+    from dreamsteer.data.images import pil_to_tensor
+
+    cfg = validate_config(cfg)
+    out = output_dir(cfg)
+    torch.set_num_threads(cfg.threads)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    module = build_modules(cfg)
+    data = dataset(cfg, cfg.arch.resolution)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    loader = DataLoader(
+        data,
+        batch_size=cfg.data.batch_size,
+        shuffle=cfg.data.source == "folder",  # random scenes are already in random order
+        generator=generator,
+        num_workers=cfg.data.num_workers,
+        collate_fn=collate_scenes,
+        drop_last=True,
+        persistent_workers=cfg.data.num_workers > 0,
+    )
+    # the VAE's scaling factor is measured on held-out scenes (seeds past the training ones)
+    scale_images = None
+    if cfg.stage == "vae" and cfg.optim.train_vae_encoder:  # a decoder fine-tune keeps the latents' scale
+        scale_images = torch.stack([pil_to_tensor(random_scene((cfg.seed + 1, i), resolution=cfg.arch.resolution).image) for i in range(256)])
+    model_dir = out / "model"
+    t = cfg.trainer
+    callbacks = [
+        ExportCallback(model_dir, t.export_every_n_steps, scale_images),
+        ModelCheckpoint(
+            dirpath=str(out / "checkpoints"),
+            filename="step{step:06d}",
+            auto_insert_metric_name=False,
+            every_n_train_steps=t.checkpoint_every_n_steps or t.max_steps,
+            save_top_k=1,
+            save_last=True,
+        ),
+    ]
+    trainer = L.Trainer(
+        accelerator=t.accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        strategy=t.strategy,
+        precision=t.precision,
+        max_steps=t.max_steps,
+        gradient_clip_val=t.gradient_clip_val,
+        log_every_n_steps=t.log_every_n_steps,
+        logger=lightning_logger(cfg, out),
+        callbacks=callbacks,
+        plugins=[AtomicFileCheckpointIO()],
+        default_root_dir=str(out),
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, train_dataloaders=loader, ckpt_path=resume_checkpoint(cfg.ckpt_path, out))
+    return model_dir
