@@ -67,7 +67,14 @@ def output_lock(folder: str | os.PathLike, task: str) -> Iterator[Path]:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_FILE
-    fd = _try_lock(path)
+    try:
+        fd = _try_lock(path)
+    except OSError as err:
+        if err.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+            raise
+        print(f"warning: {folder} does not support file locks ({err.strerror}); nothing stops a second run writing to it")
+        yield path
+        return
     if fd is None:
         holder = _holder(path)
         stale = holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int) and not pid_alive(holder["pid"])
