@@ -26,6 +26,7 @@ from omegaconf import DictConfig
 
 from dreamsteer.train.config import ConfigError, LoggerConfig, TrainerConfig, check_choice, check_common, output_dir, validate
 from dreamsteer.train.logs import lightning_logger
+from dreamsteer.train.progress import StepProgressBar
 
 STAGES = ("vae", "unet", "gligen")
 
@@ -273,6 +274,7 @@ def run(cfg: DictConfig) -> Path:
             save_top_k=1,
             save_last=True,
         ),
+        StepProgressBar(),
     ]
     trainer = L.Trainer(
         accelerator=t.accelerator,
