@@ -31,20 +31,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import numpy as np
-import torch
-from PIL import Image
+# Idle OpenMP threads spin by default; on a shared CPU that slows every UNet call ~100x (as train/cli.py).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from dreamsteer.data.files import write_json_atomic
-from dreamsteer.data.images import pil_to_tensor, save_image_atomic, tensor_to_pil
-from dreamsteer.data.scenes import BACKGROUND_COLORS, OBJECT_COLORS, SUBJECT, make_caption, random_scene, write_subject_photos
-from dreamsteer.metrics.detector import box_iou, caption_agreement, detect, objects_at, outside_change, summary
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from dreamsteer.data.files import write_json_atomic  # noqa: E402
+from dreamsteer.data.images import pil_to_tensor, save_image_atomic, tensor_to_pil  # noqa: E402
+from dreamsteer.data.scenes import BACKGROUND_COLORS, OBJECT_COLORS, SUBJECT, make_caption, random_scene, write_subject_photos  # noqa: E402
+from dreamsteer.metrics.detector import box_iou, caption_agreement, detect, objects_at, outside_change, summary  # noqa: E402
 
 FLOORS_SEED = 1_000_003  # cases use seeds (FLOORS_SEED, part, i): pretraining draws (seed, index) pairs
 PARTS = ("t2i", "edit", "personalize", "gligen")
