@@ -19,7 +19,9 @@ process CPU time (which other jobs on the machine barely disturb). Peak memory a
 idle baseline comes from a second pass running each loop alone, alternating, smallest of 2
 rounds; ours includes writing its final ``last.ckpt`` (CUDA: ``max_memory_allocated``; CPU:
 resident set size sampled every 2 ms, after returning freed memory to the OS with
-``malloc_trim``). Ratios are ours / plain.
+``malloc_trim``). Ratios are ours / plain; these rows run with caching off, as the plain loop
+encodes every step. A last row times ours with latent and text-embedding caching off vs on
+(``cache.*``, one method, alternating runs) and prints the ratio of step times cached / uncached.
 """
 from __future__ import annotations
 
@@ -132,6 +134,7 @@ def _config(method: str, instance_dir: Path, model_dir: Path, out: Path, steps: 
         f"method={method}", f"model.pretrained={model_dir}", f"data.instance_dir={instance_dir}",
         f"data.instance_prompt='{METHOD_PROMPTS[method]}'", "data.batch_size=2", f"trainer.max_steps={steps}",
         f"trainer.accelerator={device}", "logger=none", "export.enabled=false", f"output_dir={out}",
+        "cache.latents=false", "cache.text_embeddings=false",  # the plain loop encodes every step too
     ])
     return OmegaConf.to_container(validate_config(cfg), resolve=True)
 
@@ -271,6 +274,33 @@ def bench_memory(cfg: dict, model_dir: Path, items, steps: int, device: torch.de
     return min(ours), min(plain)
 
 
+def bench_caching(cfg: dict, model_dir: Path, items, warmup: int, device: torch.device, rounds: int = 2) -> dict[str, float]:
+    """Median step time of ours with latent + text-embedding caching off and on (the smallest median of
+    `rounds` alternating runs each), and their ratio on / off."""
+    from lightning.pytorch.callbacks import Callback
+    from omegaconf import OmegaConf
+
+    def median_step(cached: bool) -> float:
+        run_cfg = OmegaConf.to_container(OmegaConf.merge(cfg, {"cache": {"latents": cached, "text_embeddings": cached}}))
+        starts: list[float] = []
+
+        class Clock(Callback):
+            def on_train_batch_start(self, trainer, *args) -> None:
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                starts.append(time.perf_counter())
+
+        module, datamodule, trainer = _ours(run_cfg, model_dir, items, device, [Clock()])
+        trainer.fit(module, datamodule=datamodule)
+        return statistics.median([b - a for a, b in zip(starts, starts[1:])][warmup:])
+
+    off, on = [], []
+    for _ in range(rounds):
+        off.append(median_step(False))
+        on.append(median_step(True))
+    return {"uncached_s": min(off), "cached_s": min(on), "ratio": min(on) / min(off)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=8, help="measured steps per method and loop")
@@ -278,6 +308,7 @@ def main() -> None:
     parser.add_argument("--memory-steps", type=int, default=3, help="steps of each loop in the memory pass")
     parser.add_argument("--methods", default="lora,textual_inversion,custom_diffusion,dreambooth")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--caching-method", default="lora", help="method of the caching row ('' to skip it)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
 
@@ -294,7 +325,7 @@ def main() -> None:
     header = f"{'method':<18} {'ours s/step':>11} {'plain s/step':>12} {'wall ratio':>10} {'cpu ratio':>9} {'ours MiB':>9} {'plain MiB':>9} {'mem ratio':>9}"
     print(header)
     results = []
-    for method in args.methods.split(","):
+    for method in [m for m in args.methods.split(",") if m]:
         cfg = _config(method, work / "subject", model_dir, work / f"out-{method}", args.warmup + args.steps + 1, device.type)
         row = {"method": method, **bench_time(cfg, model_dir, items, args.warmup, device)}
         gc.collect()
@@ -310,6 +341,13 @@ def main() -> None:
             f"{row['ours_mib']:>9.0f} {row['plain_mib']:>9.0f} {row['memory_ratio']:>9.3f}",
             flush=True,
         )
+    if args.caching_method:
+        method = args.caching_method
+        cfg = _config(method, work / "subject", model_dir, work / "out-caching", args.warmup + args.steps + 1, device.type)
+        row = {"method": f"caching ({method})", **bench_caching(cfg, model_dir, items, args.warmup, device)}
+        results.append(row)
+        print(f"caching ({method}): uncached {row['uncached_s']:.3f} s/step, cached {row['cached_s']:.3f} s/step, "
+              f"ratio cached/uncached {row['ratio']:.3f} (4 images, center crop, flip 0.5: 8 distinct views)", flush=True)
     print(f"load average during the run: {' '.join(f'{x:.1f}' for x in __import__('os').getloadavg())} (ratios target <= 1.05)")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

@@ -15,12 +15,13 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 import lightning as L
+import numpy as np
 import torch
 from omegaconf import OmegaConf
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from dreamsteer.data.images import ImageLoadError, list_images, load_image, pil_to_tensor, resize_and_crop, save_image_atomic
+from dreamsteer.data.images import IMAGE_SUFFIXES, ImageLoadError, list_images, load_image, pil_to_tensor, save_image_atomic
 
 # Textual Inversion's prompt templates (Gal et al.; diffusers' textual_inversion example).
 TEMPLATES = {
@@ -70,12 +71,36 @@ class SubjectDataConfig:
     shuffle: bool = True
     batch_size: int = 1
     num_workers: int = 0
+    masks: bool = False  # loss mask per image from <image stem>.mask.<ext> beside it
+    caption_dropout: float = 0.0  # probability that an instance prompt becomes "" (for classifier-free guidance)
+    shuffle_captions: bool = False  # shuffle the comma-separated tags of instance prompts ...
+    keep_tokens: int = 0  # ... after the first keep_tokens tags
 
 
 @dataclass(frozen=True)
 class InstanceItem:
     path: Path
     caption: Optional[str]  # from <image>.txt, else None
+    mask: Optional[Path] = None  # loss mask (white: learned, black: ignored), with data.masks
+
+
+MASK_SUFFIX = ".mask"  # <stem>.mask.png is the loss mask of <stem>.<ext>, never an instance image
+
+
+def mask_path(image: Path) -> Path | None:
+    """The mask file beside `image` (``<stem>.mask.<any image suffix>``), or None."""
+    found = sorted(p for p in image.parent.glob(f"{image.stem}{MASK_SUFFIX}.*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    return found[0] if found else None
+
+
+def load_mask(path: Path, size: tuple[int, int]) -> Image.Image:
+    """A loss mask as 8-bit grey, checked to match its image's `size` and to keep some pixels."""
+    mask = load_image(path, min_side=1).convert("L")
+    if mask.size != size:
+        raise SubjectDataError(f"mask file {path}: {mask.size[0]}x{mask.size[1]} but its image is {size[0]}x{size[1]}")
+    if mask.getextrema()[1] == 0:
+        raise SubjectDataError(f"mask file {path}: is all black (it would ignore every pixel of its image)")
+    return mask
 
 
 # ----------------------------------------------------------------------------- validation
@@ -94,20 +119,26 @@ def resolve_templates(cfg: Any) -> list[str] | None:
     return templates
 
 
-def read_instance_items(instance_dir: str | Path, captions: bool = True) -> list[InstanceItem]:
-    """The instance images of a folder with their caption files, every image opened once to check it."""
+def read_instance_items(instance_dir: str | Path, captions: bool = True, masks: bool = False) -> list[InstanceItem]:
+    """The instance images of a folder with their caption files (and mask files), every image opened once to check it."""
     directory = Path(instance_dir)
     if not directory.exists():
         raise FileNotFoundError(f"config key 'data.instance_dir': folder {directory} not found")
     try:
-        paths = list_images(directory)
+        paths = [p for p in list_images(directory) if not p.stem.endswith(MASK_SUFFIX)]
     except ImageLoadError as err:
         raise SubjectDataError(f"config key 'data.instance_dir': {err}") from err
     if not paths:
         raise SubjectDataError(f"config key 'data.instance_dir': folder {directory} holds no images (.png, .jpg, .jpeg, .webp, ...)")
     items = []
     for path in paths:
-        load_image(path)  # raises ImageLoadError naming the file
+        image = load_image(path)  # raises ImageLoadError naming the file
+        mask = None
+        if masks:
+            mask = mask_path(path)
+            if mask is None:
+                raise SubjectDataError(f"config key 'data.masks': image {path} has no mask file {path.stem}{MASK_SUFFIX}.png beside it")
+            load_mask(mask, image.size)
         caption = None
         text = path.with_suffix(".txt")
         if captions and text.is_file():
@@ -117,7 +148,7 @@ def read_instance_items(instance_dir: str | Path, captions: bool = True) -> list
                 raise SubjectDataError(f"caption file {text}: cannot be read as UTF-8 text ({err})") from err
             if not caption:
                 raise SubjectDataError(f"caption file {text}: is empty (delete it to use data.instance_prompt)")
-        items.append(InstanceItem(path, caption))
+        items.append(InstanceItem(path, caption, mask))
     return items
 
 
@@ -154,11 +185,15 @@ def validate_subject_data(
         raise SubjectDataError("config keys 'data.repeats' and 'data.batch_size' must be >= 1 and 'data.num_workers' >= 0")
     if not 0.0 <= cfg.flip_p <= 1.0:
         raise SubjectDataError(f"config key 'data.flip_p': {cfg.flip_p} is not a probability")
+    if not 0.0 <= cfg.caption_dropout < 1.0:
+        raise SubjectDataError(f"config key 'data.caption_dropout': {cfg.caption_dropout} must be in [0, 1)")
+    if cfg.keep_tokens < 0:
+        raise SubjectDataError(f"config key 'data.keep_tokens': {cfg.keep_tokens} must be >= 0")
     check_resolution(cfg, vae_scale_factor, model_resolution)
     templates = resolve_templates(cfg)
     if templates is not None and not cfg.subject:
         raise SubjectDataError("config key 'data.subject' must be set when data.prompt_templates is used (it fills the '{}')")
-    items = read_instance_items(cfg.instance_dir, cfg.captions)
+    items = read_instance_items(cfg.instance_dir, cfg.captions, cfg.masks)
 
     prompts = {"config key 'data.instance_prompt'": cfg.instance_prompt}
     if templates is not None:
@@ -240,8 +275,12 @@ def mix_seed(*values: int) -> int:
 class SubjectDataset(Dataset):
     """Example ``i`` of the endless instance (+ class) stream; see the module docstring.
 
-    Returns ``pixel_values`` [3, R, R] in [-1, 1], ``prompt``, ``example_index`` and, with class
-    images, ``class_pixel_values`` and ``class_prompt``.
+    Returns ``pixel_values`` [3, R, R] in [-1, 1], ``prompt``, ``example_index``, ``latent_key``
+    (a string naming the image and its crop and flip: equal keys mean equal pixels), with masks
+    ``loss_mask`` [1, R, R] in [0, 1] (the same crop and flip), and, with class images,
+    ``class_pixel_values``, ``class_latent_key`` and ``class_prompt``. Caption dropout and
+    shuffling (instance prompts only) draw from their own generator, so turning them on leaves
+    every crop and flip as it was.
     """
 
     def __init__(
@@ -258,6 +297,9 @@ class SubjectDataset(Dataset):
         subject: str | None = None,
         class_paths: Sequence[Path] = (),
         class_prompt: str | None = None,
+        caption_dropout: float = 0.0,
+        shuffle_captions: bool = False,
+        keep_tokens: int = 0,
     ):
         self.items = [item for item in items for _ in range(repeats)]
         self.instance_prompt = instance_prompt
@@ -270,7 +312,10 @@ class SubjectDataset(Dataset):
         self.subject = subject
         self.class_paths = list(class_paths)
         self.class_prompt = class_prompt
-        self._cache: dict[Path, Image.Image] = {}
+        self.caption_dropout = caption_dropout
+        self.shuffle_captions = shuffle_captions
+        self.keep_tokens = keep_tokens
+        self._cache: dict[Path, tuple[Image.Image, Image.Image | None]] = {}
         self._orders: dict[tuple[str, int], torch.Tensor] = {}
 
     def __len__(self) -> int:  # one pass over the (repeated) instance images; the stream itself is endless
@@ -285,17 +330,47 @@ class SubjectDataset(Dataset):
             self._orders[key] = torch.randperm(size, generator=g) if self.shuffle else torch.arange(size)
         return self._orders[key]
 
-    def _image(self, path: Path, generator: torch.Generator) -> torch.Tensor:
-        if path not in self._cache:  # decode + resize once; crop and flip per example
+    def _resized(self, path: Path, mask: Path | None = None) -> tuple[Image.Image, Image.Image | None]:
+        """The image (and its mask) with the short side at the resolution, decoded and resized once per path."""
+        if path not in self._cache:
             image = load_image(path)
             scale = self.resolution / min(image.size)
             size = (max(self.resolution, round(image.size[0] * scale)), max(self.resolution, round(image.size[1] * scale)))
-            self._cache[path] = image.resize(size, Image.Resampling.BICUBIC)
-        image = resize_and_crop(self._cache[path], self.resolution, center=self.center_crop, generator=generator)
-        tensor = pil_to_tensor(image)
-        if torch.rand((), generator=generator).item() < self.flip_p:
+            resized_mask = load_mask(mask, image.size).resize(size, Image.Resampling.BILINEAR) if mask is not None else None
+            self._cache[path] = (image.resize(size, Image.Resampling.BICUBIC), resized_mask)
+        return self._cache[path]
+
+    def _view(self, path: Path, generator: torch.Generator, mask: Path | None = None) -> tuple[torch.Tensor, str, torch.Tensor | None]:
+        """One augmented view (crop, flip) of an image, the key naming that view (for latent caching),
+        and the same view of its mask as weights ``[1, R, R]`` in [0, 1] (None without a mask)."""
+        (image, mask_image), r = self._resized(path, mask), self.resolution
+        width, height = image.size
+        if self.center_crop:
+            left, top = (width - r) // 2, (height - r) // 2
+        else:
+            left = int(torch.randint(0, width - r + 1, (1,), generator=generator))
+            top = int(torch.randint(0, height - r + 1, (1,), generator=generator))
+        box = (left, top, left + r, top + r)
+        tensor = pil_to_tensor(image.crop(box))
+        weights = torch.from_numpy(np.asarray(mask_image.crop(box), dtype=np.float32) / 255.0)[None] if mask_image is not None else None
+        flip = torch.rand((), generator=generator).item() < self.flip_p
+        if flip:
             tensor = tensor.flip(-1)
-        return tensor
+            weights = weights.flip(-1) if weights is not None else None
+        return tensor, f"{path}|{r}|{left},{top}|{int(flip)}", weights
+
+    def _caption(self, prompt: str, index: int) -> str:
+        """Caption dropout, then tag shuffling after the first `keep_tokens` tags, from a generator of ``(seed, i, 2)``."""
+        if not (self.caption_dropout or self.shuffle_captions):
+            return prompt
+        g = torch.Generator().manual_seed(mix_seed(self.seed, index, 2))
+        if torch.rand((), generator=g).item() < self.caption_dropout:
+            return ""
+        if self.shuffle_captions:
+            tags = [tag.strip() for tag in prompt.split(",")]
+            kept, rest = tags[: self.keep_tokens], tags[self.keep_tokens :]
+            prompt = ", ".join(kept + [rest[int(k)] for k in torch.randperm(len(rest), generator=g)])
+        return prompt
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         n = len(self.items)
@@ -307,11 +382,14 @@ class SubjectDataset(Dataset):
             prompt = self.templates[int(torch.randint(len(self.templates), (), generator=g))].format(self.subject)
         else:
             prompt = self.instance_prompt
-        example = {"pixel_values": self._image(item.path, g), "prompt": prompt, "example_index": index}
+        pixels, key, weights = self._view(item.path, g, item.mask)
+        example = {"pixel_values": pixels, "prompt": self._caption(prompt, index), "example_index": index, "latent_key": key}
+        if weights is not None:
+            example["loss_mask"] = weights
         if self.class_paths:
             c = len(self.class_paths)
             path = self.class_paths[int(self._order("class", c, index // c)[index % c])]
-            example["class_pixel_values"] = self._image(path, g)
+            example["class_pixel_values"], example["class_latent_key"], _ = self._view(path, g)
             example["class_prompt"] = self.class_prompt
         return example
 
@@ -394,6 +472,7 @@ class SubjectDataModule(L.LightningDataModule):
             self.items, cfg.instance_prompt, self.resolution, seed=self.seed, center_crop=cfg.center_crop,
             flip_p=cfg.flip_p, repeats=cfg.repeats, shuffle=cfg.shuffle, templates=resolve_templates(cfg),
             subject=cfg.subject, class_paths=self.class_paths, class_prompt=cfg.class_prompt,
+            caption_dropout=cfg.caption_dropout, shuffle_captions=cfg.shuffle_captions, keep_tokens=cfg.keep_tokens,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -13,15 +13,22 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from dreamsteer.checkpoints import export_adapter, kohya
+from dreamsteer.data.files import write_json_atomic
+from dreamsteer.data.images import save_image_atomic
 from dreamsteer.data.subject import mix_seed, read_instance_items
 from dreamsteer.diffusion.adapters import attach_adapter
 from dreamsteer.diffusion.backbone import Backbone, load_backbone
+from dreamsteer.lit_modules.ema import ParameterEMA
+from dreamsteer.lit_modules.optimizers import make_optimizer
 
 # Frozen modules stay in eval mode on purpose (see PersonalizeModule.train); Lightning warns about it.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+
+MAX_CACHED_PROMPTS = 1024  # shuffled captions make many distinct prompts; past this, new ones are encoded each time
 
 
 def snr_weights(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
@@ -51,13 +58,16 @@ class PersonalizeModule(L.LightningModule):
 
     method = ""
 
-    def __init__(self, config: dict[str, Any], backbone: Backbone | None = None, export_dir: str | None = None):
+    def __init__(
+        self, config: dict[str, Any], backbone: Backbone | None = None, export_dir: str | None = None, samples_dir: str | None = None,
+    ):
         super().__init__()
         config = OmegaConf.to_container(config, resolve=True) if isinstance(config, DictConfig) else dict(config)
         self.save_hyperparameters({"config": config}, logger=False)
         self.cfg = OmegaConf.create(config)
         self.strict_loading = False  # checkpoints hold the trainable state only
         self.export_dir = export_dir
+        self.samples_dir = Path(samples_dir) if samples_dir is not None else None
         m = self.cfg.model
         if backbone is None:
             backbone = load_backbone(m.pretrained, m.dtype, "cpu", m.cache_dir, m.single_file_config)
@@ -77,6 +87,13 @@ class PersonalizeModule(L.LightningModule):
         # [{"step", "checkpoint", "changed": {key: [old, new]}}] per resume; kept in checkpoints, written to adapter.json
         self.resumes: list[dict[str, Any]] = []
         self.last_validation: list[tuple[str, Any]] = []  # (prompt, image) of the newest validation, for the model card
+        # Caches of what frozen modules compute from the data; they only save time (see cached_latents).
+        self.caches_latents = bool(self.cfg.cache.latents)
+        self.caches_text = bool(self.cfg.cache.text_embeddings) and not self.trains_text_encoder
+        self._latent_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._text_cache: dict[str, torch.Tensor] = {}
+        e = self.cfg.ema
+        self.ema = ParameterEMA(backbone.adapter.named_trainable(backbone), e.decay, e.warmup) if e.enabled else None
 
     # ------------------------------------------------------------------ method hooks
     # Subclasses set `method` and define the static `adapter_kwargs(method_cfg) -> dict`: the arguments of
@@ -111,6 +128,8 @@ class PersonalizeModule(L.LightningModule):
         checkpoint["state_dict"] = self.trainable_state_dict()  # frozen weights never enter a checkpoint
         checkpoint["adapter"] = {"method": self.method, "config": self.backbone.adapter.config}
         checkpoint["resumes"] = self.resumes
+        if self.ema is not None:
+            checkpoint["ema"] = self.ema.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         expected = {name for name, _ in self.backbone.adapter.named_trainable(self.backbone)}
@@ -120,6 +139,21 @@ class PersonalizeModule(L.LightningModule):
                 f"checkpoint does not hold this {self.method} adapter's trainable state "
                 f"(missing {sorted(expected - got)[:3]}, unexpected {sorted(got - expected)[:3]}); was it written with the same config?"
             )
+        self.restore_ema(checkpoint, "checkpoint")
+
+    def restore_ema(self, checkpoint: dict[str, Any], where: str) -> None:
+        """Load the checkpoint's EMA state when this run keeps one (error when the checkpoint has none)."""
+        if self.ema is None:
+            return
+        if "ema" not in checkpoint:
+            raise ValueError(f"{where}: holds no EMA state (written with ema.enabled=false); resume with ema.enabled=false")
+        self.ema.load_state_dict(checkpoint["ema"], where)
+
+    def exported_weights(self) -> contextlib.AbstractContextManager:
+        """A context in which the trainable parameters hold what `ema.export` selects (EMA or raw)."""
+        if self.ema is not None and self.cfg.ema.export == "ema":
+            return self.ema.swapped_in(self.backbone.adapter.named_trainable(self.backbone))
+        return contextlib.nullcontext()
 
     # ------------------------------------------------------------------ loss
     def compute_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -132,23 +166,31 @@ class PersonalizeModule(L.LightningModule):
             prompts += list(batch["class_prompt"])
         device = self.device
         with torch.no_grad():
-            z = backbone.encode_image(pixels.to(device), sample=True).float()
+            if self.caches_latents and "latent_key" in batch:
+                keys = list(batch["latent_key"]) + list(batch.get("class_latent_key", []))
+                z = self.cached_latents(keys, pixels)
+            else:
+                z = backbone.encode_image(pixels.to(device), sample=True).float()
         eps = torch.randn(z.shape, device=device)
         if loss_cfg.noise_offset:
             eps = eps + loss_cfg.noise_offset * torch.randn(z.shape[0], z.shape[1], 1, 1, device=device)
         t_max = loss_cfg.max_timestep if loss_cfg.max_timestep is not None else backbone.num_train_timesteps
         t = torch.randint(int(loss_cfg.min_timestep), int(t_max), (z.shape[0],), device=device)
         z_t = backbone.add_noise(z, eps, t)
-        grad_text = torch.enable_grad() if self.trains_text_encoder else torch.no_grad()
-        with grad_text:
-            emb = backbone.encode_prompt(prompts)
+        if self.caches_text:
+            with torch.no_grad():
+                emb = self.cached_text_embeddings(prompts)
+        else:
+            grad_text = torch.enable_grad() if self.trains_text_encoder else torch.no_grad()
+            with grad_text:
+                emb = backbone.encode_prompt(prompts)
         pred = backbone.unet(z_t.to(backbone.unet.dtype), t, encoder_hidden_states=emb).sample.float()
         if backbone.prediction_type == "v_prediction":
             a = backbone.alphas_cumprod[t].reshape(-1, 1, 1, 1)
             target = a.sqrt() * eps - (1 - a).sqrt() * z
         else:
             target = eps
-        per_example = (pred - target).square().mean(dim=(1, 2, 3))
+        per_example = self.masked_mean((pred - target).square(), batch.get("loss_mask"), n_instance)
         if loss_cfg.snr_gamma is not None:
             per_example = per_example * snr_weights(backbone.alphas_cumprod, t, float(loss_cfg.snr_gamma), backbone.prediction_type)
         instance = per_example[:n_instance].mean()
@@ -159,6 +201,43 @@ class PersonalizeModule(L.LightningModule):
             loss = loss + loss_cfg.prior_loss_weight * prior
             parts["loss/prior"] = prior.detach()
         return loss, parts
+
+    @staticmethod
+    def masked_mean(squared: torch.Tensor, masks: torch.Tensor | None, n_instance: int) -> torch.Tensor:
+        """Per-example mean of `squared` [B, C, h, w]; with loss masks [n_instance, 1, H, W] the
+        mean weighted by each mask area-averaged to the latent grid, ``sum(m * e) / (C * sum(m))``
+        (class examples, after the instance ones, keep weight 1 everywhere)."""
+        if masks is None:
+            return squared.mean(dim=(1, 2, 3))
+        weights = torch.ones_like(squared[:, :1])
+        weights[:n_instance] = F.interpolate(masks.to(squared), size=squared.shape[-2:], mode="area")
+        return (weights * squared).sum(dim=(1, 2, 3)) / (squared.shape[1] * weights.sum(dim=(1, 2, 3)))
+
+    def cached_latents(self, keys: list[str], pixels: torch.Tensor) -> torch.Tensor:
+        """A posterior sample ``(mean + std * randn) * scaling`` per view, the VAE run once per distinct view.
+
+        Each view is encoded alone, so its cached posterior does not depend on which batch first held
+        it (a resumed run refills the cache with the same values). The single ``randn`` over the whole
+        batch is the draw ``latent_dist.sample()`` makes, so the noise stream matches the uncached path.
+        """
+        vae = self.backbone.vae
+        for i, key in enumerate(keys):
+            if key not in self._latent_cache:
+                dist = vae.encode(pixels[i : i + 1].to(self.device, vae.dtype)).latent_dist
+                self._latent_cache[key] = (dist.mean[0], dist.std[0])
+        mean = torch.stack([self._latent_cache[k][0] for k in keys])
+        std = torch.stack([self._latent_cache[k][1] for k in keys])
+        z = mean + std * torch.randn(mean.shape, device=mean.device, dtype=mean.dtype)
+        return (z * vae.config.scaling_factor).float()
+
+    def cached_text_embeddings(self, prompts: list[str]) -> torch.Tensor:
+        """Text embeddings of a frozen text encoder, each distinct prompt encoded once (alone)."""
+        for prompt in prompts:
+            if prompt not in self._text_cache and len(self._text_cache) < MAX_CACHED_PROMPTS:
+                self._text_cache[prompt] = self.backbone.encode_prompt([prompt])[0]
+        return torch.stack([
+            self._text_cache[p] if p in self._text_cache else self.backbone.encode_prompt([p])[0] for p in prompts
+        ])
 
     def seed_micro_batch(self, batch: dict[str, Any]) -> None:
         """Seed every random draw of this micro-batch (noise, t, VAE sample, LoRA dropout) from its index."""
@@ -177,32 +256,39 @@ class PersonalizeModule(L.LightningModule):
         from diffusers.optimization import get_scheduler
 
         o, trainer = self.cfg.optim, self.trainer
-        params = self.backbone.adapter.trainable_parameters(self.backbone)
-        lr = float(self.cfg.method.lr)
-        if o.scale_lr:
-            lr *= self.cfg.data.batch_size * trainer.accumulate_grad_batches * trainer.world_size
-        self._lr = lr
-        kwargs = dict(lr=lr, betas=tuple(o.betas), weight_decay=o.weight_decay, eps=o.eps)
-        if o.name == "adamw8bit":
-            import bitsandbytes as bnb
-
-            optimizer = bnb.optim.AdamW8bit(params, **kwargs)
-        else:
-            optimizer = torch.optim.AdamW(params, **kwargs)
+        scale = self.cfg.data.batch_size * trainer.accumulate_grad_batches * trainer.world_size if o.scale_lr else 1
+        groups = self.parameter_groups(scale)
+        self._lrs = [group["lr"] for group in groups]
+        optimizer = make_optimizer(o.name, groups, o.betas, o.weight_decay, o.eps)
         scheduler = get_scheduler(o.scheduler, optimizer, num_warmup_steps=o.warmup_steps, num_training_steps=trainer.max_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def parameter_groups(self, lr_scale: float = 1.0) -> list[dict[str, Any]]:
+        """Trainable parameters with their lr: text-encoder ones take ``optim.text_encoder_lr`` when set."""
+        self.backbone.adapter.trainable_parameters(self.backbone)  # marks them trainable
+        named = self.backbone.adapter.named_trainable(self.backbone)
+        lr, text_lr = float(self.cfg.method.lr), self.cfg.optim.text_encoder_lr
+        if text_lr is None:
+            return [{"params": [p for _, p in named], "lr": lr * lr_scale}]
+        groups = [
+            {"params": [p for n, p in named if not n.startswith("text_encoder.")], "lr": lr * lr_scale},
+            {"params": [p for n, p in named if n.startswith("text_encoder.")], "lr": float(text_lr) * lr_scale},
+        ]
+        return [g for g in groups if g["params"]]
+
     def on_train_start(self) -> None:
-        # A resume restores the checkpoint's optimizer and scheduler, learning rate included: apply this run's.
+        # A resume restores the checkpoint's optimizer and scheduler, learning rates included: apply this run's.
         for config in self.trainer.lr_scheduler_configs:
             scheduler = config.scheduler
-            scheduler.base_lrs = [self._lr] * len(scheduler.base_lrs)
-            for group, factor in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas):
-                group["initial_lr"] = self._lr
-                group["lr"] = self._lr * factor(scheduler.last_epoch)
+            scheduler.base_lrs = list(self._lrs)
+            for group, lr, factor in zip(scheduler.optimizer.param_groups, self._lrs, scheduler.lr_lambdas):
+                group["initial_lr"] = lr
+                group["lr"] = lr * factor(scheduler.last_epoch)
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        if self.ema is not None:
+            self.ema.update(self.backbone.adapter.named_trainable(self.backbone))
         # Lightning zeroes gradients after the next forward pass; freeing them now keeps them out of
         # the forward's peak (a whole UNet of gradients for DreamBooth).
         optimizer.zero_grad(set_to_none=True)
@@ -228,7 +314,7 @@ class PersonalizeModule(L.LightningModule):
         self.eval()
         try:
             context = self._trainer.precision_plugin.forward_context() if self._trainer is not None else contextlib.nullcontext()
-            with context:
+            with context, self.exported_weights():
                 images = pipe(prompt_embeds=backbone.encode_prompt(prompts), num_inference_steps=steps, guidance_scale=guidance_scale,
                               generator=generators).images
         finally:
@@ -236,15 +322,29 @@ class PersonalizeModule(L.LightningModule):
         return images
 
     def log_validation_images(self, step: int) -> None:
-        v = self.cfg.validation
+        """Sample the validation prompts and record them: PNG files (``validation.save_images``), TensorBoard
+        images, W&B images. Nothing is sampled when none of these would record it (e.g. the CSV logger)."""
+        v, logger = self.cfg.validation, self.logger
+        to_files = v.save_images and self.samples_dir is not None
+        to_tensorboard = bool(logger) and hasattr(logger.experiment, "add_images")
+        to_wandb = bool(logger) and hasattr(logger, "log_image")
+        if not (to_files or to_tensorboard or to_wandb):
+            return
         prompts = list(v.prompts) or [self.cfg.data.instance_prompt]
         images = self.sample_images(prompts, v.num_images, v.steps, v.guidance_scale, v.seed)
         self.last_validation = [(prompt, im) for i, prompt in enumerate(prompts) for im in images[i * v.num_images : (i + 1) * v.num_images]]
-        logger = self.logger
-        if logger and hasattr(logger.experiment, "add_images"):
-            for i, prompt in enumerate(prompts):
-                batch = np.stack([np.asarray(im) for im in images[i * v.num_images : (i + 1) * v.num_images]])
+        for i, prompt in enumerate(prompts):
+            group = images[i * v.num_images : (i + 1) * v.num_images]
+            if to_files:
+                for j, image in enumerate(group):
+                    save_image_atomic(image, self.samples_dir / f"step{step:06d}" / f"prompt{i}_{j}.png")
+            if to_tensorboard:
+                batch = np.stack([np.asarray(im) for im in group])
                 logger.experiment.add_images(f"validation/{i}: {prompt}", batch, global_step=step, dataformats="NHWC")
+            if to_wandb:
+                logger.log_image(key=f"validation/{i}", images=group, step=step, caption=[prompt] * len(group))
+        if to_files:
+            write_json_atomic({"step": step, "prompts": prompts, "seed": v.seed}, self.samples_dir / f"step{step:06d}" / "prompts.json")
 
     # ------------------------------------------------------------------ export
     def caption_tag_frequency(self) -> dict[str, dict[str, int]] | None:
@@ -280,7 +380,8 @@ class PersonalizeModule(L.LightningModule):
         info = self.export_info()
         if training_steps is not None:
             info["training_steps"] = training_steps
-        return export_adapter(self.backbone, out_dir, info, samples=self.last_validation)
+        with self.exported_weights():
+            return export_adapter(self.backbone, out_dir, info, samples=self.last_validation)
 
     def on_train_end(self) -> None:
         if self.export_dir is not None and self.trainer.is_global_zero:

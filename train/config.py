@@ -57,7 +57,12 @@ class TrainerConfig:
 
 @dataclass
 class LoggerConfig:
-    name: str = "tensorboard"  # tensorboard | none
+    name: str = "tensorboard"  # tensorboard | none; Lightning tasks also csv | wandb
+    project: str = "dreamsteer"  # wandb: the project name
+    offline: bool = True  # wandb: write the run locally (upload later with `wandb sync`)
+
+
+LIGHTNING_LOGGERS = ("tensorboard", "csv", "wandb", "none")
 
 
 def validate(cfg: DictConfig, schema: type) -> DictConfig:
@@ -96,8 +101,8 @@ def check_choice(cfg: DictConfig, key: str, choices: Sequence[str]) -> None:
         raise ConfigError(f"config key '{key}': {value!r} is not one of {list(choices)}")
 
 
-def check_common(cfg: DictConfig) -> None:
-    """Checks every task shares: the output folder, the model's dtype and device, the trainer's devices, the logger name."""
+def check_common(cfg: DictConfig, loggers: Sequence[str] = ("tensorboard", "none")) -> None:
+    """Checks every task shares: the output folder, the model's dtype and device, the trainer's devices, the logger name (one of `loggers`; wandb installed)."""
     if cfg.get("output_dir"):
         check_output_dir(cfg.output_dir)
     if "model" in cfg:
@@ -106,7 +111,12 @@ def check_common(cfg: DictConfig) -> None:
     if "trainer" in cfg:
         check_trainer_devices(cfg.trainer)
     if "logger" in cfg:
-        check_choice(cfg, "logger.name", ["tensorboard", "none"])
+        check_choice(cfg, "logger.name", loggers)
+        if cfg.logger.name == "wandb":
+            import importlib.util
+
+            if importlib.util.find_spec("wandb") is None:
+                raise ConfigError("config key 'logger.name': wandb is not installed (pip install 'dreamsteer[wandb]', or pip install wandb)")
 
 
 def check_output_dir(path: str | os.PathLike, key: str = "output_dir") -> None:

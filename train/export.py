@@ -22,6 +22,7 @@ class ExportTaskConfig:
     ckpt: str = "???"
     dir: Optional[str] = None  # default: <output_dir>/adapter
     pretrained: Optional[str] = None  # override the base model recorded in the checkpoint (e.g. moved folder)
+    weights: Optional[str] = None  # ema | raw; default: the run's ema.export (raw without EMA)
     output_dir: Optional[str] = None
     progress: bool = True  # false: no model-loading bars
 
@@ -30,6 +31,7 @@ def export_checkpoint(module: Any, checkpoint: dict[str, Any], target: Path) -> 
     """Load a trimmed checkpoint's trainable state into `module` (a personalize module built from the same
     config) and export it to `target`, with the checkpoint's step and resume history in adapter.json."""
     module.backbone.adapter.load_trainable_state_dict(module.backbone, checkpoint["state_dict"])
+    module.restore_ema(checkpoint, f"checkpoint {checkpoint.get('path', '')}")
     module.resumes = list(checkpoint.get("resumes", []))
     return module.export(target, training_steps=int(checkpoint.get("global_step", 0)))
 
@@ -54,6 +56,13 @@ def run(cfg: DictConfig) -> Path:
     if cfg.pretrained:
         config["model"]["pretrained"] = cfg.pretrained
     method = config["method"]["name"]
+    ema_cfg = config.setdefault("ema", {})
+    if cfg.weights is not None:
+        if cfg.weights not in ("ema", "raw"):
+            raise ConfigError(f"config key 'weights': {cfg.weights!r} is not one of ['ema', 'raw']")
+        if cfg.weights == "ema" and not ema_cfg.get("enabled"):
+            raise ConfigError(f"config key 'weights': ema, but checkpoint {checkpoint['path']} was trained with ema.enabled=false")
+        ema_cfg["export"] = cfg.weights
     if method not in MODULES:
         raise ConfigError(f"checkpoint {checkpoint['path']}: unknown method {method!r}")
     source = Path(checkpoint["path"])

@@ -14,7 +14,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from dreamsteer.checkpoints.adapter_io import prepare_export_target
 from dreamsteer.data.subject import SubjectDataConfig, SubjectDataModule, check_resolution, validate_subject_data
-from dreamsteer.train.config import ConfigError, LoggerConfig, ModelConfig, TrainerConfig, check_choice, check_common, output_dir, validate
+from dreamsteer.lit_modules.optimizers import OPTIMIZERS, missing_optimizer_package
+from dreamsteer.train.config import LIGHTNING_LOGGERS, ConfigError, LoggerConfig, ModelConfig, TrainerConfig, check_choice, check_common, output_dir, validate
 from dreamsteer.train.lock import is_launch_rank_zero, output_lock
 from dreamsteer.train.logs import lightning_logger
 
@@ -91,7 +92,8 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"  # adamw | adamw8bit (bitsandbytes)
+    name: str = "adamw"  # adamw | adamw8bit | lion | lion8bit | adafactor | prodigy (see lit_modules/optimizers.py)
+    text_encoder_lr: Optional[float] = None  # lr of trainable text-encoder parameters; default: method.lr
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 1e-2
     eps: float = 1e-8
@@ -103,11 +105,26 @@ class OptimConfig:
 @dataclass
 class ValidationConfig:
     every_n_steps: int = 0  # 0: off
+    save_images: bool = True  # PNG files in <output_dir>/samples/step<N>/
     prompts: List[str] = field(default_factory=list)  # default: the instance prompt
     num_images: int = 2
     steps: int = 25
     guidance_scale: float = 7.5
     seed: int = 0
+
+
+@dataclass
+class CacheConfig:
+    latents: bool = True  # VAE posterior of each distinct view (image, crop, flip) computed once
+    text_embeddings: bool = True  # each distinct prompt encoded once; only when the text encoder is frozen
+
+
+@dataclass
+class EmaConfig:
+    enabled: bool = False
+    decay: float = 0.999
+    warmup: bool = True  # d_n = min(decay, (1 + n) / (10 + n))
+    export: str = "ema"  # ema | raw: the weights of the export and of validation samples
 
 
 @dataclass
@@ -126,6 +143,8 @@ class PersonalizeConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     gradient_checkpointing: bool = False
     seed: int = 0
@@ -138,7 +157,7 @@ class PersonalizeConfig:
 def validate_config(cfg: DictConfig) -> DictConfig:
     """Schema + value checks of a composed personalize config (ConfigError names the key)."""
     cfg = validate(cfg, PersonalizeConfig)
-    check_common(cfg)
+    check_common(cfg, LIGHTNING_LOGGERS)
     if cfg.method is None or "name" not in cfg.method:
         raise ConfigError(f"config key 'method': choose one with method=<{'|'.join(METHODS)}>")
     check_choice(cfg, "method.name", METHODS)
@@ -150,9 +169,17 @@ def validate_config(cfg: DictConfig) -> DictConfig:
             check_text_encoder_lora()
         except AdapterError as err:
             raise ConfigError(f"config key 'method.train_text_encoder': {err}") from None
-    check_choice(cfg, "optim.name", ["adamw", "adamw8bit"])
+    check_choice(cfg, "optim.name", list(OPTIMIZERS))
+    missing = missing_optimizer_package(cfg.optim.name)
+    if missing:
+        raise ConfigError(f"config key 'optim.name': {missing}")
+    if cfg.optim.text_encoder_lr is not None and cfg.optim.text_encoder_lr <= 0:
+        raise ConfigError(f"config key 'optim.text_encoder_lr': {cfg.optim.text_encoder_lr} must be > 0 (or null)")
     check_choice(cfg, "optim.scheduler", ["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"])
     check_choice(cfg, "trainer.precision", PRECISIONS)
+    check_choice(cfg, "ema.export", ["ema", "raw"])
+    if not 0.0 < cfg.ema.decay < 1.0:
+        raise ConfigError(f"config key 'ema.decay': {cfg.ema.decay} must be in (0, 1)")
     if cfg.model.dtype != "fp32" and not cfg.trainer.precision.endswith("-mixed"):
         raise ConfigError(
             f"config key 'trainer.precision': {cfg.trainer.precision!r} with model.dtype={cfg.model.dtype}: half-precision frozen weights "
@@ -183,10 +210,11 @@ def required_tokens(cfg: DictConfig) -> list[str]:
 
 # Keys a resumed run must keep (they shape the trainable state, the optimizer state or the data);
 # every other change is applied from the resume step with a warning and recorded in adapter.json.
-FIXED_ON_RESUME = ("method.", "model.pretrained", "model.single_file_config", "data.resolution", "optim.name", "optim.scheduler")
+FIXED_ON_RESUME = ("method.", "model.pretrained", "model.single_file_config", "data.resolution", "optim.name", "optim.scheduler",
+                   "optim.text_encoder_lr", "ema.enabled", "data.buckets", "data.bucket_step")
 CHANGEABLE_ON_RESUME = ("method.lr",)
 # Where the run happens, not what it learns.
-NOT_RECORDED_ON_RESUME = ("ckpt_path", "output_dir", "export.", "logger.", "validation.", "trainer.accelerator", "trainer.devices",
+NOT_RECORDED_ON_RESUME = ("ckpt_path", "output_dir", "export.", "logger.", "validation.", "cache.", "compile.", "trainer.accelerator", "trainer.devices",
                           "trainer.num_nodes", "trainer.strategy", "trainer.log_every_n_steps", "model.cache_dir", "model.device",
                           "data.num_workers")
 
@@ -321,7 +349,9 @@ def _run(cfg: DictConfig, items: list[Any], out: Path, export_dir: Path, owner: 
     backbone = load_backbone(m.pretrained, m.dtype, "cpu", m.cache_dir, m.single_file_config)
     resolution = check_resolution(cfg.data, backbone.vae_scale_factor, backbone.resolution)
 
-    module = MODULES[cfg.method.name](OmegaConf.to_container(cfg, resolve=True), backbone, str(export_dir) if cfg.export.enabled else None)
+    module = MODULES[cfg.method.name](
+        OmegaConf.to_container(cfg, resolve=True), backbone, str(export_dir) if cfg.export.enabled else None, samples_dir=str(out / "samples"),
+    )
     module.resumes = resumes
     datamodule = SubjectDataModule(cfg.data, items, resolution, seed=cfg.seed, prior_preservation=prior, class_dir=class_dir,
                                    progress=cfg.progress)
