@@ -3,13 +3,16 @@
 The training stream is endless and indexed by a global example counter ``i``: micro-batch ``b``
 of rank ``r`` (of ``W``) holds examples ``(b * W + r) * B + j``. Example ``i`` takes instance image
 ``order_e[i mod N]`` of epoch ``e = i // N`` (a permutation drawn from ``(seed, e)``) and its crop,
-flip and prompt template from a generator seeded with ``(seed, i)``. A batch is thus a function of
+flip and prompt template from a generator seeded with ``(seed, i)``. With aspect-ratio buckets,
+micro-batch ``i // B`` takes its B images from one bucket of a plan drawn from ``(seed, epoch)``
+(``SubjectDataset._bucket_batch``). A batch is thus a function of
 ``(seed, step, rank)`` alone, which makes a resumed run see exactly the batches an uninterrupted
 one sees (the DataModule restarts the stream at ``global_step * accumulate_grad_batches``).
 """
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
@@ -71,10 +74,15 @@ class SubjectDataConfig:
     shuffle: bool = True
     batch_size: int = 1
     num_workers: int = 0
-    masks: bool = False  # loss mask per image from <image stem>.mask.<ext> beside it
+    masks: Optional[str] = None  # null | files (<image stem>.mask.<ext> beside each image) | attention (computed)
+    mask_token: Optional[str] = None  # masks=attention: the word of the instance prompt naming the subject
+    mask_threshold: float = 0.3
+    mask_dilation: int = 1
     caption_dropout: float = 0.0  # probability that an instance prompt becomes "" (for classifier-free guidance)
     shuffle_captions: bool = False  # shuffle the comma-separated tags of instance prompts ...
     keep_tokens: int = 0  # ... after the first keep_tokens tags
+    buckets: bool = False  # aspect-ratio buckets (W, H multiples of bucket_step, W * H <= resolution^2)
+    bucket_step: int = 64
 
 
 @dataclass(frozen=True)
@@ -152,8 +160,25 @@ def read_instance_items(instance_dir: str | Path, captions: bool = True, masks: 
     return items
 
 
+def aspect_buckets(resolution: int, step: int, max_ratio: float = 2.0) -> list[tuple[int, int]]:
+    """Bucket sizes (W, H): multiples of `step`, each W with the largest H such that W * H <= resolution^2,
+    aspect ratios within [1 / max_ratio, max_ratio], sorted by W (the square R x R is one when step divides R)."""
+    sizes = set()
+    for w in range(step, 2 * resolution + 1, step):
+        h = (resolution * resolution // w) // step * step
+        if h >= step and 1 / max_ratio <= w / h <= max_ratio:
+            sizes.add((w, h))
+    return sorted(sizes)
+
+
+def nearest_bucket(size: tuple[int, int], buckets: Sequence[tuple[int, int]]) -> int:
+    """Index of the bucket whose aspect ratio is closest to `size`'s (in log ratio; the first on ties)."""
+    ratio = math.log(size[0] / size[1])
+    return min(range(len(buckets)), key=lambda k: abs(math.log(buckets[k][0] / buckets[k][1]) - ratio))
+
+
 def check_resolution(cfg: Any, vae_scale_factor: int | None, model_resolution: int | None = None) -> int | None:
-    """``data.resolution`` (default: the model's) checked against the VAE factor; returns it."""
+    """``data.resolution`` (default: the model's) and ``data.bucket_step`` checked against the VAE factor; returns the resolution."""
     resolution = cfg.resolution or model_resolution
     if resolution is not None:
         if resolution < 8:
@@ -162,6 +187,11 @@ def check_resolution(cfg: Any, vae_scale_factor: int | None, model_resolution: i
             raise SubjectDataError(
                 f"config key 'data.resolution': {resolution} is not a multiple of the VAE factor {vae_scale_factor} "
                 f"(try {max(vae_scale_factor, round(resolution / vae_scale_factor) * vae_scale_factor)})"
+            )
+        if cfg.buckets and (cfg.bucket_step < 1 or cfg.bucket_step > resolution or (vae_scale_factor and cfg.bucket_step % vae_scale_factor)):
+            raise SubjectDataError(
+                f"config key 'data.bucket_step': {cfg.bucket_step} must be a multiple of the VAE factor {vae_scale_factor} "
+                f"and at most data.resolution {resolution} (SD: 64, so every latent side divides by 8)"
             )
     return resolution
 
@@ -193,7 +223,14 @@ def validate_subject_data(
     templates = resolve_templates(cfg)
     if templates is not None and not cfg.subject:
         raise SubjectDataError("config key 'data.subject' must be set when data.prompt_templates is used (it fills the '{}')")
-    items = read_instance_items(cfg.instance_dir, cfg.captions, cfg.masks)
+    if cfg.masks not in (None, "files", "attention"):
+        raise SubjectDataError(f"config key 'data.masks': {cfg.masks!r} is not one of null, files, attention")
+    if cfg.masks == "attention":
+        if not (cfg.mask_token or "").strip():
+            raise SubjectDataError("config key 'data.mask_token' must be set with data.masks=attention (the word naming the subject, e.g. dog)")
+        if not 0.0 <= cfg.mask_threshold <= 1.0 or cfg.mask_dilation < 0:
+            raise SubjectDataError("config keys 'data.mask_threshold' must be in [0, 1] and 'data.mask_dilation' >= 0")
+    items = read_instance_items(cfg.instance_dir, cfg.captions, cfg.masks == "files")
 
     prompts = {"config key 'data.instance_prompt'": cfg.instance_prompt}
     if templates is not None:
@@ -201,6 +238,12 @@ def validate_subject_data(
     for item in items:
         if item.caption is not None:
             prompts[f"caption file {item.path.with_suffix('.txt')}"] = item.caption
+    if cfg.masks == "attention":
+        mask_prompts = {"config key 'data.instance_prompt'": cfg.instance_prompt}
+        mask_prompts.update({f"caption file {i.path.with_suffix('.txt')}": i.caption for i in items if i.caption is not None})
+        for where, prompt in mask_prompts.items():  # the prompts the masks are computed with
+            if cfg.mask_token.strip() not in prompt:
+                raise SubjectDataError(f"{where}: prompt {prompt!r} does not contain data.mask_token {cfg.mask_token!r}")
     for token in required_tokens:
         for where, prompt in prompts.items():
             if token not in prompt:
@@ -275,9 +318,10 @@ def mix_seed(*values: int) -> int:
 class SubjectDataset(Dataset):
     """Example ``i`` of the endless instance (+ class) stream; see the module docstring.
 
-    Returns ``pixel_values`` [3, R, R] in [-1, 1], ``prompt``, ``example_index``, ``latent_key``
-    (a string naming the image and its crop and flip: equal keys mean equal pixels), with masks
-    ``loss_mask`` [1, R, R] in [0, 1] (the same crop and flip), and, with class images,
+    Returns ``pixel_values`` [3, R, R] (with buckets [3, H, W] of the image's bucket, the same for
+    every example of a micro-batch of `batch_size`) in [-1, 1], ``prompt``, ``example_index``, ``latent_key``
+    (a string naming the image, its size, crop and flip: equal keys mean equal pixels), with masks
+    ``loss_mask`` [1, H, W] in [0, 1] (the same crop and flip), and, with class images (cropped to the same size),
     ``class_pixel_values``, ``class_latent_key`` and ``class_prompt``. Caption dropout and
     shuffling (instance prompts only) draw from their own generator, so turning them on leaves
     every crop and flip as it was.
@@ -300,6 +344,8 @@ class SubjectDataset(Dataset):
         caption_dropout: float = 0.0,
         shuffle_captions: bool = False,
         keep_tokens: int = 0,
+        bucket_step: int | None = None,
+        batch_size: int = 1,
     ):
         self.items = [item for item in items for _ in range(repeats)]
         self.instance_prompt = instance_prompt
@@ -315,8 +361,12 @@ class SubjectDataset(Dataset):
         self.caption_dropout = caption_dropout
         self.shuffle_captions = shuffle_captions
         self.keep_tokens = keep_tokens
-        self._cache: dict[Path, tuple[Image.Image, Image.Image | None]] = {}
+        self._cache: dict[tuple[Path, tuple[int, int]], tuple[Image.Image, Image.Image | None]] = {}
         self._orders: dict[tuple[str, int], torch.Tensor] = {}
+        self.batch_size = batch_size
+        self.buckets = aspect_buckets(resolution, bucket_step) if bucket_step else None
+        self._item_bucket = [nearest_bucket(load_image(item.path).size, self.buckets) for item in self.items] if self.buckets else None
+        self._plans: dict[int, list[list[int]]] = {}
 
     def __len__(self) -> int:  # one pass over the (repeated) instance images; the stream itself is endless
         return len(self.items)
@@ -330,34 +380,67 @@ class SubjectDataset(Dataset):
             self._orders[key] = torch.randperm(size, generator=g) if self.shuffle else torch.arange(size)
         return self._orders[key]
 
-    def _resized(self, path: Path, mask: Path | None = None) -> tuple[Image.Image, Image.Image | None]:
-        """The image (and its mask) with the short side at the resolution, decoded and resized once per path."""
-        if path not in self._cache:
-            image = load_image(path)
-            scale = self.resolution / min(image.size)
-            size = (max(self.resolution, round(image.size[0] * scale)), max(self.resolution, round(image.size[1] * scale)))
-            resized_mask = load_mask(mask, image.size).resize(size, Image.Resampling.BILINEAR) if mask is not None else None
-            self._cache[path] = (image.resize(size, Image.Resampling.BICUBIC), resized_mask)
-        return self._cache[path]
+    def _bucket_batch(self, index: int) -> tuple[int, tuple[int, int]]:
+        """With buckets: the item of example `index` and its bucket. Micro-batch ``g = index // B`` is
+        batch ``g mod K`` of epoch ``g // K`` of a plan drawn from ``(seed, epoch)``: each bucket's items
+        shuffled, padded cyclically to a multiple of B, cut into batches of B, the K batches shuffled."""
+        g, j = divmod(index, self.batch_size)
+        first = self._plan(0)
+        epoch, position = divmod(g, len(first))
+        item = self._plan(epoch)[position][j]
+        return item, self.buckets[self._item_bucket[item]]
 
-    def _view(self, path: Path, generator: torch.Generator, mask: Path | None = None) -> tuple[torch.Tensor, str, torch.Tensor | None]:
-        """One augmented view (crop, flip) of an image, the key naming that view (for latent caching),
-        and the same view of its mask as weights ``[1, R, R]`` in [0, 1] (None without a mask)."""
-        (image, mask_image), r = self._resized(path, mask), self.resolution
+    def _plan(self, epoch: int) -> list[list[int]]:
+        if epoch not in self._plans:
+            if len(self._plans) > 8:
+                self._plans.clear()
+            g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, 3))
+            batches = []
+            for k in range(len(self.buckets)):
+                members = [i for i, b in enumerate(self._item_bucket) if b == k]
+                if not members:
+                    continue
+                if self.shuffle:
+                    members = [members[int(m)] for m in torch.randperm(len(members), generator=g)]
+                padded = [members[m % len(members)] for m in range(-(-len(members) // self.batch_size) * self.batch_size)]
+                batches += [padded[s : s + self.batch_size] for s in range(0, len(padded), self.batch_size)]
+            if self.shuffle:
+                batches = [batches[int(m)] for m in torch.randperm(len(batches), generator=g)]
+            self._plans[epoch] = batches
+        return self._plans[epoch]
+
+    def _resized(self, path: Path, size: tuple[int, int], mask: Path | None = None) -> tuple[Image.Image, Image.Image | None]:
+        """The image (and its mask) resized to cover `size` (W, H), decoded and resized once per path and size."""
+        key = (path, size)
+        if key not in self._cache:
+            image = load_image(path)
+            scale = max(size[0] / image.size[0], size[1] / image.size[1])
+            resized = (max(size[0], round(image.size[0] * scale)), max(size[1], round(image.size[1] * scale)))
+            resized_mask = load_mask(mask, image.size).resize(resized, Image.Resampling.BILINEAR) if mask is not None else None
+            self._cache[key] = (image.resize(resized, Image.Resampling.BICUBIC), resized_mask)
+        return self._cache[key]
+
+    def _view(
+        self, path: Path, generator: torch.Generator, mask: Path | None = None, size: tuple[int, int] | None = None,
+    ) -> tuple[torch.Tensor, str, torch.Tensor | None]:
+        """One augmented view (crop to `size` (W, H), default R x R; flip) of an image, the key naming that
+        view (for latent caching), and the same view of its mask as weights ``[1, H, W]`` in [0, 1] (None without a mask)."""
+        size = size or (self.resolution, self.resolution)
+        (image, mask_image), (w, h) = self._resized(path, size, mask), size
         width, height = image.size
         if self.center_crop:
-            left, top = (width - r) // 2, (height - r) // 2
+            left, top = (width - w) // 2, (height - h) // 2
         else:
-            left = int(torch.randint(0, width - r + 1, (1,), generator=generator))
-            top = int(torch.randint(0, height - r + 1, (1,), generator=generator))
-        box = (left, top, left + r, top + r)
+            left = int(torch.randint(0, width - w + 1, (1,), generator=generator))
+            top = int(torch.randint(0, height - h + 1, (1,), generator=generator))
+        box = (left, top, left + w, top + h)
         tensor = pil_to_tensor(image.crop(box))
         weights = torch.from_numpy(np.asarray(mask_image.crop(box), dtype=np.float32) / 255.0)[None] if mask_image is not None else None
         flip = torch.rand((), generator=generator).item() < self.flip_p
         if flip:
             tensor = tensor.flip(-1)
             weights = weights.flip(-1) if weights is not None else None
-        return tensor, f"{path}|{r}|{left},{top}|{int(flip)}", weights
+        return tensor, f"{path}|{w}x{h}|{left},{top}|{int(flip)}", weights
 
     def _caption(self, prompt: str, index: int) -> str:
         """Caption dropout, then tag shuffling after the first `keep_tokens` tags, from a generator of ``(seed, i, 2)``."""
@@ -374,7 +457,11 @@ class SubjectDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         n = len(self.items)
-        item = self.items[int(self._order("instance", n, index // n)[index % n])]
+        if self.buckets:
+            position, size = self._bucket_batch(index)
+            item = self.items[position]
+        else:
+            item, size = self.items[int(self._order("instance", n, index // n)[index % n])], None
         g = torch.Generator().manual_seed(mix_seed(self.seed, index))
         if item.caption is not None:
             prompt = item.caption
@@ -382,14 +469,14 @@ class SubjectDataset(Dataset):
             prompt = self.templates[int(torch.randint(len(self.templates), (), generator=g))].format(self.subject)
         else:
             prompt = self.instance_prompt
-        pixels, key, weights = self._view(item.path, g, item.mask)
+        pixels, key, weights = self._view(item.path, g, item.mask, size)
         example = {"pixel_values": pixels, "prompt": self._caption(prompt, index), "example_index": index, "latent_key": key}
         if weights is not None:
             example["loss_mask"] = weights
         if self.class_paths:
             c = len(self.class_paths)
             path = self.class_paths[int(self._order("class", c, index // c)[index % c])]
-            example["class_pixel_values"], example["class_latent_key"], _ = self._view(path, g)
+            example["class_pixel_values"], example["class_latent_key"], _ = self._view(path, g, size=size)
             example["class_prompt"] = self.class_prompt
         return example
 
@@ -473,6 +560,7 @@ class SubjectDataModule(L.LightningDataModule):
             flip_p=cfg.flip_p, repeats=cfg.repeats, shuffle=cfg.shuffle, templates=resolve_templates(cfg),
             subject=cfg.subject, class_paths=self.class_paths, class_prompt=cfg.class_prompt,
             caption_dropout=cfg.caption_dropout, shuffle_captions=cfg.shuffle_captions, keep_tokens=cfg.keep_tokens,
+            bucket_step=cfg.bucket_step if cfg.buckets else None, batch_size=cfg.batch_size,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -251,6 +251,11 @@ class PersonalizeModule(L.LightningModule):
         self.log_dict(parts, batch_size=batch_size)
         return loss
 
+    def on_fit_start(self) -> None:
+        c = self.cfg.compile
+        if c.unet:  # after class images were generated; the first training step pays the compilation
+            self.backbone.unet.compile(backend=c.backend, mode=c.mode)
+
     # ------------------------------------------------------------------ optimizer
     def configure_optimizers(self) -> dict[str, Any]:
         from diffusers.optimization import get_scheduler

@@ -61,7 +61,7 @@ def test_masked_pixels_get_no_gradient_and_the_loss_is_the_masked_mean(tmp_path,
     mask[:, 24:] = 255  # latent columns 3..7 of 8 learned, 0..2 ignored
     Image.fromarray(mask).save(directory / "img.mask.png")
     cfg = validate_config(compose("personalize", [
-        "method=lora", f"data.instance_dir={directory}", "data.instance_prompt='a photo of sks cat'", "data.masks=true",
+        "method=lora", f"data.instance_dir={directory}", "data.instance_prompt='a photo of sks cat'", "data.masks=files",
         f"output_dir={tmp_path}", "logger=none",
     ]))
     module = MODULES["lora"](OmegaConf.to_container(cfg), fresh_backbone)
@@ -94,3 +94,42 @@ def test_masked_pixels_get_no_gradient_and_the_loss_is_the_masked_mean(tmp_path,
     expected = diff[..., 3:].square().mean(dim=(1, 2, 3)).mean()
     assert torch.allclose(loss, expected, rtol=1e-4), (loss, expected)
     assert torch.allclose(grad[..., 3:], unmasked_grad[..., 3:] * 8 / 5, rtol=1e-4, atol=1e-12)
+
+
+def test_attention_masks_come_from_the_base_models_cross_attention_and_feed_training(tmp_path, tiny_dir):
+    from lightning.pytorch.callbacks import Callback
+
+    from dreamsteer.data.images import load_image, pil_to_tensor
+    from dreamsteer.data.samples import write_subject_set
+    from dreamsteer.diffusion.backbone import load_backbone
+    from dreamsteer.distill.subject_mask import subject_mask
+    from dreamsteer.train.personalize import run
+
+    paths = write_subject_set(tmp_path / "subject", "cat", count=2)
+    base = [
+        "method=lora", f"data.instance_dir={tmp_path / 'subject'}", "data.instance_prompt='a photo of sks cat'",
+        f"output_dir={tmp_path / 'run'}", "logger=none", "export.enabled=false", "data.masks=attention",
+    ]
+    with pytest.raises(SubjectDataError, match="data.mask_token' must be set"):
+        run(compose("personalize", base))
+    with pytest.raises(SubjectDataError, match="does not contain data.mask_token 'dog'"):
+        run(compose("personalize", [*base, "data.mask_token=dog"]))
+
+    batches = []
+
+    class Keep(Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+            batches.append(batch)
+
+    run(compose("personalize", [*base, "data.mask_token=cat", "trainer.max_steps=1", "data.mask_dilation=0"]), callbacks=[Keep()])
+    assert "loss_mask" in batches[0]
+    backbone = load_backbone(str(tiny_dir))
+    for path in paths:
+        written = np.asarray(Image.open(tmp_path / "run" / "masks" / f"{path.name}.mask.png"))
+        image = load_image(path)
+        assert written.shape == (image.size[1], image.size[0]) and set(np.unique(written)) <= {0, 255}
+        z = backbone.encode_image(pil_to_tensor(image.resize((128, 128), Image.Resampling.BICUBIC))[None])
+        expected = subject_mask(backbone, z, "a photo of sks cat", "cat", threshold=0.3, dilation=0).mask[0, 0]
+        small = np.asarray(Image.fromarray(written).resize(tuple(expected.shape[::-1]), Image.Resampling.NEAREST)) > 0
+        assert np.array_equal(small, expected.numpy() > 0.5)
+        assert 0 < small.mean() < 1  # a real subject mask: some pixels kept, some ignored

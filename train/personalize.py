@@ -128,6 +128,13 @@ class EmaConfig:
 
 
 @dataclass
+class CompileConfig:
+    unet: bool = False  # torch.compile the UNet's forward (in place: parameter names are unchanged)
+    backend: str = "inductor"  # torch.compile backend (inductor | eager | aot_eager | ...)
+    mode: Optional[str] = None  # null | default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs
+
+
+@dataclass
 class ExportConfig:
     enabled: bool = True
     dir: Optional[str] = None  # default: <output_dir>/adapter
@@ -145,6 +152,7 @@ class PersonalizeConfig:
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     ema: EmaConfig = field(default_factory=EmaConfig)
+    compile: CompileConfig = field(default_factory=CompileConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     gradient_checkpointing: bool = False
     seed: int = 0
@@ -178,6 +186,11 @@ def validate_config(cfg: DictConfig) -> DictConfig:
     check_choice(cfg, "optim.scheduler", ["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"])
     check_choice(cfg, "trainer.precision", PRECISIONS)
     check_choice(cfg, "ema.export", ["ema", "raw"])
+    if cfg.compile.unet:
+        import torch._dynamo
+
+        check_choice(cfg, "compile.backend", torch._dynamo.list_backends(exclude_tags=()))
+        check_choice(cfg, "compile.mode", [None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"])
     if not 0.0 < cfg.ema.decay < 1.0:
         raise ConfigError(f"config key 'ema.decay': {cfg.ema.decay} must be in (0, 1)")
     if cfg.model.dtype != "fp32" and not cfg.trainer.precision.endswith("-mixed"):
@@ -348,6 +361,11 @@ def _run(cfg: DictConfig, items: list[Any], out: Path, export_dir: Path, owner: 
     # loaded on the CPU: the Trainer (trainer.accelerator / devices) moves it to each rank's device
     backbone = load_backbone(m.pretrained, m.dtype, "cpu", m.cache_dir, m.single_file_config)
     resolution = check_resolution(cfg.data, backbone.vae_scale_factor, backbone.resolution)
+    if cfg.data.masks == "attention":  # with the base model, before the adapter is attached
+        from dreamsteer.lit_modules.subject_masks import write_attention_masks
+
+        d = cfg.data
+        items = write_attention_masks(backbone, items, d.instance_prompt, d.mask_token, out / "masks", resolution, d.mask_threshold, d.mask_dilation, cfg.seed)
 
     module = MODULES[cfg.method.name](
         OmegaConf.to_container(cfg, resolve=True), backbone, str(export_dir) if cfg.export.enabled else None, samples_dir=str(out / "samples"),
