@@ -107,13 +107,14 @@ def sample_images(backbone: Any, prompts: Sequence[str], seeds: Sequence[int], s
     return images
 
 
-def save_grid(images: Sequence[Image.Image], path: Path, columns: int = 8) -> Path:
-    """Images side by side in rows of `columns` (2-pixel white gaps)."""
-    size = images[0].size[0]
+def save_grid(images: Sequence[Image.Image], path: Path, columns: int = 8, min_size: int = 96) -> Path:
+    """Images side by side in rows of `columns` (2-pixel white gaps), enlarged without smoothing to at
+    least `min_size` pixels (toy images are 32 px)."""
+    size = max(images[0].size[0], min_size)
     rows = -(-len(images) // columns)
     canvas = Image.new("RGB", (columns * (size + 2), rows * (size + 2)), "white")
     for i, image in enumerate(images):
-        canvas.paste(image.convert("RGB"), ((i % columns) * (size + 2), (i // columns) * (size + 2)))
+        canvas.paste(image.convert("RGB").resize((size, size), Image.Resampling.NEAREST), ((i % columns) * (size + 2), (i // columns) * (size + 2)))
     return save_image_atomic(canvas, path)
 
 
