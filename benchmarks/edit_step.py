@@ -111,7 +111,7 @@ class EditorIteration:
 
 
 def raw_forward(bb, latent: int, batch: int) -> Callable[[], Any]:
-    z = torch.randn((batch, 4, latent, latent), device=DEVICE)
+    z = torch.randn((batch, 4, latent, latent), device=DEVICE, dtype=bb.unet.dtype)
     t = torch.full((batch,), 500, device=DEVICE)
     emb = bb.encode_prompt([SRC] * batch)
 

@@ -2,6 +2,7 @@
 
     python -m benchmarks.steer                      # LoRA and DreamBooth on the tiny model
     python -m benchmarks.steer --kinds lora --steps 10 --n-ms 4 --sampling-steps 25 --json out.json
+    python -m benchmarks.steer --model <SD folder> --dtype fp16   # half-precision frozen weights, mixed precision
 
 For each baseline it prints the wall-time split of one steering run (subject mask, feature-guided
 sampling of the mode-shifting images, the EDSD steps, export) and the peak memory that steering adds
@@ -42,6 +43,7 @@ from typing import Any
 import torch
 
 SOURCE = "a photo of a cat next to a mirror"
+MIXED = {"fp16": "16-mixed", "bf16": "bf16-mixed"}  # trainer.precision for half-precision frozen weights
 PARENTS = {  # kind: (attach config, instance prompt, ref prompt)
     "lora": (dict(rank=4), "a photo of sks cat", "a photo of a sks cat next to a mirror"),
     "dreambooth": (dict(), "a photo of sks cat", "a photo of a sks cat next to a mirror"),
@@ -113,8 +115,9 @@ def make_parent(kind: str, model: str, root: Path) -> Path:
     return export_adapter(bb, target, {"instance_prompt": instance, "training_steps": 0})
 
 
-def personalize_step(kind: str, model: str, device: str, root: Path, repeats: int) -> dict[str, Any]:
-    """Median wall time of one personalization step and the peak memory of one with a fresh optimizer."""
+def personalize_step(kind: str, model: str, device: str, root: Path, repeats: int, dtype: str = "fp32") -> dict[str, Any]:
+    """Median wall time of one personalization step and the peak memory of one with a fresh optimizer
+    (a half `dtype`: frozen weights in it, the step under autocast to it, as mixed precision trains)."""
     from dreamsteer.data.images import load_image_tensor
     from dreamsteer.lit_modules.personalize import DreamBoothModule, CustomDiffusionModule, LoraModule, TextualInversionModule
     from dreamsteer.train.config import compose
@@ -127,16 +130,19 @@ def personalize_step(kind: str, model: str, device: str, root: Path, repeats: in
                                                   f"data.instance_dir={root / 'photos'}", f"data.instance_prompt='{instance}'"]))
     from dreamsteer.diffusion.backbone import load_backbone
 
-    backbone = load_backbone(model, "fp32", device)
+    backbone = load_backbone(model, dtype, device)
     module = modules[kind](cfg, backbone=backbone).to(backbone.device)
     module.train()
     pixels = load_image_tensor(root / "photos" / "cat.png", backbone.resolution)[None].to(backbone.device)
     batch = {"pixel_values": pixels, "prompt": [instance], "example_index": torch.tensor([0])}
 
+    half = backbone.dtype if dtype != "fp32" else None
+
     def step(optimizer: torch.optim.Optimizer, index: int) -> None:
         batch["example_index"] = torch.tensor([index])
         module.seed_micro_batch(batch)
-        loss, _ = module.compute_loss(batch)
+        with torch.autocast(backbone.device.type, dtype=half, enabled=half is not None):
+            loss, _ = module.compute_loss(batch)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -159,7 +165,7 @@ def personalize_step(kind: str, model: str, device: str, root: Path, repeats: in
     return {"step_s": statistics.median(times), "peak_bytes": mem.peak}
 
 
-def steer_run(kind: str, model: str, device: str, root: Path, settings: dict[str, int]) -> dict[str, Any]:
+def steer_run(kind: str, model: str, device: str, root: Path, settings: dict[str, int], dtype: str = "fp32") -> dict[str, Any]:
     """A warm-up run, a timed run, then a run under the memory probe (polling slows CPU compute, so the
     timed run goes without it); returns the timed run's split and the probed run's peak above the model."""
     from dreamsteer.train.config import compose
@@ -167,7 +173,8 @@ def steer_run(kind: str, model: str, device: str, root: Path, settings: dict[str
 
     _, _, ref = PARENTS[kind]
     base = [f"adapter={root / f'parent_{kind}'}", f"image={root / 'photos' / 'cat.png'}", f"source_prompt='{SOURCE}'",
-            f"ref_prompt='{ref}'", f"model.pretrained={model}", f"model.device={device}", "logger=none", "progress=false"]
+            f"ref_prompt='{ref}'", f"model.pretrained={model}", f"model.device={device}", "logger=none", "progress=false",
+            f"model.dtype={dtype}", f"trainer.precision={MIXED.get(dtype, '32-true')}"]
     warm = base + [f"output_dir={root / f'warm_{kind}'}", "steps=1", "mode_shift.n_ms=1", "mode_shift.sampling_steps=2"]
     steer(prepare(compose("steer", warm)))
     measured = base + [f"steps={settings['steps']}", f"mode_shift.n_ms={settings['n_ms']}",
@@ -253,17 +260,17 @@ def _child(args: argparse.Namespace) -> None:
         return
     root = Path(args.workdir)
     if args.child == "personalize":
-        result = personalize_step(args.kind, args.model, args.device, root, args.repeats)
+        result = personalize_step(args.kind, args.model, args.device, root, args.repeats, args.dtype)
     else:
         result = steer_run(args.kind, args.model, args.device, root,
-                           {"steps": args.steps, "n_ms": args.n_ms, "sampling_steps": args.sampling_steps})
+                           {"steps": args.steps, "n_ms": args.n_ms, "sampling_steps": args.sampling_steps}, args.dtype)
     print("RESULT " + json.dumps(result))
 
 
 def _spawn(args: argparse.Namespace, child: str, kind: str, root: Path) -> dict[str, Any]:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="131072")
     cmd = [sys.executable, "-m", "dreamsteer.benchmarks.steer", "--child", child, "--kind", kind, "--workdir", str(root),
-           "--model", args.model, "--device", args.device, "--threads", str(args.threads), "--repeats", str(args.repeats),
+           "--model", args.model, "--device", args.device, "--dtype", args.dtype, "--threads", str(args.threads), "--repeats", str(args.repeats),
            "--steps", str(args.steps), "--n-ms", str(args.n_ms), "--sampling-steps", str(args.sampling_steps),
            "--latents", *map(str, args.latents), "--settings", *args.settings]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parent.parent)
@@ -282,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kinds", nargs="+", default=["lora", "dreambooth"], choices=list(PARENTS))
     parser.add_argument("--model", default="tiny")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="frozen weights; half: mixed precision")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads in each measuring process (1: stable timings on a shared CPU)")
     parser.add_argument("--steps", type=int, default=10, help="EDSD steps (paper: ~10)")
     parser.add_argument("--n-ms", type=int, default=4, help="mode-shifting images")
@@ -310,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     args.device = resolve_device(args.device)
     if args.edsd_memory:
         return edsd_memory_report(args)
-    results: dict[str, Any] = {"settings": {k: getattr(args, k) for k in ("model", "device", "threads", "steps", "n_ms", "sampling_steps")}}
+    results: dict[str, Any] = {"settings": {k: getattr(args, k) for k in ("model", "device", "dtype", "threads", "steps", "n_ms", "sampling_steps")}}
     with tempfile.TemporaryDirectory(prefix="bench-steer-") as tmp:
         root = Path(tmp)
         write_sample_images(root / "photos", ["cat"])
