@@ -158,7 +158,7 @@ def trace(record: Path, target: list[str]) -> None:
 
     register_optimizer_step_post_hook(after_step)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a timed-out run still writes its record
-    code: Any = 0
+    code: Any = 1  # an exception escaping the target (it propagates after the record is written)
     try:
         if target[0] == "-m":
             sys.argv = [target[1], *target[2:]]
@@ -167,11 +167,12 @@ def trace(record: Path, target: list[str]) -> None:
             sys.argv = list(target)
             sys.path.insert(0, str(Path(target[0]).resolve().parent))
             runpy.run_path(target[0], run_name="__main__")
+        code = 0
     except SystemExit as stop:
-        code = stop.code
+        code = 0 if stop.code is None else stop.code
     finally:
         write_json_atomic({"step_end_s": ends, "peak_bytes": peak_bytes(), "exit": code}, record)
-    if code not in (0, None):
+    if code != 0:
         sys.exit(code)
 
 
@@ -200,20 +201,20 @@ def editor_child(model: Path, record: Path, warmup: int, reps: int) -> None:
         rows_per_iteration = round(iteration.editor.scorer.rows / iteration.k)
         raw = raw_forward(bb, latent, rows_per_iteration)
         t = side_by_side({"iteration": iteration, "raw": raw}, warmup, reps)
-        rows.append({"name": f"{method} iteration vs raw forward of {rows_per_iteration} rows", "method": method,
+        rows.append({"name": f"{method} iteration", "baseline": f"raw UNet forward of {rows_per_iteration} rows", "method": method,
                      "seconds": t["iteration"], "baseline_seconds": t["raw"],
-                     "calls_per_iteration": iteration.calls_per_iteration,
+                     "note": f"{iteration.calls_per_iteration:.2f} UNet calls per iteration",
                      "peak_bytes": peak_of(iteration), "baseline_peak_bytes": peak_of(raw)})
         write_json_atomic(rows, record)
     subtasks = gas_subtasks(latent)
     aggregated = EditorIteration(bb, latent, "ground_a_score", subtasks, max_batch=4 * (len(subtasks) + 1))
     sequential = EditorIteration(bb, latent, "ground_a_score", subtasks, aggregate=False)
     t = side_by_side({"agg": aggregated, "seq": sequential}, warmup, reps)
-    rows.append({"name": f"ground_a_score aggregated vs sequential (K={len(subtasks)})", "seconds": t["agg"],
+    rows.append({"name": "ground_a_score aggregated", "baseline": f"ground_a_score sequential (K={len(subtasks)})", "seconds": t["agg"],
                  "baseline_seconds": t["seq"], "peak_bytes": peak_of(aggregated), "baseline_peak_bytes": peak_of(sequential)})
     by_method = {r.get("method"): r for r in rows}
     lusd, dds = by_method["lusd"], by_method["dds"]
-    rows.append({"name": "lusd iteration vs dds iteration", "seconds": lusd["seconds"], "baseline_seconds": dds["seconds"],
+    rows.append({"name": "lusd iteration", "baseline": "dds iteration", "seconds": lusd["seconds"], "baseline_seconds": dds["seconds"],
                  "peak_bytes": lusd["peak_bytes"], "baseline_peak_bytes": dds["peak_bytes"]})
     write_json_atomic(rows, record)
 
@@ -243,6 +244,7 @@ class Bench:
     def spawn(self, name: str, cmd: list[str]) -> tuple[int, str]:
         """Run one child (its output to logs/<name>.log) within the remaining time budget; (exit code, log tail)."""
         remaining = self.remaining()
+        (self.logs / f"{name}.json").unlink(missing_ok=True)  # the child's record: never a stale one from an earlier run
         if remaining < 10:
             return -1, "not run: the time budget (--budget-s) is spent"
         log = self.logs / f"{name}.log"
@@ -269,14 +271,14 @@ class Bench:
         """Seconds per step and peak memory of `target` run under the tracer; or {"error": ...}."""
         record = self.logs / f"{name}.json"
         code, tail = self.spawn(name, [sys.executable, "-m", "dreamsteer.benchmarks.gpu_sd15", "--trace", str(record), "--", *target])
-        if code != 0 and not record.is_file():
-            return {"error": f"exit {code}: {tail.strip().splitlines()[-1] if tail.strip() else ''}"}
+        failure = {"error": f"exit {code}: {tail.strip().splitlines()[-1] if tail.strip() else ''}"} if code != 0 else {}
+        if not record.is_file():
+            return failure
         data = json.loads(record.read_text())
-        try:
-            return {"seconds": seconds_per_step(data["step_end_s"], self.scale.warmup), "peak_bytes": data["peak_bytes"],
-                    **({"error": f"exit {code}"} if code != 0 else {})}
+        try:  # a run stopped at the time budget still reports the steps it made
+            return {"seconds": seconds_per_step(data["step_end_s"], self.scale.warmup), "peak_bytes": data["peak_bytes"], **failure}
         except ValueError as err:
-            return {"error": f"exit {code}: {err}"}
+            return failure or {"error": str(err)}
 
     # -- rows
     def add(self, section: str, name: str, ours: dict[str, Any] | None, baseline: dict[str, Any] | None, baseline_name: str,
@@ -288,7 +290,7 @@ class Bench:
                     row[key + field] = part[field]
         if "seconds" in row and "baseline_seconds" in row:
             row["time_ratio"] = row["seconds"] / row["baseline_seconds"]
-        if row.get("peak_bytes") and row.get("baseline_peak_bytes"):
+        if min(row.get("peak_bytes", 0), row.get("baseline_peak_bytes", 0)) >= 2**20:  # a ratio of sub-MiB peaks is noise
             row["memory_ratio"] = row["peak_bytes"] / row["baseline_peak_bytes"]
         self.rows.append(row)
         self.write()
@@ -368,29 +370,26 @@ class Bench:
         rows = json.loads(record.read_text()) if record.is_file() else []
         for r in rows:
             baseline = {"seconds": r["baseline_seconds"], "peak_bytes": r["baseline_peak_bytes"]}
-            note = f"{r['calls_per_iteration']:.2f} UNet calls per iteration" if "calls_per_iteration" in r else ""
-            base_name = "raw UNet forward" if "raw forward" in r["name"] else r["name"].split(" vs ")[1]
-            self.add("editor", r["name"].split(" vs ")[0], r, baseline, base_name, note)
+            self.add("editor", r["name"], r, baseline, r["baseline"], r.get("note", ""))
         if code != 0:
             self.add("editor", "editor child", {"error": f"exit {code}: {tail.strip()[-300:]}"}, None, "")
 
-    def steer(self) -> None:
+    def steer(self, kind: str) -> None:
         n_steps, n_ms, sampling = self.scale.steer
-        record = self.logs / "steer.json"
-        code, tail = self.spawn("steer", [
-            sys.executable, "-m", "dreamsteer.benchmarks.steer", "--kinds", "lora", "dreambooth", "--model", str(self.model),
-            "--dtype", "fp16" if self.cuda else "fp32", "--threads", str(self.args.threads or torch.get_num_threads()), "--steps", str(n_steps),
-            "--n-ms", str(n_ms), "--sampling-steps", str(sampling), "--repeats", str(self.scale.steps), "--json", str(record)])
+        record = self.logs / f"steer_{kind}.json"
+        code, tail = self.spawn(f"steer_{kind}", [
+            sys.executable, "-m", "dreamsteer.benchmarks.steer", "--kinds", kind, "--model", str(self.model),
+            "--dtype", "fp16" if self.cuda else "fp32", "--threads", str(self.args.threads or torch.get_num_threads()),
+            "--steps", str(n_steps), "--n-ms", str(n_ms), "--sampling-steps", str(sampling), "--repeats", str(self.scale.steps),
+            "--json", str(record)])
+        name = f"steer {kind} ({n_steps} EDSD steps, {n_ms} x {sampling} guided sampling steps)"
         if code != 0 or not record.is_file():
-            self.add("steer", "steer", {"error": f"exit {code}: {tail.strip()[-300:]}"}, None, "")
+            self.add("steer", name, {"error": f"exit {code}: {tail.strip()[-300:]}"}, None, "")
             return
-        results = json.loads(record.read_text())
-        for kind in ("lora", "dreambooth"):
-            p, st = results[kind]["personalize"], results[kind]["steer"]
-            total = sum(st["timings"][k] for k in ("mask", "guided_sampling", "steps", "export", "fit_overhead"))
-            self.add("steer", f"steer {kind} ({n_steps} EDSD steps, {n_ms} x {sampling} guided sampling steps)",
-                     {"seconds": total, "peak_bytes": st["peak_bytes"]}, {"seconds": p["step_s"], "peak_bytes": p["peak_bytes"]},
-                     f"one {kind} personalization step", note="target for LoRA at full scale: < 60 s, < 12 GiB")
+        p, st = (json.loads(record.read_text())[kind][part] for part in ("personalize", "steer"))
+        total = sum(st["timings"][k] for k in ("mask", "guided_sampling", "steps", "export", "fit_overhead"))
+        self.add("steer", name, {"seconds": total, "peak_bytes": st["peak_bytes"]}, {"seconds": p["step_s"], "peak_bytes": p["peak_bytes"]},
+                 f"one {kind} personalization step", note="target for LoRA at full scale: < 60 s, < 12 GiB" if kind == "lora" else "")
 
     def run(self) -> None:
         from dreamsteer.data.samples import write_subject_set
@@ -404,8 +403,8 @@ class Bench:
         self.write()
         sections = self.args.sections
         order: list[tuple[str, Callable[[], None]]] = [
-            ("personalize", lambda: self.personalize("lora")), ("editor", self.editor), ("personalize", lambda: self.personalize("dreambooth")),
-            ("steer", self.steer), ("options", self.options)]
+            ("personalize", lambda: self.personalize("lora")), ("editor", self.editor), ("steer", lambda: self.steer("lora")),
+            ("personalize", lambda: self.personalize("dreambooth")), ("steer", lambda: self.steer("dreambooth")), ("options", self.options)]
         for section, step in order:
             if section in sections:
                 step()

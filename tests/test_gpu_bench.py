@@ -41,6 +41,17 @@ def test_trace_records_each_optimizer_step_and_the_peak(tmp_path):
     assert gpu_sd15.seconds_per_step(ends, warmup=2) == pytest.approx((intervals[2] + intervals[3]) / 2)  # the 0.6 s ones left out
 
 
+def test_trace_records_a_failed_run_as_failed(tmp_path):
+    script, record = tmp_path / "broken.py", tmp_path / "record.json"
+    script.write_text("import torch\np = torch.nn.Parameter(torch.zeros(1))\np.grad = torch.ones(1)\n"
+                      "torch.optim.SGD([p], lr=1.0).step()\nraise RuntimeError('boom after one step')\n")
+    proc = subprocess.run([sys.executable, "-m", "dreamsteer.benchmarks.gpu_sd15", "--trace", str(record), "--", str(script)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "boom after one step" in proc.stderr
+    data = json.loads(record.read_text())
+    assert data["exit"] == 1 and len(data["step_end_s"]) == 1
+
+
 def test_seconds_per_step_is_the_median_interval_after_warmup():
     assert gpu_sd15.seconds_per_step([0.0, 5.0, 6.0, 8.0, 9.0], warmup=1) == 1.0  # intervals 5 | 1, 2, 1
     assert gpu_sd15.seconds_per_step([0.0, 5.0, 6.0, 8.0, 9.0], warmup=0) == 1.5
@@ -80,12 +91,12 @@ def test_small_run_end_to_end(tmp_path):
     assert [r["name"] for r in ours] == ["LoRA step, ours (fp32)", "DreamBooth step, ours (fp32)"]
     assert all(r["seconds"] > 0 and r["peak_bytes"] > 100 * 2**20 for r in ours)
     assert all("time_ratio" in r or r["baseline_error"].startswith("skipped: ") for r in ours)
-    editor = {r["name"]: r for r in by_section["editor"]}
+    editor = {(r["name"], r["baseline"].split(" of ")[0]): r for r in by_section["editor"]}
     for method in gpu_sd15.EDITOR_METHODS:
-        row = editor[f"{method} iteration"]
-        assert row["time_ratio"] > 0 and row["baseline"] == "raw UNet forward"
-    assert editor["ground_a_score aggregated"]["baseline"] == "ground_a_score sequential (K=3)"
-    assert editor["lusd iteration"]["baseline"] == "dds iteration" and editor["lusd iteration"]["memory_ratio"] > 0
+        assert editor[(f"{method} iteration", "raw UNet forward")]["time_ratio"] > 0
+    assert editor[("ground_a_score aggregated", "ground_a_score sequential (K=3)")]["time_ratio"] > 0
+    lusd = [r for r in by_section["editor"] if r["name"] == "lusd iteration" and r["baseline"] == "dds iteration"]
+    assert len(lusd) == 1 and lusd[0]["time_ratio"] > 0
     steer = by_section["steer"]
     assert len(steer) == 2 and all(r["seconds"] > r["baseline_seconds"] > 0 for r in steer)
     assert len(by_section["options"]) == len(gpu_sd15.SPEED_OPTIONS)
