@@ -357,6 +357,10 @@ class Bench:
                 self.add("options", f"LoRA step with {key} flipped", None, None, "default",
                          note=f"skipped: conf/personalize.yaml has no boolean key {key}")
                 continue
+            if key == "compile.unet" and not self.cuda:
+                self.add("options", f"LoRA step with {key} flipped", None, None, "default",
+                         note="skipped on CPU: inductor's C++ build would be what is measured; the row is for CUDA")
+                continue
             if base is None:
                 base = self.traced("options_default", self.ours_cmd("lora", dtype, "options_default"))
             flipped = self.traced(f"options_{key}", self.ours_cmd("lora", dtype, f"options_{key}", (f"{key}={str(not value).lower()}",)))
