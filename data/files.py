@@ -26,7 +26,7 @@ from typing import IO, Any, Iterator
 USER_WRITE_ERRORS = {
     errno.ENOSPC: "no space left on",
     errno.EDQUOT: "disk quota exceeded on",
-    errno.EACCES: "permission denied writing",
+    errno.EACCES: "permission denied on",
     errno.EPERM: "operation not permitted on",
     errno.EROFS: "read-only file system at",
 }

@@ -154,6 +154,9 @@ def box_from_mask(mask: torch.Tensor) -> list[float]:
 
 def encode_phrases(backbone: Any, phrases: Sequence[str]) -> torch.Tensor:
     """Pooled CLIP text embeddings ``[n, D]`` of the phrases, as diffusers' GLIGEN pipeline computes them."""
+    from dreamsteer.diffusion.backbone import warn_if_truncated
+
+    warn_if_truncated(backbone.tokenizer, phrases, phrases)
     tokens = backbone.tokenizer(
         list(phrases),
         padding=True,

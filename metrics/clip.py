@@ -88,7 +88,10 @@ class ClipEmbedder:
 
     @torch.no_grad()
     def texts(self, prompts: Sequence[str]) -> torch.Tensor:
-        """[N, D] unit-length text embeddings; prompts are truncated to CLIP's 77 tokens."""
+        """[N, D] unit-length text embeddings; prompts are truncated to CLIP's 77 tokens (with a warning)."""
+        from dreamsteer.diffusion.backbone import warn_if_truncated
+
+        warn_if_truncated(self.tokenizer, prompts, prompts)
         out = []
         for i in range(0, len(prompts), self.batch_size):
             tokens = self.tokenizer(

@@ -379,6 +379,7 @@ def _long_prompt(task: str) -> str:
     ("edit", ["edit", "image=in/cat.png", "source_prompt=a cat", "target_prompt={prompt}", "editor.steps=1", "progress=false", "output_dir=out"]),
     ("personalize", ["personalize", "data.instance_dir=in/subject", "data.instance_prompt={prompt}", "trainer.max_steps=1", "logger=none",
                      "output_dir=out"]),
+    ("generate", ["generate", "steps=1", "phrases=['{prompt}','a dog']", "output_dir=out"]),  # a GLIGEN phrase
 ])
 def test_long_prompts_are_warned_about_in_every_task(tmp_path, monkeypatch, capsys, inputs, task, argv):
     from dreamsteer.diffusion.backbone import PromptTruncatedWarning
