@@ -130,6 +130,8 @@ def test_residual_with_cfg_is_the_other_choice_and_micro_batches_give_its_gradie
     module.on_fit_start()
     ours = module_gradient(module, 5)
     assert max_relative(ours, reference_gradient(module, 5)) < 1e-9
+    module.memory_cfg = MemoryConfig(micro_batch=0)  # the same gradient as the full batch in one graph
+    assert max_relative(ours, module_gradient(module, 5)) < 1e-10
     module.edsd_cfg = EDSDConfig(residual_cfg=False)
     assert max_relative(ours, module_gradient(module, 5)) > 1e-3
 
