@@ -3,7 +3,7 @@
 Sources accepted by `load_backbone`:
 - ``"tiny"`` or ``"tiny:<seed>"``: the built-in tiny model (built once, then loaded from its folder);
 - ``"tiny-gligen"`` or ``"tiny-gligen:<seed>"``: the tiny model plus GLIGEN's gated layers (`diffusion.gligen`);
-- ``"toy"`` / ``"toy-gligen"``: the toy model trained on the toy world, shipped in `diffusion/builtin/`
+- ``"toy"``: the toy model trained on the toy world, shipped in `diffusion/builtin/`
   (`diffusion.toy`; fp16 files, loaded in the dtype asked for like any folder);
 - a local diffusers folder (``model_index.json`` with ``unet/``, ``vae/``, ``text_encoder/``, ...);
 - a single ``.safetensors`` checkpoint (A1111/ComfyUI style; needs its diffusers config locally or a hub);
@@ -216,9 +216,9 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
 
 
 def resolve_model_source(source: str, cache_dir: str | Path | None = None) -> str:
-    """Turn a built-in name (``tiny``, ``tiny-gligen``, optionally ``:<seed>``; ``toy``, ``toy-gligen``)
+    """Turn a built-in name (``tiny``, ``tiny-gligen``, optionally ``:<seed>``; ``toy``)
     into its folder, building a tiny one once; other sources pass unchanged."""
-    if source in ("toy", "toy-gligen"):
+    if source == "toy":
         from dreamsteer.diffusion.toy import builtin_model_dir
 
         return str(builtin_model_dir(source))

@@ -1,0 +1,34 @@
+"""The shipped `toy` model: an ordinary diffusers folder of fp16 safetensors, loaded like any checkpoint."""
+import json
+
+import torch
+from safetensors import safe_open
+
+from dreamsteer.data.scenes import GRAMMAR_WORDS, RESOLUTION, SUBJECT
+from dreamsteer.diffusion.backbone import load_backbone, resolve_model_source
+from dreamsteer.diffusion.toy import BUILTIN_DIR
+
+MAX_SHIPPED_BYTES = 25 * 2**20
+
+
+def test_toy_is_a_small_fp16_diffusers_folder():
+    folder = BUILTIN_DIR / "toy"
+    assert resolve_model_source("toy") == str(folder)
+    assert json.loads((folder / "model_index.json").read_text())["_class_name"] == "StableDiffusionPipeline"
+    weights = sorted(folder.rglob("*.safetensors"))
+    assert {p.parent.name for p in weights} == {"unet", "vae", "text_encoder"}
+    for path in weights:
+        with safe_open(str(path), "pt") as f:
+            assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}, path
+    assert sum(p.stat().st_size for p in BUILTIN_DIR.rglob("*") if p.is_file()) <= MAX_SHIPPED_BYTES
+
+
+def test_toy_loads_in_fp32_at_the_world_resolution_with_the_grammar_as_tokens():
+    backbone = load_backbone("toy")
+    assert backbone.dtype == torch.float32 and backbone.text_encoder.dtype == torch.float32
+    assert backbone.resolution == RESOLUTION
+    for word in (*GRAMMAR_WORDS, SUBJECT.token):
+        assert len(backbone.tokenizer(word).input_ids) == 3, word  # start, the word, end
+    z = torch.randn(1, 4, RESOLUTION // 2, RESOLUTION // 2)
+    eps = backbone.predict_eps(z, torch.tensor([500]), backbone.encode_prompt(["a red circle on a white background"]))
+    assert eps.shape == z.shape and torch.isfinite(eps).all()
