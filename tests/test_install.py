@@ -25,6 +25,8 @@ def test_pip_install_adds_only_the_dreamsteer_namespace_and_its_script(tmp_path)
     assert {d.name for d in package.iterdir() if (d / "__init__.py").is_file()} == sources  # every subpackage listed in pyproject
     configs = {p.relative_to(REPO_ROOT) for p in (REPO_ROOT / "conf").rglob("*.yaml")}
     assert configs and {p.relative_to(package) for p in (package / "conf").rglob("*.yaml")} == configs
+    builtin = {p.relative_to(REPO_ROOT) for p in (REPO_ROOT / "diffusion" / "builtin").rglob("*") if p.is_file()}
+    assert builtin and {p.relative_to(package) for p in (package / "diffusion" / "builtin").rglob("*") if p.is_file()} == builtin
 
     # the installed copy, not the checkout: PYTHONPATH is the install target alone, the working directory elsewhere
     env = dict(os.environ, PYTHONPATH=str(target))
