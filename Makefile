@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 LOCK_VENV ?= .venv-lock
 LATEST_VENV ?= .venv-latest
 
-.PHONY: setup demo test test-all test-latest lock bench clean
+.PHONY: setup demo demo-photo test test-all test-latest lock bench clean
 
 setup: $(STAMP)
 
@@ -24,6 +24,9 @@ $(STAMP): pyproject.toml $(LOCK)
 
 demo: $(STAMP)
 	$(PY) -m train demo
+
+demo-photo: $(STAMP)
+	$(PY) -m train demo world=photo
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -43,7 +43,7 @@ EDIT_MARGIN = 2  # pixels around the edited object that an edit may change (anti
 class DemoConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
-    world: str = "photo"
+    world: str = "toy"
     subject_images: int = 5
     # --- toy world
     scene_background: str = "white"
