@@ -57,4 +57,4 @@ def test_wandb_offline_run_records_metrics_and_images(tmp_path, monkeypatch):
     runs = list((tmp_path / "w" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     assert list(runs[0].rglob("*.wandb"))  # the run's record, to upload later with `wandb sync`
-    assert list(runs[0].rglob("validation*.png"))
+    assert [p for p in runs[0].rglob("*.png") if "validation" in str(p.relative_to(runs[0]))]  # media/images/validation/...
