@@ -1,7 +1,9 @@
 """Shared fixtures: one tiny-model cache per test session, and backbones loaded from it."""
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -11,8 +13,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-# Build the tiny model once per session in a private cache (subprocesses inherit the variable).
-os.environ.setdefault("DREAMSTEER_CACHE", tempfile.mkdtemp(prefix="dreamsteer-test-cache-"))
+# Build the tiny model once per session in a private cache (subprocesses inherit the variable), removed at exit.
+if "DREAMSTEER_CACHE" not in os.environ:
+    os.environ["DREAMSTEER_CACHE"] = tempfile.mkdtemp(prefix="dreamsteer-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["DREAMSTEER_CACHE"], ignore_errors=True)
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
