@@ -93,7 +93,9 @@ def write_tiny_tokenizer_files(directory: Path, words: Sequence[str] = tuple(BAS
 
 def build_tiny_pipeline(seed: int = 0):
     """Build the tiny StableDiffusionPipeline with weights drawn from `seed` (deterministic)."""
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from dreamsteer.diffusion.toy import make_pipeline, toy_scheduler  # one scheduler and pipeline assembly for both
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -141,24 +143,7 @@ def build_tiny_pipeline(seed: int = 0):
             projection_dim=64,
         )
     )
-    scheduler = DDPMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        steps_offset=1,
-    )
-    return StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    return make_pipeline(vae, text_encoder, tokenizer, unet, toy_scheduler())
 
 
 def default_cache_dir() -> Path:
