@@ -20,6 +20,11 @@ only slowly shrinks, and decoding samples that noisy left the toy VAE blurry for
     z = s * mu(x)  (s: the VAE's scaling_factor),  eps ~ N(0, I),  t ~ U{0..T-1}
     z_t = sqrt(a_t) z + sqrt(1 - a_t) eps,     L = mean (eps_theta(z_t, t, E(c)) - eps)^2
 
+With `noise_offset` > 0 the noise gets a per-image, per-channel constant,
+``eps = n + noise_offset * m``, ``n ~ N(0, I)``, ``m ~ N(0, 1)`` of shape ``[B, C, 1, 1]`` (offset
+noise): SD's schedule leaves ~7% of the image mean in the last noise level, so a model trained on
+plain noise starts every sample from a mid-gray mean and cannot reach a black or white background.
+
 where the caption ``c`` is replaced by "" with probability `caption_dropout` (classifier-free
 guidance needs the unconditional model). In the ``gligen`` stage the UNet also gets the grounding
 tokens of each object's phrase and box (dropped together with the caption), and only GLIGEN's new
@@ -108,12 +113,13 @@ class DiffusionPretrainModule(L.LightningModule):
         ema_decay: float,
         train_text_encoder: bool,
         grounded: bool = False,
+        noise_offset: float = 0.0,
     ):
         super().__init__()
         self.vae, self.text_encoder, self.unet = vae, text_encoder, unet
         self.tokenizer, self.scheduler = tokenizer, scheduler
         self.lr, self.warmup_steps, self.caption_dropout, self.ema_decay = lr, warmup_steps, caption_dropout, ema_decay
-        self.grounded = grounded
+        self.grounded, self.noise_offset = grounded, noise_offset
         self.vae.requires_grad_(False).eval()
         if grounded:  # GLIGEN: the pretrained model stays frozen, only the new layers learn
             self.text_encoder.requires_grad_(False).eval()
@@ -180,6 +186,8 @@ class DiffusionPretrainModule(L.LightningModule):
         text_emb = self.encode_text(captions)
         t = torch.randint(0, len(self.alphas_cumprod), (b,), device=self.device)
         eps = torch.randn_like(z)
+        if self.noise_offset:
+            eps = eps + self.noise_offset * torch.randn(b, z.shape[1], 1, 1, device=self.device)
         a = self.alphas_cumprod[t].view(b, 1, 1, 1)
         z_t = a.sqrt() * z + (1 - a).sqrt() * eps
         kwargs = {"cross_attention_kwargs": {"gligen": self.grounding(batch["phrases"], batch["boxes"], keep)}} if self.grounded else {}

@@ -70,6 +70,7 @@ class OptimConfig:
     warmup_steps: int = 200
     caption_dropout: float = 0.1  # stage unet/gligen: the caption (and grounding) is dropped for CFG
     ema_decay: float = 0.999  # stage unet/gligen
+    noise_offset: float = 0.0  # stage unet/gligen: offset noise (lit_modules/pretrain.py), e.g. 0.1
     train_text_encoder: bool = True  # stage unet
     kl_weight: float = 1e-6  # stage vae
     train_vae_encoder: bool = True  # stage vae: false fine-tunes the decoder of `vae` only (latents unchanged)
@@ -113,6 +114,8 @@ def validate_config(cfg: DictConfig) -> DictConfig:
         raise ConfigError("config keys 'data.batch_size', 'trainer.max_steps' must be >= 1, 'trainer.*_every_n_steps' >= 0")
     if o.lr <= 0 or not 0 <= o.caption_dropout < 1 or not 0 <= o.ema_decay < 1:
         raise ConfigError("config keys 'optim.lr' > 0, 'optim.caption_dropout' and 'optim.ema_decay' in [0, 1)")
+    if not 0 <= o.noise_offset <= 1:
+        raise ConfigError(f"config key 'optim.noise_offset': {o.noise_offset} is not in [0, 1] (0.05-0.1 is usual)")
     if cfg.stage == "vae" and not o.train_vae_encoder and not cfg.vae:
         raise ConfigError("config key 'vae': optim.train_vae_encoder=false fine-tunes the decoder of a trained VAE; give its folder")
     if cfg.stage == "unet" and not cfg.vae:
@@ -188,7 +191,8 @@ def build_modules(cfg: DictConfig):
         vae, text_encoder, tokenizer, scheduler = base.vae, base.text_encoder, base.tokenizer, toy.toy_scheduler()
         unet = toy.add_gated_layers(base.unet, cfg.seed + 3)
     module = DiffusionPretrainModule(
-        vae, text_encoder, tokenizer, unet, scheduler, o.lr, o.warmup_steps, o.caption_dropout, o.ema_decay, o.train_text_encoder, grounded=cfg.stage == "gligen"
+        vae, text_encoder, tokenizer, unet, scheduler, o.lr, o.warmup_steps, o.caption_dropout, o.ema_decay, o.train_text_encoder,
+        grounded=cfg.stage == "gligen", noise_offset=o.noise_offset,
     )
     return module
 
