@@ -99,3 +99,41 @@ def test_bad_config_fails_before_training(tmp_path):
         run(compose("pretrain", ["stage=lora", f"output_dir={tmp_path}"]))
     with pytest.raises(ConfigError, match="data.folder"):
         run(compose("pretrain", ["stage=vae", "data.source=folder", f"output_dir={tmp_path}"]))
+
+
+class _ZeroUNet(torch.nn.Module):
+    """Predicts eps = 0, so the loss is the mean square of the noise the module drew."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.inner = unet
+
+    def forward(self, z_t, t, encoder_hidden_states, **kwargs):
+        return type("Out", (), {"sample": torch.zeros_like(z_t)})()
+
+
+@pytest.mark.parametrize("offset", [0.0, 0.5])
+def test_unet_loss_uses_offset_noise_per_image_and_channel(runs, offset):
+    from dreamsteer.diffusion.backbone import load_backbone
+    from dreamsteer.diffusion.toy import toy_scheduler
+    from dreamsteer.lit_modules.pretrain import DiffusionPretrainModule
+
+    _, _, unet = runs
+    base = load_backbone(str(unet))
+    module = DiffusionPretrainModule(
+        base.vae, base.text_encoder, base.tokenizer, _ZeroUNet(base.unet), toy_scheduler(),
+        lr=1e-3, warmup_steps=1, caption_dropout=0.0, ema_decay=0.9, train_text_encoder=False, noise_offset=offset,
+    )
+    x = torch.rand(3, 3, 16, 16) * 2 - 1
+    batch = {"pixel_values": x, "caption": ["a red circle on a white background"] * 3}
+    torch.manual_seed(7)
+    loss = module.training_step(batch, 0)
+    # the same draws in the same order, written out: caption keep, timesteps, noise, offset
+    torch.manual_seed(7)
+    torch.rand(3)
+    torch.randint(0, 1000, (3,))
+    with torch.no_grad():
+        z = base.vae.encode(x).latent_dist.mean  # randn_like follows z's strides, so draw alike
+    n = torch.randn_like(z)
+    m = torch.randn(3, z.shape[1], 1, 1) if offset else torch.zeros(3, z.shape[1], 1, 1)
+    assert torch.allclose(loss, ((n + offset * m) ** 2).mean(), rtol=1e-5)
