@@ -3,11 +3,16 @@
 Sources accepted by `load_backbone`:
 - ``"tiny"`` or ``"tiny:<seed>"``: the built-in tiny model (built once, then loaded from its folder);
 - ``"tiny-gligen"`` or ``"tiny-gligen:<seed>"``: the tiny model plus GLIGEN's gated layers (`diffusion.gligen`);
+- ``"tiny-sdxl"`` or ``"tiny-sdxl:<seed>"``: the built-in tiny SDXL-shaped model (`diffusion.tiny`);
 - ``"toy"``: the toy model trained on the toy world, shipped in `diffusion/builtin/`
   (`diffusion.toy`; fp16 files, loaded in the dtype asked for like any folder);
-- a local diffusers folder (``model_index.json`` with ``unet/``, ``vae/``, ``text_encoder/``, ...);
-- a single ``.safetensors`` checkpoint (A1111/ComfyUI style; needs its diffusers config locally or a hub);
+- a local diffusers folder (``model_index.json`` with ``unet/``, ``vae/``, ``text_encoder/``, ...) of a
+  ``StableDiffusionPipeline`` (SD 1.x/2.x) or a ``StableDiffusionXLPipeline`` (SDXL);
+- a single ``.safetensors`` checkpoint (A1111/ComfyUI style, SD 1.x/2.x or SDXL; needs its diffusers config
+  locally or a hub);
 - a hub id ``owner/name`` (only where a model hub is reachable).
+
+The model family (`diffusion.family`) decides how prompts are encoded and how the UNet is conditioned.
 """
 from __future__ import annotations
 
@@ -15,14 +20,19 @@ import contextlib
 import re
 import warnings
 from dataclasses import dataclass, field
+import json
 from pathlib import Path
 from typing import Any, Iterator, Protocol, Sequence
 
 import torch
 
+from dreamsteer.diffusion.family import Family, family_of
+
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+_SDXL_COMPONENTS = _COMPONENTS + ("text_encoder_2", "tokenizer_2")
+_SDXL_SINGLE_FILE_KEY = "conditioner.embedders.1."  # text encoder 2 (OpenCLIP ViT-bigG) in SDXL's original layout
 
 
 class PromptTruncatedWarning(UserWarning):
@@ -65,7 +75,9 @@ class Backbone:
 
     Latents follow SD's convention: ``z = scaling_factor * vae.encode(x).mean`` for images
     ``x`` in [-1, 1]; the forward process is ``z_t = sqrt(a_t) z + sqrt(1 - a_t) eps`` with
-    ``a_t`` the scheduler's ``alphas_cumprod``.
+    ``a_t`` the scheduler's ``alphas_cumprod``. A prompt's conditioning is one tensor whose layout
+    the model's `family` defines (SD: the text encoder's hidden states; SDXL: both encoders' hidden
+    states plus the pooled embedding as a last row); `predict_eps` turns it into the UNet's inputs.
     """
 
     unet: Any
@@ -76,6 +88,13 @@ class Backbone:
     source: str
     adapter: Adapter | None = field(default=None)
     sampling_scheduler: Any = field(default=None)  # the model's own scheduler (class and config), kept for exports
+    text_encoder_2: Any = field(default=None)  # SDXL's second text encoder (CLIPTextModelWithProjection) and tokenizer
+    tokenizer_2: Any = field(default=None)
+    family: Family = field(default=None)  # type: ignore[assignment]  # from the components when not given
+
+    def __post_init__(self) -> None:
+        if self.family is None:
+            self.family = family_of(self.unet, self.text_encoder_2, self.vae)
 
     # ----------------------------------------------------------------- properties
     @property
@@ -109,40 +128,54 @@ class Backbone:
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "Backbone":
         kwargs = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
-        for module in (self.unet, self.vae, self.text_encoder):
+        for module in self.modules():
             module.to(**kwargs)
         return self
 
+    def modules(self) -> list[torch.nn.Module]:
+        """The UNet, the VAE and every text encoder."""
+        return [self.unet, self.vae] + self.text_encoders()
+
+    def text_encoders(self) -> list[torch.nn.Module]:
+        """The text encoders of the model's family (SD: one; SDXL: two), in the diffusers folder's order."""
+        return [encoder for _, encoder, _ in self.family.text_encoders(self)]
+
     def freeze(self) -> "Backbone":
         """Put every component in eval mode with gradients off (trainers re-enable what they train)."""
-        for module in (self.unet, self.vae, self.text_encoder):
+        for module in self.modules():
             module.requires_grad_(False)
             module.eval()
         return self
 
     # ----------------------------------------------------------------- text
-    def tokenize(self, prompts: Sequence[str]) -> torch.Tensor:
+    def tokenize(self, prompts: Sequence[str], tokenizer: Any = None) -> torch.Tensor:
         """Token ids padded/truncated to the tokenizer's max length, on the model's device
-        (every prompt of every task is tokenized here: a truncated one is warned about once)."""
+        (every prompt of every task is tokenized here: a truncated one is warned about once).
+        `tokenizer`: another of the model's tokenizers (SDXL's ``tokenizer_2``); default ``tokenizer``."""
+        tokenizer = self.tokenizer if tokenizer is None else tokenizer
         prompts = list(prompts)
         expanded = prompts
         if self.adapter is not None and hasattr(self.adapter, "expand_prompt"):
             # multi-vector Textual Inversion: "<tok>" -> "<tok> <tok>_1 ...", as diffusers' pipelines do
             expanded = [self.adapter.expand_prompt(p) for p in prompts]
-        warn_if_truncated(self.tokenizer, prompts, expanded)
-        ids = self.tokenizer(
+        warn_if_truncated(tokenizer, prompts, expanded)
+        ids = tokenizer(
             expanded,
             padding="max_length",
-            max_length=self.tokenizer.model_max_length,
+            max_length=tokenizer.model_max_length,
             truncation=True,
             return_tensors="pt",
         ).input_ids
         return ids.to(self.text_encoder.device)
 
     def encode_prompt(self, prompts: Sequence[str] | torch.Tensor) -> torch.Tensor:
-        """Text embeddings ``[B, L, D]`` (the last hidden state, as SD 1.x/2.x use)."""
-        ids = prompts if isinstance(prompts, torch.Tensor) else self.tokenize(prompts)
-        return self.text_encoder(ids)[0]
+        """The prompts' conditioning, one tensor ``[B, L, D]`` in the family's layout (`diffusion.family`):
+        SD 1.x/2.x: the last hidden state. Token ids (a tensor) are accepted on SD 1.x/2.x only."""
+        if isinstance(prompts, torch.Tensor):
+            if self.family.name != "sd":
+                raise TypeError(f"encode_prompt: token ids cannot be encoded by a {self.family.name} model (two tokenizers); pass the prompts")
+            return self.text_encoder(prompts)[0]
+        return self.family.encode(self, prompts)
 
     # ----------------------------------------------------------------- images
     def encode_image(self, images: torch.Tensor, generator: torch.Generator | None = None, sample: bool = False) -> torch.Tensor:
@@ -161,10 +194,13 @@ class Backbone:
         a = self.alphas_cumprod[t.to(self.device).long()].reshape(-1, *([1] * (z.dim() - 1))).to(z.dtype)
         return a.sqrt() * z + (1 - a).sqrt() * eps
 
-    def predict_eps(self, z_t: torch.Tensor, t: torch.Tensor, text_emb: torch.Tensor, **unet_kwargs: Any) -> torch.Tensor:
-        """The UNet's noise prediction, converted from v-prediction where the model uses it."""
+    def predict_eps(self, z_t: torch.Tensor, t: torch.Tensor, text_emb: torch.Tensor, time_ids: torch.Tensor | None = None,
+                    **unet_kwargs: Any) -> torch.Tensor:
+        """The UNet's noise prediction, converted from v-prediction where the model uses it. `text_emb` is a
+        conditioning from `encode_prompt`; `time_ids` (SDXL, ``[B, 6]`` or ``[6]``) default to the latents' size."""
         t = t.to(self.device).reshape(-1).expand(z_t.shape[0])  # a scalar t applies to the whole batch
-        out = self.unet(z_t.to(self.dtype), t, encoder_hidden_states=text_emb.to(self.dtype), **unet_kwargs).sample
+        hidden, added = self.family.unet_inputs(text_emb.to(self.dtype), z_t, time_ids)
+        out = self.unet(z_t.to(self.dtype), t, encoder_hidden_states=hidden, **added, **unet_kwargs).sample
         if self.prediction_type == "v_prediction":
             a = self.alphas_cumprod[t.long()].reshape(-1, 1, 1, 1).to(out.dtype)
             out = a.sqrt() * out + (1 - a).sqrt() * z_t.to(out.dtype)
@@ -180,21 +216,26 @@ class Backbone:
                 yield
 
     def pipeline(self, scheduler: Any | None = None):
-        """A diffusers StableDiffusionPipeline sharing this backbone's modules (no copies)."""
-        from diffusers import StableDiffusionPipeline
+        """The family's diffusers pipeline (StableDiffusionPipeline / StableDiffusionXLPipeline) sharing this
+        backbone's modules (no copies). Pass it prompts as ``**backbone.pipeline_prompt_kwargs(cond, uncond)``."""
+        import diffusers
 
-        pipe = StableDiffusionPipeline(
-            vae=self.vae,
-            text_encoder=self.text_encoder,
-            tokenizer=self.tokenizer,
-            unet=self.unet,
-            scheduler=scheduler if scheduler is not None else self.scheduler,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
+        scheduler = scheduler if scheduler is not None else self.scheduler
+        parts = dict(vae=self.vae, unet=self.unet, scheduler=scheduler)
+        for name, encoder, tokenizer in self.family.text_encoders(self):
+            parts[name] = encoder
+            parts[name.replace("text_encoder", "tokenizer")] = tokenizer
+        if self.family.name == "sdxl":
+            pipe = diffusers.StableDiffusionXLPipeline(**parts, force_zeros_for_empty_prompt=self.family.zero_empty_prompt,
+                                                      add_watermarker=False)
+        else:
+            pipe = diffusers.StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
         pipe.set_progress_bar_config(disable=True)
         return pipe
+
+    def pipeline_prompt_kwargs(self, cond: torch.Tensor, uncond: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """``prompt_embeds`` (and SDXL's ``pooled_prompt_embeds``, negatives where `uncond` is given) for `pipeline`."""
+        return self.family.pipeline_prompt_kwargs(cond, uncond)
 
 
 def set_progress_bars(enabled: bool) -> None:
@@ -216,20 +257,22 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
 
 
 def resolve_model_source(source: str, cache_dir: str | Path | None = None) -> str:
-    """Turn a built-in name (``tiny``, ``tiny-gligen``, optionally ``:<seed>``; ``toy``)
+    """Turn a built-in name (``tiny``, ``tiny-gligen``, ``tiny-sdxl``, optionally ``:<seed>``; ``toy``)
     into its folder, building a tiny one once; other sources pass unchanged."""
     if source == "toy":
         from dreamsteer.diffusion.toy import builtin_model_dir
 
         return str(builtin_model_dir(source))
     name, _, seed_text = source.partition(":")
-    if name not in ("tiny", "tiny-gligen"):
+    if name not in ("tiny", "tiny-gligen", "tiny-sdxl"):
         return source
     seed_text = seed_text or "0"
     if not seed_text.isdigit():
         raise ModelLoadError(f"model '{source}': the seed after '{name}:' must be a non-negative integer")
     if name == "tiny":
         from dreamsteer.diffusion.tiny import tiny_model_dir as build
+    elif name == "tiny-sdxl":
+        from dreamsteer.diffusion.tiny import tiny_sdxl_model_dir as build
     else:  # the tiny model plus GLIGEN's gated layers
         from dreamsteer.diffusion.gligen import tiny_gligen_dir as build
     return str(build(int(seed_text), cache_dir))
@@ -243,34 +286,35 @@ def load_backbone(
     single_file_config: str | None = None,
 ) -> Backbone:
     """Load a Backbone from `source` (see module docstring); every component frozen, in eval mode."""
-    from diffusers import StableDiffusionPipeline
-
     torch_dtype = parse_dtype(dtype)
     resolved = resolve_model_source(str(source), cache_dir)
     path = Path(resolved).expanduser()
     looks_like_path = path.exists() or resolved.startswith((".", "/", "~")) or path.suffix in {".safetensors", ".ckpt", ".bin", ".pt"}
 
     if path.is_dir():
-        _check_diffusers_folder(path)
+        pipeline_class = _pipeline_class(_folder_config(path))
+        _check_diffusers_folder(path, _SDXL_COMPONENTS if pipeline_class.__name__ == "StableDiffusionXLPipeline" else _COMPONENTS)
         try:
-            pipe = StableDiffusionPipeline.from_pretrained(path, torch_dtype=torch_dtype, safety_checker=None, local_files_only=True)
+            pipe = pipeline_class.from_pretrained(path, torch_dtype=torch_dtype, local_files_only=True, **_extra_kwargs(pipeline_class))
         except Exception as err:  # diffusers raises many types here; name the folder in one message
             raise ModelLoadError(f"model folder {path}: could not be loaded as a diffusers pipeline: {err}") from err
     elif path.is_file():
         if path.suffix != ".safetensors":
             raise ModelLoadError(f"model file {path}: only .safetensors single-file checkpoints are accepted (pickled .ckpt/.bin files can run code)")
+        pipeline_class = _single_file_class(path)
         try:
-            pipe = StableDiffusionPipeline.from_single_file(path, torch_dtype=torch_dtype, config=single_file_config, safety_checker=None)
+            pipe = pipeline_class.from_single_file(path, torch_dtype=torch_dtype, config=single_file_config, **_extra_kwargs(pipeline_class))
         except Exception as err:
             raise ModelLoadError(
-                f"model file {path}: could not be loaded as a single-file checkpoint ({err}). It needs its diffusers config: "
-                "pass model.single_file_config=<local diffusers folder of the same architecture> where no hub is reachable"
+                f"model file {path}: could not be loaded as a single-file {pipeline_class.__name__} checkpoint ({err}). It needs its "
+                "diffusers config: pass model.single_file_config=<local diffusers folder of the same architecture> where no hub is reachable"
             ) from err
     elif looks_like_path:
         raise ModelLoadError(f"model path {path} does not exist")
     elif _HUB_ID.match(resolved):
         try:
-            pipe = StableDiffusionPipeline.from_pretrained(resolved, torch_dtype=torch_dtype, safety_checker=None)
+            pipeline_class = _pipeline_class(_hub_config(resolved))
+            pipe = pipeline_class.from_pretrained(resolved, torch_dtype=torch_dtype, **_extra_kwargs(pipeline_class))
         except Exception as err:
             raise ModelLoadError(
                 f"hub model {resolved!r} could not be loaded ({type(err).__name__}: {err}). "
@@ -278,9 +322,19 @@ def load_backbone(
             ) from err
     else:
         raise ModelLoadError(
-            f"unknown model {resolved!r}: expected 'tiny', 'toy', a local diffusers folder, a .safetensors file, or a hub id 'owner/name'"
+            f"unknown model {resolved!r}: expected 'tiny', 'tiny-sdxl', 'toy', a local diffusers folder, a .safetensors file, "
+            "or a hub id 'owner/name'"
         )
 
+    sdxl = dict(text_encoder_2=pipe.text_encoder_2, tokenizer_2=pipe.tokenizer_2) if hasattr(pipe, "text_encoder_2") else {}
+    try:
+        family = family_of(pipe.unet, sdxl.get("text_encoder_2"), pipe.vae,
+                           bool(getattr(pipe.config, "force_zeros_for_empty_prompt", True)))
+    except ValueError as err:
+        raise ModelLoadError(f"model {source}: {err}") from err
+    if family.name == "sdxl" and torch_dtype == torch.float16 and getattr(pipe.vae.config, "force_upcast", False):
+        warnings.warn(f"model {source}: SDXL's VAE overflows in fp16 (NaN images); use model.dtype=bf16 or a VAE fixed "
+                      "for fp16 (madebyollin/sdxl-vae-fp16-fix, whose config has force_upcast=false)", stacklevel=2)
     backbone = Backbone(
         unet=pipe.unet,
         vae=pipe.vae,
@@ -289,14 +343,57 @@ def load_backbone(
         scheduler=_training_scheduler(pipe.scheduler),
         source=str(source),
         sampling_scheduler=pipe.scheduler,
+        family=family,
+        **sdxl,
     )
     return backbone.to(device).freeze()
 
 
-def _check_diffusers_folder(path: Path) -> None:
-    if not (path / "model_index.json").is_file():
+def _pipeline_class(model_index: dict[str, Any]):
+    """The diffusers pipeline class to load a ``model_index.json`` with: StableDiffusionXLPipeline for SDXL
+    pipelines (``StableDiffusionXL*``), StableDiffusionPipeline for everything else (SD 1.x/2.x, GLIGEN)."""
+    import diffusers
+
+    name = str(model_index.get("_class_name", ""))
+    return diffusers.StableDiffusionXLPipeline if name.startswith("StableDiffusionXL") else diffusers.StableDiffusionPipeline
+
+
+def _extra_kwargs(pipeline_class: Any) -> dict[str, Any]:
+    return {} if pipeline_class.__name__ == "StableDiffusionXLPipeline" else {"safety_checker": None}
+
+
+def _folder_config(path: Path) -> dict[str, Any]:
+    index = path / "model_index.json"
+    if not index.is_file():
         raise ModelLoadError(f"model folder {path} is not a diffusers folder: it has no model_index.json")
-    missing = [name for name in _COMPONENTS if not (path / name).is_dir()]
+    try:
+        return json.loads(index.read_text())
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"model folder {path}: model_index.json is not readable JSON ({err})") from err
+
+
+def _hub_config(hub_id: str) -> dict[str, Any]:
+    """The hub model's ``model_index.json`` (fetched by diffusers; raises where no hub is reachable)."""
+    from diffusers import DiffusionPipeline
+
+    return dict(DiffusionPipeline.load_config(hub_id))
+
+
+def _single_file_class(path: Path):
+    """StableDiffusionXLPipeline for a checkpoint holding SDXL's second text encoder, else StableDiffusionPipeline."""
+    import diffusers
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            sdxl = any(key.startswith(_SDXL_SINGLE_FILE_KEY) for key in handle.keys())
+    except Exception as err:  # safetensors raises its own error types for a damaged header
+        raise ModelLoadError(f"model file {path}: not a readable safetensors file ({err})") from err
+    return diffusers.StableDiffusionXLPipeline if sdxl else diffusers.StableDiffusionPipeline
+
+
+def _check_diffusers_folder(path: Path, components: Sequence[str]) -> None:
+    missing = [name for name in components if not (path / name).is_dir()]
     if missing:
         raise ModelLoadError(f"model folder {path} is not a complete diffusers folder: missing {', '.join(m + '/' for m in missing)}")
 

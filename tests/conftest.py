@@ -45,6 +45,29 @@ def fresh_backbone(tiny_dir):
     return load_backbone(str(tiny_dir))
 
 
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir() -> Path:
+    from dreamsteer.diffusion.tiny import tiny_sdxl_model_dir
+
+    return tiny_sdxl_model_dir(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_backbone(tiny_sdxl_dir):
+    """A shared, read-only tiny SDXL backbone. Tests that modify a model use `fresh_sdxl_backbone`."""
+    from dreamsteer.diffusion.backbone import load_backbone
+
+    return load_backbone(str(tiny_sdxl_dir))
+
+
+@pytest.fixture
+def fresh_sdxl_backbone(tiny_sdxl_dir):
+    """A tiny SDXL backbone of the test's own, free to be modified."""
+    from dreamsteer.diffusion.backbone import load_backbone
+
+    return load_backbone(str(tiny_sdxl_dir))
+
+
 @pytest.fixture
 def transformers_refusing_peft(monkeypatch):
     """Simulate transformers 5.24.0 (which requires peft >= 0.22.0) beside peft 0.21.2: the installed versions and

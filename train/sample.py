@@ -55,9 +55,10 @@ def run(cfg: DictConfig) -> list[Path]:
         pipe = backbone.pipeline(make_scheduler(cfg.scheduler, backbone.scheduler.config))
         pipe.set_progress_bar_config(disable=not cfg.progress, desc="sampling")
         generator = torch.Generator(device="cpu").manual_seed(cfg.seed)
-        images = pipe(  # prompts encoded by the backbone: one tokenization path for every task
-            prompt_embeds=backbone.encode_prompt([cfg.prompt] * cfg.num_images),
-            negative_prompt_embeds=backbone.encode_prompt([cfg.negative_prompt] * cfg.num_images) if cfg.negative_prompt else None,
+        cond = backbone.encode_prompt([cfg.prompt] * cfg.num_images)
+        uncond = backbone.encode_prompt([cfg.negative_prompt] * cfg.num_images) if cfg.negative_prompt else None
+        images = pipe(  # prompts encoded by the backbone: one tokenization path for every task and model family
+            **backbone.pipeline_prompt_kwargs(cond, uncond),
             num_inference_steps=cfg.steps,
             guidance_scale=cfg.guidance_scale,
             generator=generator,
