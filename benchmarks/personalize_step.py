@@ -142,9 +142,10 @@ def _config(method: str, instance_dir: Path, model_dir: Path, out: Path, steps: 
 def _dataloader(cfg: dict, items, resolution: int):
     from omegaconf import OmegaConf
 
-    from dreamsteer.data.subject import SubjectDataModule
+    from dreamsteer.data.subject import Concept, SubjectDataModule
 
-    return SubjectDataModule(OmegaConf.create(cfg["data"]), items, resolution, seed=cfg["seed"]).train_dataloader()
+    concepts = [Concept(items, cfg["data"]["instance_prompt"])]
+    return SubjectDataModule(OmegaConf.create(cfg["data"]), concepts, resolution, seed=cfg["seed"]).train_dataloader()
 
 
 class PlainLoop:
@@ -198,7 +199,7 @@ class PlainLoop:
 def _ours(cfg: dict, model_dir: Path, items, device: torch.device, callbacks=()):
     from omegaconf import OmegaConf
 
-    from dreamsteer.data.subject import SubjectDataModule
+    from dreamsteer.data.subject import Concept, SubjectDataModule
     from dreamsteer.diffusion.backbone import load_backbone
     from dreamsteer.lit_modules.personalize import MODULES
     from dreamsteer.train.personalize import build_trainer
@@ -206,7 +207,7 @@ def _ours(cfg: dict, model_dir: Path, items, device: torch.device, callbacks=())
     backbone = load_backbone(str(model_dir))
     module = MODULES[cfg["method"]["name"]](cfg, backbone)
     backbone.to(device)  # on the device before any baseline, as the plain loop's model is
-    datamodule = SubjectDataModule(OmegaConf.create(cfg["data"]), items, backbone.resolution, seed=cfg["seed"])
+    datamodule = SubjectDataModule(OmegaConf.create(cfg["data"]), [Concept(items, cfg["data"]["instance_prompt"])], backbone.resolution, seed=cfg["seed"])
     trainer = build_trainer(OmegaConf.create(cfg), Path(cfg["output_dir"]), callbacks=list(callbacks))
     return module, datamodule, trainer
 

@@ -75,10 +75,18 @@ def model_card(manifest: dict[str, Any], folder_name: str, samples: Sequence[tup
              f"- **Method**: {title} (`{json.dumps(manifest.get('adapter_config'), sort_keys=True)}`)"]
     if manifest.get("tokens"):
         facts.append("- **Trigger tokens**: " + ", ".join(f"`{t}`" for t in manifest["tokens"]))
-    if manifest.get("instance_prompt"):
-        facts.append(f"- **Instance prompt**: `{manifest['instance_prompt']}`")
-    if manifest.get("class_prompt"):
-        facts.append(f"- **Class prompt** (prior preservation): `{manifest['class_prompt']}`")
+    if manifest.get("concepts"):  # a multi-concept run: every concept's token and prompts
+        facts.append(f"- **Concepts** ({len(manifest['concepts'])}, trained together):")
+        for concept in manifest["concepts"]:
+            line = f"  - `{concept.get('token') or '-'}`: `{concept.get('instance_prompt')}`"
+            if concept.get("class_prompt"):
+                line += f" (class prompt `{concept['class_prompt']}`)"
+            facts.append(line)
+    else:
+        if manifest.get("instance_prompt"):
+            facts.append(f"- **Instance prompt**: `{manifest['instance_prompt']}`")
+        if manifest.get("class_prompt"):
+            facts.append(f"- **Class prompt** (prior preservation): `{manifest['class_prompt']}`")
     if manifest.get("training_steps") is not None:
         facts.append(f"- **Training steps**: {manifest['training_steps']}")
     for key in ("resolution", "batch_size", "seed"):

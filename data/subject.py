@@ -1,25 +1,28 @@
 """Subject (instance) and class images for personalization: validation, datasets, class-image generation, DataModule.
 
 The training stream is endless and indexed by a global example counter ``i``: micro-batch ``b``
-of rank ``r`` (of ``W``) holds examples ``(b * W + r) * B + j``. Example ``i`` takes instance image
-``order_e[i mod N]`` of epoch ``e = i // N`` (a permutation drawn from ``(seed, e)``) and its crop,
-flip and prompt template from a generator seeded with ``(seed, i)``. With aspect-ratio buckets,
-micro-batch ``i // B`` takes its B images from one bucket of a plan drawn from ``(seed, epoch)``
-(``SubjectDataset._bucket_batch``). A batch is thus a function of
-``(seed, step, rank)`` alone, which makes a resumed run see exactly the batches an uninterrupted
-one sees (the DataModule restarts the stream at ``global_step * accumulate_grad_batches``).
+of rank ``r`` (of ``W``) holds examples ``(b * W + r) * B + j``. With K concepts (``data.concepts``;
+K = 1 for the single ``data.instance_dir``), example ``i`` belongs to concept ``c = i mod K`` and is
+that concept's example ``j = i // K``: instance image ``order_{c,e}[j mod N_c]`` of epoch
+``e = j // N_c`` (a permutation drawn from ``(seed, e, c)``), its crop, flip and prompt template from
+a generator seeded with ``(seed, i)``. With aspect-ratio buckets, micro-batch ``i // B`` takes its
+B images from one bucket of a plan drawn from ``(seed, epoch)`` (``SubjectDataset._bucket_batch``).
+A batch is thus a function of ``(seed, step, rank)`` alone, which makes a resumed run see exactly
+the batches an uninterrupted one sees (the DataModule restarts the stream at
+``global_step * accumulate_grad_batches``).
 """
 from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterator, List, Optional, Sequence
 
 import lightning as L
 import numpy as np
 import torch
+import torch.nn.functional as F
 from omegaconf import OmegaConf
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -53,11 +56,25 @@ class SubjectDataError(ValueError):
 
 
 @dataclass
+class ConceptConfig:
+    """One entry of ``data.concepts``: a subject with its own photos, prompts and token (see docs/personalization.md)."""
+
+    instance_dir: str = "???"
+    instance_prompt: str = "???"
+    token: Optional[str] = None  # the word that names it; TI / Custom Diffusion: one of the method's tokens
+    class_dir: Optional[str] = None  # default with prior preservation: <output_dir>/class_images/concept<k>
+    class_prompt: Optional[str] = None
+    subject: Optional[str] = None  # fills "{}" of data.prompt_templates; default data.subject
+    mask_token: Optional[str] = None  # data.masks=attention; default data.mask_token
+
+
+@dataclass
 class SubjectDataConfig:
     """The ``data`` block of ``conf/personalize.yaml`` (see docs/personalization.md)."""
 
     instance_dir: str = "???"
     instance_prompt: str = "???"
+    concepts: Optional[List[ConceptConfig]] = None  # several subjects in one run, instead of instance_dir / instance_prompt
     captions: bool = True  # <image>.txt next to an image replaces the prompt for that image
     prompt_templates: Any = None  # null | "object" | "style" | list of strings with "{}"
     subject: Optional[str] = None  # what "{}" becomes in the templates, e.g. "<sks> cat"
@@ -83,6 +100,27 @@ class SubjectDataConfig:
     keep_tokens: int = 0  # ... after the first keep_tokens tags
     buckets: bool = False  # aspect-ratio buckets (W, H multiples of bucket_step, W * H <= resolution^2)
     bucket_step: int = 64
+    resize_augmentation: bool = False  # Custom Diffusion's random zoom out / in with a valid-region loss mask
+
+
+@dataclass(frozen=True)
+class Concept:
+    """One subject of a run: the single ``data.instance_dir`` form (``key`` "data") or one ``data.concepts[k]``.
+
+    `key` is the config prefix that names it in errors; `items` are filled by `validate_subject_data`,
+    `class_paths` by `SubjectDataModule.setup` (prior preservation).
+    """
+
+    items: Sequence["InstanceItem"]
+    instance_prompt: str
+    class_paths: Sequence[Path] = ()
+    class_prompt: Optional[str] = None
+    subject: Optional[str] = None
+    token: Optional[str] = None
+    key: str = "data"
+    instance_dir: Optional[str] = None
+    class_dir: Optional[str] = None
+    mask_token: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -127,17 +165,18 @@ def resolve_templates(cfg: Any) -> list[str] | None:
     return templates
 
 
-def read_instance_items(instance_dir: str | Path, captions: bool = True, masks: bool = False) -> list[InstanceItem]:
-    """The instance images of a folder with their caption files (and mask files), every image opened once to check it."""
+def read_instance_items(instance_dir: str | Path, captions: bool = True, masks: bool = False, key: str = "data.instance_dir") -> list[InstanceItem]:
+    """The instance images of a folder with their caption files (and mask files), every image opened once to check it.
+    `key` is the config key errors about the folder name."""
     directory = Path(instance_dir)
     if not directory.exists():
-        raise FileNotFoundError(f"config key 'data.instance_dir': folder {directory} not found")
+        raise FileNotFoundError(f"config key '{key}': folder {directory} not found")
     try:
         paths = [p for p in list_images(directory) if not p.stem.endswith(MASK_SUFFIX)]
     except ImageLoadError as err:
-        raise SubjectDataError(f"config key 'data.instance_dir': {err}") from err
+        raise SubjectDataError(f"config key '{key}': {err}") from err
     if not paths:
-        raise SubjectDataError(f"config key 'data.instance_dir': folder {directory} holds no images (.png, .jpg, .jpeg, .webp, ...)")
+        raise SubjectDataError(f"config key '{key}': folder {directory} holds no images (.png, .jpg, .jpeg, .webp, ...)")
     items = []
     for path in paths:
         image = load_image(path)  # raises ImageLoadError naming the file
@@ -193,7 +232,66 @@ def check_resolution(cfg: Any, vae_scale_factor: int | None, model_resolution: i
                 f"config key 'data.bucket_step': {cfg.bucket_step} must be a multiple of the VAE factor {vae_scale_factor} "
                 f"and at most data.resolution {resolution} (SD: 64, so every latent side divides by 8)"
             )
+        if cfg.get("resize_augmentation") and vae_scale_factor:
+            sizes = aspect_buckets(resolution, cfg.bucket_step) if cfg.buckets else [(resolution, resolution)]
+            shortest = min(min(size) for size in sizes)
+            if shortest < 3 * vae_scale_factor:
+                raise SubjectDataError(
+                    f"config key 'data.resize_augmentation': needs image sides of at least 3 latent pixels "
+                    f"({3 * vae_scale_factor} px), the smallest here is {shortest} px; raise data.resolution"
+                )
     return resolution
+
+
+def _unset(node: Any, key: str) -> bool:
+    return key not in node or OmegaConf.is_missing(node, key) or not str(node[key] or "").strip()
+
+
+def resolve_concepts(cfg: Any) -> list[Concept]:
+    """The concepts of a ``data`` config, without reading any file (no items yet): the single form
+    (``data.instance_dir``, ``instance_prompt``, ``class_dir``, ``class_prompt``, ``subject``, ``mask_token``)
+    as one concept keyed ``data``, or one per ``data.concepts[k]`` (its ``subject`` / ``mask_token``
+    defaulting to ``data.subject`` / ``data.mask_token``). Checks that the needed keys are set and
+    that concept tokens are distinct."""
+    entries = cfg.get("concepts")
+    if entries is None:
+        for key in ("instance_dir", "instance_prompt"):
+            if _unset(cfg, key):
+                raise SubjectDataError(f"config key 'data.{key}' must be set (e.g. data.{key}=...), or data.concepts")
+        return [Concept((), cfg.instance_prompt, class_prompt=cfg.class_prompt, subject=cfg.subject, instance_dir=str(cfg.instance_dir),
+                        class_dir=cfg.class_dir, mask_token=cfg.mask_token)]
+    if len(entries) == 0:
+        raise SubjectDataError("config key 'data.concepts': is empty (list one {instance_dir, instance_prompt, ...} per subject, or set it to null)")
+    for key in ("instance_dir", "instance_prompt", "class_dir", "class_prompt"):
+        if not _unset(cfg, key):
+            raise SubjectDataError(f"config key 'data.{key}': set it per concept (data.concepts[k].{key}) when data.concepts is used")
+    concepts, owners = [], {}
+    for k, entry in enumerate(entries):
+        key = f"data.concepts[{k}]"
+        for name in ("instance_dir", "instance_prompt"):
+            if _unset(entry, name):
+                raise SubjectDataError(f"config key '{key}.{name}' must be set")
+        token = entry.get("token")
+        if token is not None:
+            if not token.strip():
+                raise SubjectDataError(f"config key '{key}.token': is empty (leave it unset or name the concept's word)")
+            if token in owners:
+                raise SubjectDataError(f"config key '{key}.token': {token!r} is already the token of data.concepts[{owners[token]}]; tokens must be distinct")
+            owners[token] = k
+        concepts.append(Concept(
+            (), entry.instance_prompt, class_prompt=entry.get("class_prompt"), subject=entry.get("subject") or cfg.subject, token=token,
+            key=key, instance_dir=str(entry.instance_dir), class_dir=entry.get("class_dir"), mask_token=entry.get("mask_token") or cfg.mask_token,
+        ))
+    return concepts
+
+
+def concept_folders(concepts: Sequence[Concept]) -> dict[str, str | None]:
+    """The folders a run reads (photos, class images), named for errors, which an export must not replace."""
+    folders = {}
+    for concept in concepts:
+        folders[f"the subject photos ({concept.key}.instance_dir)"] = concept.instance_dir
+        folders[f"the class images ({concept.key}.class_dir)"] = concept.class_dir
+    return folders
 
 
 def validate_subject_data(
@@ -202,15 +300,14 @@ def validate_subject_data(
     prior_preservation: bool = False,
     vae_scale_factor: int | None = None,
     model_resolution: int | None = None,
-) -> list[InstanceItem]:
-    """Check the whole data config before training: folders, every image and caption, prompts, sizes.
+) -> list[Concept]:
+    """Check the whole data config before training: folders, every image and caption, prompts, sizes;
+    returns the concepts with their items.
 
     `required_tokens` (TI placeholders, Custom Diffusion modifiers) must appear in every prompt an
-    instance example can get (instance prompt, captions, templates filled with ``data.subject``).
+    instance example can get (instance prompt, captions, templates filled with the subject). With
+    ``data.concepts`` each concept names its own token (one of them) and only its prompts need it.
     """
-    for key in ("instance_dir", "instance_prompt"):
-        if OmegaConf.is_missing(cfg, key) or not str(cfg[key] or "").strip():
-            raise SubjectDataError(f"config key 'data.{key}' must be set (e.g. data.{key}=...)")
     if cfg.repeats < 1 or cfg.batch_size < 1 or cfg.num_workers < 0:
         raise SubjectDataError("config keys 'data.repeats' and 'data.batch_size' must be >= 1 and 'data.num_workers' >= 0")
     if not 0.0 <= cfg.flip_p <= 1.0:
@@ -221,45 +318,64 @@ def validate_subject_data(
         raise SubjectDataError(f"config key 'data.keep_tokens': {cfg.keep_tokens} must be >= 0")
     check_resolution(cfg, vae_scale_factor, model_resolution)
     templates = resolve_templates(cfg)
-    if templates is not None and not cfg.subject:
-        raise SubjectDataError("config key 'data.subject' must be set when data.prompt_templates is used (it fills the '{}')")
     if cfg.masks not in (None, "files", "attention"):
         raise SubjectDataError(f"config key 'data.masks': {cfg.masks!r} is not one of null, files, attention")
-    if cfg.masks == "attention":
-        if not (cfg.mask_token or "").strip():
-            raise SubjectDataError("config key 'data.mask_token' must be set with data.masks=attention (the word naming the subject, e.g. dog)")
-        if not 0.0 <= cfg.mask_threshold <= 1.0 or cfg.mask_dilation < 0:
-            raise SubjectDataError("config keys 'data.mask_threshold' must be in [0, 1] and 'data.mask_dilation' >= 0")
-    items = read_instance_items(cfg.instance_dir, cfg.captions, cfg.masks == "files")
+    if cfg.masks == "attention" and (not 0.0 <= cfg.mask_threshold <= 1.0 or cfg.mask_dilation < 0):
+        raise SubjectDataError("config keys 'data.mask_threshold' must be in [0, 1] and 'data.mask_dilation' >= 0")
+    concepts = resolve_concepts(cfg)
+    several = cfg.get("concepts") is not None
+    if several and required_tokens:  # TI / Custom Diffusion: every trained token belongs to exactly one concept
+        for concept in concepts:
+            if concept.token not in required_tokens:
+                raise SubjectDataError(f"config key '{concept.key}.token': {concept.token!r} must be one of the tokens this method trains {list(required_tokens)}")
+        unclaimed = [t for t in required_tokens if t not in {c.token for c in concepts}]
+        if unclaimed:
+            raise SubjectDataError(f"the method's tokens {unclaimed} belong to no concept (set data.concepts[k].token), so they would never train")
+    every_token = list(required_tokens) + [c.token for c in concepts if c.token and c.token not in required_tokens]
+    return [_validate_concept(cfg, concept, templates, ([concept.token] if concept.token else []) if several else list(required_tokens),
+                              every_token, prior_preservation) for concept in concepts]
 
-    prompts = {"config key 'data.instance_prompt'": cfg.instance_prompt}
+
+def _validate_concept(cfg: Any, concept: Concept, templates: list[str] | None, tokens: Sequence[str], every_token: Sequence[str],
+                      prior_preservation: bool) -> Concept:
+    """One concept's checks (see `validate_subject_data`); `tokens` must be in its prompts, none of `every_token` in its class prompt."""
+    key = concept.key
+    if templates is not None and not concept.subject:
+        raise SubjectDataError(f"config key '{key}.subject' must be set when data.prompt_templates is used (it fills the '{{}}')")
+    if cfg.masks == "attention" and not (concept.mask_token or "").strip():
+        raise SubjectDataError(f"config key '{key}.mask_token' must be set with data.masks=attention (the word naming the subject, e.g. dog)")
+    items = read_instance_items(concept.instance_dir, cfg.captions, cfg.masks == "files", key=f"{key}.instance_dir")
+
+    prompts = {f"config key '{key}.instance_prompt'": concept.instance_prompt}
     if templates is not None:
-        prompts = {f"template {t!r} with data.subject": t.format(cfg.subject) for t in templates}
+        where = "data.subject" if key == "data" or concept.subject == cfg.subject else f"{key}.subject"
+        prompts = {f"template {t!r} with {where}": t.format(concept.subject) for t in templates}
     for item in items:
         if item.caption is not None:
             prompts[f"caption file {item.path.with_suffix('.txt')}"] = item.caption
     if cfg.masks == "attention":
-        mask_prompts = {"config key 'data.instance_prompt'": cfg.instance_prompt}
+        mask_prompts = {f"config key '{key}.instance_prompt'": concept.instance_prompt}
         mask_prompts.update({f"caption file {i.path.with_suffix('.txt')}": i.caption for i in items if i.caption is not None})
         for where, prompt in mask_prompts.items():  # the prompts the masks are computed with
-            if cfg.mask_token.strip() not in prompt:
-                raise SubjectDataError(f"{where}: prompt {prompt!r} does not contain data.mask_token {cfg.mask_token!r}")
-    for token in required_tokens:
+            if concept.mask_token.strip() not in prompt:
+                raise SubjectDataError(f"{where}: prompt {prompt!r} does not contain {key}.mask_token {concept.mask_token!r}")
+    for token in tokens:
         for where, prompt in prompts.items():
             if token not in prompt:
-                raise SubjectDataError(f"{where}: prompt {prompt!r} does not contain the token {token!r} that this method trains")
+                raise SubjectDataError(f"{where}: prompt {prompt!r} does not contain the token {token!r} that this method trains"
+                                       if key == "data" else f"{where}: prompt {prompt!r} does not contain {key}.token {token!r}")
 
     if prior_preservation:
-        if not (cfg.class_prompt or "").strip():
-            raise SubjectDataError("config key 'data.class_prompt' must be set when loss.prior_preservation is on (e.g. 'a photo of a dog')")
+        if not (concept.class_prompt or "").strip():
+            raise SubjectDataError(f"config key '{key}.class_prompt' must be set when loss.prior_preservation is on (e.g. 'a photo of a dog')")
         if cfg.num_class_images < 1:
             raise SubjectDataError("config key 'data.num_class_images' must be >= 1 with prior preservation")
-        for token in required_tokens:
-            if token in cfg.class_prompt:
-                raise SubjectDataError(f"config key 'data.class_prompt': {cfg.class_prompt!r} must not contain the trained token {token!r}")
-        if cfg.class_dir and Path(cfg.class_dir).exists() and not Path(cfg.class_dir).is_dir():
-            raise SubjectDataError(f"config key 'data.class_dir': {cfg.class_dir} is not a folder")
-    return items
+        for token in every_token:
+            if token in concept.class_prompt:
+                raise SubjectDataError(f"config key '{key}.class_prompt': {concept.class_prompt!r} must not contain the trained token {token!r}")
+        if concept.class_dir and Path(concept.class_dir).exists() and not Path(concept.class_dir).is_dir():
+            raise SubjectDataError(f"config key '{key}.class_dir': {concept.class_dir} is not a folder")
+    return replace(concept, items=items)
 
 
 # ----------------------------------------------------------------------------- class images
@@ -315,22 +431,40 @@ def mix_seed(*values: int) -> int:
     return h & 0x7FFFFFFFFFFFFFFF
 
 
+# Custom Diffusion's caption prefixes for zoomed-out / zoomed-in views (diffusers' train_custom_diffusion.py)
+ZOOM_OUT_PREFIXES = ("a far away ", "very small ")
+ZOOM_IN_PREFIXES = ("zoomed in ", "close up ")
+
+
 class SubjectDataset(Dataset):
-    """Example ``i`` of the endless instance (+ class) stream; see the module docstring.
+    """Example ``i`` of the endless instance (+ class) stream of one or more concepts; see the module docstring.
 
     Returns ``pixel_values`` [3, R, R] (with buckets [3, H, W] of the image's bucket, the same for
     every example of a micro-batch of `batch_size`) in [-1, 1], ``prompt``, ``example_index``, ``latent_key``
-    (a string naming the image, its size, crop and flip: equal keys mean equal pixels), with masks
-    ``loss_mask`` [1, H, W] in [0, 1] (the same crop and flip), and, with class images (cropped to the same size),
-    ``class_pixel_values``, ``class_latent_key`` and ``class_prompt``. Caption dropout and
-    shuffling (instance prompts only) draw from their own generator, so turning them on leaves
-    every crop and flip as it was.
+    (a string naming the image, its size, crop and flip: equal keys mean equal pixels; "" for a view
+    not worth caching), with masks ``loss_mask`` [1, H, W] in [0, 1] (the same crop and flip), and,
+    with class images (the concept's own, cropped to the same size), ``class_pixel_values``,
+    ``class_latent_key`` and ``class_prompt``. Caption dropout and shuffling (instance prompts only)
+    draw from their own generator, so turning them on leaves every crop and flip as it was.
+
+    Concepts are balanced: without buckets example ``i`` is concept ``i mod K``'s; with buckets each
+    epoch's plan holds every concept's images ``ceil(N_max / N_c)`` times (whole passes, so every
+    epoch has the same batches per bucket).
+
+    `resize_augmentation` (Custom Diffusion, Kumari et al. 2023, as diffusers' example): the view is
+    scaled by ``s / R``, ``s ~ U{max(R // 3, 3 latent px), R}`` with probability 0.66, else
+    ``U{1.2 R, 1.4 R - 1}``. Zoomed out (``s <= R``) it is pasted at a random place of a
+    zero (mid-grey) canvas and ``loss_mask`` keeps the latent pixels inside the pasted rectangle
+    less a one-latent-pixel border (diffusers' valid region: the VAE blends the canvas into the border
+    latents); zoomed in it is randomly cropped back and every pixel counts. A mask file's view is
+    scaled and placed the same way and multiplied in. Prompts of views with ``s < 0.6 R`` get
+    "a far away " / "very small " in front, zoomed-in ones "zoomed in " / "close up ". Its draws use
+    a generator of ``(seed, i, 4)``, so every other draw stays as without it.
     """
 
     def __init__(
         self,
-        items: Sequence[InstanceItem],
-        instance_prompt: str,
+        concepts: Sequence[Concept],
         resolution: int,
         seed: int = 0,
         center_crop: bool = True,
@@ -338,57 +472,64 @@ class SubjectDataset(Dataset):
         repeats: int = 1,
         shuffle: bool = True,
         templates: Sequence[str] | None = None,
-        subject: str | None = None,
-        class_paths: Sequence[Path] = (),
-        class_prompt: str | None = None,
         caption_dropout: float = 0.0,
         shuffle_captions: bool = False,
         keep_tokens: int = 0,
         bucket_step: int | None = None,
         batch_size: int = 1,
+        resize_augmentation: bool = False,
+        vae_scale_factor: int = 8,
     ):
-        self.items = [item for item in items for _ in range(repeats)]
-        self.instance_prompt = instance_prompt
+        self.concepts = list(concepts)
+        self.items = [[item for item in concept.items for _ in range(repeats)] for concept in self.concepts]
         self.resolution = resolution
         self.seed = seed
         self.center_crop = center_crop
         self.flip_p = flip_p
         self.shuffle = shuffle
         self.templates = list(templates) if templates else None
-        self.subject = subject
-        self.class_paths = list(class_paths)
-        self.class_prompt = class_prompt
         self.caption_dropout = caption_dropout
         self.shuffle_captions = shuffle_captions
         self.keep_tokens = keep_tokens
+        self.resize_augmentation = resize_augmentation
+        self.vae_scale_factor = vae_scale_factor
         self._cache: dict[tuple[Path, tuple[int, int]], tuple[Image.Image, Image.Image | None]] = {}
-        self._orders: dict[tuple[str, int], torch.Tensor] = {}
+        self._orders: dict[tuple[str, int, int], torch.Tensor] = {}
         self.batch_size = batch_size
         self.buckets = aspect_buckets(resolution, bucket_step) if bucket_step else None
-        self._item_bucket = [nearest_bucket(load_image(item.path).size, self.buckets) for item in self.items] if self.buckets else None
+        self._pool: list[tuple[int, int]] = []  # with buckets: (concept, item) of one epoch, before the plan's shuffle
+        self._pool_bucket: list[int] = []
+        if self.buckets:
+            most = max(len(items) for items in self.items)
+            for c, items in enumerate(self.items):
+                buckets = [nearest_bucket(load_image(item.path).size, self.buckets) for item in items]
+                for _ in range(-(-most // len(items))):
+                    self._pool += [(c, p) for p in range(len(items))]
+                    self._pool_bucket += buckets
         self._plans: dict[int, list[list[int]]] = {}
 
     def __len__(self) -> int:  # one pass over the (repeated) instance images; the stream itself is endless
-        return len(self.items)
+        return sum(len(items) for items in self.items)
 
-    def _order(self, name: str, size: int, epoch: int) -> torch.Tensor:
-        key = (name, epoch)
+    def _order(self, name: str, size: int, epoch: int, concept: int = 0) -> torch.Tensor:
+        key = (name, epoch, concept)
         if key not in self._orders:
-            if len(self._orders) > 8:
+            if len(self._orders) > 8 + 4 * len(self.concepts):
                 self._orders.clear()
-            g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, 1 if name == "class" else 0))
+            extra = (concept,) if concept else ()  # concept 0 draws what a single-concept run draws
+            g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, 1 if name == "class" else 0, *extra))
             self._orders[key] = torch.randperm(size, generator=g) if self.shuffle else torch.arange(size)
         return self._orders[key]
 
     def _bucket_batch(self, index: int) -> tuple[int, tuple[int, int]]:
-        """With buckets: the item of example `index` and its bucket. Micro-batch ``g = index // B`` is
-        batch ``g mod K`` of epoch ``g // K`` of a plan drawn from ``(seed, epoch)``: each bucket's items
+        """With buckets: the pool entry of example `index` and its bucket. Micro-batch ``g = index // B`` is
+        batch ``g mod K`` of epoch ``g // K`` of a plan drawn from ``(seed, epoch)``: each bucket's entries
         shuffled, padded cyclically to a multiple of B, cut into batches of B, the K batches shuffled."""
         g, j = divmod(index, self.batch_size)
         first = self._plan(0)
         epoch, position = divmod(g, len(first))
-        item = self._plan(epoch)[position][j]
-        return item, self.buckets[self._item_bucket[item]]
+        entry = self._plan(epoch)[position][j]
+        return entry, self.buckets[self._pool_bucket[entry]]
 
     def _plan(self, epoch: int) -> list[list[int]]:
         if epoch not in self._plans:
@@ -397,7 +538,7 @@ class SubjectDataset(Dataset):
             g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, 3))
             batches = []
             for k in range(len(self.buckets)):
-                members = [i for i, b in enumerate(self._item_bucket) if b == k]
+                members = [i for i, b in enumerate(self._pool_bucket) if b == k]
                 if not members:
                     continue
                 if self.shuffle:
@@ -455,29 +596,71 @@ class SubjectDataset(Dataset):
             prompt = ", ".join(kept + [rest[int(k)] for k in torch.randperm(len(rest), generator=g)])
         return prompt
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        n = len(self.items)
-        if self.buckets:
-            position, size = self._bucket_batch(index)
-            item = self.items[position]
+    def _resize_augmented(self, pixels: torch.Tensor, weights: torch.Tensor | None, index: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+        """Custom Diffusion's resize augmentation of a view [3, h, w] (and its mask [1, h, w]): the new
+        pixels, the loss mask (valid region times the mask) and the caption prefix; see the class docstring."""
+        g = torch.Generator().manual_seed(mix_seed(self.seed, index, 4))
+        r, f = self.resolution, self.vae_scale_factor
+        h, w = pixels.shape[-2:]
+        low = min(r, max(r // 3, math.ceil(3 * f * r / min(h, w))))  # at least 3 latent pixels: a valid region is left
+        if torch.rand((), generator=g).item() < 0.66:
+            scale = int(torch.randint(low, r + 1, (), generator=g))
         else:
-            item, size = self.items[int(self._order("instance", n, index // n)[index % n])], None
+            scale = int(torch.randint(int(1.2 * r), int(1.4 * r), (), generator=g))
+        sh, sw = round(h * scale / r), round(w * scale / r)
+        stack = pixels if weights is None else torch.cat([pixels, weights])
+        resized = F.interpolate(stack[None], size=(sh, sw), mode="bilinear", antialias=True, align_corners=False)[0]
+        if scale <= r:  # zoomed out: paste into the canvas
+            top = int(torch.randint(0, h - sh + 1, (), generator=g))
+            left = int(torch.randint(0, w - sw + 1, (), generator=g))
+            canvas = torch.zeros_like(stack)
+            canvas[:, top : top + sh, left : left + sw] = resized
+            valid = torch.zeros_like(pixels[:1])
+            valid[:, (top // f + 1) * f : ((top + sh) // f - 1) * f, (left // f + 1) * f : ((left + sw) // f - 1) * f] = 1.0
+        else:  # zoomed in: crop back to the view's size
+            top = int(torch.randint(0, sh - h + 1, (), generator=g))
+            left = int(torch.randint(0, sw - w + 1, (), generator=g))
+            canvas = resized[:, top : top + h, left : left + w]
+            valid = torch.ones_like(pixels[:1])
+        prefix = ""
+        if scale < 0.6 * r:
+            prefix = ZOOM_OUT_PREFIXES[int(torch.randint(2, (), generator=g))]
+        elif scale > r:
+            prefix = ZOOM_IN_PREFIXES[int(torch.randint(2, (), generator=g))]
+        mask = valid if weights is None else valid * canvas[3:]
+        return canvas[:3], mask, prefix
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if self.buckets:
+            entry, size = self._bucket_batch(index)
+            c, position = self._pool[entry]
+            draw = index  # the concept's class-image counter
+        else:
+            c, draw = index % len(self.concepts), index // len(self.concepts)
+            n = len(self.items[c])
+            position, size = int(self._order("instance", n, draw // n, c)[draw % n]), None
+        concept, item = self.concepts[c], self.items[c][position]
         g = torch.Generator().manual_seed(mix_seed(self.seed, index))
         if item.caption is not None:
             prompt = item.caption
         elif self.templates is not None:
-            prompt = self.templates[int(torch.randint(len(self.templates), (), generator=g))].format(self.subject)
+            prompt = self.templates[int(torch.randint(len(self.templates), (), generator=g))].format(concept.subject)
         else:
-            prompt = self.instance_prompt
+            prompt = concept.instance_prompt
         pixels, key, weights = self._view(item.path, g, item.mask, size)
-        example = {"pixel_values": pixels, "prompt": self._caption(prompt, index), "example_index": index, "latent_key": key}
+        prompt = self._caption(prompt, index)
+        if self.resize_augmentation:
+            pixels, weights, prefix = self._resize_augmented(pixels, weights, index)
+            key = ""  # nearly every augmented view is new: encoded each time, never cached
+            prompt = prefix + prompt if prompt else prompt  # a dropped caption stays unconditional
+        example = {"pixel_values": pixels, "prompt": prompt, "example_index": index, "latent_key": key}
         if weights is not None:
             example["loss_mask"] = weights
-        if self.class_paths:
-            c = len(self.class_paths)
-            path = self.class_paths[int(self._order("class", c, index // c)[index % c])]
+        if concept.class_paths:
+            count = len(concept.class_paths)
+            path = concept.class_paths[int(self._order("class", count, draw // count, c)[draw % count])]
             example["class_pixel_values"], example["class_latent_key"], _ = self._view(path, g, size=size)
-            example["class_prompt"] = self.class_prompt
+            example["class_prompt"] = concept.class_prompt
         return example
 
 
@@ -500,67 +683,73 @@ class StepBatchSampler(Sampler[list[int]]):
 
 # ----------------------------------------------------------------------------- DataModule
 class SubjectDataModule(L.LightningDataModule):
-    """Instance (+ generated class) images as an endless, resumable stream.
+    """Instance (+ generated class) images of one or more concepts as an endless, resumable stream.
 
     ``prepare_data`` (local rank 0 of each node, before the other ranks start reading) generates
-    the missing class images with the LightningModule's ``backbone``; ``train_dataloader`` starts
-    the stream at the trainer's restored ``global_step`` and shards it by rank itself, so the
-    Trainer must run with ``use_distributed_sampler=False``.
+    each concept's missing class images with the LightningModule's ``backbone``; ``train_dataloader``
+    starts the stream at the trainer's restored ``global_step`` and shards it by rank itself, so the
+    Trainer must run with ``use_distributed_sampler=False``. With prior preservation every concept
+    needs its ``class_dir`` set (``train.personalize`` fills in the defaults).
     """
 
     def __init__(
         self,
         cfg: Any,
-        items: Sequence[InstanceItem],
+        concepts: Sequence[Concept],
         resolution: int,
         seed: int = 0,
         prior_preservation: bool = False,
-        class_dir: str | Path | None = None,
         progress: bool = True,
+        vae_scale_factor: int = 8,
     ):
         super().__init__()
         self.progress = progress
         self.cfg = cfg
-        self.items = list(items)
+        self.concepts = list(concepts)
         self.resolution = resolution
         self.seed = seed
         self.prior_preservation = prior_preservation
-        self.class_dir = Path(class_dir) if class_dir is not None else None
-        self.class_paths: list[Path] = []
+        self.vae_scale_factor = vae_scale_factor
 
     def prepare_data(self) -> None:
         if not self.prior_preservation:
             return
-        have = len(list_images(self.class_dir)) if self.class_dir.is_dir() else 0
-        if have >= self.cfg.num_class_images:
-            return
-        backbone = self.trainer.lightning_module.backbone
-        backbone.to(self.trainer.strategy.root_device)
-        # Before fit and before a checkpoint is restored, the freshly attached adapter computes the
-        # base model (LoRA B = 0, Custom Diffusion k/v = originals, DreamBooth = base, TI rows unused).
-        generate_class_images(
-            backbone, self.cfg.class_prompt, self.class_dir, self.cfg.num_class_images,
-            steps=self.cfg.class_steps, guidance_scale=self.cfg.class_guidance_scale,
-            batch_size=self.cfg.class_batch_size, seed=self.seed, progress=self.progress,
-        )
+        for concept in self.concepts:
+            class_dir = Path(concept.class_dir)
+            have = len(list_images(class_dir)) if class_dir.is_dir() else 0
+            if have >= self.cfg.num_class_images:
+                continue
+            backbone = self.trainer.lightning_module.backbone
+            backbone.to(self.trainer.strategy.root_device)
+            # Before fit and before a checkpoint is restored, the freshly attached adapter computes the
+            # base model (LoRA B = 0, Custom Diffusion k/v = originals, DreamBooth = base, TI rows unused).
+            generate_class_images(
+                backbone, concept.class_prompt, class_dir, self.cfg.num_class_images,
+                steps=self.cfg.class_steps, guidance_scale=self.cfg.class_guidance_scale,
+                batch_size=self.cfg.class_batch_size, seed=self.seed, progress=self.progress,
+            )
 
     def setup(self, stage: str | None = None) -> None:
-        if self.prior_preservation:
-            paths = list_images(self.class_dir)[: self.cfg.num_class_images]
+        if not self.prior_preservation:
+            return
+        concepts = []
+        for concept in self.concepts:
+            paths = list_images(concept.class_dir)[: self.cfg.num_class_images]
             if len(paths) < self.cfg.num_class_images:
-                raise SubjectDataError(f"config key 'data.class_dir': {self.class_dir} holds {len(paths)} images, {self.cfg.num_class_images} needed")
+                raise SubjectDataError(f"config key '{concept.key}.class_dir': {concept.class_dir} holds {len(paths)} images, {self.cfg.num_class_images} needed")
             for path in paths:
                 load_image(path)
-            self.class_paths = paths
+            concepts.append(replace(concept, class_paths=paths))
+        self.concepts = concepts
 
     def dataset(self) -> SubjectDataset:
         cfg = self.cfg
         return SubjectDataset(
-            self.items, cfg.instance_prompt, self.resolution, seed=self.seed, center_crop=cfg.center_crop,
+            self.concepts, self.resolution, seed=self.seed, center_crop=cfg.center_crop,
             flip_p=cfg.flip_p, repeats=cfg.repeats, shuffle=cfg.shuffle, templates=resolve_templates(cfg),
-            subject=cfg.subject, class_paths=self.class_paths, class_prompt=cfg.class_prompt,
             caption_dropout=cfg.caption_dropout, shuffle_captions=cfg.shuffle_captions, keep_tokens=cfg.keep_tokens,
             bucket_step=cfg.bucket_step if cfg.buckets else None, batch_size=cfg.batch_size,
+            resize_augmentation=bool(cfg.get("resize_augmentation")), vae_scale_factor=self.vae_scale_factor,
         )
 
     def train_dataloader(self) -> DataLoader:

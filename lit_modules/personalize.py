@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from dreamsteer.checkpoints import export_adapter, kohya
 from dreamsteer.data.files import write_json_atomic
 from dreamsteer.data.images import save_image_atomic
-from dreamsteer.data.subject import mix_seed, read_instance_items
+from dreamsteer.data.subject import mix_seed, read_instance_items, resolve_concepts
 from dreamsteer.diffusion.adapters import attach_adapter
 from dreamsteer.diffusion.backbone import Backbone, load_backbone
 from dreamsteer.lit_modules.ema import ParameterEMA
@@ -206,12 +206,13 @@ class PersonalizeModule(L.LightningModule):
     def masked_mean(squared: torch.Tensor, masks: torch.Tensor | None, n_instance: int) -> torch.Tensor:
         """Per-example mean of `squared` [B, C, h, w]; with loss masks [n_instance, 1, H, W] the
         mean weighted by each mask area-averaged to the latent grid, ``sum(m * e) / (C * sum(m))``
-        (class examples, after the instance ones, keep weight 1 everywhere)."""
+        (class examples, after the instance ones, keep weight 1 everywhere). A view whose mask kept
+        nothing (cropped or scaled away) contributes 0, not 0 / 0."""
         if masks is None:
             return squared.mean(dim=(1, 2, 3))
         weights = torch.ones_like(squared[:, :1])
         weights[:n_instance] = F.interpolate(masks.to(squared), size=squared.shape[-2:], mode="area")
-        return (weights * squared).sum(dim=(1, 2, 3)) / (squared.shape[1] * weights.sum(dim=(1, 2, 3)))
+        return (weights * squared).sum(dim=(1, 2, 3)) / (squared.shape[1] * weights.sum(dim=(1, 2, 3)).clamp_min(1e-12))
 
     def cached_latents(self, keys: list[str], pixels: torch.Tensor) -> torch.Tensor:
         """A posterior sample ``(mean + std * randn) * scaling`` per view, the VAE run once per distinct view.
@@ -221,12 +222,17 @@ class PersonalizeModule(L.LightningModule):
         batch is the draw ``latent_dist.sample()`` makes, so the noise stream matches the uncached path.
         """
         vae = self.backbone.vae
+        posteriors = []
         for i, key in enumerate(keys):
-            if key not in self._latent_cache:
+            posterior = self._latent_cache.get(key) if key else None
+            if posterior is None:
                 dist = vae.encode(pixels[i : i + 1].to(self.device, vae.dtype)).latent_dist
-                self._latent_cache[key] = (dist.mean[0], dist.std[0])
-        mean = torch.stack([self._latent_cache[k][0] for k in keys])
-        std = torch.stack([self._latent_cache[k][1] for k in keys])
+                posterior = (dist.mean[0], dist.std[0])
+                if key:  # "" names a view that is not kept (resize augmentation: nearly every view is new)
+                    self._latent_cache[key] = posterior
+            posteriors.append(posterior)
+        mean = torch.stack([m for m, _ in posteriors])
+        std = torch.stack([s for _, s in posteriors])
         z = mean + std * torch.randn(mean.shape, device=mean.device, dtype=mean.dtype)
         return (z * vae.config.scaling_factor).float()
 
@@ -335,7 +341,7 @@ class PersonalizeModule(L.LightningModule):
         to_wandb = bool(logger) and hasattr(logger, "log_image")
         if not (to_files or to_tensorboard or to_wandb):
             return
-        prompts = list(v.prompts) or [self.cfg.data.instance_prompt]
+        prompts = list(v.prompts) or [c.instance_prompt for c in resolve_concepts(self.cfg.data)]
         images = self.sample_images(prompts, v.num_images, v.steps, v.guidance_scale, v.seed)
         self.last_validation = [(prompt, im) for i, prompt in enumerate(prompts) for im in images[i * v.num_images : (i + 1) * v.num_images]]
         for i, prompt in enumerate(prompts):
@@ -353,23 +359,27 @@ class PersonalizeModule(L.LightningModule):
 
     # ------------------------------------------------------------------ export
     def caption_tag_frequency(self) -> dict[str, dict[str, int]] | None:
-        """kohya's tag counts of the caption files used (None without captions or when the photos are gone)."""
-        d = self.cfg.data
-        if not d.captions:
+        """kohya's tag counts of the caption files used, per photo folder (None without captions or when the photos are gone)."""
+        if not self.cfg.data.captions:
             return None
-        try:
-            items = read_instance_items(d.instance_dir, captions=True)
-        except (OSError, ValueError):
-            return None
-        captions = [item.caption for item in items if item.caption]
-        return kohya.tag_frequency({Path(d.instance_dir).name: captions}) if captions else None
+        captions = {}
+        for concept in resolve_concepts(self.cfg.data):
+            try:
+                items = read_instance_items(concept.instance_dir, captions=True)
+            except (OSError, ValueError):
+                return None
+            texts = [item.caption for item in items if item.caption]
+            if texts:
+                captions.setdefault(Path(concept.instance_dir).name, []).extend(texts)
+        return kohya.tag_frequency(captions) if captions else None
 
     def export_info(self) -> dict[str, Any]:
-        d = self.cfg.data
-        return {
+        d, prior = self.cfg.data, self.cfg.loss.prior_preservation
+        concepts = resolve_concepts(d)
+        info = {
             "caption_tag_frequency": self.caption_tag_frequency(),
-            "instance_prompt": d.instance_prompt,
-            "class_prompt": d.class_prompt if self.cfg.loss.prior_preservation else None,
+            "instance_prompt": concepts[0].instance_prompt,
+            "class_prompt": concepts[0].class_prompt if prior else None,
             "training_steps": int(self.trainer.global_step) if self._trainer is not None else None,
             "training": {
                 "method": OmegaConf.to_container(self.cfg.method),
@@ -380,6 +390,11 @@ class PersonalizeModule(L.LightningModule):
                 "resumes": self.resumes,
             },
         }
+        if d.get("concepts") is not None:  # every concept (the top-level prompts are the first one's)
+            info["concepts"] = [
+                {"token": c.token, "instance_prompt": c.instance_prompt, "class_prompt": c.class_prompt if prior else None} for c in concepts
+            ]
+        return info
 
     def export(self, out_dir: str | Path, training_steps: int | None = None) -> Path:
         info = self.export_info()

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from dreamsteer.data.images import list_images
 from dreamsteer.data.samples import write_subject_set
-from dreamsteer.data.subject import SubjectDataset, read_instance_items
+from dreamsteer.data.subject import Concept, SubjectDataset, read_instance_items
 from dreamsteer.lit_modules.personalize import MODULES
 from dreamsteer.train.config import ConfigError, compose
 from dreamsteer.train.personalize import run, validate_config
@@ -43,10 +43,9 @@ def make_module(method: str, subject_dir: Path, out: Path, backbone, *extra: str
 
 
 def fixed_batch(cfg, items=None, count: int = 2, class_paths=()) -> dict:
-    dataset = SubjectDataset(
-        items or read_instance_items(cfg.data.instance_dir), cfg.data.instance_prompt, 128, seed=0,
-        class_paths=class_paths, class_prompt="a photo of a cat" if class_paths else None,
-    )
+    concept = Concept(items or read_instance_items(cfg.data.instance_dir), cfg.data.instance_prompt,
+                      class_paths=class_paths, class_prompt="a photo of a cat" if class_paths else None)
+    dataset = SubjectDataset([concept], 128, seed=0)
     return torch.utils.data.default_collate([dataset[i] for i in range(count)])
 
 
@@ -263,12 +262,12 @@ def test_caption_files_and_templates_feed_the_prompts(subject_dir, tmp_path):
     paths = write_subject_set(directory, "cat", count=2)
     paths[0].with_suffix(".txt").write_text("a close photo of <sks> cat on grass\n")
     cfg = compose("personalize", overrides("textual_inversion", directory, tmp_path)).data
-    items = validate_subject_data(cfg, ["<sks>"])
-    dataset = SubjectDataset(items, cfg.instance_prompt, 64, shuffle=False, flip_p=0.0)
+    concepts = validate_subject_data(cfg, ["<sks>"])
+    dataset = SubjectDataset(concepts, 64, shuffle=False, flip_p=0.0)
     assert dataset[0]["prompt"] == "a close photo of <sks> cat on grass" and dataset[1]["prompt"] == cfg.instance_prompt
     assert dataset[0]["pixel_values"].shape == (3, 64, 64)
     # the same example index always gives the same crop, flip and prompt
-    assert torch.equal(SubjectDataset(items, "x", 64, center_crop=False)[5]["pixel_values"], SubjectDataset(items, "x", 64, center_crop=False)[5]["pixel_values"])
+    assert torch.equal(SubjectDataset(concepts, 64, center_crop=False)[5]["pixel_values"], SubjectDataset(concepts, 64, center_crop=False)[5]["pixel_values"])
 
     paths[1].with_suffix(".txt").write_text("a cat without the token")
     with pytest.raises(SubjectDataError, match=r"caption file .*cat_01.txt"):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dreamsteer.data.subject import SubjectDataset, aspect_buckets, read_instance_items
+from dreamsteer.data.subject import Concept, SubjectDataset, aspect_buckets, read_instance_items
 from dreamsteer.train.config import compose
 from dreamsteer.train.personalize import run
 
@@ -31,7 +31,7 @@ def test_buckets_are_the_sizes_under_the_area_and_batches_share_one(tmp_path):
     assert aspect_buckets(64, 16) == [(48, 80), (64, 64), (80, 48)]
     write_mixed(tmp_path / "subject")
     items = read_instance_items(tmp_path / "subject")
-    dataset = SubjectDataset(items, "a photo of sks cat", 64, center_crop=False, bucket_step=16, batch_size=2)
+    dataset = SubjectDataset([Concept(items, "a photo of sks cat")], 64, center_crop=False, bucket_step=16, batch_size=2)
     expected = {f"img_{i}.png": {(96, 64): (80, 48), (64, 96): (48, 80), (64, 64): (64, 64)}[s] for i, s in enumerate(SIZES)}
     seen = set()
     # 3 batches per epoch: 2 landscape, 2 portrait, the square one padded with itself
@@ -47,7 +47,7 @@ def test_buckets_are_the_sizes_under_the_area_and_batches_share_one(tmp_path):
         if g % 3 == 2:  # every epoch shows every image
             assert seen == set(expected)
             seen = set()
-    again = SubjectDataset(items, "a photo of sks cat", 64, center_crop=False, bucket_step=16, batch_size=2)
+    again = SubjectDataset([Concept(items, "a photo of sks cat")], 64, center_crop=False, bucket_step=16, batch_size=2)
     assert all(torch.equal(again[i]["pixel_values"], dataset[i]["pixel_values"]) for i in (0, 7, 13))
 
 

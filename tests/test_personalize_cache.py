@@ -8,7 +8,7 @@ import torch
 from omegaconf import OmegaConf
 
 from dreamsteer.data.samples import write_subject_set
-from dreamsteer.data.subject import SubjectDataset, read_instance_items
+from dreamsteer.data.subject import Concept, SubjectDataset, read_instance_items
 from dreamsteer.lit_modules.personalize import MODULES
 from dreamsteer.train.config import compose
 from dreamsteer.train.personalize import validate_config
@@ -45,11 +45,9 @@ def test_cached_latents_and_text_give_the_uncached_losses_with_one_encode_per_vi
     with torch.no_grad():  # a non-zero LoRA so the adapter takes part
         for p in fresh_backbone.adapter.trainable_parameters(fresh_backbone):
             p.add_(0.02)
-    dataset = SubjectDataset(
-        read_instance_items(subject_dir), cfg.data.instance_prompt, 64, seed=0, flip_p=0.5, center_crop=False,
-        templates=["a photo of a {}", "a rendering of a {}"], subject="sks cat",
-        class_paths=[p.path for p in read_instance_items(subject_dir)], class_prompt="a photo of a cat",
-    )
+    concept = Concept(read_instance_items(subject_dir), cfg.data.instance_prompt, subject="sks cat",
+                      class_paths=[p.path for p in read_instance_items(subject_dir)], class_prompt="a photo of a cat")
+    dataset = SubjectDataset([concept], 64, seed=0, flip_p=0.5, center_crop=False, templates=["a photo of a {}", "a rendering of a {}"])
     batches = [torch.utils.data.default_collate([dataset[i], dataset[i + 1]]) for i in range(0, 12, 2)]
     keys = [k for b in batches for k in [*b["latent_key"], *b["class_latent_key"]]]
     # the stream holds the same image both flipped and not: a key that ignored the flip would be caught

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from dreamsteer.data.samples import write_subject_set
-from dreamsteer.data.subject import SubjectDataError, SubjectDataset, read_instance_items, validate_subject_data
+from dreamsteer.data.subject import Concept, SubjectDataError, SubjectDataset, read_instance_items, validate_subject_data
 from dreamsteer.train.config import compose
 
 PROMPT = "sks cat, sitting, on grass, sunny, photo"
@@ -14,9 +14,10 @@ PROMPT = "sks cat, sitting, on grass, sunny, photo"
 def test_dropout_and_shuffle_change_only_the_prompts(tmp_path):
     write_subject_set(tmp_path / "subject", "cat", count=2)
     items = read_instance_items(tmp_path / "subject")
-    plain = SubjectDataset(items, PROMPT, 64, center_crop=False, class_paths=[items[0].path], class_prompt="a cat, photo")
-    dropped = SubjectDataset(items, PROMPT, 64, center_crop=False, caption_dropout=0.3, class_paths=[items[0].path], class_prompt="a cat, photo")
-    shuffled = SubjectDataset(items, PROMPT, 64, center_crop=False, shuffle_captions=True, keep_tokens=1)
+    with_class = Concept(items, PROMPT, class_paths=[items[0].path], class_prompt="a cat, photo")
+    plain = SubjectDataset([with_class], 64, center_crop=False)
+    dropped = SubjectDataset([with_class], 64, center_crop=False, caption_dropout=0.3)
+    shuffled = SubjectDataset([Concept(items, PROMPT)], 64, center_crop=False, shuffle_captions=True, keep_tokens=1)
 
     n = 200
     drops = [dropped[i]["prompt"] == "" for i in range(n)]

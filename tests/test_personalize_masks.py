@@ -9,7 +9,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from dreamsteer.data.subject import SubjectDataError, SubjectDataset, read_instance_items
+from dreamsteer.data.subject import Concept, SubjectDataError, SubjectDataset, read_instance_items
 from dreamsteer.lit_modules.personalize import MODULES
 from dreamsteer.train.config import compose
 from dreamsteer.train.personalize import validate_config
@@ -32,7 +32,7 @@ def test_masks_follow_crop_and_flip_and_are_not_instance_images(tmp_path):
     items = read_instance_items(tmp_path / "subject", masks=True)
     assert [item.path.name for item in items] == ["img_0.png", "img_1.png"]  # mask files are no instances
     assert [item.mask.name for item in items] == ["img_0.mask.png", "img_1.mask.png"]
-    dataset = SubjectDataset(items, "a photo of sks cat", 64, center_crop=False, flip_p=0.5)
+    dataset = SubjectDataset([Concept(items, "a photo of sks cat")], 64, center_crop=False, flip_p=0.5)
     flips = set()
     for i in range(12):
         example = dataset[i]
@@ -40,7 +40,7 @@ def test_masks_follow_crop_and_flip_and_are_not_instance_images(tmp_path):
         assert torch.allclose(example["loss_mask"][0], (example["pixel_values"][0] + 1) / 2, atol=1e-5)
         flips.add(example["latent_key"][-1])
     assert flips == {"0", "1"}
-    assert "loss_mask" not in SubjectDataset(read_instance_items(tmp_path / "subject"), "x", 64)[0]
+    assert "loss_mask" not in SubjectDataset([Concept(read_instance_items(tmp_path / "subject"), "x")], 64)[0]
 
     (tmp_path / "subject" / "img_1.mask.png").unlink()
     with pytest.raises(SubjectDataError, match=r"img_1.png has no mask file img_1.mask.png"):
@@ -65,7 +65,7 @@ def test_masked_pixels_get_no_gradient_and_the_loss_is_the_masked_mean(tmp_path,
         f"output_dir={tmp_path}", "logger=none",
     ]))
     module = MODULES["lora"](OmegaConf.to_container(cfg), fresh_backbone)
-    dataset = SubjectDataset(read_instance_items(directory, masks=True), cfg.data.instance_prompt, 64, flip_p=0.0)
+    dataset = SubjectDataset([Concept(read_instance_items(directory, masks=True), cfg.data.instance_prompt)], 64, flip_p=0.0)
     batch = torch.utils.data.default_collate([dataset[0], dataset[1]])
 
     outputs = []

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from dreamsteer.checkpoints.adapter_io import prepare_export_target
 from dreamsteer.checkpoints.lightning import read_trimmed_checkpoint
@@ -42,6 +42,7 @@ def checkpoint_run_folder(path: Path) -> Path:
 
 
 def run(cfg: DictConfig) -> Path:
+    from dreamsteer.data.subject import concept_folders, resolve_concepts
     from dreamsteer.diffusion.backbone import set_progress_bars
     from dreamsteer.lit_modules.personalize import MODULES
 
@@ -67,10 +68,9 @@ def run(cfg: DictConfig) -> Path:
         raise ConfigError(f"checkpoint {checkpoint['path']}: unknown method {method!r}")
     source = Path(checkpoint["path"])
     target = Path(cfg.dir).expanduser() if cfg.dir else output_dir(cfg) / "adapter"
-    data = config.get("data", {})
     prepare_export_target(target, {
         "the checkpoint": source, "its checkpoint folder": source.parent, "its run folder": checkpoint_run_folder(source),
-        "the subject photos (data.instance_dir)": data.get("instance_dir"), "the class images (data.class_dir)": data.get("class_dir"),
+        **concept_folders(resolve_concepts(OmegaConf.create(config.get("data", {})))),
     })
     with output_lock(target.parent, "export"):
         module = MODULES[method](config)

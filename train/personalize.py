@@ -6,14 +6,14 @@ adapter (diffusers / A1111 formats + adapter.json) to ``<output_dir>/adapter``. 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, List, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
 from dreamsteer.checkpoints.adapter_io import prepare_export_target
-from dreamsteer.data.subject import SubjectDataConfig, SubjectDataModule, check_resolution, validate_subject_data
+from dreamsteer.data.subject import Concept, ConceptConfig, SubjectDataConfig, SubjectDataModule, check_resolution, concept_folders, validate_subject_data
 from dreamsteer.lit_modules.optimizers import OPTIMIZERS, missing_optimizer_package
 from dreamsteer.train.config import LIGHTNING_LOGGERS, ConfigError, LoggerConfig, ModelConfig, TrainerConfig, check_choice, check_common, output_dir, validate
 from dreamsteer.train.lock import is_launch_rank_zero, output_lock
@@ -162,8 +162,25 @@ class PersonalizeConfig:
 
 
 # ----------------------------------------------------------------------------- checks
+def check_concept_keys(cfg: DictConfig) -> None:
+    """``data.concepts`` is a list of mappings of ConceptConfig's keys (the schema merge would not name the entry)."""
+    concepts = OmegaConf.select(cfg, "data.concepts")
+    if concepts is None:
+        return
+    known = [f.name for f in fields(ConceptConfig)]
+    if not OmegaConf.is_list(concepts):
+        raise ConfigError(f"config key 'data.concepts': must be a list of {{{', '.join(known)}}} (or null), got {concepts!r}")
+    for k, entry in enumerate(concepts):
+        if not OmegaConf.is_dict(entry):
+            raise ConfigError(f"config key 'data.concepts[{k}]': must be a mapping of {known}, got {entry!r}")
+        unknown = sorted(set(entry) - set(known))
+        if unknown:
+            raise ConfigError(f"config key 'data.concepts[{k}].{unknown[0]}': not a concept key (one of {known})")
+
+
 def validate_config(cfg: DictConfig) -> DictConfig:
     """Schema + value checks of a composed personalize config (ConfigError names the key)."""
+    check_concept_keys(cfg)
     cfg = validate(cfg, PersonalizeConfig)
     check_common(cfg, LIGHTNING_LOGGERS)
     if cfg.method is None or "name" not in cfg.method:
@@ -325,7 +342,7 @@ def run(cfg: DictConfig, callbacks: Sequence[Any] = ()) -> Path:
 
     cfg = validate_config(cfg)
     set_progress_bars(cfg.progress)
-    items = validate_subject_data(cfg.data, required_tokens(cfg), cfg.loss.prior_preservation)  # before loading a model
+    concepts = validate_subject_data(cfg.data, required_tokens(cfg), cfg.loss.prior_preservation)  # before loading a model
     if cfg.ckpt_path not in (None, "last"):  # a given checkpoint is checked before anything is written
         from dreamsteer.checkpoints.lightning import check_checkpoint_file, resolve_checkpoint
 
@@ -337,16 +354,21 @@ def run(cfg: DictConfig, callbacks: Sequence[Any] = ()) -> Path:
         if owner:
             locks.enter_context(output_lock(out, "personalize"))
         if owner and cfg.export.enabled:
-            prepare_export_target(export_dir, {
-                "the run folder": out, "its checkpoints": out / "checkpoints",
-                "the subject photos (data.instance_dir)": cfg.data.instance_dir, "the class images (data.class_dir)": cfg.data.class_dir,
-            })
+            prepare_export_target(export_dir, {"the run folder": out, "its checkpoints": out / "checkpoints", **concept_folders(concepts)})
             if export_dir.parent.resolve() != out.resolve():
                 locks.enter_context(output_lock(export_dir.parent, "personalize (export)"))
-        return _run(cfg, items, out, export_dir, owner, callbacks)
+        return _run(cfg, concepts, out, export_dir, owner, callbacks)
 
 
-def _run(cfg: DictConfig, items: list[Any], out: Path, export_dir: Path, owner: bool, callbacks: Sequence[Any]) -> Path:
+def run_folders(cfg: DictConfig, concepts: Sequence[Concept], out: Path, name: str) -> list[Path]:
+    """Per concept, its folder `name` under the run folder: ``<out>/<name>`` for the single data.instance_dir
+    form (as before concepts existed), ``<out>/<name>/concept<k>`` with data.concepts."""
+    if cfg.data.concepts is None:
+        return [out / name]
+    return [out / name / f"concept{k}" for k in range(len(concepts))]
+
+
+def _run(cfg: DictConfig, concepts: list[Concept], out: Path, export_dir: Path, owner: bool, callbacks: Sequence[Any]) -> Path:
     from dreamsteer.checkpoints.adapter_io import export_is_stale
     from dreamsteer.checkpoints.lightning import read_trimmed_checkpoint
     from dreamsteer.diffusion.backbone import load_backbone
@@ -354,7 +376,7 @@ def _run(cfg: DictConfig, items: list[Any], out: Path, export_dir: Path, owner: 
     from dreamsteer.train.export import export_checkpoint
 
     prior = cfg.loss.prior_preservation
-    class_dir = Path(cfg.data.class_dir) if cfg.data.class_dir else out / "class_images"
+    concepts = [replace(c, class_dir=c.class_dir or str(default)) for c, default in zip(concepts, run_folders(cfg, concepts, out, "class_images"))]
     ckpt_path, resumes = resume_point(cfg, out, owner)
 
     m = cfg.model
@@ -365,14 +387,17 @@ def _run(cfg: DictConfig, items: list[Any], out: Path, export_dir: Path, owner: 
         from dreamsteer.lit_modules.subject_masks import write_attention_masks
 
         d = cfg.data
-        items = write_attention_masks(backbone, items, d.instance_prompt, d.mask_token, out / "masks", resolution, d.mask_threshold, d.mask_dilation, cfg.seed)
+        concepts = [
+            replace(c, items=write_attention_masks(backbone, c.items, c.instance_prompt, c.mask_token, folder, resolution, d.mask_threshold, d.mask_dilation, cfg.seed))
+            for c, folder in zip(concepts, run_folders(cfg, concepts, out, "masks"))
+        ]
 
     module = MODULES[cfg.method.name](
         OmegaConf.to_container(cfg, resolve=True), backbone, str(export_dir) if cfg.export.enabled else None, samples_dir=str(out / "samples"),
     )
     module.resumes = resumes
-    datamodule = SubjectDataModule(cfg.data, items, resolution, seed=cfg.seed, prior_preservation=prior, class_dir=class_dir,
-                                   progress=cfg.progress)
+    datamodule = SubjectDataModule(cfg.data, concepts, resolution, seed=cfg.seed, prior_preservation=prior, progress=cfg.progress,
+                                   vae_scale_factor=backbone.vae_scale_factor)
     trainer = build_trainer(cfg, out, callbacks)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     last = out / "checkpoints" / "last.ckpt"
