@@ -38,7 +38,7 @@ MANIFEST = "adapter.json"
 FORMAT_VERSION = 1
 _PROTECTED = ("method", "format_version", "base_model_fingerprint", "adapter_config", "files", "tokens")
 # the weights file every export of a kind has (textual inversion: its token files, checked separately)
-_WEIGHTS_FILE = {"lora": formats.LORA_FILE, "custom_diffusion": formats.CD_FILE, "dreambooth": "model_index.json"}
+_WEIGHTS_FILE = {"custom_diffusion": formats.CD_FILE, "dreambooth": "model_index.json"}
 
 
 class AdapterLoadError(ValueError):
@@ -229,8 +229,9 @@ def _write_export(backbone: Any, adapter: Any, target: Path, extra: dict[str, An
         }
         manifest.update(extra)
         token_files: dict[str, str] = {}
+        consumers = None
         if adapter.kind == "lora":
-            files = formats.write_lora(adapter, backbone, tmp, manifest, output_name=target.name)
+            files, consumers = formats.write_lora(adapter, backbone, tmp, manifest, output_name=target.name)
         elif adapter.kind == "textual_inversion":
             files, token_files = formats.write_token_files(adapter.vectors(backbone), tmp)
         elif adapter.kind == "custom_diffusion":
@@ -244,7 +245,7 @@ def _write_export(backbone: Any, adapter: Any, target: Path, extra: dict[str, An
             save_image_atomic(image, tmp / name)
         files = [*files, *(name for _, name in sample_files)]
         manifest["token_files"] = token_files
-        manifest["use_with"] = formats.use_with(adapter.kind, files, token_files)
+        manifest["use_with"] = formats.use_with(adapter.kind, files, token_files, consumers)
         manifest["files"] = {name: sha256_file(tmp / name) for name in sorted(files)}
         write_json_atomic(manifest, tmp / MANIFEST)
         write_text_atomic(model_card(manifest, target.name, sample_files), tmp / CARD)
@@ -305,7 +306,7 @@ def _check_manifest(directory: Path, manifest: dict[str, Any]) -> None:
     token_files = manifest.get("token_files") or {}
     if not isinstance(token_files, dict) or any(name not in files for name in token_files.values()):
         raise AdapterLoadError(f"{path}: every 'token_files' entry must be one of the hashed 'files'")
-    needed = _WEIGHTS_FILE.get(kind)
+    needed = formats.lora_weights_file(config) if kind == "lora" else _WEIGHTS_FILE.get(kind)
     if (needed and needed not in files) or (kind == "textual_inversion" and not token_files):
         raise AdapterLoadError(f"{path}: method {kind!r} needs {needed or 'token files'} listed in 'files' (was 'method' edited?)")
 

@@ -2,7 +2,7 @@
 
 | kind | files | loads with |
 |---|---|---|
-| lora | ``pytorch_lora_weights.safetensors`` (diffusers, with the LoraConfig as metadata); ``lora_kohya.safetensors`` (kohya keys and metadata, `checkpoints.kohya`) | ``pipe.load_lora_weights(dir)``; A1111 / ComfyUI / kohya read the kohya file |
+| lora | ``pytorch_lora_weights.safetensors`` (diffusers, with the LoraConfig as metadata; variants lora and dora) or ``peft_adapter_weights.safetensors`` (peft's own keys; loha, lokr); ``lora_kohya.safetensors`` (kohya / LyCORIS keys and metadata, `checkpoints.kohya`, `checkpoints.lycoris`) | ``pipe.load_lora_weights(dir)`` (lora, dora); A1111 / ComfyUI / kohya read the kohya file (`use_with` says which) |
 | textual_inversion | ``learned_embeds.safetensors`` ``{token: [n, D]}`` (one file per placeholder token: ``learned_embeds_<i>.safetensors`` after the first); ``a1111/<name>.safetensors`` ``{"emb_params": [n, D]}`` | ``pipe.load_textual_inversion(dir)``; A1111 / ComfyUI ``embeddings/`` |
 | custom_diffusion | ``pytorch_custom_diffusion_weights.safetensors`` (diffusers' ``save_attn_procs`` keys) + ``learned_embeds*.safetensors`` for the modifier tokens (+ ``a1111/``) | ``load_adapter`` (our loader), or diffusers' CustomDiffusionAttnProcessor built from the file |
 | dreambooth | a complete diffusers pipeline folder (the export folder itself, with the base model's scheduler); ``sd_checkpoint.safetensors``: the same weights in the original SD layout (`checkpoints.sd_single_file`) | ``StableDiffusionPipeline.from_pretrained(dir)``; A1111 / ComfyUI ``checkpoints/`` |
@@ -22,12 +22,14 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from dreamsteer.checkpoints import kohya
+from dreamsteer.checkpoints import kohya, lycoris
 from dreamsteer.checkpoints.safetensors_files import read_metadata, save_safetensors
 from dreamsteer.data.files import write_text_atomic
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 LORA_KOHYA_FILE = "lora_kohya.safetensors"
+PEFT_FILE = "peft_adapter_weights.safetensors"
+DIFFUSERS_VARIANTS = ("lora", "dora")  # what diffusers' load_lora_weights builds (a LoraConfig, use_dora from the keys)
 CD_FILE = "pytorch_custom_diffusion_weights.safetensors"
 TI_FILE = "learned_embeds.safetensors"
 A1111_DIR = "a1111"
@@ -61,12 +63,22 @@ def a1111_name(token: str) -> str:
     return stem
 
 
-def use_with(kind: str, files: list[str], token_files: dict[str, str]) -> dict[str, list[str]]:
-    """Which files of an export each tool loads (adapter.json's ``use_with``)."""
+def lora_consumers(variant: str) -> set[str]:
+    """The tools that compute a LoRA variant as trained: diffusers (lora, dora); ComfyUI / A1111 read the kohya file,
+    but apply a DoRA ``dora_scale`` of one value per output row with another norm (ComfyUI: that of ``W``, not
+    ``W + dW``; A1111: one per input column), so not DoRA; kohya's sd-scripts: plain LoRA only. A1111's LoKr reader
+    also needs whole factors (`lycoris.a1111_loads`, checked on the written file)."""
+    return {"lora": {"diffusers", "a1111", "comfyui", "kohya"}, "dora": {"diffusers"},
+            "loha": {"a1111", "comfyui"}, "lokr": {"a1111", "comfyui"}}[variant]
+
+
+def use_with(kind: str, files: list[str], token_files: dict[str, str], consumers: set[str] | None = None) -> dict[str, list[str]]:
+    """Which files of an export each tool loads (adapter.json's ``use_with``; LoRA: `consumers` of its variant)."""
     embeddings = sorted(token_files.values())
     a1111 = sorted(f for f in files if f.startswith(A1111_DIR + "/"))
     if kind == "lora":
-        return {"diffusers": [LORA_FILE], "a1111": [LORA_KOHYA_FILE], "comfyui": [LORA_KOHYA_FILE], "kohya": [LORA_KOHYA_FILE]}
+        table = {"diffusers": [LORA_FILE], "a1111": [LORA_KOHYA_FILE], "comfyui": [LORA_KOHYA_FILE], "kohya": [LORA_KOHYA_FILE]}
+        return {tool: names for tool, names in table.items() if consumers is None or tool in consumers}
     if kind == "textual_inversion":
         return {"diffusers": embeddings, "a1111": a1111, "comfyui": a1111}
     if kind == "custom_diffusion":  # A1111 and ComfyUI have no Custom Diffusion loader
@@ -122,13 +134,25 @@ def save_diffusers_lora(
 
 
 def save_kohya_lora(
-    path: Path, unet_state: dict[str, torch.Tensor], text_state: dict[str, torch.Tensor],
-    alpha: float, rank: int, metadata: dict[str, Any],
-) -> None:
-    """The kohya file (keys and metadata of `checkpoints.kohya`); `metadata`: `kohya.lora_metadata`'s arguments."""
-    tensors = kohya.peft_to_kohya(unet_state, kohya.UNET_PREFIX, alpha, text_encoder=False)
-    tensors.update(kohya.peft_to_kohya(text_state, kohya.TEXT_PREFIX, alpha, text_encoder=True))
-    save_safetensors(tensors, path, kohya.lora_metadata(tensors, rank=rank, alpha=alpha, **metadata))
+    path: Path, backbone: Any, config: dict[str, Any], unet_state: dict[str, torch.Tensor], text_state: dict[str, torch.Tensor],
+    metadata: dict[str, Any],
+) -> dict[str, torch.Tensor]:
+    """The kohya / LyCORIS file of the attached LoRA (`config`: its adapter config) with each module's own rank and
+    alpha; `metadata`: `kohya.lora_metadata`'s arguments. Returns the written tensors."""
+    variant = config.get("variant", "lora")
+    tensors: dict[str, torch.Tensor] = {}
+    for state, model, prefix, is_text in ((unet_state, backbone.unet, kohya.UNET_PREFIX, False), (text_state, backbone.text_encoder, kohya.TEXT_PREFIX, True)):
+        if not state:
+            continue
+        layers = lycoris.layer_ranks_alphas(model)
+        if variant == "lora":
+            tensors.update(kohya.peft_to_kohya(state, prefix, {m: alpha for m, (_, alpha) in layers.items()}, text_encoder=is_text))
+        else:
+            tensors.update(lycoris.peft_to_lycoris(state, layers, prefix, text_encoder=is_text))
+    convs = config.get("conv_target_modules")
+    network = lycoris.network_metadata(variant, config.get("conv_rank") if convs else None, config.get("conv_alpha") if convs else None)
+    save_safetensors(tensors, path, kohya.lora_metadata(tensors, rank=config["rank"], alpha=config["alpha"], network=network, **metadata))
+    return tensors
 
 
 def _model_name(source: str) -> str:
@@ -150,18 +174,32 @@ def kohya_info(backbone: Any, manifest: dict[str, Any], output_name: str) -> dic
     }
 
 
-def write_lora(adapter: Any, backbone: Any, directory: Path, manifest: dict[str, Any], output_name: str) -> list[str]:
+def lora_weights_file(config: dict[str, Any]) -> str:
+    """The file `read_lora` fills a LoRA of this adapter config from: diffusers' where diffusers loads the variant."""
+    return LORA_FILE if config.get("variant", "lora") in DIFFUSERS_VARIANTS else PEFT_FILE
+
+
+def write_lora(adapter: Any, backbone: Any, directory: Path, manifest: dict[str, Any], output_name: str) -> tuple[list[str], set[str]]:
+    """The LoRA's files (module docstring) and the tools that load them as trained (`lora_consumers`)."""
     from dreamsteer.diffusion.adapters import LORA_ADAPTER_NAME
 
     unet_state, text_state = lora_states(backbone)
-    save_diffusers_lora(
-        directory, unet_state, text_state,
-        backbone.unet.peft_config[LORA_ADAPTER_NAME].to_dict(),
-        backbone.text_encoder.peft_config[LORA_ADAPTER_NAME].to_dict() if text_state else None,
-    )
-    save_kohya_lora(directory / LORA_KOHYA_FILE, unet_state, text_state, adapter.config["alpha"], adapter.config["rank"],
-                    kohya_info(backbone, manifest, output_name))
-    return [LORA_FILE, LORA_KOHYA_FILE]
+    weights = lora_weights_file(adapter.config)
+    if weights == LORA_FILE:
+        save_diffusers_lora(
+            directory, unet_state, text_state,
+            backbone.unet.peft_config[LORA_ADAPTER_NAME].to_dict(),
+            backbone.text_encoder.peft_config[LORA_ADAPTER_NAME].to_dict() if text_state else None,
+        )
+    else:
+        save_safetensors({**{f"unet.{k}": v for k, v in unet_state.items()}, **{f"text_encoder.{k}": v for k, v in text_state.items()}},
+                         directory / PEFT_FILE)
+    tensors = save_kohya_lora(directory / LORA_KOHYA_FILE, backbone, adapter.config, unet_state, text_state,
+                              kohya_info(backbone, manifest, output_name))
+    consumers = lora_consumers(adapter.variant)
+    if not lycoris.a1111_loads(tensors):
+        consumers = consumers - {"a1111"}
+    return [weights, LORA_KOHYA_FILE], consumers
 
 
 def _diffusers_to_peft_key(key: str) -> str:
@@ -172,12 +210,14 @@ def _diffusers_to_peft_key(key: str) -> str:
 
 
 def read_lora(adapter: Any, backbone: Any, directory: Path) -> None:
-    """Fill the attached LoRA layers from the diffusers file (keys ``unet.``/``text_encoder.`` + peft or diffusers names)."""
+    """Fill the attached LoRA layers from the diffusers file (or, for LoHa / LoKr, the peft file): keys
+    ``unet.``/``text_encoder.`` + peft or diffusers names."""
     from peft.utils import set_peft_model_state_dict
 
     from dreamsteer.diffusion.adapters import LORA_ADAPTER_NAME
 
-    state = read_tensors(directory / LORA_FILE)
+    path = directory / lora_weights_file(adapter.config)
+    state = read_tensors(path)
     for prefix, module in (("unet.", backbone.unet), ("text_encoder.", backbone.text_encoder)):
         part = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         if not part:
@@ -188,16 +228,16 @@ def read_lora(adapter: Any, backbone: Any, directory: Path) -> None:
             part = {k.removeprefix("text_model."): v for k, v in part.items()}  # transformers 5 names
         if set(part) != set(expected):
             raise AdapterFormatError(
-                f"{directory / LORA_FILE}: {prefix[:-1]} LoRA keys do not match the adapter config "
+                f"{path}: {prefix[:-1]} LoRA keys do not match the adapter config "
                 f"(missing {sorted(set(expected) - set(part))[:3]}, unexpected {sorted(set(part) - set(expected))[:3]})"
             )
         for key, value in part.items():
             if value.shape != expected[key].shape:
-                raise AdapterFormatError(f"{directory / LORA_FILE}: {prefix}{key} has shape {tuple(value.shape)}, the adapter config "
+                raise AdapterFormatError(f"{path}: {prefix}{key} has shape {tuple(value.shape)}, the adapter config "
                                          f"(rank {adapter.config['rank']}) needs {tuple(expected[key].shape)}")
         result = set_peft_model_state_dict(module, part, adapter_name=LORA_ADAPTER_NAME)
         if getattr(result, "unexpected_keys", None):
-            raise AdapterFormatError(f"{directory / LORA_FILE}: unexpected keys {result.unexpected_keys[:3]}")
+            raise AdapterFormatError(f"{path}: unexpected keys {result.unexpected_keys[:3]}")
 
 
 # ----------------------------------------------------------------------------- token embeddings (TI, CD)

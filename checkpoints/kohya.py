@@ -120,8 +120,10 @@ def lora_metadata(
     resolution: int | None,
     steps: int | None,
     tag_frequency_json: dict[str, dict[str, int]] | None = None,
+    network: dict[str, str] | None = None,
 ) -> dict[str, str]:
-    """The metadata kohya's ``train_network.py`` writes, with its two hashes of `tensors`."""
+    """The metadata kohya's ``train_network.py`` writes, with its two hashes of `tensors`; `network` replaces
+    ``ss_network_module`` / adds ``ss_network_args`` (LyCORIS, convolutions: `checkpoints.lycoris.network_metadata`)."""
     meta = {
         "ss_network_module": NETWORK_MODULE,
         "ss_network_dim": str(rank),
@@ -131,6 +133,7 @@ def lora_metadata(
         "ss_v_parameterization": str(bool(v_prediction)),
         "ss_sd_model_name": base_model,
         "ss_output_name": output_name,
+        **(network or {}),
     }
     if resolution:
         meta["ss_resolution"] = str((int(resolution), int(resolution)))

@@ -102,6 +102,9 @@ def read_lora(path: str | os.PathLike, unet_modules: set[str], text_modules: set
         manifest = path / "adapter.json"
         if not manifest.is_file() or json.loads(manifest.read_text()).get("method") != "lora":
             raise LoraFileError(f"{path}: not a LoRA export folder (its adapter.json must say method 'lora')")
+        variant = (json.loads(manifest.read_text()).get("adapter_config") or {}).get("variant", "lora")
+        if variant != "lora":
+            raise LoraFileError(f"{path}: a {variant} adapter; merge and convert read plain LoRAs (up @ down) only")
         path = path / LORA_FILE
     if not path.is_file():
         raise LoraFileError(f"{path}: no such LoRA file")

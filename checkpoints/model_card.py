@@ -25,8 +25,11 @@ def _diffusers_snippet(manifest: dict[str, Any], folder: str) -> str:
         lines.append(f"pipe = StableDiffusionPipeline.from_pretrained({folder!r})")
     else:
         lines.append(f"pipe = StableDiffusionPipeline.from_pretrained({base!r})")
-    if kind == "lora":
+    if kind == "lora" and "diffusers" in manifest.get("use_with", {}):
         lines.append(f"pipe.load_lora_weights({folder!r})")
+    elif kind == "lora":  # LoHa / LoKr: diffusers has no loader for peft's LoHa / LoKr files
+        lines = ["from dreamsteer.checkpoints import load_adapter", "from dreamsteer.diffusion.backbone import load_backbone", "",
+                 f"backbone = load_backbone({base!r})", f"load_adapter(backbone, {folder!r})", "pipe = backbone.pipeline()"]
     elif kind in ("textual_inversion", "custom_diffusion"):
         for token, name in manifest.get("token_files", {}).items():
             lines.append(f"pipe.load_textual_inversion({folder + '/' + name!r}, token={token!r})")
@@ -41,10 +44,13 @@ def _tool_steps(manifest: dict[str, Any]) -> list[str]:
     kind, use = manifest["method"], manifest.get("use_with", {})
     out = []
     if kind == "lora":
-        f = use["a1111"][0]
-        stem = f.rsplit(".", 1)[0]
-        out += [f"- **ComfyUI**: copy `{f}` into `models/loras/` and add a *LoraLoader* node between *Load Checkpoint* and the sampler.",
-                f"- **AUTOMATIC1111**: copy `{f}` into `models/Lora/` and write `<lora:{stem}:1>` in the prompt."]
+        for f in use.get("comfyui", []):
+            out.append(f"- **ComfyUI**: copy `{f}` into `models/loras/` and add a *LoraLoader* node between *Load Checkpoint* and the sampler.")
+        for f in use.get("a1111", []):
+            out.append(f"- **AUTOMATIC1111**: copy `{f}` into `models/Lora/` and write `<lora:{f.rsplit('.', 1)[0]}:1>` in the prompt.")
+        if not use.get("comfyui"):
+            variant = (manifest.get("adapter_config") or {}).get("variant")
+            out.append(f"- ComfyUI and AUTOMATIC1111 do not compute this {variant} adapter as trained; use diffusers.")
     elif kind == "textual_inversion":
         for f in use.get("a1111", []):
             stem = f.rsplit("/", 1)[-1].rsplit(".", 1)[0]

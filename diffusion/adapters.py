@@ -23,6 +23,7 @@ import contextlib
 import copy
 import hashlib
 import json
+import re
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -271,20 +272,41 @@ def check_text_encoder_lora() -> None:
         )
 
 
-class LoraAdapter(_Adapter):
-    """peft LoRA on the UNet (and optionally the text encoder): ``W x + (alpha / r) B A x``.
+LORA_VARIANTS = ("lora", "dora", "loha", "lokr")
+# the peft parameter names of each variant's layers (``<module>.<name>.default``)
+_VARIANT_PARAMS = {
+    "lora": ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B"),
+    "dora": ("lora_A", "lora_B", "lora_magnitude_vector"),
+    "loha": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"),
+    "lokr": ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b"),
+}
 
-    ``A`` is Gaussian, ``B`` zero at attach, so the adapted model starts equal to the base model.
-    Disabled: peft's adapter switch (the base layers compute alone).
+
+class LoraAdapter(_Adapter):
+    """peft LoRA and its variants on the UNet (and optionally the text encoder); per targeted layer ``W``:
+
+    - ``lora``: ``W + (alpha / r) B A`` (Hu et al. 2021), ``A`` Gaussian, ``B = 0`` at attach;
+    - ``dora``: ``m * V / ||V||`` with ``V = W + (alpha / r) B A`` and ``||.||`` the norm of each output row
+      (Liu et al. 2024), ``m`` starting at ``||W||``;
+    - ``loha``: ``W + (alpha / r) (W1a W1b) * (W2a W2b)`` (Hadamard product, LyCORIS), ``W2b = 0`` at attach;
+    - ``lokr``: ``W + (alpha / r) kron(W1, W2)`` with ``W1``/``W2`` full or factored as ``a @ b`` (LyCORIS), ``W1 = 0`` at attach.
+
+    So the adapted model starts equal to the base model. Convolutions get the same update on their
+    weight flattened to ``[out, in * k * k]``. Disabled: peft's adapter switch (the base layers compute alone).
     """
 
     kind = "lora"
 
+    @property
+    def variant(self) -> str:
+        return self.config.get("variant", "lora")
+
     def named_trainable(self, backbone: Any) -> list[tuple[str, nn.Parameter]]:
-        is_lora = lambda n: "lora_" in n  # noqa: E731 - peft names lora_A / lora_B (and lora_embedding_*)
-        named = _params_named(backbone.unet, "unet", is_lora)
+        names = _VARIANT_PARAMS[self.variant]
+        is_adapter = lambda n: any(f".{name}." in n for name in names)  # noqa: E731
+        named = _params_named(backbone.unet, "unet", is_adapter)
         if self.config["text_encoder"]:
-            named += _params_named(backbone.text_encoder, "text_encoder", is_lora)
+            named += _params_named(backbone.text_encoder, "text_encoder", is_adapter)
         return named
 
     @contextlib.contextmanager
@@ -299,6 +321,62 @@ class LoraAdapter(_Adapter):
                 module.enable_adapters()
 
 
+def unloadable_lora(variant: str, text_encoder: bool) -> str | None:
+    """Why no tool would compute this LoRA variant as trained, or None. DoRA loads in diffusers only (ComfyUI / A1111
+    normalize ``dora_scale`` otherwise, see `checkpoints.formats.lora_consumers`), and diffusers 0.42 + transformers 5
+    leave a text encoder's DoRA magnitudes unloaded (re-initialized with a "MISSING" warning)."""
+    if variant == "dora" and text_encoder:
+        return ("DoRA on the text encoder loads in no tool (diffusers 0.42 with transformers 5 does not load its magnitude "
+                "vectors; ComfyUI / A1111 do not compute peft's DoRA); train the UNet only, or use variant lora / loha / lokr")
+    return None
+
+
+def targeted_modules(module: nn.Module, targets: Sequence[str]) -> dict[str, nn.Module]:
+    """The submodules peft's ``target_modules`` list selects: a name equal to a target or ending in ``.<target>``."""
+    return {name: m for name, m in module.named_modules() if any(name == t or name.endswith("." + t) for t in targets)}
+
+
+def _pattern_matches(pattern: str, name: str) -> bool:
+    """peft's rule for ``rank_pattern`` / ``alpha_pattern`` keys (`peft.utils.other.get_pattern_key`)."""
+    return re.match(rf"(.*\.)?({pattern})$", name) is not None
+
+
+def _check_lora_targets(
+    unet: nn.Module, target_modules: Sequence[str], conv_target_modules: Sequence[str],
+    rank_pattern: dict[str, int], alpha_pattern: dict[str, float],
+) -> None:
+    """Every conv target names convolutions only, every pattern matches a targeted layer (AdapterError names the key)."""
+    for name in conv_target_modules:
+        found = targeted_modules(unet, [name])
+        if not found:
+            raise AdapterError(f"method.conv_target_modules: {name!r} names no module of the UNet (e.g. conv1, conv2, conv_shortcut)")
+        linear = sorted(n for n, m in found.items() if not isinstance(m, nn.Conv2d))
+        if linear:
+            raise AdapterError(f"method.conv_target_modules: {name!r} also names non-convolution layers ({linear[0]}); "
+                               "list linear layers in method.target_modules")
+    targeted = targeted_modules(unet, [*target_modules, *conv_target_modules])
+    for key, patterns in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
+        for pattern in patterns:
+            if not any(_pattern_matches(pattern, n) for n in targeted):
+                raise AdapterError(f"method.{key}: {pattern!r} matches no targeted layer (peft matches the end of the module "
+                                   "name, e.g. 'attn2.to_k' or 'down_blocks\\.0\\..*to_q')")
+
+
+def lora_peft_config(
+    variant: str, rank: int, alpha: float, target_modules: Sequence[str], dropout: float,
+    rank_pattern: dict[str, int], alpha_pattern: dict[str, float], decompose_both: bool, decompose_factor: int,
+) -> Any:
+    """peft's own config of the variant: ``LoraConfig`` (``use_dora`` for DoRA), ``LoHaConfig`` or ``LoKrConfig``."""
+    from peft import LoHaConfig, LoKrConfig, LoraConfig
+
+    common = {"r": rank, "target_modules": list(target_modules), "rank_pattern": dict(rank_pattern), "alpha_pattern": dict(alpha_pattern)}
+    if variant in ("lora", "dora"):
+        return LoraConfig(lora_alpha=alpha, lora_dropout=dropout, init_lora_weights="gaussian", use_dora=variant == "dora", **common)
+    if variant == "loha":
+        return LoHaConfig(alpha=alpha, **common)
+    return LoKrConfig(alpha=alpha, decompose_both=decompose_both, decompose_factor=decompose_factor, **common)
+
+
 def add_lora(
     backbone: Any,
     rank: int = 4,
@@ -307,33 +385,66 @@ def add_lora(
     dropout: float = 0.0,
     text_encoder: bool = False,
     text_target_modules: Sequence[str] = TEXT_LORA_TARGETS,
+    variant: str = "lora",
+    conv_target_modules: Sequence[str] = (),
+    conv_rank: int | None = None,
+    conv_alpha: float | None = None,
+    rank_pattern: dict[str, int] | None = None,
+    alpha_pattern: dict[str, float] | None = None,
+    decompose_both: bool = False,
+    decompose_factor: int = -1,
 ) -> LoraAdapter:
-    """Attach peft LoRA layers (``alpha`` defaults to ``rank``, i.e. scale 1) through diffusers' ``unet.add_adapter``."""
-    from peft import LoraConfig
+    """Attach peft LoRA / DoRA / LoHa / LoKr layers (`LoraAdapter`) through diffusers' ``unet.add_adapter``.
 
-    if rank < 1:
-        raise AdapterError(f"LoRA rank must be >= 1, got {rank}")
+    ``alpha`` defaults to ``rank`` (scale 1). ``conv_target_modules`` (e.g. the resnets' ``conv1``, ``conv2``,
+    ``conv_shortcut``) get ``conv_rank`` / ``conv_alpha`` (defaults: ``rank``, ``conv_rank``), added to the
+    patterns after ``rank_pattern`` / ``alpha_pattern`` (``{regex matching the end of a module name: value}``,
+    peft's per-module rank / alpha; the first matching key wins). ``decompose_both`` / ``decompose_factor``: LoKr's.
+    """
+    if variant not in LORA_VARIANTS:
+        raise AdapterError(f"method.variant: {variant!r} is not one of {list(LORA_VARIANTS)}")
+    rank_pattern, alpha_pattern = dict(rank_pattern or {}), dict(alpha_pattern or {})
+    conv_rank = int(rank if conv_rank is None else conv_rank)
+    if rank < 1 or conv_rank < 1 or any(int(r) < 1 for r in rank_pattern.values()):
+        raise AdapterError(f"LoRA ranks must be >= 1, got rank {rank}, conv_rank {conv_rank}, rank_pattern {rank_pattern}")
     if not 0.0 <= dropout < 1.0:
         raise AdapterError(f"LoRA dropout must be in [0, 1), got {dropout}")
-    if not target_modules:
+    if dropout and variant in ("loha", "lokr"):
+        raise AdapterError(f"method.dropout: peft's {variant} layers have no input dropout; set it to 0")
+    if variant != "lokr" and (decompose_both or decompose_factor != -1):
+        raise AdapterError(f"method.decompose_both / decompose_factor belong to variant 'lokr', not {variant!r}")
+    if not target_modules and not conv_target_modules:
         raise AdapterError("LoRA target_modules must name at least one module (e.g. to_q, to_k, to_v, to_out.0)")
+    unloadable = unloadable_lora(variant, text_encoder)
+    if unloadable:
+        raise AdapterError(f"method.train_text_encoder: {unloadable}")
     if text_encoder:
         check_text_encoder_lora()
+    _check_lora_targets(backbone.unet, target_modules, conv_target_modules, rank_pattern, alpha_pattern)
     fingerprint = _ensure_free(backbone)
     alpha = float(rank if alpha is None else alpha)
+    conv_alpha = float(conv_rank if conv_alpha is None else conv_alpha)
     config = {
         "rank": int(rank), "alpha": alpha, "target_modules": list(target_modules), "dropout": float(dropout),
-        "text_encoder": bool(text_encoder), "text_target_modules": list(text_target_modules),
+        "text_encoder": bool(text_encoder), "text_target_modules": list(text_target_modules), "variant": variant,
+        "conv_target_modules": list(conv_target_modules), "conv_rank": conv_rank, "conv_alpha": conv_alpha,
+        "rank_pattern": {k: int(v) for k, v in rank_pattern.items()}, "alpha_pattern": {k: float(v) for k, v in alpha_pattern.items()},
+        "decompose_both": bool(decompose_both), "decompose_factor": int(decompose_factor),
     }
+    # the conv layers' rank / alpha as patterns after the user's (peft takes the first matching key)
+    unet_ranks = dict(config["rank_pattern"], **{n: conv_rank for n in conv_target_modules if n not in rank_pattern and conv_rank != rank})
+    unet_alphas = dict(config["alpha_pattern"], **{n: conv_alpha for n in conv_target_modules if n not in alpha_pattern and conv_alpha != alpha})
+    options = {"variant": variant, "rank": int(rank), "alpha": alpha, "dropout": float(dropout),
+               "decompose_both": bool(decompose_both), "decompose_factor": int(decompose_factor)}
     try:
         backbone.unet.add_adapter(
-            LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights="gaussian", target_modules=list(target_modules)),
+            lora_peft_config(target_modules=[*target_modules, *conv_target_modules], rank_pattern=unet_ranks, alpha_pattern=unet_alphas, **options),
             adapter_name=LORA_ADAPTER_NAME,
         )
         if text_encoder:
+            text_patterns = {"rank_pattern": {}, "alpha_pattern": {}}  # the patterns name UNet layers
             backbone.text_encoder.add_adapter(
-                LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights="gaussian", target_modules=list(text_target_modules)),
-                adapter_name=LORA_ADAPTER_NAME,
+                lora_peft_config(target_modules=list(text_target_modules), **text_patterns, **options), adapter_name=LORA_ADAPTER_NAME,
             )
     except ValueError as err:  # peft: "Target modules {...} not found in the base model"
         raise AdapterError(f"LoRA target modules could not be attached: {err}") from err

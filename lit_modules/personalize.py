@@ -430,6 +430,9 @@ class LoraModule(PersonalizeModule):
         return {
             "rank": m.rank, "alpha": m.alpha, "target_modules": list(m.target_modules), "dropout": m.dropout,
             "text_encoder": m.train_text_encoder, "text_target_modules": list(m.text_target_modules),
+            "variant": m.variant, "conv_target_modules": list(m.conv_target_modules), "conv_rank": m.conv_rank, "conv_alpha": m.conv_alpha,
+            "rank_pattern": dict(m.rank_pattern or {}), "alpha_pattern": dict(m.alpha_pattern or {}),
+            "decompose_both": m.decompose_both, "decompose_factor": m.decompose_factor,
         }
 
 

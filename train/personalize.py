@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -41,6 +41,14 @@ class LoraMethod:
     target_modules: List[str] = field(default_factory=lambda: ["to_k", "to_q", "to_v", "to_out.0"])
     train_text_encoder: bool = False
     text_target_modules: List[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"])
+    variant: str = "lora"  # lora | dora | loha | lokr
+    conv_target_modules: List[str] = field(default_factory=list)  # e.g. [conv1, conv2, conv_shortcut]
+    conv_rank: Optional[int] = None  # default: rank
+    conv_alpha: Optional[float] = None  # default: conv_rank
+    rank_pattern: Optional[Dict[str, int]] = None  # {regex matching the end of a UNet module name: rank}
+    alpha_pattern: Optional[Dict[str, float]] = None
+    decompose_both: bool = False  # lokr: also factor the first Kronecker factor
+    decompose_factor: int = -1  # lokr: the factor size (-1: the most balanced)
 
 
 @dataclass
@@ -187,6 +195,8 @@ def validate_config(cfg: DictConfig) -> DictConfig:
         raise ConfigError(f"config key 'method': choose one with method=<{'|'.join(METHODS)}>")
     check_choice(cfg, "method.name", METHODS)
     cfg.method = validate(cfg.method, METHOD_SCHEMAS[cfg.method.name])
+    if cfg.method.name == "lora":
+        check_lora_method(cfg.method)
     if cfg.method.name == "lora" and cfg.method.train_text_encoder:
         from dreamsteer.diffusion.adapters import AdapterError, check_text_encoder_lora
 
@@ -228,6 +238,36 @@ def validate_config(cfg: DictConfig) -> DictConfig:
     if cfg.validation.every_n_steps < 0 or cfg.validation.num_images < 1 or cfg.validation.steps < 1:
         raise ConfigError("config keys 'validation.every_n_steps' >= 0, 'validation.num_images' and 'validation.steps' >= 1")
     return cfg
+
+
+def check_lora_method(m: DictConfig) -> None:
+    """The LoRA keys that need no model: variant, ranks, patterns, variant-only options, and that some tool
+    Layer names are checked when the adapter is attached, still before training."""
+    import re
+
+    from dreamsteer.diffusion.adapters import LORA_VARIANTS, unloadable_lora
+
+    if m.variant not in LORA_VARIANTS:
+        raise ConfigError(f"config key 'method.variant': {m.variant!r} is not one of {list(LORA_VARIANTS)}")
+    if m.rank < 1 or (m.conv_rank is not None and m.conv_rank < 1):
+        raise ConfigError(f"config keys 'method.rank' / 'method.conv_rank': {m.rank} / {m.conv_rank} must be >= 1")
+    for key in ("rank_pattern", "alpha_pattern"):
+        for pattern, value in (m[key] or {}).items():
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ConfigError(f"config key 'method.{key}': {pattern!r} is not a regular expression ({err})") from None
+            if key == "rank_pattern" and value < 1:
+                raise ConfigError(f"config key 'method.rank_pattern': rank {value} for {pattern!r} must be >= 1")
+    if m.variant in ("loha", "lokr") and m.dropout:
+        raise ConfigError(f"config key 'method.dropout': {m.dropout} with variant {m.variant!r}: peft's LoHa / LoKr layers have no input dropout; use 0")
+    if m.variant != "lokr" and (m.decompose_both or m.decompose_factor != -1):
+        raise ConfigError(f"config keys 'method.decompose_both' / 'method.decompose_factor': LoKr options, but method.variant is {m.variant!r}")
+    unloadable = unloadable_lora(m.variant, m.train_text_encoder)
+    if unloadable:
+        raise ConfigError(f"config keys 'method.variant' / 'method.train_text_encoder': {unloadable}")
+    if m.decompose_factor != -1 and m.decompose_factor < 1:
+        raise ConfigError(f"config key 'method.decompose_factor': {m.decompose_factor} must be -1 (balanced) or >= 1")
 
 
 def required_tokens(cfg: DictConfig) -> list[str]:
