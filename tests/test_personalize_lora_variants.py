@@ -229,7 +229,7 @@ def test_default_lora_is_unchanged(fresh_backbone, tiny_backbone):
     assert all(".lora_A." in n or ".lora_B." in n for n, _ in fresh_backbone.adapter.named_trainable(fresh_backbone))
 
 
-@pytest.mark.parametrize("variant", ["dora", "lokr"])
+@pytest.mark.parametrize("variant", [pytest.param("dora", marks=pytest.mark.slow), "lokr"])
 def test_steer_trains_over_a_variant_adapter(variant, tmp_path, tiny_dir):
     """DreamSteerer on a DoRA / LoKr export: every adapter tensor moves, nothing else, and the result reloads."""
     from dreamsteer.data.samples import write_sample_images
