@@ -255,3 +255,39 @@ def test_steer_trains_over_a_variant_adapter(variant, tmp_path, tiny_dir):
     after = dict(backbone.adapter.named_trainable(backbone))
     assert after.keys() == before.keys()
     assert all(not torch.equal(after[n], before[n]) for n in before)
+
+
+def test_sample_and_edit_use_a_loha_adapter_and_merge_refuses_it(tmp_path, tiny_dir):
+    import numpy as np
+    from PIL import Image
+
+    from dreamsteer.checkpoints.lora_files import LoraFileError, read_lora
+    from dreamsteer.data.samples import write_sample_images
+    from dreamsteer.train.edit import run as edit
+    from dreamsteer.train.sample import run as sample
+
+    backbone = load_backbone(str(tiny_dir))
+    attach_adapter(backbone, "lora", variant="loha", rank=2, conv_target_modules=["conv1"])
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in backbone.adapter.trainable_parameters(backbone):
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    adapter = export_adapter(backbone, tmp_path / "loha", {"instance_prompt": PROMPT})
+
+    common = [f"prompt='{PROMPT}'", "num_images=1", "steps=2", "logger=none", f"model.pretrained={tiny_dir}"]
+    with_adapter = sample(compose("sample", [*common, f"adapter={adapter}", f"output_dir={tmp_path / 'a'}"]))
+    without = sample(compose("sample", [*common, f"output_dir={tmp_path / 'b'}"]))
+    a, b = (np.asarray(Image.open(p[0]), dtype=np.int16) for p in (with_adapter, without))
+    assert np.abs(a - b).max() > 0
+
+    write_sample_images(tmp_path / "photos", ["cat"])
+    record = edit(compose("edit", [
+        f"image={tmp_path / 'photos' / 'cat.png'}", "source_prompt='a photo of a cat'", "target_prompt='a photo of a sks cat'",
+        "editor=dds_sm", f"adapter={adapter}", "editor.steps=2", f"output_dir={tmp_path / 'edit'}", "progress=false",
+        f"model.pretrained={tiny_dir}",
+    ]))
+    assert record["adapter_method"] == "lora" and record["trace"]["unet_calls"] == 2 * 2
+
+    names = {n for n, _ in backbone.unet.named_modules()}
+    with pytest.raises(LoraFileError, match="a loha adapter; merge and convert read plain LoRAs"):
+        read_lora(adapter, names, set())
