@@ -104,6 +104,13 @@ class SubjectDataConfig:
 
 
 @dataclass(frozen=True)
+class InstanceItem:
+    path: Path
+    caption: Optional[str]  # from <image>.txt, else None
+    mask: Optional[Path] = None  # loss mask (white: learned, black: ignored), with data.masks
+
+
+@dataclass(frozen=True)
 class Concept:
     """One subject of a run: the single ``data.instance_dir`` form (``key`` "data") or one ``data.concepts[k]``.
 
@@ -111,7 +118,7 @@ class Concept:
     `class_paths` by `SubjectDataModule.setup` (prior preservation).
     """
 
-    items: Sequence["InstanceItem"]
+    items: Sequence[InstanceItem]
     instance_prompt: str
     class_paths: Sequence[Path] = ()
     class_prompt: Optional[str] = None
@@ -121,13 +128,6 @@ class Concept:
     instance_dir: Optional[str] = None
     class_dir: Optional[str] = None
     mask_token: Optional[str] = None
-
-
-@dataclass(frozen=True)
-class InstanceItem:
-    path: Path
-    caption: Optional[str]  # from <image>.txt, else None
-    mask: Optional[Path] = None  # loss mask (white: learned, black: ignored), with data.masks
 
 
 MASK_SUFFIX = ".mask"  # <stem>.mask.png is the loss mask of <stem>.<ext>, never an instance image

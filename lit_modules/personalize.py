@@ -457,7 +457,8 @@ class CustomDiffusionModule(PersonalizeModule):
 
     @staticmethod
     def adapter_kwargs(m: DictConfig) -> dict[str, Any]:
-        return {"modifier_tokens": list(m.modifier_tokens), "initializer_token": m.initializer_token, "train_q_out": m.train_q_out, "detach_sot": m.detach_sot}
+        init = m.initializer_token if isinstance(m.initializer_token, str) else list(m.initializer_token)
+        return {"modifier_tokens": list(m.modifier_tokens), "initializer_token": init, "train_q_out": m.train_q_out, "detach_sot": m.detach_sot}
 
     @property
     def required_tokens(self) -> list[str]:

@@ -132,26 +132,27 @@ def test_custom_diffusion_learns_each_modifier_token_from_its_concept_and_loads_
 
     write_solid(tmp_path / "cat", RED, 2), write_solid(tmp_path / "pot", BLUE, 2)
     out = run(compose("personalize", [
-        "method=custom_diffusion", "method.modifier_tokens=['<new1>','<new2>']", "method.lr=1e-3", "optim.weight_decay=0",
+        "method=custom_diffusion", "method.modifier_tokens=['<new1>','<new2>']", "method.initializer_token=['*',dog]", "method.lr=1e-3", "optim.weight_decay=0",
         "logger=none", f"output_dir={tmp_path / 'run'}", "trainer.max_steps=2", "data.resolution=64",
         "trainer.checkpoint_every_n_steps=1", "trainer.keep_all_checkpoints=true",
         concepts_override({"instance_dir": tmp_path / "cat", "instance_prompt": "a photo of <new1> cat", "token": "<new1>"},
                           {"instance_dir": tmp_path / "pot", "instance_prompt": "a <new2> pot", "token": "<new2>"}),
     ]))
     base = load_backbone(str(tiny_dir))
-    star = base.text_encoder.get_input_embeddings().weight[base.tokenizer.encode("*", add_special_tokens=False)[0]].detach()
+    star, dog = (base.text_encoder.get_input_embeddings().weight[base.tokenizer.encode(w, add_special_tokens=False)[0]].detach() for w in ("*", "dog"))
 
     def rows(step: int) -> torch.Tensor:
         state = torch.load(tmp_path / "run" / "checkpoints" / f"step{step:06d}.ckpt", map_location="cpu", weights_only=True)["state_dict"]
         return next(v for k, v in state.items() if k.endswith("token_embedding.new"))
 
     # step 1 saw only concept 0 (<new1>), step 2 concept 1 (<new2>): without weight decay a row moves only when its prompts train it
-    assert not torch.equal(rows(1)[0], star) and torch.equal(rows(1)[1], star)
-    assert not torch.equal(rows(2)[1], star)
+    # (each row starts from its own initializer token)
+    assert not torch.equal(rows(1)[0], star) and torch.equal(rows(1)[1], dog)
+    assert not torch.equal(rows(2)[1], dog)
     manifest = json.loads((out / "adapter.json").read_text())
     assert manifest["tokens"] == ["<new1>", "<new2>"] and [c["token"] for c in manifest["concepts"]] == ["<new1>", "<new2>"]
     embeds = {token: load_file(str(out / name))[token] for token, name in manifest["token_files"].items()}
-    assert set(embeds) == {"<new1>", "<new2>"} and all(not torch.equal(embeds[t][0], star) for t in embeds)
+    assert set(embeds) == {"<new1>", "<new2>"} and not torch.equal(embeds["<new1>"][0], star) and not torch.equal(embeds["<new2>"][0], dog)
     loaded = load_backbone(str(tiny_dir))
     load_adapter(loaded, out)
     table = loaded.text_encoder.get_input_embeddings().weight
@@ -183,6 +184,7 @@ CD = ["method=custom_diffusion", "method.modifier_tokens=['<new1>','<new2>']"]
     ({"class_prompt": "a <new1> pot"}, [*CD, "loss.prior_preservation=true"], SubjectDataError, r"data\.concepts\[1\]\.class_prompt'.*must not contain"),
     ({"foo": "1"}, CD, ConfigError, r"data\.concepts\[1\]\.foo': not a concept key"),
     ({}, [*CD, "data.instance_prompt='x'"], SubjectDataError, r"data\.instance_prompt': set it per concept"),
+    ({}, [*CD, "method.initializer_token=[cat,pot,dog]"], ConfigError, r"method\.initializer_token'.*one per modifier token"),
     ({}, ["method=textual_inversion", "method.tokens=['<new1>','<new2>']", "data.prompt_templates=object"], SubjectDataError, r"data\.concepts\[0\]\.subject' must be set"),
 ])
 def test_bad_concepts_are_refused_before_anything_is_written(tmp_path, change, extra, error, match):

@@ -65,7 +65,7 @@ class CustomDiffusionMethod:
     name: str = "custom_diffusion"
     lr: float = 1e-5
     modifier_tokens: List[str] = field(default_factory=lambda: ["<new1>"])
-    initializer_token: str = "*"
+    initializer_token: Any = "*"  # one existing token, or a list of one per modifier token (diffusers' "ktn+pll+ucd")
     train_q_out: bool = False
     detach_sot: bool = True
 
@@ -204,6 +204,10 @@ def validate_config(cfg: DictConfig) -> DictConfig:
             check_text_encoder_lora()
         except AdapterError as err:
             raise ConfigError(f"config key 'method.train_text_encoder': {err}") from None
+    if cfg.method.name == "custom_diffusion" and not isinstance(cfg.method.initializer_token, str):
+        inits, tokens = cfg.method.initializer_token, list(cfg.method.modifier_tokens)
+        if not OmegaConf.is_list(inits) or len(inits) != len(tokens) or not all(isinstance(t, str) for t in inits):
+            raise ConfigError(f"config key 'method.initializer_token': {inits!r} must be one token or a list of one per modifier token {tokens}")
     check_choice(cfg, "optim.name", list(OPTIMIZERS))
     missing = missing_optimizer_package(cfg.optim.name)
     if missing:
