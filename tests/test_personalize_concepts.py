@@ -97,6 +97,7 @@ def test_lora_run_with_two_concepts_draws_from_both_with_prior_preservation_per_
     out = run(compose("personalize", [
         "method=lora", "logger=none", f"output_dir={tmp_path / 'run'}", "trainer.max_steps=2", "data.batch_size=2", "data.resolution=64",
         "loss.prior_preservation=true", "data.num_class_images=2", "data.class_steps=2", "data.class_batch_size=2",
+        "validation.every_n_steps=2", "validation.steps=2", "validation.num_images=1",
         concepts_override(  # the dog's class images are given, the cat's are generated into the run folder
             {"instance_dir": tmp_path / "dog", "instance_prompt": "a photo of sks dog", "token": "sks", "class_dir": tmp_path / "dogs", "class_prompt": "a photo of a dog"},
             {"instance_dir": tmp_path / "cat", "instance_prompt": "a photo of zwx cat", "token": "zwx", "class_prompt": "a photo of a cat"},
@@ -112,6 +113,9 @@ def test_lora_run_with_two_concepts_draws_from_both_with_prior_preservation_per_
         assert class_prompt == ("a photo of a dog" if dog else "a photo of a cat")
         assert (class_pixels[1] == GREEN[1]) == dog  # the dog's class images are the green ones, the cat's are generated
     assert sum(p[0][0] > p[0][2] for p in pairs) == 2  # two examples of each concept
+
+    samples = json.loads((tmp_path / "run" / "samples" / "step000002" / "prompts.json").read_text())
+    assert samples["prompts"] == ["a photo of sks dog", "a photo of zwx cat"]  # validation samples every concept
 
     manifest = json.loads((out / "adapter.json").read_text())
     assert manifest["concepts"] == [
