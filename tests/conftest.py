@@ -68,6 +68,26 @@ def fresh_sdxl_backbone(tiny_sdxl_dir):
     return load_backbone(str(tiny_sdxl_dir))
 
 
+def direct_conditioning(bb, prompts, latents):
+    """``(encoder_hidden_states, UNet keyword arguments)`` for `prompts` computed without `diffusion.family`, the
+    reference of the gradient tests. SD 1.x/2.x: ``bb.encode_prompt`` (the text encoder's last hidden state), no
+    added conditions. SDXL: diffusers' own ``StableDiffusionXLPipeline.encode_prompt`` (zeros for "", as its
+    classifier-free guidance uses) and ``_get_add_time_ids`` for an uncropped image of the latents' pixel size."""
+    from diffusers import StableDiffusionXLPipeline
+
+    if bb.text_encoder_2 is None:
+        return bb.encode_prompt(prompts), {}
+    pipe = StableDiffusionXLPipeline(vae=bb.vae, text_encoder=bb.text_encoder, text_encoder_2=bb.text_encoder_2, tokenizer=bb.tokenizer,
+                                     tokenizer_2=bb.tokenizer_2, unet=bb.unet, scheduler=bb.sampling_scheduler, add_watermarker=False)
+    with torch.no_grad():
+        hidden, pooled = pipe.encode_prompt([p or "x" for p in prompts], device=bb.device, do_classifier_free_guidance=False)[::2]
+    empty = torch.tensor([p == "" for p in prompts]).reshape(-1, 1)
+    hidden, pooled = hidden.masked_fill(empty[..., None], 0.0), pooled.masked_fill(empty, 0.0)
+    size = (latents.shape[-2] * 8, latents.shape[-1] * 8)
+    time_ids = pipe._get_add_time_ids(size, (0, 0), size, hidden.dtype, bb.text_encoder_2.config.projection_dim)
+    return hidden, {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids.repeat(len(prompts), 1)}}
+
+
 @pytest.fixture
 def transformers_refusing_peft(monkeypatch):
     """Simulate transformers 5.24.0 (which requires peft >= 0.22.0) beside peft 0.21.2: the installed versions and

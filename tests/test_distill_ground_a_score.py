@@ -1,5 +1,6 @@
 """Ground-A-Score: the aggregated gradient equals the formula (masks with the overlap rule, null-text
-penalty, beta_t full-prompt term, box PatchNCE) and the sum of the sequential per-subtask gradients."""
+penalty, beta_t full-prompt term, box PatchNCE) and the sum of the sequential per-subtask gradients,
+on the tiny SD and the tiny SDXL model (`backbone` of tests.test_distill_methods)."""
 from __future__ import annotations
 
 import pytest
@@ -10,6 +11,7 @@ from dreamsteer.distill.masks import box_region
 from dreamsteer.distill.methods import Draw, Subtask
 from tests.test_distill_methods import (
     SRC,
+    backbone,  # noqa: F401 - fixtures
     cfg_of,
     eps_of,
     grid,
@@ -17,6 +19,7 @@ from tests.test_distill_methods import (
     hooked_features,
     nce_direct,
     noised,
+    unet_eps,
     up_self_layers,
     z_cur,  # noqa: F401 - fixtures
     z_src,  # noqa: F401
@@ -48,8 +51,8 @@ def test_masks_overlap_rule_and_union():
     assert float(union([ma, mb]).sum()) == 25 + 144 - 9
 
 
-def test_ground_a_score_gradient_equals_formula(tiny_backbone, z_src, z_cur):
-    bb = tiny_backbone
+def test_ground_a_score_gradient_equals_formula(backbone, z_src, z_cur):
+    bb = backbone
     cfg = cfg_of("ground_a_score", n_patches=100000)
     ed = Editor(bb, cfg, SRC, TGT, z_src, subtasks())
     d = the_draw()
@@ -85,7 +88,7 @@ def test_ground_a_score_gradient_equals_formula(tiny_backbone, z_src, z_cur):
     ref = {n: v.detach() for n, v in ref.items()}
     leaf = z_cur.clone().requires_grad_(True)
     with hooked_features(bb.unet, names) as cur:
-        bb.unet(noised(bb, leaf, eps, t), t, encoder_hidden_states=bb.encode_prompt(["cat"]))
+        unet_eps(bb, noised(bb, leaf, eps, t), t, "cat")
         loss = 0.0
         for n in names:
             r, c = grid(ref[n]), grid(cur[n])
@@ -97,8 +100,8 @@ def test_ground_a_score_gradient_equals_formula(tiny_backbone, z_src, z_cur):
     assert ed.scorer.calls == 3  # 12 rows in chunks of max_batch=8, + the PatchNCE pass
 
 
-def test_batched_equals_sum_of_sequential_subtasks(tiny_backbone, z_src, z_cur):
-    bb = tiny_backbone
+def test_batched_equals_sum_of_sequential_subtasks(backbone, z_src, z_cur):
+    bb = backbone
     d = the_draw()
     batched = Editor(bb, cfg_of("ground_a_score", max_batch=16), SRC, TGT, z_src, subtasks())
     seq = Editor(bb, cfg_of("ground_a_score", aggregate=False), SRC, TGT, z_src, subtasks())
@@ -117,8 +120,8 @@ def test_batched_equals_sum_of_sequential_subtasks(tiny_backbone, z_src, z_cur):
     torch.testing.assert_close(all_at_once.extra, extra, rtol=1e-4, atol=1e-6)
 
 
-def test_sequential_mode_takes_one_optimizer_step_per_term(tiny_backbone, z_src):
-    seq = Editor(tiny_backbone, cfg_of("ground_a_score", aggregate=False, steps=2), SRC, TGT, z_src, subtasks()[:1])
+def test_sequential_mode_takes_one_optimizer_step_per_term(backbone, z_src):
+    seq = Editor(backbone, cfg_of("ground_a_score", aggregate=False, steps=2), SRC, TGT, z_src, subtasks()[:1])
     result = seq.run(seed=0, progress=False)
     assert len(result.trace["steps"]) == 2 * 2  # 2 iterations x (1 subtask + full prompt)
 

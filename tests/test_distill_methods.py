@@ -2,6 +2,8 @@
 
 The direct computations call the UNet with its own attention processors (no recorder, no scorer),
 one request at a time, and re-derive masks, penalties, schedules and PatchNCE here from the formulas.
+Every test runs on the tiny SD model and on the tiny SDXL model, whose direct UNet calls get their text
+inputs and added conditions from diffusers' own SDXL pipeline (`tests.conftest.direct_conditioning`).
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import torch.nn.functional as F
 from dreamsteer.distill.config import method_defaults
 from dreamsteer.distill.editor import Editor, editor_config, encode_source
 from dreamsteer.distill.methods import Draw
+from tests.conftest import direct_conditioning
 
 SRC = "a photo of a cat"
 TGT = "a photo of a cat wearing a hat"
@@ -27,12 +30,25 @@ def cfg_of(method: str, **overrides):
     return editor_config(values)
 
 
+@pytest.fixture(scope="module", params=["sd", "sdxl"])
+def backbone(request):
+    """The shared tiny backbone of each family (module-scoped: the SD tests run first, then the SDXL ones)."""
+    return request.getfixturevalue({"sd": "tiny_backbone", "sdxl": "tiny_sdxl_backbone"}[request.param])
+
+
+@pytest.fixture
+def fresh(backbone):
+    from dreamsteer.diffusion.backbone import load_backbone
+
+    return load_backbone(backbone.source)
+
+
 @pytest.fixture(scope="module")
-def z_src(tiny_backbone):
+def z_src(backbone):
     from dreamsteer.data.images import pil_to_tensor, resize_and_crop
     from dreamsteer.data.samples import sample_photo
 
-    return encode_source(tiny_backbone, pil_to_tensor(resize_and_crop(sample_photo("cat"), tiny_backbone.resolution)))
+    return encode_source(backbone, pil_to_tensor(resize_and_crop(sample_photo("cat"), backbone.resolution)))
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +62,15 @@ def draw(t, n_noise=1, seed=3, seeds=None):
     return Draw(t, eps, torch.tensor(seeds or [7] * len(t)))
 
 
+def unet_eps(bb, x, t, prompt):
+    """The UNet called directly (graph kept to `x`), its text inputs from `direct_conditioning`."""
+    hidden, kwargs = direct_conditioning(bb, [prompt], x)
+    return bb.unet(x, t.reshape(1), encoder_hidden_states=hidden, **kwargs).sample
+
+
 def eps_of(bb, x, t, prompt):
     with torch.no_grad():
-        return bb.unet(x, t.reshape(1), encoder_hidden_states=bb.encode_prompt([prompt])).sample
+        return unet_eps(bb, x, t, prompt)
 
 
 def noised(bb, z, eps, t):
@@ -101,8 +123,8 @@ def grid(features):
 
 
 # ----------------------------------------------------------------------------- SDS, DDS, SBP, PDS
-def test_sds_gradient(tiny_backbone, z_src, z_cur):
-    bb, d = tiny_backbone, draw(600)
+def test_sds_gradient(backbone, z_src, z_cur):
+    bb, d = backbone, draw(600)
     ed = Editor(bb, cfg_of("sds"), SRC, TGT, z_src)
     out = ed.method.step(z_cur, d, ed.ctx)
     t, eps = d.t, d.eps
@@ -111,8 +133,8 @@ def test_sds_gradient(tiny_backbone, z_src, z_cur):
 
 
 @pytest.mark.parametrize("weighting", ["none", "one_minus_alpha"])
-def test_dds_gradient_one_batched_call(tiny_backbone, z_src, z_cur, weighting):
-    bb, d = tiny_backbone, draw(400)
+def test_dds_gradient_one_batched_call(backbone, z_src, z_cur, weighting):
+    bb, d = backbone, draw(400)
     ed = Editor(bb, cfg_of("dds", weighting=weighting), SRC, TGT, z_src)
     out = ed.method.step(z_cur, d, ed.ctx)
     t, eps = d.t, d.eps
@@ -122,8 +144,8 @@ def test_dds_gradient_one_batched_call(tiny_backbone, z_src, z_cur, weighting):
     assert ed.scorer.calls == 1 and ed.scorer.rows == 4  # [null, src, null, tgt] in one UNet call
 
 
-def test_sbp_gradient_equals_cfg_difference(tiny_backbone, z_src, z_cur):
-    bb, d = tiny_backbone, draw(700)
+def test_sbp_gradient_equals_cfg_difference(backbone, z_src, z_cur):
+    bb, d = backbone, draw(700)
     ed = Editor(bb, cfg_of("sbp"), SRC, TGT, z_src)
     out = ed.method.step(z_cur, d, ed.ctx)
     t, eps = d.t, d.eps
@@ -134,8 +156,8 @@ def test_sbp_gradient_equals_cfg_difference(tiny_backbone, z_src, z_cur):
     assert ed.scorer.rows == 2
 
 
-def test_pds_gradient(tiny_backbone, z_src, z_cur):
-    bb = tiny_backbone
+def test_pds_gradient(backbone, z_src, z_cur):
+    bb = backbone
     d = draw([601, 599], n_noise=2)
     ed = Editor(bb, cfg_of("pds", guidance=7.5), SRC, TGT, z_src)
     out = ed.method.step(z_cur, d, ed.ctx)
@@ -155,8 +177,8 @@ def test_pds_gradient(tiny_backbone, z_src, z_cur):
     torch.testing.assert_close(out.raw, zeta(z_cur, TGT) - zeta(z_src, SRC), rtol=1e-4, atol=1e-3)
 
 
-def test_pds_timesteps_on_the_grid(tiny_backbone, z_src):
-    ed = Editor(tiny_backbone, cfg_of("pds"), SRC, TGT, z_src)
+def test_pds_timesteps_on_the_grid(backbone, z_src):
+    ed = Editor(backbone, cfg_of("pds"), SRC, TGT, z_src)
     gen = torch.Generator().manual_seed(0)
     for _ in range(20):
         t, tp = ed.method.sample(gen, ed.ctx).t.tolist()
@@ -164,12 +186,12 @@ def test_pds_timesteps_on_the_grid(tiny_backbone, z_src):
 
 
 @pytest.mark.parametrize("spacing, grid", [("trailing", 300), ("linspace", 500), ("leading", 300)])
-def test_pds_grid_is_the_schedulers_own_timesteps_for_any_spacing(fresh_backbone, z_src, spacing, grid):
+def test_pds_grid_is_the_schedulers_own_timesteps_for_any_spacing(fresh, z_src, spacing, grid):
     """t and t' are neighbours among the timesteps a DDIM scheduler of that spacing visits (the old
     `idx * (T // grid) + steps_offset` formula matches "leading" only)."""
     from diffusers import DDIMScheduler
 
-    bb = fresh_backbone
+    bb = fresh
     bb.scheduler = DDIMScheduler.from_config(bb.scheduler.config, timestep_spacing=spacing)
     ed = Editor(bb, cfg_of("pds", pds_grid=grid), SRC, TGT, z_src)
     visits = DDIMScheduler.from_config(bb.scheduler.config)
@@ -205,8 +227,8 @@ class WeightSwapAdapter:
             backbone.unet.conv_in.weight.data.copy_(self.personal)
 
 
-def test_dds_s_source_branch_on_pretrained_model(fresh_backbone, z_src, z_cur):
-    bb = fresh_backbone
+def test_dds_s_source_branch_on_pretrained_model(fresh, z_src, z_cur):
+    bb = fresh
     adapter = WeightSwapAdapter(bb)
     bb.adapter = adapter
     d = draw(500)
@@ -229,18 +251,18 @@ def test_dds_s_source_branch_on_pretrained_model(fresh_backbone, z_src, z_cur):
     torch.testing.assert_close(sm.method.step(z_cur, d, sm.ctx).raw, mask * (personal - pretrained), **TOL)
 
 
-def test_dds_sm_auto_mask_is_the_subject_mask(tiny_backbone, z_src):
+def test_dds_sm_auto_mask_is_the_subject_mask(backbone, z_src):
     from dreamsteer.distill.subject_mask import subject_mask
 
-    ed = Editor(tiny_backbone, cfg_of("dds_sm"), SRC, "a photo of a sks cat", z_src)
-    expected = subject_mask(tiny_backbone, z_src, SRC, "cat", timesteps=(100, 300, 500), divisors=(2, 4)).mask
+    ed = Editor(backbone, cfg_of("dds_sm"), SRC, "a photo of a sks cat", z_src)
+    expected = subject_mask(backbone, z_src, SRC, "cat", timesteps=(100, 300, 500), divisors=(2, 4)).mask
     torch.testing.assert_close(ed.ctx.subject_mask, expected)
     assert ed.output_mask() is not None
 
 
 # ----------------------------------------------------------------------------- CDS
-def test_cds_gradient_dds_plus_patchnce(tiny_backbone, z_src, z_cur):
-    bb, d = tiny_backbone, draw(450)
+def test_cds_gradient_dds_plus_patchnce(backbone, z_src, z_cur):
+    bb, d = backbone, draw(450)
     cfg = cfg_of("cds", n_patches=100000)
     ed = Editor(bb, cfg, SRC, TGT, z_src)
     with ed.recorder:
@@ -253,7 +275,7 @@ def test_cds_gradient_dds_plus_patchnce(tiny_backbone, z_src, z_cur):
     ref = {n: v.detach() for n, v in ref.items()}
     leaf = z_cur.clone().requires_grad_(True)
     with hooked_features(bb.unet, names) as cur:
-        bb.unet(noised(bb, leaf, eps, t), t, encoder_hidden_states=bb.encode_prompt([TGT]))
+        unet_eps(bb, noised(bb, leaf, eps, t), t, TGT)
         loss = sum(nce_direct(grid(ref[n]), grid(cur[n]), [1, 2], 0.07) for n in names)
     (grad,) = torch.autograd.grad(loss, leaf)
     torch.testing.assert_close(out.raw, cfg.w_dds * dds, **TOL)
@@ -287,8 +309,8 @@ def attention_parts(bb, x, t, prompt, cross_names, self_names, columns):
     return cross, self_map
 
 
-def test_lusd_gradient_mask_l2_and_normalization(tiny_backbone, z_src, z_cur):
-    bb = tiny_backbone
+def test_lusd_gradient_mask_l2_and_normalization(backbone, z_src, z_cur):
+    bb = backbone
     steps, k = 6, 3
     cfg = cfg_of("lusd", steps=steps)
     ed = Editor(bb, cfg, SRC, TGT, z_src)
@@ -300,9 +322,13 @@ def test_lusd_gradient_mask_l2_and_normalization(tiny_backbone, z_src, z_cur):
         out1 = ed.method.step(z_cur, d1, ed.ctx, record=True)
     grad, info = ed.gradient(z_cur, k, out1)
 
-    # direct: mask from the target branch of the step-0 call (cross at latent/4, self at latent/2, all places)
-    cross_names = [n for n in dict(bb.unet.named_modules()) if n.endswith("attn2") and (n.startswith("down_blocks.2") or n.startswith("up_blocks.1"))]
-    self_names = [n for n in dict(bb.unet.named_modules()) if n.endswith("attn1") and (n.startswith("down_blocks.1") or n.startswith("up_blocks.2"))]
+    # direct: mask from the target branch of the step-0 call (cross at latent/4, self at latent/2, all places):
+    # SD's blocks at latent/4 are down 2 / up 1 and at latent/2 down 1 / up 2 (its mid block is at latent/8);
+    # SDXL's (3 levels) down 2 / mid / up 0 at latent/4 and down 1 / up 1 at latent/2
+    at_4, at_2 = (("down_blocks.2.", "mid_block.", "up_blocks.0."), ("down_blocks.1.", "up_blocks.1.")) if bb.family.name == "sdxl" else \
+        (("down_blocks.2.", "up_blocks.1."), ("down_blocks.1.", "up_blocks.2."))
+    cross_names = [n for n in dict(bb.unet.named_modules()) if n.endswith("attn2") and n.startswith(at_4)]
+    self_names = [n for n in dict(bb.unet.named_modules()) if n.endswith("attn1") and n.startswith(at_2)]
     ids = bb.tokenizer(TGT).input_ids
     columns = [ids.index(bb.tokenizer.convert_tokens_to_ids("hat</w>"))]  # column 8 (BOS at 0)
     cross, a_s = attention_parts(bb, noised(bb, z_src, d0.eps, d0.t), d0.t, TGT, cross_names, self_names, columns)
@@ -322,8 +348,8 @@ def test_lusd_gradient_mask_l2_and_normalization(tiny_backbone, z_src, z_cur):
     assert info["gamma"] == pytest.approx(gamma)
 
 
-def test_lusd_ema_mask_and_filter(tiny_backbone, z_src, z_cur):
-    bb = tiny_backbone
+def test_lusd_ema_mask_and_filter(backbone, z_src, z_cur):
+    bb = backbone
     ed = Editor(bb, cfg_of("lusd", steps=4, filter_eta0=1e6, filter_max_tries=3), SRC, TGT, z_src)
     with ed.recorder:
         out_a = ed.method.step(z_src, draw(300, seed=1), ed.ctx, record=True)
