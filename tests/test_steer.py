@@ -44,12 +44,12 @@ def workdir(tmp_path_factory) -> Path:
     return root
 
 
-_parents: dict[str, Path] = {}
+_parents: dict[tuple[str, Path], Path] = {}
 
 
 def parent(kind: str, tiny_dir: Path, root: Path) -> Path:
     """A "personalized" export of `kind`: the adapter attached and moved off its init, as training would."""
-    if kind not in _parents:
+    if (kind, tiny_dir) not in _parents:
         config, instance, _ = PARENTS[kind]
         bb = load_backbone(str(tiny_dir))
         attach_adapter(bb, kind, **config)
@@ -57,8 +57,8 @@ def parent(kind: str, tiny_dir: Path, root: Path) -> Path:
         with torch.no_grad():
             for p in bb.adapter.trainable_parameters(bb):
                 p.add_(0.05 * torch.randn(p.shape, generator=gen))
-        _parents[kind] = export_adapter(bb, root / f"parent_{kind}", {"instance_prompt": instance, "training_steps": 5})
-    return _parents[kind]
+        _parents[kind, tiny_dir] = export_adapter(bb, root / f"parent_{kind}_{tiny_dir.name}", {"instance_prompt": instance, "training_steps": 5})
+    return _parents[kind, tiny_dir]
 
 
 def _params(bb) -> dict[str, torch.Tensor]:
@@ -137,6 +137,32 @@ def test_steer_changes_only_the_baselines_parameters_and_reloads_through_diffuse
         events.Reload()
         assert {"mask/binary", "mode_shift/guided", "mode_shift/guided_vs_unguided"} <= set(events.Tags()["images"])
         assert {"steer/edsd", "steer/mode_shift", "steer/loss"} <= set(events.Tags()["scalars"])
+
+
+def test_steer_over_a_lora_on_sdxl_exports_what_diffusers_sdxl_pipeline_reloads(tiny_sdxl_dir, workdir, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    steered = _steer("lora", tiny_sdxl_dir, workdir, tmp_path / "run", ["logger=none"])
+    before_bb, after_bb = load_backbone(str(tiny_sdxl_dir)), load_backbone(str(tiny_sdxl_dir))
+    load_adapter(before_bb, parent("lora", tiny_sdxl_dir, workdir))
+    load_adapter(after_bb, steered)
+    assert after_bb.family.name == "sdxl"
+    before, after = dict(before_bb.adapter.named_trainable(before_bb)), dict(after_bb.adapter.named_trainable(after_bb))
+    assert before.keys() == after.keys() and all(not torch.equal(before[n], after[n]) for n in before)
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny_sdxl_dir))
+    pipe.load_lora_weights(str(steered))
+    gen = torch.Generator().manual_seed(0)
+    z, t = torch.randn(1, 4, 16, 16, generator=gen), torch.tensor([400])
+    prompt = PARENTS["lora"][2]
+    with torch.no_grad():
+        hidden, _, pooled, _ = pipe.encode_prompt(prompt, device="cpu", do_classifier_free_guidance=False)
+        time_ids = torch.tensor([[128.0, 128.0, 0.0, 0.0, 128.0, 128.0]])
+        theirs = pipe.unet(z, t, encoder_hidden_states=hidden, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+        ours = after_bb.predict_eps(z, t, after_bb.encode_prompt([prompt]))
+        base = before_bb.predict_eps(z, t, before_bb.encode_prompt([prompt]))
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+    assert (ours - base).abs().max() > 1e-6  # steering moved the prediction
 
 
 def _module(bb, kind: str, z_src: torch.Tensor) -> DreamSteererModule:

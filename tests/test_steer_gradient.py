@@ -1,7 +1,8 @@
 """The DreamSteerer module's parameter gradient against a chain-rule computation written here from raw UNet
 calls (float64, every baseline, subject mask on, lambda_ms > 0), and the wiring around it: the mask comes from
 the pre-trained model, the mode-shifting images from the personalized model on y_ref, the guidance's source
-branch from each sample's own starting noise."""
+branch from each sample's own starting noise. The gradient is also checked for a LoRA on the tiny SDXL model, whose
+raw UNet calls get their text inputs and added conditions from diffusers' SDXL pipeline."""
 from __future__ import annotations
 
 import json
@@ -15,6 +16,7 @@ from dreamsteer.diffusion.backbone import load_backbone
 from dreamsteer.distill.guided_sampling import ddim_sample
 from dreamsteer.distill.subject_mask import subject_mask
 from dreamsteer.lit_modules.dreamsteerer import DreamSteererModule, EDSDConfig, MaskConfig, MemoryConfig, ModeShiftConfig, OptimConfig
+from tests.conftest import direct_conditioning
 
 SOURCE = "a photo of a cat next to a mirror"
 ADAPTERS = {  # kind: (attach config, ref prompt)
@@ -52,8 +54,9 @@ def module_for(bb, kind: str, edsd: EDSDConfig | None = None, micro_batch: int =
                               memory=MemoryConfig(gradient_checkpointing, micro_batch))
 
 
-def unet(bb, x, t, emb):
-    return bb.unet(x, t.expand(x.shape[0]), encoder_hidden_states=emb.expand(x.shape[0], -1, -1)).sample
+def unet(bb, x, t, prompt):
+    hidden, kwargs = direct_conditioning(bb, [prompt] * x.shape[0], x)
+    return bb.unet(x, t.expand(x.shape[0]), encoder_hidden_states=hidden, **kwargs).sample
 
 
 def reference_gradient(module: DreamSteererModule, step: int, swap: bool = False, flip_j: bool = False,
@@ -70,11 +73,10 @@ def reference_gradient(module: DreamSteererModule, step: int, swap: bool = False
     z_src, mask = module.z_src, module.subject.mask.to(eps.dtype)
     x_t_src = a.sqrt() * z_src + (1 - a).sqrt() * eps
     with torch.no_grad(), bb.adapter_disabled():
-        src0, null0 = bb.encode_prompt([SOURCE]), bb.encode_prompt([""])
-        e0_null, e0_src = unet(bb, x_t_src, t, null0), unet(bb, x_t_src, t, src0)
+        e0_null, e0_src = unet(bb, x_t_src, t, ""), unet(bb, x_t_src, t, SOURCE)
     target_cfg = e0_null + cfg.guidance_src * (e0_src - e0_null)
     target = target_cfg if cfg.residual_cfg else e0_src
-    ref, null = bb.encode_prompt([module.ref_prompt]), bb.encode_prompt([""])
+    ref, null = module.ref_prompt, ""
     if swap:
         ref, null = null, ref
     e_null, e_ref = unet(bb, x_t_src, t, null), unet(bb, x_t_src, t, ref)
@@ -109,7 +111,14 @@ def max_relative(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 @pytest.mark.parametrize("micro_batch", [0, 1])
 @pytest.mark.parametrize("kind", list(ADAPTERS))
 def test_module_gradient_equals_chain_rule_from_raw_unet_calls(tiny_dir, kind, micro_batch):
-    bb = personalized(tiny_dir, kind)
+    check_gradient(personalized(tiny_dir, kind), kind, micro_batch, mistakes=kind == "lora" and micro_batch == 0)
+
+
+def test_module_gradient_on_sdxl_equals_chain_rule_from_raw_unet_calls(tiny_sdxl_dir):
+    check_gradient(personalized(tiny_sdxl_dir, "lora"), "lora", micro_batch=0, mistakes=False)
+
+
+def check_gradient(bb, kind: str, micro_batch: int, mistakes: bool) -> None:
     module = module_for(bb, kind, micro_batch=micro_batch)
     module.on_fit_start()
     assert module.subject is not None and 0 < float(module.subject.mask.mean()) < 1  # the mask really masks
@@ -117,7 +126,7 @@ def test_module_gradient_equals_chain_rule_from_raw_unet_calls(tiny_dir, kind, m
     assert [g is None for g in ours] == [g is None for g in reference]
     assert sum(g is not None for g in ours) > 0
     assert max_relative(ours, reference) < 1e-9
-    if kind == "lora" and micro_batch == 0:  # the reference is sharp: each wiring mistake moves the gradient
+    if mistakes:  # the reference is sharp: each wiring mistake moves the gradient
         for mistake in ("swap", "flip_j", "other_eps"):
             assert max_relative(ours, reference_gradient(module, 3, **{mistake: True})) > 1e-3, mistake
 
