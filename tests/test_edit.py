@@ -92,6 +92,17 @@ def test_demo_entry_dds_sm_with_adapter_is_fast(photos, lora_dir, tmp_path):
     assert record["trace"]["unet_calls"] == 2 * 10
 
 
+def test_edit_on_sdxl_with_an_sdxl_lora_and_an_sd_lora_refused(photos, lora_dir, tmp_path):
+    sdxl_lora = _export_lora("tiny-sdxl", tmp_path / "sdxl_lora")
+    args = [f"image={photos / 'cat.png'}", f"source_prompt={CAT}", "target_prompt=a photo of a sks cat", "editor=dds_sm",
+            "model=tiny_sdxl", "editor.steps=2"]
+    record = _edit(tmp_path / "run", *args, f"adapter={sdxl_lora}")
+    assert record["method"] == "dds_sm" and record["adapter_method"] == "lora" and record["trace"]["unet_calls"] == 2 * 2
+    assert Image.open(record["output"]).size == (128, 128) and np.asarray(Image.open(record["mask"])).max() == 255
+    with pytest.raises(ValueError, match="not on the configured model"):  # an SD 1.x adapter on the SDXL model
+        _edit(tmp_path / "bad", *args, f"adapter={lora_dir}")
+
+
 # ----------------------------------------------------------------------------- validation before compute
 def _manifest(tmp_path: Path, *jobs: dict) -> Path:
     path = tmp_path / "jobs.jsonl"
