@@ -291,3 +291,11 @@ def test_sample_and_edit_use_a_loha_adapter_and_merge_refuses_it(tmp_path, tiny_
     names = {n for n, _ in backbone.unet.named_modules()}
     with pytest.raises(LoraFileError, match="a loha adapter; merge and convert read plain LoRAs"):
         read_lora(adapter, names, set())
+
+
+def test_lokr_with_whole_factors_is_named_for_a1111(fresh_backbone, tmp_path):
+    attach_adapter(fresh_backbone, "lora", variant="lokr", rank=100000, conv_target_modules=["conv1"])  # rank >= half of every side
+    out = export_adapter(fresh_backbone, tmp_path / "lokr")
+    tensors = load_file(str(out / LORA_KOHYA_FILE))
+    assert not any(k.endswith(("_a", "_b", ".alpha")) for k in tensors)  # lokr_w1 / lokr_w2 only, scale 1
+    assert set(json.loads((out / "adapter.json").read_text())["use_with"]) == {"a1111", "comfyui"}
