@@ -25,6 +25,11 @@ With `noise_offset` > 0 the noise gets a per-image, per-channel constant,
 noise): SD's schedule leaves ~7% of the image mean in the last noise level, so a model trained on
 plain noise starts every sample from a mid-gray mean and cannot reach a black or white background.
 
+`timesteps="cubic"` draws ``t = floor((1 - u^3) T)``, ``u ~ U(0, 1)``, instead of ``t ~ U{0..T-1}``
+(T2I-Adapter's non-uniform sampling): most draws land at high noise, where the layout is decided and
+a layout condition (GLIGEN's boxes) is the only source of it; at low noise ``z_t`` already shows
+where every object is, so there a grounding signal barely lowers the loss.
+
 where the caption ``c`` is replaced by "" with probability `caption_dropout` (classifier-free
 guidance needs the unconditional model). In the ``gligen`` stage the UNet also gets the grounding
 tokens of each object's phrase and box (dropped together with the caption), and only GLIGEN's new
@@ -114,12 +119,13 @@ class DiffusionPretrainModule(L.LightningModule):
         train_text_encoder: bool,
         grounded: bool = False,
         noise_offset: float = 0.0,
+        timesteps: str = "uniform",
     ):
         super().__init__()
         self.vae, self.text_encoder, self.unet = vae, text_encoder, unet
         self.tokenizer, self.scheduler = tokenizer, scheduler
         self.lr, self.warmup_steps, self.caption_dropout, self.ema_decay = lr, warmup_steps, caption_dropout, ema_decay
-        self.grounded, self.noise_offset = grounded, noise_offset
+        self.grounded, self.noise_offset, self.timesteps = grounded, noise_offset, timesteps
         self.vae.requires_grad_(False).eval()
         if grounded:  # GLIGEN: the pretrained model stays frozen, only the new layers learn
             self.text_encoder.requires_grad_(False).eval()
@@ -176,6 +182,13 @@ class DiffusionPretrainModule(L.LightningModule):
             start += n
         return {"boxes": box_t, "positive_embeddings": emb, "masks": masks}
 
+    def draw_timesteps(self, b: int) -> torch.Tensor:
+        T = len(self.alphas_cumprod)
+        if self.timesteps == "cubic":
+            u = torch.rand(b, device=self.device)
+            return ((1 - u**3) * T).long().clamp(max=T - 1)
+        return torch.randint(0, T, (b,), device=self.device)
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         x = batch["pixel_values"]
         b = x.shape[0]
@@ -184,7 +197,7 @@ class DiffusionPretrainModule(L.LightningModule):
         keep = torch.rand(b, device=self.device) >= self.caption_dropout
         captions = [c if k else "" for c, k in zip(batch["caption"], keep.tolist())]
         text_emb = self.encode_text(captions)
-        t = torch.randint(0, len(self.alphas_cumprod), (b,), device=self.device)
+        t = self.draw_timesteps(b)
         eps = torch.randn_like(z)
         if self.noise_offset:
             eps = eps + self.noise_offset * torch.randn(b, z.shape[1], 1, 1, device=self.device)

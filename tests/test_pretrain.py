@@ -137,3 +137,28 @@ def test_unet_loss_uses_offset_noise_per_image_and_channel(runs, offset):
     n = torch.randn_like(z)
     m = torch.randn(3, z.shape[1], 1, 1) if offset else torch.zeros(3, z.shape[1], 1, 1)
     assert torch.allclose(loss, ((n + offset * m) ** 2).mean(), rtol=1e-5)
+
+
+def test_cubic_timesteps_follow_the_formula_and_favour_high_noise(runs):
+    from dreamsteer.diffusion.backbone import load_backbone
+    from dreamsteer.diffusion.toy import toy_scheduler
+    from dreamsteer.lit_modules.pretrain import DiffusionPretrainModule
+
+    _, _, unet = runs
+    base = load_backbone(str(unet))
+    module = DiffusionPretrainModule(
+        base.vae, base.text_encoder, base.tokenizer, base.unet, toy_scheduler(),
+        lr=1e-3, warmup_steps=1, caption_dropout=0.0, ema_decay=0.9, train_text_encoder=False, timesteps="cubic",
+    )
+    torch.manual_seed(3)
+    t = module.draw_timesteps(4000)
+    torch.manual_seed(3)
+    u = torch.rand(4000)
+    ref = torch.floor(1000 * (1 - u**3)).long()
+    assert torch.equal(t, torch.where(ref == 1000, 999, ref))  # fp32: 1 - u^3 rounds to 1 for u < ~0.005
+    # P(t >= 500) = P(u^3 <= 1/2) = 0.794 (uniform: 0.5)
+    assert abs((t >= 500).float().mean().item() - 0.5 ** (1 / 3)) < 0.03
+    with pytest.raises(ConfigError, match="optim.timesteps"):
+        from dreamsteer.train.pretrain import validate_config
+
+        validate_config(compose("pretrain", ["optim.timesteps=log", "output_dir=x"]))

@@ -71,6 +71,7 @@ class OptimConfig:
     caption_dropout: float = 0.1  # stage unet/gligen: the caption (and grounding) is dropped for CFG
     ema_decay: float = 0.999  # stage unet/gligen
     noise_offset: float = 0.0  # stage unet/gligen: offset noise (lit_modules/pretrain.py), e.g. 0.1
+    timesteps: str = "uniform"  # stage unet/gligen: uniform | cubic (most draws at high noise; lit_modules/pretrain.py)
     train_text_encoder: bool = True  # stage unet
     kl_weight: float = 1e-6  # stage vae
     train_vae_encoder: bool = True  # stage vae: false fine-tunes the decoder of `vae` only (latents unchanged)
@@ -98,6 +99,7 @@ def validate_config(cfg: DictConfig) -> DictConfig:
     check_common(cfg)
     check_choice(cfg, "stage", STAGES)
     check_choice(cfg, "data.source", ["scenes", "folder"])
+    check_choice(cfg, "optim.timesteps", ["uniform", "cubic"])
     a, d, t, o = cfg.arch, cfg.data, cfg.trainer, cfg.optim
     factor = 2 ** (len(a.vae_channels) - 1)
     if a.resolution % (factor * 2 ** (len(a.unet_channels) - 1)):
@@ -192,7 +194,7 @@ def build_modules(cfg: DictConfig):
         unet = toy.add_gated_layers(base.unet, cfg.seed + 3)
     module = DiffusionPretrainModule(
         vae, text_encoder, tokenizer, unet, scheduler, o.lr, o.warmup_steps, o.caption_dropout, o.ema_decay, o.train_text_encoder,
-        grounded=cfg.stage == "gligen", noise_offset=o.noise_offset,
+        grounded=cfg.stage == "gligen", noise_offset=o.noise_offset, timesteps=o.timesteps,
     )
     return module
 
