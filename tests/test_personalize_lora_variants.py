@@ -299,3 +299,17 @@ def test_lokr_with_whole_factors_is_named_for_a1111(fresh_backbone, tmp_path):
     tensors = load_file(str(out / LORA_KOHYA_FILE))
     assert not any(k.endswith(("_a", "_b", ".alpha")) for k in tensors)  # lokr_w1 / lokr_w2 only, scale 1
     assert set(json.loads((out / "adapter.json").read_text())["use_with"]) == {"a1111", "comfyui"}
+
+
+def test_a_checkpoint_from_before_the_variant_keys_resumes_as_plain_lora(tmp_path):
+    from omegaconf import OmegaConf
+
+    from dreamsteer.train.personalize import resume_changes, schema_defaults
+
+    new_keys = ("variant", "conv_target_modules", "conv_rank", "conv_alpha", "rank_pattern", "alpha_pattern", "decompose_both", "decompose_factor")
+    cfg = OmegaConf.to_container(validate_config(compose("personalize", ["method=lora", f"output_dir={tmp_path}"])), resolve=True)
+    old = {**cfg, "method": {k: v for k, v in cfg["method"].items() if k not in new_keys}}  # as such a checkpoint recorded it
+    assert resume_changes(old, cfg, tmp_path, schema_defaults("lora")) == {}
+    dora = {**cfg, "method": {**cfg["method"], "variant": "dora"}}
+    with pytest.raises(ConfigError, match=r"'method\.variant': the checkpoint .* was trained with 'lora', this run asks for 'dora'"):
+        resume_changes(old, dora, tmp_path, schema_defaults("lora"))

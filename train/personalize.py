@@ -299,10 +299,20 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: tree}
 
 
-def resume_changes(old: dict[str, Any], new: dict[str, Any], where: Path) -> dict[str, list[Any]]:
-    """The config keys that differ between a checkpoint's run and this one, ``{key: [old, new]}``;
+def schema_defaults(method: str) -> dict[str, Any]:
+    """Every config key's default for a run of `method` (flattened): what a checkpoint written before the key existed
+    ran with, since new keys default to the earlier behaviour."""
+    tree = OmegaConf.to_container(OmegaConf.structured(PersonalizeConfig))
+    tree["method"] = OmegaConf.to_container(OmegaConf.structured(METHOD_SCHEMAS[method]))
+    return _flatten(tree)
+
+
+def resume_changes(old: dict[str, Any], new: dict[str, Any], where: Path, defaults: dict[str, Any] | None = None) -> dict[str, list[Any]]:
+    """The config keys that differ between a checkpoint's run and this one, ``{key: [old, new]}``; a key the
+    checkpoint's config lacks counts as its value in `defaults` (`schema_defaults`).
     ConfigError (one line, naming the key and both values) for a change that cannot work."""
     before, after = _flatten(old), _flatten(new)
+    before = {**{k: v for k, v in (defaults or {}).items() if k in after}, **before}
     changed = {}
     for key in sorted(set(before) | set(after)):
         if before.get(key) == after.get(key) or key.startswith(NOT_RECORDED_ON_RESUME):
@@ -334,7 +344,7 @@ def resume_point(cfg: DictConfig, out: Path, owner: bool) -> tuple[str | None, l
     if not isinstance(old, dict):
         raise CheckpointError(f"checkpoint {path}: not written by `python -m train personalize` (no config)")
     step = int(checkpoint.get("global_step", 0))
-    changed = resume_changes(old, OmegaConf.to_container(cfg, resolve=True), path)
+    changed = resume_changes(old, OmegaConf.to_container(cfg, resolve=True), path, schema_defaults(cfg.method.name))
     if changed and owner:
         listed = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
         print(f"warning: resuming {path} (step {step}) with a changed config: {listed}; applied from step {step}, recorded in adapter.json")
