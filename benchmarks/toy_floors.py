@@ -30,11 +30,10 @@ A part whose model cannot be loaded is reported as skipped with the loader's rea
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -46,15 +45,15 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from dreamsteer.data.files import write_json_atomic  # noqa: E402
-from dreamsteer.data.images import pil_to_tensor, save_image_atomic, tensor_to_pil  # noqa: E402
-from dreamsteer.data.scenes import BACKGROUND_COLORS, OBJECT_COLORS, SUBJECT, make_caption, random_scene, write_subject_photos  # noqa: E402
-from dreamsteer.metrics.detector import box_iou, caption_agreement, detect, objects_at, outside_change, summary  # noqa: E402
+from dreamsteer.data.images import save_image_atomic, tensor_to_pil  # noqa: E402
+from dreamsteer.data.scenes import BACKGROUND_COLORS, SUBJECT, random_scene, write_subject_photos  # noqa: E402
+from dreamsteer.metrics.detector import box_iou, caption_agreement, detect, summary  # noqa: E402
+from dreamsteer.metrics.toy_edit import EDIT_MARGIN  # noqa: E402
 
 FLOORS_SEED = 1_000_003  # cases use seeds (FLOORS_SEED, part, i): pretraining draws (seed, index) pairs
 PARTS = ("t2i", "edit", "personalize", "gligen")
 _PART_IDS = {part: i + 1 for i, part in enumerate(PARTS)}
 METHODS = ("lora", "dreambooth", "textual_inversion", "custom_diffusion")
-EDIT_MARGIN = 2  # pixels around the edited object's mask that the edit may change (anti-aliased edge, VAE blur)
 EDIT_CHANGE_RATIO = 2.0  # preservation floor: outside change <= this times the VAE reconstruction error there
 
 
@@ -147,56 +146,26 @@ def text_to_image(model: str, n: int, out: Path, steps: int, guidance: float) ->
     return rows, info
 
 
-def _edit_success(scene, target_colors: Sequence[str], image: Image.Image) -> tuple[bool, dict[str, Any]]:
-    """The detector reads the target scene: same background and count, every object at its place
-    (mask IoU >= 0.5) with its target color and its source shape."""
-    detection = detect(image)
-    found = objects_at(detection, list(scene.masks))
-    ok = detection.background == scene.background and len(detection.objects) == len(scene.objects) and all(
-        f is not None and f.color == color and f.shape == obj.shape for f, obj, color in zip(found, scene.objects, target_colors))
-    return ok, summary(detection)
-
-
 def editing(model: str, n: int, out: Path, steps: int | None) -> tuple[list[Floor], dict[str, Any]]:
-    from dreamsteer.train import edit as edit_task
-    from dreamsteer.train.config import compose
+    from dreamsteer.benchmarks.toy_edits import edit_case, edit_jobs, edited_image, run_edit_jobs, score_edit, vae_outside_error
 
     backbone = _load(model)
-    resolution = backbone.resolution
-    source_dir, edit_dir = out / "edit_sources", out / "edits"
-    source_dir.mkdir(parents=True, exist_ok=True)
-    cases, jobs = [], []
-    for i in range(n):
-        rng = np.random.default_rng(_case_seed("edit", i))
-        scene = random_scene(rng, 1, 2, resolution)
-        k = int(rng.integers(len(scene.objects)))
-        new = str(rng.choice([c for c in OBJECT_COLORS if c != scene.objects[k].color]))
-        targets = [new if j == k else o.color for j, o in enumerate(scene.objects)]
-        target_prompt = make_caption(scene.background, [replace(o, color=c) for o, c in zip(scene.objects, targets)])
-        path = save_image_atomic(scene.image, source_dir / f"scene_{i:03d}.png")
-        cases.append((scene, k, targets))
-        jobs.append({"id": f"scene_{i:03d}", "image": str(path), "source_prompt": scene.caption, "target_prompt": target_prompt, "seed": i})
-    manifest = out / "edit_jobs.jsonl"
-    manifest.write_text("".join(json.dumps(job) + "\n" for job in jobs), encoding="utf-8")
-    overrides = [f"model.pretrained={model}", "editor=dds", f"jobs={manifest}", f"out={edit_dir}", "progress=false"]
-    edit_task.run(compose("edit", overrides + ([f"editor.steps={steps}"] if steps else [])))
+    cases = [edit_case("color", _case_seed("edit", i), f"scene_{i:03d}", backbone.resolution) for i in range(n)]
+    jobs = edit_jobs(cases, ["dds"], out / "edit_sources", {"dds": {"steps": steps}} if steps else None)
+    records_by_id = run_edit_jobs(model, jobs, out)
 
     records, outside, vae_outside, successes, shown = [], [], [], [], []
-    for (scene, k, targets), job in zip(cases, jobs):
-        edited = Image.open(edit_dir / f"{job['id']}.png").convert("RGB")
-        ok, found = _edit_success(scene, targets, edited)
-        with torch.no_grad():
-            x = pil_to_tensor(scene.image)[None].to(backbone.device, backbone.dtype)
-            recon = tensor_to_pil(backbone.decode(backbone.encode_image(x))[0].float().clamp(-1, 1))
-        change = outside_change(scene.image, edited, scene.masks[k], EDIT_MARGIN)
-        vae = outside_change(scene.image, recon, scene.masks[k], EDIT_MARGIN)
-        successes.append(ok)
-        outside.append(change)
+    for case, job in zip(cases, jobs):
+        edited = edited_image(records_by_id[job["id"]])
+        metrics = score_edit(case, edited)
+        vae = vae_outside_error(backbone, case)
+        successes.append(metrics["success"])
+        outside.append(metrics["outside_change"])
         vae_outside.append(vae)
-        records.append({"id": job["id"], "target_prompt": job["target_prompt"], "success": ok, "outside_change": change,
-                        "vae_outside_error": vae, "detection": found})
+        records.append({"id": job["id"], "target_prompt": job["target_prompt"], "success": metrics["success"],
+                        "outside_change": metrics["outside_change"], "vae_outside_error": vae, "detection": metrics["detection"]})
         if len(shown) < 32:
-            shown += [scene.image, edited]
+            shown += [case.scene.image, edited]
     save_grid(shown, out / "edit_pairs.png")
     vae_mean = float(np.mean(vae_outside))
     rows = [

@@ -23,6 +23,7 @@ from dreamsteer.metrics.dino import DinoEmbedder
 from dreamsteer.metrics.image import l1_distance, ms_ssim, ms_ssim_min_size, pil_to_unit, ssim
 from dreamsteer.metrics.lpips import LPIPS, load_lpips
 from dreamsteer.metrics.runs import EditJob, EditRun, Region
+from dreamsteer.metrics.toy_edit import ToyTruthError, is_toy_edit, mean_metrics, toy_edit_metrics, truth_from_prompts
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,7 @@ class EvalSettings:
     min_examples: int = curves.LUSD_MIN_EXAMPLES
     ms_ssim_scales: int = 5
     concept_images: list[Path] = field(default_factory=list)  # DreamSteerer CLIP-I references for every job
+    toy_metrics: Optional[bool] = None  # the toy detector's metrics: None = for toy-world edits (metrics.toy_edit.is_toy_edit)
 
     @property
     def thresholds(self) -> list[float]:
@@ -222,7 +224,22 @@ class JobEvaluator:
             e = self.models.dino.images([edited, reference])
             metrics["dino"] = float(e[0] @ e[1])
         reference_kind = "ground_truth" if job.ground_truth else "source"
-        return {"metrics": metrics, "skipped": skipped, "notes": notes, "reference": reference_kind}
+        result = {"metrics": metrics, "skipped": skipped, "notes": notes, "reference": reference_kind}
+        toy = self._toy_metrics(job, source, edited)
+        if toy is not None:
+            result["toy"] = toy
+        return result
+
+    def _toy_metrics(self, job: EditJob, source: Image.Image, edited: Image.Image) -> Optional[dict]:
+        """The toy detector's reading of a toy-world edit (`metrics.toy_edit`), or {"unavailable": why} when
+        asked for (``toy_metrics=true``) but the edit's truth cannot be read; None when not asked for."""
+        wanted = self.settings.toy_metrics
+        if wanted is False or (wanted is None and not is_toy_edit(source, job.source_prompt, job.target_prompt)):
+            return None
+        try:
+            return toy_edit_metrics(source, edited, truth_from_prompts(source, job.source_prompt, job.target_prompt))
+        except (ToyTruthError, ValueError) as err:
+            return {"unavailable": str(err)}
 
     def _clip_metrics(self, job, edited, source, reference, metrics, skipped, notes) -> None:
         images = [edited, source] + ([reference] if job.ground_truth else [])
@@ -334,6 +351,9 @@ def evaluate_run(run: EditRun, models: Models, settings: EvalSettings, evaluator
         "curves": summary["curves"],
         "jobs": jobs,
     }
+    toy = [j["toy"] for j in jobs.values() if "toy" in j and "unavailable" not in j["toy"]]
+    if toy:
+        out["toy"] = mean_metrics(toy)
     if len(methods) > 1:  # failures carry no method: per-method rates use finished jobs only
         out["by_method"] = {}
         for method in methods:

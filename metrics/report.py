@@ -19,6 +19,7 @@ from PIL import Image
 
 from dreamsteer.data.files import write_text_atomic
 from dreamsteer.metrics.evaluator import AREAS, METRICS
+from dreamsteer.metrics.toy_edit import TOY_METRICS
 
 PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
 CARD_METRICS = ("clip_t", "clip_r", "clip_i", "l1", "lpips_alex", "ssim", "masked_clip")
@@ -243,6 +244,28 @@ def _metric_table(results: dict) -> str:
     return f"<table><tr><th class='l'>run</th>{head}</tr>{''.join(rows)}</table>"
 
 
+def _toy_table(results: dict) -> str:
+    """The toy detector's metrics per run (`metrics.toy_edit`), when any run has toy-world edits."""
+    runs = [r for r in results["runs"] if "toy" in r]
+    if not runs:
+        return ""
+    head = "".join(f"<th>{_esc(label)}</th>" for label in TOY_METRICS.values())
+    rows = "".join(
+        f"<tr><td class='l'>{_esc(r['label'])}<br><span class='muted small'>n={r['toy']['n']}</span></td>"
+        + "".join(f"<td>{_fmt(r['toy'].get(key), 3)}</td>" for key in TOY_METRICS) + "</tr>"
+        for r in runs
+    )
+    missing = [(r["label"], i, j["toy"]["unavailable"]) for r in results["runs"] for i, j in r["jobs"].items() if "unavailable" in j.get("toy", {})]
+    notes = "".join(f"<li>{_esc(label)} / {_esc(i)}: {_esc(why)}</li>" for label, i, why in missing)
+    return (
+        "<h2>Toy-world detector</h2><p class='small muted'>metrics/toy_edit.py: success = the detector reads the target scene "
+        "(background, object count, every object at its place with its target color and shape, or the subject); targets hit = "
+        "fraction of edited objects holding their target; others / background kept; change outside = mean absolute change (8-bit RGB) "
+        "outside the edited objects (+2 px); box IoU of the edited objects; subject score at the places that should become the subject.</p>"
+        f"<table><tr><th class='l'>run</th>{head}</tr>{rows}</table>" + (f"<p class='small'>Not scored:</p><ul class='small'>{notes}</ul>" if notes else "")
+    )
+
+
 def _unavailable(results: dict) -> str:
     seen: dict[str, str] = {}
     for run in results["runs"]:
@@ -403,7 +426,7 @@ def render_report(results: dict, report_path: Path, embed_images: bool = True, t
         f"<table><tr><th class='l'>run</th><th class='l'>folder</th><th>jobs</th><th>failed</th><th class='l'>methods</th></tr>{runs}</table>"
         f"<table><tr><th class='l'>model</th><th class='l'>source</th><th class='l'>status</th></tr>{models}</table>"
         f"<h2>Summary</h2><p class='small muted'>mean ± std over jobs; areas (LUSD) by Simpson's rule on {_esc(grid)}. Hover a header for its definition.</p>"
-        f"{_metric_table(results)}{_area_notes(results)}{_unavailable(results)}"
+        f"{_metric_table(results)}{_area_notes(results)}{_toy_table(results)}{_unavailable(results)}"
         f"<h2>Plots</h2>{_plots(results)}{_comparison(results)}{_gallery(results, images, max_jobs)}{_job_tables(results)}"
     )
     return f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>Edit evaluation</title><style>{CSS}</style></head><body>{body}</body></html>"

@@ -11,7 +11,8 @@ demo exercises exactly what users run. Two worlds (``world=``, a config group th
 - ``photo``: the built-in ``tiny`` model (random weights) and a bundled photo; evaluated with the
   offline tiny CLIP (the images are noise: this world proves the path, not the quality).
 
-Outputs: `<out>/1_personalize`, `2_steer`, `3_edit_baseline`, `3_edit_steered`, `4_evaluate`, and
+Outputs: `<out>/1_personalize`, `2_steer`, `3_edit_baseline`, `3_edit_steered`, `4_evaluate` (toy: the detector's
+`metrics.json` and the ``evaluate`` task's `report/report.html`, both from `metrics.toy_edit.toy_edit_metrics`), and
 `demo_summary.png` (toy: subject photo | source | subject mask | baseline edit | steered edit, with
 the detector's subject scores; photo: the same without the subject photo), also logged to TensorBoard.
 """
@@ -36,7 +37,6 @@ from dreamsteer.train.lock import output_lock
 from dreamsteer.train.logs import summary_writer
 
 WORLDS = ("toy", "photo")
-EDIT_MARGIN = 2  # pixels around the edited object that an edit may change (anti-aliased edge, VAE blur)
 
 
 @dataclass
@@ -138,9 +138,14 @@ def _run(cfg: DictConfig, out: Path, inputs_for: Callable[[DictConfig, Path], De
             _arg("source_prompt", inputs.source_prompt), _arg("target_prompt", inputs.ref_prompt), "id=photo",
             f"seed={cfg.seed}", _arg("output_dir", out / f"3_edit_{label}"), f"progress={cfg.progress}", *cfg.edit_overrides])), timings)
 
-    scores: dict[str, float] = {}
+    scores: dict[str, dict[str, Any]] = {}
     if cfg.evaluate and cfg.world == "toy":
         scores = _stage("evaluate (toy detector)", lambda: _toy_evaluate(out, inputs), timings)
+        from dreamsteer.train import evaluate
+
+        _stage("evaluate (report)", lambda: evaluate.run(compose("evaluate", [  # the same detector metrics, in the HTML report
+            *logger, f"runs=['{out / '3_edit_baseline'}','{out / '3_edit_steered'}']", "labels=[baseline,steered]",
+            _arg("output_dir", out / "4_evaluate" / "report"), f"progress={cfg.progress}"])), timings)
     elif cfg.evaluate:
         from dreamsteer.metrics.clip import build_tiny_clip
         from dreamsteer.train import evaluate
@@ -211,39 +216,34 @@ def _toy_inputs(cfg: DictConfig, out: Path) -> DemoInputs:
                       cfg.source_prompt or scene.caption, cfg.ref_prompt or make_caption(scene.background, ref_objects), scene, index)
 
 
-def _toy_evaluate(out: Path, inputs: DemoInputs) -> dict[str, float]:
-    """What the detector reads in each edit at the source scene's places: the subject at the edited
-    object's place, the other objects and the background kept, the change outside the object.
-    Writes `4_evaluate/metrics.json`; returns the subject scores by edit."""
-    from dreamsteer.metrics.detector import detect, objects_at, outside_change, summary
+def _toy_evaluate(out: Path, inputs: DemoInputs) -> dict[str, dict[str, Any]]:
+    """The toy detector's metrics of each edit against the source scene's truth (`metrics.toy_edit`, the
+    same function as the ``evaluate`` task's report and the effects benchmark): the subject at the edited
+    object's place, the other objects and the background kept, the change outside the object. Writes
+    `4_evaluate/metrics.json`; returns the metrics by edit."""
+    from dreamsteer.metrics.detector import SUBJECT_THRESHOLD
+    from dreamsteer.metrics.toy_edit import toy_edit_metrics, truth_from_scene
 
     scene, index = inputs.scene, inputs.index
+    targets = [replace(o, color=SUBJECT.color, inner_color=SUBJECT.inner_color) if i == index else o for i, o in enumerate(scene.objects)]
+    truth = truth_from_scene(scene, targets)
     metrics: dict[str, Any] = {"source_prompt": inputs.source_prompt, "ref_prompt": inputs.ref_prompt}
     for label in ("baseline", "steered"):
         edited = Image.open(out / f"3_edit_{label}" / "photo.png").convert("RGB").resize(scene.image.size, Image.Resampling.BICUBIC)
-        detection = detect(edited)
-        found = objects_at(detection, list(scene.masks))
-        at = found[index]
-        others = [(f, o) for i, (f, o) in enumerate(zip(found, scene.objects)) if i != index]
-        metrics[label] = {
-            "subject_score": at.subject_score if at is not None else 0.0,
-            "subject": bool(at is not None and at.is_subject),
-            "others_kept": all(f is not None and (f.color, f.shape) == (o.color, o.shape) for f, o in others),
-            "background_kept": detection.background == scene.background,
-            "outside_change": outside_change(scene.image, edited, scene.masks[index], EDIT_MARGIN),
-            "detection": summary(detection),
-        }
-        m = metrics[label]
+        m = toy_edit_metrics(scene.image, edited, truth)
+        m["subject"] = m["subject_score"] >= SUBJECT_THRESHOLD
+        metrics[label] = m
         print(f"  {label:8s} subject score {m['subject_score']:.2f} ({'subject' if m['subject'] else 'no subject'}), "
               f"other objects {'kept' if m['others_kept'] else 'changed'}, background {'kept' if m['background_kept'] else 'changed'}, "
               f"mean change outside the object {m['outside_change']:.1f} / 255")
     write_json_atomic(metrics, out / "4_evaluate" / "metrics.json")
-    return {label: metrics[label]["subject_score"] for label in ("baseline", "steered")}
+    return {label: metrics[label] for label in ("baseline", "steered")}
 
 
-def _summary_image(out: Path, inputs: DemoInputs, scores: dict[str, float]) -> Image.Image:
+def _summary_image(out: Path, inputs: DemoInputs, scores: dict[str, dict[str, Any]]) -> Image.Image:
     """(Subject photo |) source | subject mask | baseline edit | steered edit, labelled, side by side,
-    at least 128 pixels each (toy images are 32 px: enlarged without smoothing)."""
+    at least 128 pixels each (toy images are 32 px: enlarged without smoothing); in the toy world each edit
+    is labelled with the detector's subject score and whether the background and the other objects were kept."""
     panels = [
         ("source", out / "3_edit_steered" / "photo_source.png"),
         ("subject mask", out / "3_edit_steered" / "photo_mask.png"),
@@ -254,12 +254,16 @@ def _summary_image(out: Path, inputs: DemoInputs, scores: dict[str, float]) -> I
         panels.insert(0, ("subject photo", sorted(inputs.subject_dir.glob("*.png"))[0]))
     images = [(label, Image.open(path).convert("RGB")) for label, path in panels if path.is_file()]
     size = max(images[-1][1].size[1], 128)
-    canvas = Image.new("RGB", (size * len(images), size + 28), "white")
+    header = 40
+    canvas = Image.new("RGB", (size * len(images), size + header), "white")
     draw = ImageDraw.Draw(canvas)
     for i, (label, image) in enumerate(images):
-        canvas.paste(image.resize((size, size), Image.Resampling.NEAREST), (i * size, 28))
+        canvas.paste(image.resize((size, size), Image.Resampling.NEAREST), (i * size, header))
         draw.text((i * size + 3, 2), label, fill="black")
         edit = label.split()[0]
         if edit in scores:
-            draw.text((i * size + 3, 14), f"subject score {scores[edit]:.2f}", fill="black")
+            m = scores[edit]
+            draw.text((i * size + 3, 14), f"subject score {m['subject_score']:.2f}", fill="black")
+            draw.text((i * size + 3, 26), f"bg {'kept' if m['background_kept'] else 'changed'}, "
+                      f"others {'kept' if m['others_kept'] else 'changed'}", fill="black")
     return canvas

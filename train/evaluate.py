@@ -32,6 +32,7 @@ class EvaluateConfig:
     background_max: float = 1.22
     min_examples: int = 30
     ms_ssim_scales: int = 5
+    toy_metrics: Optional[bool] = None  # the toy detector's metrics (metrics/toy_edit.py); null: for toy-world edits
     report: bool = True
     embed_images: bool = True
     thumbnail_size: int = 256
@@ -70,6 +71,7 @@ def _check(cfg: DictConfig) -> list[str]:
 
 def _print_summary(results: dict) -> None:
     from dreamsteer.metrics.evaluator import AREAS, METRICS
+    from dreamsteer.metrics.toy_edit import toy_summary_line
 
     for run in results["runs"]:
         print(f"[{run['label']}] {run['num_jobs']} jobs, {run['num_failed']} failed")
@@ -79,6 +81,8 @@ def _print_summary(results: dict) -> None:
         for name, entry in run["areas"].items():
             if entry.get("value") is not None:
                 print(f"  {AREAS[name].label:<16} {entry['value']:.4f}")
+        if "toy" in run:
+            print("  toy detector     " + toy_summary_line(run["toy"]))
     for name, reason in results["runs"][0]["unavailable"].items():
         print(f"  skipped {name}: {reason}", file=sys.stderr)
 
@@ -98,7 +102,7 @@ def run(cfg: DictConfig) -> dict:
     concept = list_images(cfg.concept_images) if cfg.concept_images else []
     out = output_dir(cfg)
 
-    settings = EvalSettings(cfg.clip_r_max, cfg.clip_r_step, cfg.background_max, cfg.min_examples, cfg.ms_ssim_scales, concept)
+    settings = EvalSettings(cfg.clip_r_max, cfg.clip_r_step, cfg.background_max, cfg.min_examples, cfg.ms_ssim_scales, concept, cfg.toy_metrics)
     device = resolve_device(cfg.device)
     models = load_models(cfg.clip_model, cfg.dino_model, list(cfg.lpips_weights), device, cfg.strict_models, cfg.batch_size)
     evaluator = JobEvaluator(models, settings)
@@ -112,6 +116,7 @@ def run(cfg: DictConfig) -> dict:
                 "background_max": cfg.background_max,
                 "min_examples": cfg.min_examples,
                 "ms_ssim_scales": cfg.ms_ssim_scales,
+                "toy_metrics": cfg.toy_metrics,
                 "device": device,
             },
             "models": models.info,

@@ -1,0 +1,149 @@
+"""Seeded edit cases on the toy world, run through the ``edit`` task and scored by the detector.
+
+Shared by the floors (`benchmarks/toy_floors.py`) and the effects benchmark (`benchmarks/effects.py`):
+
+- `edit_case(kind, seed)`: a rendered source scene and what its objects should become. Kinds:
+  ``color`` (one object of a 1-2 object scene gets another color), ``shape`` (one object gets another
+  shape), ``two_colors`` (both objects of a 2-object scene get other colors: a multi-attribute edit);
+- `edit_jobs` / `run_edit_jobs`: the cases as one jobs manifest of any editor methods, run by
+  ``train edit`` (resumable, one model load per process, ``workers`` processes);
+- `score_edit`: `metrics.toy_edit.toy_edit_metrics` of an edited image, plus the VAE's own
+  reconstruction error of the source outside the edited objects (the floor an editor that moves
+  latents cannot go below).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from dreamsteer.data.images import pil_to_tensor, save_image_atomic, tensor_to_pil
+from dreamsteer.data.scenes import OBJECT_COLORS, RESOLUTION, SHAPES, Scene, SceneObject, make_caption, random_scene
+from dreamsteer.metrics.detector import outside_change
+from dreamsteer.metrics.toy_edit import EDIT_MARGIN, ToyEditTruth, toy_edit_metrics, truth_from_scene
+
+EDIT_KINDS = ("color", "shape", "two_colors")
+GROUNDING_MARGIN = 2  # pixels added around an edited object's box for Ground-A-Score's subtask region
+
+
+@dataclass
+class EditCase:
+    """A source scene and the objects it should become (`targets`, the scene's order)."""
+
+    id: str
+    kind: str
+    scene: Scene
+    targets: list[SceneObject]
+
+    @property
+    def target_prompt(self) -> str:
+        return make_caption(self.scene.background, self.targets)
+
+    @property
+    def truth(self) -> ToyEditTruth:
+        return truth_from_scene(self.scene, self.targets)
+
+    @property
+    def edited(self) -> list[int]:
+        return self.truth.edited
+
+
+def _other(rng: np.random.Generator, values: Sequence[str], current: str) -> str:
+    return str(rng.choice([v for v in values if v != current]))
+
+
+def edit_case(kind: str, seed: int | Sequence[int], case_id: str, resolution: int = RESOLUTION) -> EditCase:
+    """A seeded case of `kind` (module docstring)."""
+    rng = np.random.default_rng(seed)
+    if kind == "color":
+        scene = random_scene(rng, 1, 2, resolution)
+        k = int(rng.integers(len(scene.objects)))
+        targets = [replace(o, color=_other(rng, list(OBJECT_COLORS), o.color)) if j == k else o for j, o in enumerate(scene.objects)]
+    elif kind == "shape":
+        scene = random_scene(rng, 1, 2, resolution)
+        k = int(rng.integers(len(scene.objects)))
+        targets = [replace(o, shape=_other(rng, SHAPES, o.shape)) if j == k else o for j, o in enumerate(scene.objects)]
+    elif kind == "two_colors":
+        scene = random_scene(rng, 2, 2, resolution)
+        targets = [replace(o, color=_other(rng, list(OBJECT_COLORS), o.color)) for o in scene.objects]
+    else:
+        raise ValueError(f"unknown edit kind {kind!r}: expected one of {EDIT_KINDS}")
+    return EditCase(case_id, kind, scene, targets)
+
+
+def subtasks(case: EditCase) -> list[dict[str, Any]]:
+    """Ground-A-Score's subtasks: per edited object its source and target phrase and its box (the source
+    mask's box grown by `GROUNDING_MARGIN` pixels, as fractions of the image side)."""
+    size = case.scene.image.size[0]
+    out = []
+    for i in case.edited:
+        x0, y0, x1, y1 = (int(v) for v in case.scene.boxes[i])
+        box = [max(0, x0 - GROUNDING_MARGIN) / size, max(0, y0 - GROUNDING_MARGIN) / size,
+               min(size, x1 + GROUNDING_MARGIN) / size, min(size, y1 + GROUNDING_MARGIN) / size]
+        out.append({"source": case.scene.objects[i].phrase, "target": case.targets[i].phrase, "box": box})
+    return out
+
+
+def edit_jobs(cases: Sequence[EditCase], methods: Sequence[str], source_dir: Path, overrides: dict[str, dict[str, Any]] | None = None,
+              adapter: str | None = None) -> list[dict[str, Any]]:
+    """One job per (method, case), id ``<method>__<case id>``; sources saved to `source_dir`; `overrides` per
+    method (editor keys); Ground-A-Score jobs get `subtasks`. Each case's seed is its position."""
+    jobs = []
+    for i, case in enumerate(cases):
+        path = source_dir / f"{case.id}.png"
+        if not path.is_file():
+            save_image_atomic(case.scene.image, path)
+        for method in methods:
+            job: dict[str, Any] = {"id": f"{method}__{case.id}", "image": str(path), "source_prompt": case.scene.caption,
+                                   "target_prompt": case.target_prompt, "method": method, "seed": i}
+            if overrides and overrides.get(method):
+                job["overrides"] = dict(overrides[method])
+            if method == "ground_a_score":
+                job["subtasks"] = subtasks(case)
+            if adapter:
+                job["adapter"] = adapter
+            jobs.append(job)
+    return jobs
+
+
+def run_edit_jobs(model: str, jobs: Sequence[dict[str, Any]], out: Path, workers: int = 1) -> dict[str, dict[str, Any]]:
+    """Run `jobs` through the ``edit`` task (a manifest in `out`, outputs in ``out/edits``) on `workers`
+    CPU processes; returns each job's record (its ``<id>.json``) by id. A failed job raises the task's error."""
+    from dreamsteer.train import edit as edit_task
+    from dreamsteer.train.config import compose
+
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = out / "edit_jobs.jsonl"
+    manifest.write_text("".join(json.dumps(job) + "\n" for job in jobs), encoding="utf-8")
+    edit_dir = out / "edits"
+    overrides = [f"model.pretrained={model}", f"jobs={manifest}", f"out={edit_dir}", "progress=false", "logger=none",
+                 f"trainer.devices={workers}"]
+    edit_task.run(compose("edit", overrides))
+    return {job["id"]: json.loads((edit_dir / f"{job['id']}.json").read_text(encoding="utf-8")) for job in jobs}
+
+
+def edited_image(record: dict[str, Any]) -> Image.Image:
+    return Image.open(record["output"]).convert("RGB")
+
+
+def vae_reconstruction(backbone: Any, image: Image.Image) -> Image.Image:
+    """The source encoded and decoded: what an edit that does not move the latent gives."""
+    with torch.no_grad():
+        x = pil_to_tensor(image)[None].to(backbone.device, backbone.dtype)
+        return tensor_to_pil(backbone.decode(backbone.encode_image(x))[0].float().clamp(-1, 1))
+
+
+def vae_outside_error(backbone: Any, case: EditCase, margin: int = EDIT_MARGIN) -> float:
+    """Mean absolute change the VAE alone makes outside the edited objects (encode + decode of the source)."""
+    union = case.scene.masks[case.edited].any(axis=0)
+    return outside_change(case.scene.image, vae_reconstruction(backbone, case.scene.image), union, margin)
+
+
+def score_edit(case: EditCase, image: Image.Image) -> dict[str, Any]:
+    """`toy_edit_metrics` of an edited image of `case`."""
+    return toy_edit_metrics(case.scene.image, image, case.truth)
