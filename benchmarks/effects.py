@@ -575,7 +575,7 @@ def _reground_md(r: dict[str, Any]) -> list[str]:
     lines = [
         f"Command: `python -m dreamsteer.benchmarks.effects --part reground --n {st['n_reground']}` ({_f(r['seconds'], 0)} s).",
         "",
-        f"{st['n_reground']} captions naming two objects (seeds `({EFFECTS_SEED}, 3, i)`), of which only the first is grounded (its phrase and its "
+        f"`{st['gligen_model']}`; {st['n_reground']} captions naming two objects (seeds `({EFFECTS_SEED}, 3, i)`), of which only the first is grounded (its phrase and its "
         f"rendered box); DDIM {r['steps']} steps, CFG {r['guidance']:g}, the same noise for both wirings. **spatial** = the grounded object "
         "(its color and shape) is detected with box IoU >= 0.5 with its box; **textual** = the ungrounded object (its color and shape) is "
         "detected anywhere; **both** = both in one image.",
@@ -675,13 +675,10 @@ def _weights_id(model: str) -> str:
 
 
 def run(parts: Sequence[str], settings: Settings, md: Path, json_path: Path, figures: Path, work: Path) -> dict[str, Any]:
-    """Run `parts`, merge them into the results already in `json_path` (other parts are kept), write the
-    JSON and the markdown; returns the merged results."""
-    import json
-
+    """Run `parts`, merge them into the results in `json_path` (other parts are kept; parts may run in separate
+    processes at the same time), write the JSON and the markdown; returns the merged results."""
     torch.set_num_threads(1)
-    results: dict[str, Any] = json.loads(json_path.read_text(encoding="utf-8")) if json_path.is_file() else {}
-    results.setdefault("parts", {})
+    results: dict[str, Any] = {"parts": {}}
     results["model"] = settings.model
     results["weights"] = _weights_id(settings.model)
     results["machine"] = {"cpus": os.cpu_count(), "load": round(os.getloadavg()[0], 1)}
@@ -700,10 +697,22 @@ def run(parts: Sequence[str], settings: Settings, md: Path, json_path: Path, fig
         result["settings"] = asdict(settings)
         results["parts"][part] = result
         print(f"{part}: {result['seconds']:.0f} s")
-        write_json_atomic(results, json_path)  # a later part's failure keeps this one
-    write_json_atomic(results, json_path)
+        results = _merge(json_path, results, part)  # a later part's failure keeps this one
+    results = _merge(json_path, results)
     write_text_atomic(render_markdown(results) + "\n", md)
     return results
+
+
+def _merge(json_path: Path, results: dict[str, Any], part: str | None = None) -> dict[str, Any]:
+    """Write `results` (only `part` of its parts, or the parts it holds) over the parts in `json_path` as it is
+    now, so that parts run by separate processes at the same time all land; returns what was written."""
+    import json
+
+    current = json.loads(json_path.read_text(encoding="utf-8")) if json_path.is_file() else {}
+    merged = {**current, **{k: v for k, v in results.items() if k != "parts"}}
+    merged["parts"] = {**current.get("parts", {}), **({part: results["parts"][part]} if part else results["parts"])}
+    write_json_atomic(merged, json_path)
+    return merged
 
 
 def main(argv: Sequence[str] | None = None) -> int:

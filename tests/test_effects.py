@@ -161,3 +161,31 @@ def test_edit_part_writes_every_methods_row(tmp_path):
         assert md.count(f"| {method} |") == 4  # three kinds and all kinds
     assert "LUSD's claim" in md and "Ground-A-Score's claim" in md
     assert result["steps"]["dds"] == 2 and result["steps"]["ground_a_score"] == 5  # 1% of 200 and 500 steps
+
+
+@needs_toy
+def test_a_dds_color_edit_recolors_its_object_more_than_the_other_and_keeps_the_background():
+    """The effect every table of docs/effects.md rests on, on the shipped weights: DDS moves the edited
+    object's pixels several times more than the other object's and keeps the background color."""
+    import torch
+
+    from dreamsteer.benchmarks.toy_edits import edit_case, score_edit
+    from dreamsteer.data.images import pil_to_tensor, tensor_to_pil
+    from dreamsteer.diffusion.backbone import load_backbone
+    from dreamsteer.distill.config import method_defaults
+    from dreamsteer.distill.editor import edit, editor_config
+    from dreamsteer.metrics.detector import image_array
+
+    torch.set_num_threads(1)
+    backbone = load_backbone("toy")
+    for seed in ((7, 0), (7, 1)):  # the first two-object color cases of this seed
+        case = edit_case("color", seed, "case")
+        assert len(case.scene.objects) == 2
+        result = edit(backbone, pil_to_tensor(case.scene.image), case.scene.caption, case.target_prompt,
+                      editor_config({**method_defaults("dds"), "steps": 100}), seed=0, progress=False)
+        edited = tensor_to_pil(result.image)
+        source, after = image_array(case.scene.image), image_array(edited)
+        k = case.edited[0]
+        change = [float(np.abs(after[m] - source[m]).mean()) for m in case.scene.masks]
+        assert change[k] > 1.5 * change[1 - k], (case.target_prompt, change)
+        assert score_edit(case, edited)["background_kept"]
