@@ -232,6 +232,9 @@ def _write_export(backbone: Any, adapter: Any, target: Path, extra: dict[str, An
         consumers = None
         if adapter.kind == "lora":
             files, consumers = formats.write_lora(adapter, backbone, tmp, manifest, output_name=target.name)
+        elif adapter.kind == "textual_inversion" and backbone.family.name == "sdxl":
+            files, token_files = formats.write_sdxl_token_files(
+                {name: adapter.vectors(backbone, name) for name in formats.SDXL_EMBEDDING_KEYS}, tmp)
         elif adapter.kind == "textual_inversion":
             files, token_files = formats.write_token_files(adapter.vectors(backbone), tmp)
         elif adapter.kind == "custom_diffusion":
@@ -373,6 +376,9 @@ def load_adapter(backbone: Any, adapter_dir: str | os.PathLike, trainable: bool 
                 raise AdapterError(f"adapter_config {config} does not fit method {kind!r} ({err})") from None
             if kind == "lora":
                 formats.read_lora(adapter, backbone, directory)
+            elif kind == "textual_inversion" and backbone.family.name == "sdxl":
+                for name, vectors in formats.read_sdxl_token_files(directory, manifest["token_files"]).items():
+                    adapter.set_vectors(backbone, vectors, name)
             elif kind == "textual_inversion":
                 adapter.set_vectors(backbone, formats.read_token_files(directory, manifest["token_files"]))
             elif kind == "custom_diffusion":
@@ -386,15 +392,15 @@ def load_adapter(backbone: Any, adapter_dir: str | os.PathLike, trainable: bool 
 
 
 def _load_dreambooth(backbone: Any, directory: Path, config: dict[str, Any]) -> None:
-    """The export's UNet (text encoder) replaces the backbone's, which becomes the frozen base for `disabled`."""
+    """The export's UNet (text encoders) replace the backbone's, which become the frozen base for `disabled`."""
     from dreamsteer.diffusion.adapters import DreamBoothAdapter
 
     fingerprint = model_fingerprint(backbone)
     train_te = bool(config.get("train_text_encoder", False))
-    unet, text_encoder = formats.read_dreambooth(backbone, directory, train_te)
-    base_unet, base_text = backbone.unet, backbone.text_encoder if train_te else None
+    unet, text_encoders = formats.read_dreambooth(backbone, directory, train_te)
+    base_unet, base_text = backbone.unet, {name: getattr(backbone, name) for name in text_encoders}
     backbone.unet = unet.requires_grad_(False).eval()
-    if text_encoder is not None:
-        backbone.text_encoder = text_encoder.requires_grad_(False).eval()
+    for name, encoder in text_encoders.items():
+        setattr(backbone, name, encoder.requires_grad_(False).eval())
     config = {"train_text_encoder": train_te, "keep_base": True}
     backbone.adapter = DreamBoothAdapter(config, fingerprint, base_unet, base_text)

@@ -7,6 +7,11 @@
 | custom_diffusion | ``pytorch_custom_diffusion_weights.safetensors`` (diffusers' ``save_attn_procs`` keys) + ``learned_embeds*.safetensors`` for the modifier tokens (+ ``a1111/``) | ``load_adapter`` (our loader), or diffusers' CustomDiffusionAttnProcessor built from the file |
 | dreambooth | a complete diffusers pipeline folder (the export folder itself, with the base model's scheduler); ``sd_checkpoint.safetensors``: the same weights in the original SD layout (`checkpoints.sd_single_file`) | ``StableDiffusionPipeline.from_pretrained(dir)``; A1111 / ComfyUI ``checkpoints/`` |
 
+SDXL (two text encoders): the diffusers LoRA file also has ``text_encoder_2.*`` keys and the kohya file SDXL's
+names (``lora_unet_<SGM module>``, ``lora_te1_``, ``lora_te2_``, `checkpoints.kohya`); each token's embedding
+file (diffusers and A1111 alike) is ``{"clip_l": [n, D1], "clip_g": [n, D2]}``, the rows of text encoders 1
+and 2; DreamBooth writes a ``StableDiffusionXLPipeline`` folder and the single file in SDXL's layout.
+
 Every safetensors file is written reproducibly (sorted metadata): the same weights give the same bytes.
 Text-encoder weights are named with the ``text_model.`` prefix, the layout of every transformers
 release (4.x writes it; 5.x writes it without the prefix but loads both).
@@ -35,6 +40,8 @@ TI_FILE = "learned_embeds.safetensors"
 A1111_DIR = "a1111"
 SINGLE_FILE = "sd_checkpoint.safetensors"
 TEXT_ENCODER_WEIGHTS = "text_encoder/model.safetensors"
+# SDXL embedding files: one tensor per text encoder, named as A1111, ComfyUI and diffusers' docs name them
+SDXL_EMBEDDING_KEYS = {"text_encoder": "clip_l", "text_encoder_2": "clip_g"}
 
 
 class AdapterFormatError(ValueError):
@@ -95,8 +102,9 @@ def _peft_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return get_peft_model_state_dict(module, adapter_name=LORA_ADAPTER_NAME)
 
 
-def lora_states(backbone: Any) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """The attached LoRA's peft states (fp32, CPU) of the UNet and the text encoder (empty if it has none)."""
+def lora_states(backbone: Any) -> dict[str, dict[str, torch.Tensor]]:
+    """The attached LoRA's peft states (fp32, CPU) by part: ``unet``, ``text_encoder`` (and SDXL's ``text_encoder_2``),
+    empty for a part without LoRA."""
     from dreamsteer.diffusion.adapters import LORA_ADAPTER_NAME
 
     def state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -104,47 +112,63 @@ def lora_states(backbone: Any) -> tuple[dict[str, torch.Tensor], dict[str, torch
             return {}
         return {k: v.detach().float().cpu() for k, v in _peft_state(module).items()}
 
-    return state(backbone.unet), state(backbone.text_encoder)
+    return {"unet": state(backbone.unet), **{name: state(encoder) for name, encoder, _ in backbone.family.text_encoders(backbone)}}
 
 
 def save_diffusers_lora(
     directory: Path, unet_state: dict[str, torch.Tensor], text_state: dict[str, torch.Tensor],
     unet_config: dict[str, Any] | None, text_config: dict[str, Any] | None,
+    text_2_state: dict[str, torch.Tensor] | None = None, text_2_config: dict[str, Any] | None = None,
 ) -> None:
-    """diffusers' ``pytorch_lora_weights.safetensors`` from peft states (`*_config`: the LoraConfig dicts, or None).
+    """diffusers' ``pytorch_lora_weights.safetensors`` from peft states (`*_config`: the LoraConfig dicts, or None);
+    `text_2_state`: SDXL's second text encoder (``text_encoder_2.*`` keys, `StableDiffusionXLPipeline`'s writer).
 
     Text-encoder keys get the ``text_model.`` prefix (see the module docstring); the file is then
     rewritten reproducibly.
     """
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
 
-    text_state = {k if k.startswith("text_model.") else "text_model." + k: v for k, v in text_state.items()}
-    StableDiffusionPipeline.save_lora_weights(
+    def text_layers(state: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
+        if not state:
+            return None
+        return convert_state_dict_to_diffusers({k if k.startswith("text_model.") else "text_model." + k: v for k, v in state.items()})
+
+    kwargs = {}
+    if text_2_state:
+        kwargs = {"text_encoder_2_lora_layers": text_layers(text_2_state), "text_encoder_2_lora_adapter_metadata": text_2_config}
+    writer = StableDiffusionXLPipeline if text_2_state else StableDiffusionPipeline
+    writer.save_lora_weights(
         str(directory),
         unet_lora_layers=convert_state_dict_to_diffusers(unet_state) if unet_state else None,
-        text_encoder_lora_layers=convert_state_dict_to_diffusers(text_state) if text_state else None,
+        text_encoder_lora_layers=text_layers(text_state),
         unet_lora_adapter_metadata=unet_config if unet_state else None,
         text_encoder_lora_adapter_metadata=text_config if text_state else None,
         weight_name=LORA_FILE,
         safe_serialization=True,
+        **kwargs,
     )
     path = directory / LORA_FILE
     save_safetensors(load_file(str(path)), path, read_metadata(path))
 
 
 def save_kohya_lora(
-    path: Path, backbone: Any, config: dict[str, Any], unet_state: dict[str, torch.Tensor], text_state: dict[str, torch.Tensor],
-    metadata: dict[str, Any],
+    path: Path, backbone: Any, config: dict[str, Any], states: dict[str, dict[str, torch.Tensor]], metadata: dict[str, Any],
 ) -> dict[str, torch.Tensor]:
-    """The kohya / LyCORIS file of the attached LoRA (`config`: its adapter config) with each module's own rank and
-    alpha; `metadata`: `kohya.lora_metadata`'s arguments. Returns the written tensors."""
+    """The kohya / LyCORIS file of the attached LoRA (`config`: its adapter config; `states`: `lora_states`) with each
+    module's own rank and alpha; `metadata`: `kohya.lora_metadata`'s arguments. Returns the written tensors.
+    SDXL: UNet modules in the original SGM names, text encoders ``lora_te1_`` / ``lora_te2_`` (`checkpoints.kohya`)."""
     variant = config.get("variant", "lora")
+    sdxl = backbone.family.name == "sdxl"
     tensors: dict[str, torch.Tensor] = {}
-    for state, model, prefix, is_text in ((unet_state, backbone.unet, kohya.UNET_PREFIX, False), (text_state, backbone.text_encoder, kohya.TEXT_PREFIX, True)):
+    for part, state in states.items():
         if not state:
             continue
-        layers = lycoris.layer_ranks_alphas(model)
+        is_text = part != "unet"
+        layers = lycoris.layer_ranks_alphas(getattr(backbone, part))
+        if sdxl and not is_text:
+            state, layers = _renamed(state, layers, kohya.sdxl_unet_rename(backbone.unet.config))
+        prefix = (kohya.SDXL_TEXT_PREFIXES[part] if sdxl else kohya.TEXT_PREFIX) if is_text else kohya.UNET_PREFIX
         if variant == "lora":
             tensors.update(kohya.peft_to_kohya(state, prefix, {m: alpha for m, (_, alpha) in layers.items()}, text_encoder=is_text))
         else:
@@ -153,6 +177,16 @@ def save_kohya_lora(
     network = lycoris.network_metadata(variant, config.get("conv_rank") if convs else None, config.get("conv_alpha") if convs else None)
     save_safetensors(tensors, path, kohya.lora_metadata(tensors, rank=config["rank"], alpha=config["alpha"], network=network, **metadata))
     return tensors
+
+
+def _renamed(state: dict[str, torch.Tensor], layers: dict[str, tuple[int, float]], rename: Any
+             ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int, float]]]:
+    """A peft state and its `layer_ranks_alphas` with every module name passed through `rename`."""
+    renamed = {}
+    for key, value in state.items():
+        module, param = lycoris.split_peft_key(key)
+        renamed[f"{rename(module)}.{param}"] = value
+    return renamed, {rename(module): value for module, value in layers.items()}
 
 
 def _model_name(source: str) -> str:
@@ -164,7 +198,8 @@ def kohya_info(backbone: Any, manifest: dict[str, Any], output_name: str) -> dic
     """The training facts kohya's metadata records, from the backbone and an adapter.json."""
     training = manifest.get("training") or {}
     return {
-        "v2": kohya.is_sd2(backbone.text_encoder.config),
+        "v2": backbone.family.name == "sd" and kohya.is_sd2(backbone.text_encoder.config),
+        "sdxl": backbone.family.name == "sdxl",
         "v_prediction": backbone.prediction_type == "v_prediction",
         "base_model": _model_name(str(manifest.get("base_model"))),
         "output_name": output_name,
@@ -183,19 +218,15 @@ def write_lora(adapter: Any, backbone: Any, directory: Path, manifest: dict[str,
     """The LoRA's files (module docstring) and the tools that load them as trained (`lora_consumers`)."""
     from dreamsteer.diffusion.adapters import LORA_ADAPTER_NAME
 
-    unet_state, text_state = lora_states(backbone)
+    states = lora_states(backbone)
     weights = lora_weights_file(adapter.config)
     if weights == LORA_FILE:
-        save_diffusers_lora(
-            directory, unet_state, text_state,
-            backbone.unet.peft_config[LORA_ADAPTER_NAME].to_dict(),
-            backbone.text_encoder.peft_config[LORA_ADAPTER_NAME].to_dict() if text_state else None,
-        )
+        configs = {part: getattr(backbone, part).peft_config[LORA_ADAPTER_NAME].to_dict() if state else None for part, state in states.items()}
+        save_diffusers_lora(directory, states["unet"], states["text_encoder"], configs["unet"], configs["text_encoder"],
+                            states.get("text_encoder_2"), configs.get("text_encoder_2"))
     else:
-        save_safetensors({**{f"unet.{k}": v for k, v in unet_state.items()}, **{f"text_encoder.{k}": v for k, v in text_state.items()}},
-                         directory / PEFT_FILE)
-    tensors = save_kohya_lora(directory / LORA_KOHYA_FILE, backbone, adapter.config, unet_state, text_state,
-                              kohya_info(backbone, manifest, output_name))
+        save_safetensors({f"{part}.{k}": v for part, state in states.items() for k, v in state.items()}, directory / PEFT_FILE)
+    tensors = save_kohya_lora(directory / LORA_KOHYA_FILE, backbone, adapter.config, states, kohya_info(backbone, manifest, output_name))
     consumers = lora_consumers(adapter.variant)
     if not lycoris.a1111_loads(tensors):
         consumers = consumers - {"a1111"}
@@ -211,20 +242,25 @@ def _diffusers_to_peft_key(key: str) -> str:
 
 def read_lora(adapter: Any, backbone: Any, directory: Path) -> None:
     """Fill the attached LoRA layers from the diffusers file (or, for LoHa / LoKr, the peft file): keys
-    ``unet.``/``text_encoder.`` + peft or diffusers names."""
+    ``unet.`` / ``text_encoder.`` (/ SDXL's ``text_encoder_2.``) + peft or diffusers names."""
     from peft.utils import set_peft_model_state_dict
 
     from dreamsteer.diffusion.adapters import LORA_ADAPTER_NAME
 
     path = directory / lora_weights_file(adapter.config)
     state = read_tensors(path)
-    for prefix, module in (("unet.", backbone.unet), ("text_encoder.", backbone.text_encoder)):
+    parts = [("unet.", backbone.unet)] + [(f"{name}.", encoder) for name, encoder, _ in backbone.family.text_encoders(backbone)]
+    known = tuple(prefix for prefix, _ in parts)
+    stray = sorted(k for k in state if not k.startswith(known))
+    if stray:
+        raise AdapterFormatError(f"{path}: keys {stray[:3]} belong to no part of this model (expected {list(known)})")
+    for prefix, module in parts:
         part = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         if not part:
             continue
         part = {_diffusers_to_peft_key(k): v for k, v in part.items()}
         expected = _peft_state(module)
-        if prefix == "text_encoder." and not any(k.startswith("text_model.") for k in expected):
+        if prefix != "unet." and not any(k.startswith("text_model.") for k in expected):
             part = {k.removeprefix("text_model."): v for k, v in part.items()}  # transformers 5 names
         if set(part) != set(expected):
             raise AdapterFormatError(
@@ -253,6 +289,35 @@ def write_token_files(vectors: dict[str, torch.Tensor], directory: Path) -> tupl
         save_safetensors({"emb_params": rows.float()}, directory / a_name)
         files.append(a_name)
     return files, token_files
+
+
+def write_sdxl_token_files(vectors: dict[str, dict[str, torch.Tensor]], directory: Path) -> tuple[list[str], dict[str, str]]:
+    """SDXL embeddings, per token ``{"clip_l": [n, D1], "clip_g": [n, D2]}`` from `vectors` ``{encoder name: {token: rows}}``:
+    ``learned_embeds*.safetensors`` (diffusers) and ``a1111/<name>.safetensors`` (A1111 / ComfyUI), the same tensors."""
+    files, token_files = [], {}
+    tokens = list(vectors["text_encoder"])
+    for i, token in enumerate(tokens):
+        tensors = {key: vectors[name][token].float() for name, key in SDXL_EMBEDDING_KEYS.items()}
+        name = token_file_name(i)
+        a_name = f"{A1111_DIR}/{a1111_name(token)}.safetensors"
+        for file in (name, a_name):
+            save_safetensors(tensors, directory / file)
+            files.append(file)
+        token_files[token] = name
+    return files, token_files
+
+
+def read_sdxl_token_files(directory: Path, token_files: dict[str, str]) -> dict[str, dict[str, torch.Tensor]]:
+    """``{encoder name: {token: rows}}`` from SDXL embedding files (`write_sdxl_token_files`)."""
+    vectors: dict[str, dict[str, torch.Tensor]] = {name: {} for name in SDXL_EMBEDDING_KEYS}
+    for token, file in token_files.items():
+        state = read_tensors(directory / file)
+        if set(state) != set(SDXL_EMBEDDING_KEYS.values()):
+            raise AdapterFormatError(f"{directory / file}: an SDXL embedding needs exactly the keys "
+                                     f"{sorted(SDXL_EMBEDDING_KEYS.values())}, found {sorted(state)[:4]}")
+        for name, key in SDXL_EMBEDDING_KEYS.items():
+            vectors[name][token] = state[key]
+    return vectors
 
 
 def read_token_files(directory: Path, token_files: dict[str, str]) -> dict[str, torch.Tensor]:
@@ -326,23 +391,34 @@ def write_dreambooth(adapter: Any, backbone: Any, directory: Path) -> list[str]:
 
 
 def write_pipeline(backbone: Any, directory: Path) -> list[str]:
-    """The backbone as a diffusers pipeline folder (the base model's scheduler; text encoder named
-    ``text_model.*``) plus the same weights as one SD checkpoint (`SINGLE_FILE`); returns every file."""
-    from diffusers import StableDiffusionPipeline
+    """The backbone as a diffusers pipeline folder (SDXL: a ``StableDiffusionXLPipeline`` one; the base model's
+    scheduler; text encoders named ``text_model.*``) plus the same weights as one checkpoint in the original
+    layout (`SINGLE_FILE`); returns every file."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     from dreamsteer.checkpoints.sd_single_file import pipeline_to_original
 
-    pipe = StableDiffusionPipeline(
-        vae=backbone.vae, text_encoder=backbone.text_encoder, tokenizer=backbone.tokenizer, unet=backbone.unet,
-        scheduler=base_scheduler(backbone), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
+    sdxl = backbone.family.name == "sdxl"
+    if sdxl:
+        pipe = StableDiffusionXLPipeline(
+            vae=backbone.vae, text_encoder=backbone.text_encoder, text_encoder_2=backbone.text_encoder_2, tokenizer=backbone.tokenizer,
+            tokenizer_2=backbone.tokenizer_2, unet=backbone.unet, scheduler=base_scheduler(backbone),
+            force_zeros_for_empty_prompt=backbone.family.zero_empty_prompt, add_watermarker=False,
+        )
+    else:
+        pipe = StableDiffusionPipeline(
+            vae=backbone.vae, text_encoder=backbone.text_encoder, tokenizer=backbone.tokenizer, unet=backbone.unet,
+            scheduler=base_scheduler(backbone), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
     pipe.save_pretrained(str(directory), safe_serialization=True)
-    text_weights = directory / TEXT_ENCODER_WEIGHTS
-    state = load_file(str(text_weights))
-    state = {k if k.startswith("text_model.") else "text_model." + k: v for k, v in state.items()}
-    save_safetensors(state, text_weights, read_metadata(text_weights))
-    write_vocab_files(directory / "tokenizer")
-    single = pipeline_to_original(backbone.unet, backbone.vae, backbone.text_encoder, kohya.is_sd2(backbone.text_encoder.config))
+    for name, _, _ in backbone.family.text_encoders(backbone):
+        text_weights = directory / name / "model.safetensors"
+        state = load_file(str(text_weights))
+        state = {k if k.startswith(("text_model.", "text_projection.")) else "text_model." + k: v for k, v in state.items()}
+        save_safetensors(state, text_weights, read_metadata(text_weights))
+        write_vocab_files(directory / name.replace("text_encoder", "tokenizer"))
+    single = pipeline_to_original(backbone.unet, backbone.vae, backbone.text_encoder, not sdxl and kohya.is_sd2(backbone.text_encoder.config),
+                                  backbone.text_encoder_2 if sdxl else None)
     save_safetensors(single, directory / SINGLE_FILE)
     return sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file())
 
@@ -361,22 +437,21 @@ def write_vocab_files(tokenizer_dir: Path) -> None:
     write_text_atomic("#version: 0.2\n" + "\n".join(merges) + "\n", tokenizer_dir / "merges.txt")
 
 
-def read_dreambooth(backbone: Any, directory: Path, train_text_encoder: bool) -> tuple[torch.nn.Module, torch.nn.Module | None]:
-    """The trained UNet (and text encoder) from a pipeline folder, in the backbone's dtype and device."""
+def read_dreambooth(backbone: Any, directory: Path, train_text_encoder: bool) -> tuple[torch.nn.Module, dict[str, torch.nn.Module]]:
+    """The trained UNet (and text encoders, ``{name: module}``) from a pipeline folder, in the backbone's dtype and device."""
     from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextModel
 
     try:
         unet = UNet2DConditionModel.from_pretrained(str(directory), subfolder="unet", torch_dtype=backbone.dtype)
-        text_encoder = None
-        if train_text_encoder:
-            text_encoder = CLIPTextModel.from_pretrained(str(directory), subfolder="text_encoder", dtype=backbone.text_encoder.dtype)
+        text_encoders = {}
+        for name, encoder, _ in backbone.family.text_encoders(backbone) if train_text_encoder else []:
+            text_encoders[name] = type(encoder).from_pretrained(str(directory), subfolder=name, dtype=encoder.dtype)
     except Exception as err:  # diffusers / transformers raise many types for a bad folder; name it in one message
-        raise AdapterFormatError(f"{directory}: the DreamBooth UNet / text encoder could not be loaded ({type(err).__name__}: {err})") from None
-    for name, module in (("unet", unet), ("text_encoder", text_encoder)):
-        if module is not None and not all(torch.isfinite(p).all() for p in module.parameters()):
+        raise AdapterFormatError(f"{directory}: the DreamBooth UNet / text encoders could not be loaded ({type(err).__name__}: {err})") from None
+    for name, module in (("unet", unet), *text_encoders.items()):
+        if not all(torch.isfinite(p).all() for p in module.parameters()):
             raise AdapterFormatError(f"{directory / name}: weights have NaN or infinite values")
     unet.to(backbone.device)
-    if text_encoder is not None:
-        text_encoder.to(backbone.text_encoder.device)
-    return unet, text_encoder
+    for name, module in text_encoders.items():
+        module.to(getattr(backbone, name).device)
+    return unet, text_encoders

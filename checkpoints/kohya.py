@@ -2,10 +2,14 @@
 
 Keys: ``lora_unet_<diffusers module path with _>`` and ``lora_te_text_model_<CLIP module path
 with _>`` (SD 1.x/2.x), each with ``.lora_down.weight`` [r, in], ``.lora_up.weight`` [out, r] and
-``.alpha``; the update is ``W += (alpha / r) * up @ down``.
+``.alpha``; the update is ``W += (alpha / r) * up @ down``. SDXL (what kohya's ``sdxl_train_network.py``
+writes): UNet modules in the original SGM names, ``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``
+(`sd_single_file.original_unet_module`), the text encoders ``lora_te1_text_model_...`` (CLIP ViT-L) and
+``lora_te2_text_model_...`` (OpenCLIP ViT-bigG, in Hugging Face CLIP names).
 
 Metadata (read by A1111's and ComfyUI's LoRA browsers): ``ss_network_module``, ``ss_network_dim``,
-``ss_network_alpha``, ``ss_base_model_version`` (``sd_v1`` / ``sd_v2``, ``_v`` for v-prediction),
+``ss_network_alpha``, ``ss_base_model_version`` (``sd_v1`` / ``sd_v2``, ``_v`` for v-prediction;
+``sdxl_base_v1-0`` for SDXL, which A1111 reads to list the LoRA for SDXL models),
 ``ss_v2`` (A1111 hides a LoRA whose ``ss_v2`` disagrees with the loaded model), ``ss_sd_model_name``,
 ``ss_output_name``, ``ss_resolution``, ``ss_steps``, ``ss_tag_frequency`` (when captions were used),
 and the precomputed hashes, as kohya computes them over the file written with only the ``ss_*``
@@ -16,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -24,6 +28,8 @@ from dreamsteer.checkpoints.safetensors_files import serialize
 
 UNET_PREFIX = "lora_unet_"
 TEXT_PREFIX = "lora_te_"
+SDXL_TEXT_PREFIXES = {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
+SDXL_BASE_MODEL_VERSION = "sdxl_base_v1-0"
 NETWORK_MODULE = "networks.lora"
 
 
@@ -36,8 +42,11 @@ def is_sd2(text_encoder_config: Any) -> bool:
     return getattr(text_encoder_config, "hidden_act", "quick_gelu") == "gelu"
 
 
-def base_model_version(v2: bool, v_prediction: bool) -> str:
-    """kohya's ``ss_base_model_version``: ``sd_v1`` / ``sd_v2``, plus ``_v`` for v-prediction."""
+def base_model_version(v2: bool, v_prediction: bool, sdxl: bool = False) -> str:
+    """kohya's ``ss_base_model_version``: ``sd_v1`` / ``sd_v2``, plus ``_v`` for v-prediction; SDXL: ``sdxl_base_v1-0``
+    (kohya records SDXL v-prediction in ``ss_v_parameterization`` only)."""
+    if sdxl:
+        return SDXL_BASE_MODEL_VERSION
     return ("sd_v2" if v2 else "sd_v1") + ("_v" if v_prediction else "")
 
 
@@ -45,7 +54,8 @@ def peft_to_kohya(state: dict[str, torch.Tensor], prefix: str, alphas: dict[str,
     """peft keys ``<module>.lora_A.weight`` / ``lora_B`` -> kohya ``<prefix><module_>.lora_down`` / ``lora_up`` + ``.alpha``.
 
     `alphas` is one alpha for every module or ``{module: alpha}``. Text-encoder modules are named
-    with ``text_model.`` (transformers 5 dropped that wrapper; kohya names keep it).
+    with ``text_model.`` (transformers 5 dropped that wrapper; kohya names keep it). SDXL UNet states come
+    with their module names already in the SGM layout (`sdxl_unet_rename`).
     """
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
@@ -59,6 +69,13 @@ def peft_to_kohya(state: dict[str, torch.Tensor], prefix: str, alphas: dict[str,
         out[f"{name}.{'lora_down' if rest[0] == 'A' else 'lora_up'}.weight"] = value
         out[f"{name}.alpha"] = torch.tensor(float(alpha))
     return out
+
+
+def sdxl_unet_rename(unet_config: Any) -> Callable[[str], str]:
+    """diffusers UNet module name -> the SGM name kohya uses in SDXL LoRA keys."""
+    from dreamsteer.checkpoints.sd_single_file import original_unet_module
+
+    return lambda module: original_unet_module(module, unet_config)
 
 
 def kohya_to_peft(state: dict[str, torch.Tensor], unet_modules: Iterable[str], text_modules: Iterable[str]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -121,14 +138,16 @@ def lora_metadata(
     steps: int | None,
     tag_frequency_json: dict[str, dict[str, int]] | None = None,
     network: dict[str, str] | None = None,
+    sdxl: bool = False,
 ) -> dict[str, str]:
-    """The metadata kohya's ``train_network.py`` writes, with its two hashes of `tensors`; `network` replaces
-    ``ss_network_module`` / adds ``ss_network_args`` (LyCORIS, convolutions: `checkpoints.lycoris.network_metadata`)."""
+    """The metadata kohya's ``train_network.py`` (``sdxl_train_network.py`` with `sdxl`) writes, with its two hashes of
+    `tensors`; `network` replaces ``ss_network_module`` / adds ``ss_network_args`` (LyCORIS, convolutions:
+    `checkpoints.lycoris.network_metadata`)."""
     meta = {
         "ss_network_module": NETWORK_MODULE,
         "ss_network_dim": str(rank),
         "ss_network_alpha": str(float(alpha)),
-        "ss_base_model_version": base_model_version(v2, v_prediction),
+        "ss_base_model_version": base_model_version(v2, v_prediction, sdxl),
         "ss_v2": str(bool(v2)),
         "ss_v_parameterization": str(bool(v_prediction)),
         "ss_sd_model_name": base_model,

@@ -1,4 +1,4 @@
-"""A diffusers Stable Diffusion 1.x/2.x pipeline as one checkpoint in the original (CompVis/LDM) layout.
+"""A diffusers Stable Diffusion 1.x/2.x or SDXL pipeline as one checkpoint in the original (CompVis/LDM, SGM) layout.
 
 The layout A1111, ComfyUI and ``StableDiffusionPipeline.from_single_file`` read:
 
@@ -7,13 +7,17 @@ The layout A1111, ComfyUI and ``StableDiffusionPipeline.from_single_file`` read:
   downsampler (``.0.op``); ``middle_block.{0,1,2}``; ``output_blocks.{i*(L+1)+j}`` for up block ``i``,
   layer ``j`` with the upsampler in the last one (after the transformer if there is one); resnets
   ``in_layers.{0,2}`` / ``emb_layers.1`` / ``out_layers.{0,3}`` / ``skip_connection``; ``time_embed.{0,2}``,
-  ``input_blocks.0.0`` (conv_in), ``out.{0,2}``. Transformer blocks keep their diffusers names.
+  ``input_blocks.0.0`` (conv_in), ``out.{0,2}``; SDXL's added-condition MLP ``add_embedding.linear_{1,2}``:
+  ``label_emb.0.{0,2}``. Transformer blocks keep their diffusers names.
 - VAE under ``first_stage_model.``: ``{encoder.down,decoder.up}.{i}.block.{j}`` (decoder blocks in
   reverse order), ``downsample`` / ``upsample``, ``mid.block_{1,2}``, ``mid.attn_1.{norm,q,k,v,proj_out}``
   as 1x1 convolutions, ``norm_out``, ``nin_shortcut``.
 - Text encoder: SD 1.x ``cond_stage_model.transformer.text_model.*`` (Hugging Face CLIP names);
   SD 2.x ``cond_stage_model.model.*`` (OpenCLIP: ``transformer.resblocks.{i}.attn.in_proj_*`` = q, k, v
   stacked, ``ln_1/ln_2``, ``mlp.c_fc/c_proj``, ``positional_embedding``, ``ln_final``).
+  SDXL: text encoder 1 under ``conditioner.embedders.0.transformer.text_model.*`` (Hugging Face CLIP names),
+  text encoder 2 under ``conditioner.embedders.1.model.*`` (OpenCLIP names, plus ``text_projection`` =
+  the transposed projection weight).
 """
 from __future__ import annotations
 
@@ -25,6 +29,8 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."
 OPEN_CLIP_PREFIX = "cond_stage_model.model."
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer."
+SDXL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."
 
 _RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
            "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
@@ -43,6 +49,8 @@ def _unet_prefix_map(config: Any) -> dict[str, str]:
         "mid_block.resnets.0": "middle_block.0", "mid_block.attentions.0": "middle_block.1",
         "mid_block.resnets.1": "middle_block.2",
     }
+    if config.get("addition_embed_type") == "text_time":  # SDXL's pooled text + time_ids MLP
+        mapping.update({"add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"})
     for i in range(n):
         for j in range(layers):
             k = 1 + i * (layers + 1) + j
@@ -75,9 +83,14 @@ def _rename(key: str, prefixes: dict[str, str], inner: dict[str, str] | None = N
     return None
 
 
+def _check_unet_config(config: Any) -> None:
+    if config.get("class_embed_type") or config.get("addition_embed_type") not in (None, "text_time"):
+        raise ValueError("the original layout is written for SD 1.x/2.x and SDXL UNets (no class embeddings, "
+                         f"addition_embed_type None or 'text_time'; got {config.get('addition_embed_type')!r})")
+
+
 def unet_to_original(state: dict[str, torch.Tensor], config: Any) -> dict[str, torch.Tensor]:
-    if config.get("class_embed_type") or config.get("addition_embed_type"):
-        raise ValueError("single-file export supports SD 1.x/2.x UNets (no class or addition embeddings)")
+    _check_unet_config(config)
     prefixes = _unet_prefix_map(config)
     out = {}
     for key, value in state.items():
@@ -87,6 +100,16 @@ def unet_to_original(state: dict[str, torch.Tensor], config: Any) -> dict[str, t
             raise ValueError(f"single-file export: UNet weight {key!r} has no place in the SD layout")
         out[UNET_PREFIX + new] = value
     return out
+
+
+def original_unet_module(module: str, config: Any) -> str:
+    """A diffusers UNet module name (``down_blocks.1.attentions.0.proj_in``) in the original layout
+    (``input_blocks.4.1.proj_in``), without ``model.diffusion_model.``: the names kohya gives SDXL LoRA modules."""
+    _check_unet_config(config)
+    new = _rename(module + ".weight", _unet_prefix_map(config), _RESNET if ".resnets." in module else None)
+    if new is None:
+        raise ValueError(f"UNet module {module!r} has no place in the original layout")
+    return new[: -len(".weight")]
 
 
 def vae_to_original(state: dict[str, torch.Tensor], config: Any) -> dict[str, torch.Tensor]:
@@ -119,30 +142,33 @@ def _with_text_model(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k if k.startswith("text_model.") else "text_model." + k: v for k, v in state.items()}
 
 
-def clip_to_original(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {CLIP_PREFIX + k: v for k, v in _with_text_model(state).items() if not k.endswith("position_ids")}
+def clip_to_original(state: dict[str, torch.Tensor], prefix: str = CLIP_PREFIX) -> dict[str, torch.Tensor]:
+    return {prefix + k: v for k, v in _with_text_model(state).items() if not k.endswith("position_ids")}
 
 
-def open_clip_to_original(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Hugging Face CLIP names -> OpenCLIP's (SD 2.x); q, k, v projections stacked into ``in_proj``."""
-    state = _with_text_model(state)
+def open_clip_to_original(state: dict[str, torch.Tensor], prefix: str = OPEN_CLIP_PREFIX) -> dict[str, torch.Tensor]:
+    """Hugging Face CLIP names -> OpenCLIP's under `prefix` (SD 2.x; SDXL's text encoder 2, whose projection
+    ``text_projection.weight`` [P, D] is OpenCLIP's ``text_projection`` [D, P]); q, k, v stacked into ``in_proj``."""
+    out = {}
+    if "text_projection.weight" in state:
+        out[prefix + "text_projection"] = state["text_projection.weight"].T.contiguous()
+    state = _with_text_model({k: v for k, v in state.items() if k != "text_projection.weight"})
     fixed = {"text_model.embeddings.token_embedding.weight": "token_embedding.weight",
              "text_model.embeddings.position_embedding.weight": "positional_embedding",
              "text_model.final_layer_norm.weight": "ln_final.weight", "text_model.final_layer_norm.bias": "ln_final.bias"}
     sub = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj", "self_attn.out_proj": "attn.out_proj"}
-    out = {}
     for key, value in state.items():
         if key.endswith("position_ids"):
             continue
         if key in fixed:
-            out[OPEN_CLIP_PREFIX + fixed[key]] = value
+            out[prefix + fixed[key]] = value
             continue
         head = "text_model.encoder.layers."
         if not key.startswith(head):
             raise ValueError(f"single-file export: text-encoder weight {key!r} has no place in the OpenCLIP layout")
         layer, _, rest = key[len(head):].partition(".")
         module, _, param = rest.rpartition(".")
-        block = f"{OPEN_CLIP_PREFIX}transformer.resblocks.{layer}."
+        block = f"{prefix}transformer.resblocks.{layer}."
         if module in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
             if module == "self_attn.q_proj":
                 qkv = [state[f"{head}{layer}.self_attn.{p}_proj.{param}"] for p in "qkv"]
@@ -154,10 +180,16 @@ def open_clip_to_original(state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     return out
 
 
-def pipeline_to_original(unet: torch.nn.Module, vae: torch.nn.Module, text_encoder: torch.nn.Module, v2: bool) -> dict[str, torch.Tensor]:
-    """One state dict in the original SD layout (what A1111 / ComfyUI / ``from_single_file`` load)."""
+def pipeline_to_original(unet: torch.nn.Module, vae: torch.nn.Module, text_encoder: torch.nn.Module, v2: bool,
+                         text_encoder_2: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """One state dict in the original SD layout (what A1111 / ComfyUI / ``from_single_file`` load); with
+    `text_encoder_2` the SDXL layout (text encoder 1 as CLIP, text encoder 2 as OpenCLIP under ``conditioner.``)."""
     state = unet_to_original(unet.state_dict(), unet.config)
     state.update(vae_to_original(vae.state_dict(), vae.config))
     text = text_encoder.state_dict()
-    state.update(open_clip_to_original(text) if v2 else clip_to_original(text))
+    if text_encoder_2 is not None:
+        state.update(clip_to_original(text, SDXL_CLIP_PREFIX))
+        state.update(open_clip_to_original(text_encoder_2.state_dict(), SDXL_OPEN_CLIP_PREFIX))
+    else:
+        state.update(open_clip_to_original(text) if v2 else clip_to_original(text))
     return state

@@ -413,8 +413,8 @@ def generate_class_images(
         for start in range(0, missing, batch_size):
             chunk = indices[start : start + batch_size]
             generators = [torch.Generator("cpu").manual_seed(seed + k) for k in chunk]
-            images = pipe(prompt_embeds=backbone.encode_prompt([prompt] * len(chunk)), num_inference_steps=steps,
-                          guidance_scale=guidance_scale, generator=generators).images
+            images = pipe(**backbone.family.pipeline_prompt_kwargs(backbone.encode_prompt([prompt] * len(chunk))),
+                          num_inference_steps=steps, guidance_scale=guidance_scale, generator=generators).images
             for k, image in zip(chunk, images):
                 save_image_atomic(image, directory / f"class_{k:05d}.png")
             bar.update(len(chunk))
@@ -442,9 +442,11 @@ class SubjectDataset(Dataset):
     Returns ``pixel_values`` [3, R, R] (with buckets [3, H, W] of the image's bucket, the same for
     every example of a micro-batch of `batch_size`) in [-1, 1], ``prompt``, ``example_index``, ``latent_key``
     (a string naming the image, its size, crop and flip: equal keys mean equal pixels; "" for a view
-    not worth caching), with masks ``loss_mask`` [1, H, W] in [0, 1] (the same crop and flip), and,
+    not worth caching), SDXL's size conditions ``original_size`` (the file's (height, width)) and
+    ``crop_top_left`` ((top, left) of the crop in the resized image, mirrored for a flipped view:
+    ``left = W - left - w``), with masks ``loss_mask`` [1, H, W] in [0, 1] (the same crop and flip), and,
     with class images (the concept's own, cropped to the same size), ``class_pixel_values``,
-    ``class_latent_key`` and ``class_prompt``. Caption dropout and shuffling (instance prompts only)
+    ``class_latent_key``, ``class_original_size``, ``class_crop_top_left`` and ``class_prompt``. Caption dropout and shuffling (instance prompts only)
     draw from their own generator, so turning them on leaves every crop and flip as it was.
 
     Concepts are balanced: without buckets example ``i`` is concept ``i mod K``'s; with buckets each
@@ -493,7 +495,7 @@ class SubjectDataset(Dataset):
         self.keep_tokens = keep_tokens
         self.resize_augmentation = resize_augmentation
         self.vae_scale_factor = vae_scale_factor
-        self._cache: dict[tuple[Path, tuple[int, int]], tuple[Image.Image, Image.Image | None]] = {}
+        self._cache: dict[tuple[Path, tuple[int, int]], tuple[Image.Image, Image.Image | None, tuple[int, int]]] = {}
         self._orders: dict[tuple[str, int, int], torch.Tensor] = {}
         self.batch_size = batch_size
         self.buckets = aspect_buckets(resolution, bucket_step) if bucket_step else None
@@ -550,24 +552,26 @@ class SubjectDataset(Dataset):
             self._plans[epoch] = batches
         return self._plans[epoch]
 
-    def _resized(self, path: Path, size: tuple[int, int], mask: Path | None = None) -> tuple[Image.Image, Image.Image | None]:
-        """The image (and its mask) resized to cover `size` (W, H), decoded and resized once per path and size."""
+    def _resized(self, path: Path, size: tuple[int, int], mask: Path | None = None) -> tuple[Image.Image, Image.Image | None, tuple[int, int]]:
+        """The image (and its mask) resized to cover `size` (W, H), decoded and resized once per path and size,
+        and the image's own (W, H)."""
         key = (path, size)
         if key not in self._cache:
             image = load_image(path)
             scale = max(size[0] / image.size[0], size[1] / image.size[1])
             resized = (max(size[0], round(image.size[0] * scale)), max(size[1], round(image.size[1] * scale)))
             resized_mask = load_mask(mask, image.size).resize(resized, Image.Resampling.BILINEAR) if mask is not None else None
-            self._cache[key] = (image.resize(resized, Image.Resampling.BICUBIC), resized_mask)
+            self._cache[key] = (image.resize(resized, Image.Resampling.BICUBIC), resized_mask, image.size)
         return self._cache[key]
 
     def _view(
         self, path: Path, generator: torch.Generator, mask: Path | None = None, size: tuple[int, int] | None = None,
-    ) -> tuple[torch.Tensor, str, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor, str, torch.Tensor | None, dict[str, torch.Tensor]]:
         """One augmented view (crop to `size` (W, H), default R x R; flip) of an image, the key naming that
-        view (for latent caching), and the same view of its mask as weights ``[1, H, W]`` in [0, 1] (None without a mask)."""
+        view (for latent caching), the same view of its mask as weights ``[1, H, W]`` in [0, 1] (None without a mask),
+        and its size conditions ``{"original_size": (H0, W0), "crop_top_left": (top, left)}`` (see the class docstring)."""
         size = size or (self.resolution, self.resolution)
-        (image, mask_image), (w, h) = self._resized(path, size, mask), size
+        (image, mask_image, (w0, h0)), (w, h) = self._resized(path, size, mask), size
         width, height = image.size
         if self.center_crop:
             left, top = (width - w) // 2, (height - h) // 2
@@ -581,7 +585,9 @@ class SubjectDataset(Dataset):
         if flip:
             tensor = tensor.flip(-1)
             weights = weights.flip(-1) if weights is not None else None
-        return tensor, f"{path}|{w}x{h}|{left},{top}|{int(flip)}", weights
+        crop_left = width - left - w if flip else left  # where the crop lies in the flipped image
+        conditions = {"original_size": torch.tensor([h0, w0]), "crop_top_left": torch.tensor([top, crop_left])}
+        return tensor, f"{path}|{w}x{h}|{left},{top}|{int(flip)}", weights, conditions
 
     def _caption(self, prompt: str, index: int) -> str:
         """Caption dropout, then tag shuffling after the first `keep_tokens` tags, from a generator of ``(seed, i, 2)``."""
@@ -647,19 +653,20 @@ class SubjectDataset(Dataset):
             prompt = self.templates[int(torch.randint(len(self.templates), (), generator=g))].format(concept.subject)
         else:
             prompt = concept.instance_prompt
-        pixels, key, weights = self._view(item.path, g, item.mask, size)
+        pixels, key, weights, conditions = self._view(item.path, g, item.mask, size)
         prompt = self._caption(prompt, index)
         if self.resize_augmentation:
             pixels, weights, prefix = self._resize_augmented(pixels, weights, index)
             key = ""  # nearly every augmented view is new: encoded each time, never cached
             prompt = prefix + prompt if prompt else prompt  # a dropped caption stays unconditional
-        example = {"pixel_values": pixels, "prompt": prompt, "example_index": index, "latent_key": key}
+        example = {"pixel_values": pixels, "prompt": prompt, "example_index": index, "latent_key": key, **conditions}
         if weights is not None:
             example["loss_mask"] = weights
         if concept.class_paths:
             count = len(concept.class_paths)
             path = concept.class_paths[int(self._order("class", count, draw // count, c)[draw % count])]
-            example["class_pixel_values"], example["class_latent_key"], _ = self._view(path, g, size=size)
+            example["class_pixel_values"], example["class_latent_key"], _, conditions = self._view(path, g, size=size)
+            example.update({f"class_{name}": value for name, value in conditions.items()})
             example["class_prompt"] = concept.class_prompt
         return example
 

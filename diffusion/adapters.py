@@ -8,7 +8,8 @@ Each ``add_*`` function changes the backbone in place, stores the adapter object
 - ``tokens``: the placeholder / modifier tokens it added to the tokenizer (may be empty);
 - ``base_fingerprint``: ``model_fingerprint`` of the backbone before the adapter was attached;
 - ``named_trainable(backbone)``: ``[(name, parameter)]`` with names as the backbone's modules see
-  them (``unet.<...>`` / ``text_encoder.<...>``), the trainable state of the adapter and nothing else;
+  them (``unet.<...>`` / ``text_encoder.<...>`` / on SDXL ``text_encoder_2.<...>``), the trainable state
+  of the adapter and nothing else;
 - ``trainable_parameters(backbone)``: those parameters, marked ``requires_grad=True``;
 - ``set_trainable(backbone, flag)``; ``trainable_state_dict`` / ``load_trainable_state_dict``;
 - ``disabled(backbone)``: a context in which the backbone computes exactly the pre-trained model.
@@ -16,6 +17,10 @@ Each ``add_*`` function changes the backbone in place, stores the adapter object
 Adapters live in module weights, never in attention processors, so the attention recorder of
 ``distill/attention.py`` (which swaps processors) sees them: peft LoRA layers inside ``to_q/k/v/out``,
 Custom Diffusion as trained ``attn2.to_k/to_v`` weights, new token rows inside the token embedding.
+
+Every text-encoder part (LoRA on the text encoder, token rows, DreamBooth's text encoder) applies to each
+text encoder of the model's family (SDXL: both), ``backbone.family.text_encoders(backbone)``.
+Custom Diffusion is SD 1.x/2.x only (`add_custom_diffusion` refuses SDXL).
 """
 from __future__ import annotations
 
@@ -61,8 +66,11 @@ def model_fingerprint(backbone: Any) -> dict[str, Any]:
     if backbone.adapter is not None:
         raise AdapterError("model_fingerprint needs the backbone without adapter (it identifies the base model)")
     unet_cfg = {k: v for k, v in dict(backbone.unet.config).items() if not k.startswith("_")}
-    text_cfg = {k: getattr(backbone.text_encoder.config, k, None) for k in _TEXT_CONFIG_KEYS}
-    arch = json.dumps({"unet": unet_cfg, "text_encoder": text_cfg, "tokenizer_size": len(backbone.tokenizer)}, sort_keys=True, default=str)
+    arch_parts: dict[str, Any] = {"unet": unet_cfg}
+    for name, encoder, tokenizer in backbone.family.text_encoders(backbone):
+        arch_parts[name] = {k: getattr(encoder.config, k, None) for k in _TEXT_CONFIG_KEYS}
+        arch_parts["tokenizer_size" if name == "text_encoder" else f"{name}_tokenizer_size"] = len(tokenizer)
+    arch = json.dumps(arch_parts, sort_keys=True, default=str)
     embeddings = backbone.text_encoder.get_input_embeddings().weight
     tensors = [
         backbone.unet.conv_in.weight,
@@ -71,6 +79,8 @@ def model_fingerprint(backbone: Any) -> dict[str, Any]:
         getattr(backbone.text_encoder, "text_model", backbone.text_encoder).embeddings.position_embedding.weight,
         embeddings[: min(512, embeddings.shape[0])],
     ]
+    for _, encoder, _ in backbone.family.text_encoders(backbone)[1:]:
+        tensors.append(encoder.get_input_embeddings().weight[:512])
     return {
         "architecture": hashlib.sha256(arch.encode()).hexdigest(),
         "probe": [v for t in tensors for v in _probe(t)],
@@ -156,9 +166,8 @@ def _expand_vectors(token: str, num_vectors: int) -> list[str]:
     return [token] + [f"{token}_{i}" for i in range(1, num_vectors)]
 
 
-def _install_token_rows(backbone: Any, added: list[str], init_ids: list[int]) -> TokenEmbedding:
+def _install_token_rows(tokenizer: Any, text_encoder: nn.Module, added: list[str], init_ids: list[int]) -> TokenEmbedding:
     """Add `added` to the tokenizer and a TokenEmbedding whose new rows copy the `init_ids` rows."""
-    tokenizer, text_encoder = backbone.tokenizer, backbone.text_encoder
     base = text_encoder.get_input_embeddings()
     if isinstance(base, TokenEmbedding):
         raise AdapterError("the text encoder already has added token rows (one adapter per backbone)")
@@ -176,17 +185,17 @@ def _install_token_rows(backbone: Any, added: list[str], init_ids: list[int]) ->
     return embedding
 
 
-def _set_token_rows(backbone: Any, rows: torch.Tensor) -> None:
+def _set_token_rows(text_encoder: nn.Module, rows: torch.Tensor) -> None:
     """Copy `rows` into the added token rows, which must have the same shape."""
-    module = _token_module(backbone)
+    module = _token_module(text_encoder)
     if rows.shape != module.new.shape:
         raise AdapterError(f"token vectors of shape {tuple(rows.shape)} do not fit the text encoder's added rows {tuple(module.new.shape)}")
     with torch.no_grad():
         module.new.copy_(rows.to(module.new.device, module.new.dtype))
 
 
-def _token_module(backbone: Any) -> TokenEmbedding:
-    module = backbone.text_encoder.get_input_embeddings()
+def _token_module(text_encoder: nn.Module) -> TokenEmbedding:
+    module = text_encoder.get_input_embeddings()
     if not isinstance(module, TokenEmbedding):
         raise AdapterError("the text encoder has no added token rows")
     return module
@@ -244,6 +253,35 @@ def _params_named(module: nn.Module, prefix: str, predicate) -> list[tuple[str, 
     return [(f"{prefix}.{n}", p) for n, p in module.named_parameters() if predicate(n)]
 
 
+def _text_encoder(backbone: Any, name: str) -> nn.Module:
+    """The text encoder called `name` (``text_encoder`` / SDXL's ``text_encoder_2``); AdapterError for another name."""
+    encoders = {n: encoder for n, encoder, _ in backbone.family.text_encoders(backbone)}
+    if name not in encoders:
+        raise AdapterError(f"the model has no text encoder {name!r} (it has {sorted(encoders)})")
+    return encoders[name]
+
+
+def _token_rows_named(backbone: Any) -> list[tuple[str, nn.Parameter]]:
+    """The added token rows of every text encoder (``<encoder>.<...>.token_embedding.new``)."""
+    named = []
+    for name, encoder, _ in backbone.family.text_encoders(backbone):
+        _token_module(encoder)
+        named += _params_named(encoder, name, lambda n: n.endswith("token_embedding.new"))
+    return named
+
+
+def _add_tokens(backbone: Any, added: list[str], initializers: list[str], what: str) -> None:
+    """Add `added` to every tokenizer, each row initialised from its `initializers` token's row in that encoder;
+    everything is checked on every tokenizer before any is changed."""
+    pairs = backbone.family.text_encoders(backbone)
+    init_ids = []
+    for _, _, tokenizer in pairs:
+        check_new_tokens(tokenizer, added, what)
+        init_ids.append([_single_token_id(tokenizer, t, "initializer token") for t in initializers])
+    for (_, encoder, tokenizer), ids in zip(pairs, init_ids):
+        _install_token_rows(tokenizer, encoder, added, ids)
+
+
 def _ensure_free(backbone: Any) -> dict[str, Any]:
     if backbone.adapter is not None:
         raise AdapterError(f"the backbone already has a {backbone.adapter.kind} adapter; load a fresh backbone for another one")
@@ -283,7 +321,7 @@ _VARIANT_PARAMS = {
 
 
 class LoraAdapter(_Adapter):
-    """peft LoRA and its variants on the UNet (and optionally the text encoder); per targeted layer ``W``:
+    """peft LoRA and its variants on the UNet (and optionally every text encoder); per targeted layer ``W``:
 
     - ``lora``: ``W + (alpha / r) B A`` (Hu et al. 2021), ``A`` Gaussian, ``B = 0`` at attach;
     - ``dora``: ``m * V / ||V||`` with ``V = W + (alpha / r) B A`` and ``||.||`` the norm of each output row
@@ -306,12 +344,13 @@ class LoraAdapter(_Adapter):
         is_adapter = lambda n: any(f".{name}." in n for name in names)  # noqa: E731
         named = _params_named(backbone.unet, "unet", is_adapter)
         if self.config["text_encoder"]:
-            named += _params_named(backbone.text_encoder, "text_encoder", is_adapter)
+            for name, encoder, _ in backbone.family.text_encoders(backbone):
+                named += _params_named(encoder, name, is_adapter)
         return named
 
     @contextlib.contextmanager
     def disabled(self, backbone: Any) -> Iterator[None]:
-        modules = [backbone.unet] + ([backbone.text_encoder] if self.config["text_encoder"] else [])
+        modules = [backbone.unet] + (backbone.text_encoders() if self.config["text_encoder"] else [])
         for module in modules:
             module.disable_adapters()
         try:
@@ -441,9 +480,9 @@ def add_lora(
             lora_peft_config(target_modules=[*target_modules, *conv_target_modules], rank_pattern=unet_ranks, alpha_pattern=unet_alphas, **options),
             adapter_name=LORA_ADAPTER_NAME,
         )
-        if text_encoder:
-            text_patterns = {"rank_pattern": {}, "alpha_pattern": {}}  # the patterns name UNet layers
-            backbone.text_encoder.add_adapter(
+        text_patterns = {"rank_pattern": {}, "alpha_pattern": {}}  # the patterns name UNet layers
+        for encoder in backbone.text_encoders() if text_encoder else []:
+            encoder.add_adapter(
                 lora_peft_config(target_modules=list(text_target_modules), **text_patterns, **options), adapter_name=LORA_ADAPTER_NAME,
             )
     except ValueError as err:  # peft: "Target modules {...} not found in the base model"
@@ -459,22 +498,23 @@ class TextualInversionAdapter(_Adapter):
     """Textual Inversion: new token rows ``v_*`` in the text encoder's embedding table, nothing else.
 
     Each placeholder token owns ``num_vectors`` rows (``tok, tok_1, ...``); prompts are expanded
-    to name all of them, as diffusers' pipelines do. Disabled: nothing to do (the UNet is untouched).
+    to name all of them, as diffusers' pipelines do. With two text encoders (SDXL) each token has its
+    own rows in each encoder's table (``[n, D1]`` and ``[n, D2]``), both trained.
+    Disabled: nothing to do (the UNet is untouched).
     """
 
     kind = "textual_inversion"
 
     def named_trainable(self, backbone: Any) -> list[tuple[str, nn.Parameter]]:
-        _token_module(backbone)
-        return _params_named(backbone.text_encoder, "text_encoder", lambda n: n.endswith("token_embedding.new"))
+        return _token_rows_named(backbone)
 
-    def vectors(self, backbone: Any) -> dict[str, torch.Tensor]:
-        """{placeholder token: [num_vectors, D]} (the learned rows, float32 on CPU)."""
-        new = _token_module(backbone).new.detach().float().cpu()
+    def vectors(self, backbone: Any, encoder: str = "text_encoder") -> dict[str, torch.Tensor]:
+        """{placeholder token: [num_vectors, D]}: the learned rows of text encoder `encoder` (float32 on CPU)."""
+        new = _token_module(_text_encoder(backbone, encoder)).new.detach().float().cpu()
         n = self.config["num_vectors"]
         return {tok: new[i * n : (i + 1) * n].clone() for i, tok in enumerate(self.config["tokens"])}
 
-    def set_vectors(self, backbone: Any, vectors: dict[str, torch.Tensor]) -> None:
+    def set_vectors(self, backbone: Any, vectors: dict[str, torch.Tensor], encoder: str = "text_encoder") -> None:
         n = self.config["num_vectors"]
         rows = []
         for tok in self.config["tokens"]:
@@ -484,7 +524,7 @@ class TextualInversionAdapter(_Adapter):
             if v.shape[0] != n:
                 raise AdapterError(f"token {tok!r} has {v.shape[0]} vectors, the adapter expects {n}")
             rows.append(v)
-        _set_token_rows(backbone, torch.cat(rows))
+        _set_token_rows(_text_encoder(backbone, encoder), torch.cat(rows))
 
     def expand_prompt(self, prompt: str) -> str:
         n = self.config["num_vectors"]
@@ -501,16 +541,15 @@ def add_textual_inversion(
     initializer_token: str = "*",
     num_vectors: int = 1,
 ) -> TextualInversionAdapter:
-    """Add placeholder token(s), each with `num_vectors` rows initialised from `initializer_token`'s row."""
+    """Add placeholder token(s), each with `num_vectors` rows (in every text encoder) initialised from `initializer_token`'s row."""
     tokens = [tokens] if isinstance(tokens, str) else list(tokens)
     if num_vectors < 1:
         raise AdapterError(f"num_vectors must be >= 1, got {num_vectors}")
-    check_new_tokens(backbone.tokenizer, tokens, "placeholder token")
-    init_id = _single_token_id(backbone.tokenizer, initializer_token, "initializer token")
+    for _, _, tokenizer in backbone.family.text_encoders(backbone):
+        check_new_tokens(tokenizer, tokens, "placeholder token")
     fingerprint = _ensure_free(backbone)
     added = [name for tok in tokens for name in _expand_vectors(tok, num_vectors)]
-    check_new_tokens(backbone.tokenizer, added, "placeholder token")
-    _install_token_rows(backbone, added, [init_id] * len(added))
+    _add_tokens(backbone, added, [initializer_token] * len(added), "placeholder token")
     config = {"tokens": tokens, "initializer_token": initializer_token, "num_vectors": int(num_vectors)}
     adapter = TextualInversionAdapter(config, fingerprint, tokens)
     backbone.adapter = adapter
@@ -541,13 +580,13 @@ class CustomDiffusionAdapter(_Adapter):
         modules = dict(backbone.unet.named_modules())
         named = [(f"unet.{m}.{p}", modules[m]._parameters[p]) for m, p in self._originals]
         if self.tokens:
-            named += _params_named(backbone.text_encoder, "text_encoder", lambda n: n.endswith("token_embedding.new"))
+            named += _token_rows_named(backbone)
         return named
 
     def vectors(self, backbone: Any) -> dict[str, torch.Tensor]:
         if not self.tokens:
             return {}
-        new = _token_module(backbone).new.detach().float().cpu()
+        new = _token_module(backbone.text_encoder).new.detach().float().cpu()
         return {tok: new[i : i + 1].clone() for i, tok in enumerate(self.tokens)}
 
     def set_vectors(self, backbone: Any, vectors: dict[str, torch.Tensor]) -> None:
@@ -556,7 +595,7 @@ class CustomDiffusionAdapter(_Adapter):
         missing = [tok for tok in self.tokens if tok not in vectors]
         if missing:
             raise AdapterError(f"no vectors for tokens {missing}")
-        _set_token_rows(backbone, torch.cat([vectors[tok].reshape(1, -1) for tok in self.tokens]))
+        _set_token_rows(backbone.text_encoder, torch.cat([vectors[tok].reshape(1, -1) for tok in self.tokens]))
 
     @contextlib.contextmanager
     def disabled(self, backbone: Any) -> Iterator[None]:
@@ -607,13 +646,19 @@ def add_custom_diffusion(
 ) -> CustomDiffusionAdapter:
     """Make every cross-attention ``to_k/to_v`` weight (and with `train_q_out` ``to_q``, ``to_out.0``) trainable,
     and add modifier tokens initialised from `initializer_token` (one, or one per modifier token)."""
+    if backbone.family.name != "sd":
+        raise AdapterError(
+            f"Custom Diffusion is implemented for SD 1.x/2.x models; this model is {backbone.family.name} "
+            "(no Custom Diffusion loader reads SDXL weights: use method=lora or method=textual_inversion)"
+        )
     tokens = [modifier_tokens] if isinstance(modifier_tokens, str) else list(modifier_tokens)
     inits = [initializer_token] * len(tokens) if isinstance(initializer_token, str) else list(initializer_token)
     if len(inits) != len(tokens):
         raise AdapterError(f"{len(tokens)} modifier tokens but {len(inits)} initializer tokens")
     if tokens:
         check_new_tokens(backbone.tokenizer, tokens, "modifier token")
-    init_ids = [_single_token_id(backbone.tokenizer, t, "initializer token") for t in inits]
+    for t in inits:
+        _single_token_id(backbone.tokenizer, t, "initializer token")
     fingerprint = _ensure_free(backbone)
     attn_names = _cross_attention_modules(backbone.unet)
     if not attn_names:
@@ -630,7 +675,7 @@ def add_custom_diffusion(
             if param is not None:
                 originals[(module_name, param_name)] = param.detach().clone()
     if tokens:
-        _install_token_rows(backbone, tokens, init_ids)
+        _add_tokens(backbone, tokens, inits, "modifier token")
     config = {"modifier_tokens": tokens, "initializer_token": inits, "train_q_out": bool(train_q_out), "detach_sot": bool(detach_sot)}
     adapter = CustomDiffusionAdapter(config, fingerprint, tokens, originals)
     adapter.install_hooks(backbone)
@@ -641,9 +686,9 @@ def add_custom_diffusion(
 
 # ----------------------------------------------------------------------------- DreamBooth
 class DreamBoothAdapter(_Adapter):
-    """DreamBooth: the whole UNet (optionally the text encoder) is trained.
+    """DreamBooth: the whole UNet (optionally every text encoder) is trained.
 
-    Disabled: a frozen copy of the base UNet (and text encoder) taken at attach time is swapped
+    Disabled: a frozen copy of the base UNet (and text encoders) taken at attach time is swapped
     into the backbone; needs ``keep_base=True`` (it costs one extra UNet in memory).
     Note: a module reference taken before entering the context (an attention recorder on
     ``backbone.unet``) still points to the trained UNet.
@@ -651,31 +696,35 @@ class DreamBoothAdapter(_Adapter):
 
     kind = "dreambooth"
 
-    def __init__(self, config: dict[str, Any], base_fingerprint: dict[str, Any], base_unet: nn.Module | None, base_text_encoder: nn.Module | None):
+    def __init__(self, config: dict[str, Any], base_fingerprint: dict[str, Any], base_unet: nn.Module | None,
+                 base_text_encoders: dict[str, nn.Module] | None = None):
         super().__init__(config, base_fingerprint, [])
         self.base_unet = base_unet
-        self.base_text_encoder = base_text_encoder
+        self.base_text_encoders = base_text_encoders or {}  # {"text_encoder": module, ...} when they are trained
 
     def named_trainable(self, backbone: Any) -> list[tuple[str, nn.Parameter]]:
         named = _params_named(backbone.unet, "unet", lambda n: True)
         if self.config["train_text_encoder"]:
-            named += _params_named(backbone.text_encoder, "text_encoder", lambda n: True)
+            for name, encoder, _ in backbone.family.text_encoders(backbone):
+                named += _params_named(encoder, name, lambda n: True)
         return named
 
     @contextlib.contextmanager
     def disabled(self, backbone: Any) -> Iterator[None]:
         if self.base_unet is None:
             raise AdapterError("this DreamBooth adapter was attached with keep_base=False: no base UNet to switch to")
-        unet, text_encoder = backbone.unet, backbone.text_encoder
+        unet = backbone.unet
+        trained = {name: getattr(backbone, name) for name in self.base_text_encoders}
         self.base_unet.to(unet.device)
         backbone.unet = self.base_unet
-        if self.base_text_encoder is not None:
-            self.base_text_encoder.to(text_encoder.device)
-            backbone.text_encoder = self.base_text_encoder
+        for name, base in self.base_text_encoders.items():
+            setattr(backbone, name, base.to(trained[name].device))
         try:
             yield
         finally:
-            backbone.unet, backbone.text_encoder = unet, text_encoder
+            backbone.unet = unet
+            for name, module in trained.items():
+                setattr(backbone, name, module)
 
 
 def _frozen_copy(module: nn.Module) -> nn.Module:
@@ -686,10 +735,10 @@ def _frozen_copy(module: nn.Module) -> nn.Module:
 
 
 def add_dreambooth(backbone: Any, train_text_encoder: bool = False, keep_base: bool = True) -> DreamBoothAdapter:
-    """Mark the UNet (and optionally the text encoder) trainable; keep frozen base copies when `keep_base`."""
+    """Mark the UNet (and optionally every text encoder) trainable; keep frozen base copies when `keep_base`."""
     fingerprint = _ensure_free(backbone)
     base_unet = _frozen_copy(backbone.unet) if keep_base else None
-    base_text = _frozen_copy(backbone.text_encoder) if keep_base and train_text_encoder else None
+    base_text = {name: _frozen_copy(encoder) for name, encoder, _ in backbone.family.text_encoders(backbone)} if keep_base and train_text_encoder else {}
     config = {"train_text_encoder": bool(train_text_encoder), "keep_base": bool(keep_base)}
     adapter = DreamBoothAdapter(config, fingerprint, base_unet, base_text)
     backbone.adapter = adapter

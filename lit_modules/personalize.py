@@ -51,6 +51,10 @@ class PersonalizeModule(L.LightningModule):
         l_i = w(t_i) * mean((f(z_t, t, c) - target)^2)    w = 1, or min-SNR-gamma
         L = mean_instance(l) + prior_loss_weight * mean_class(l)
 
+    On SDXL ``c`` is the family's conditioning (both text encoders and the pooled embedding, see
+    `diffusion.family`) and ``f`` also gets the added condition ``time_ids = original_size +
+    crop_top_left + target_size`` of each example's view (as diffusers' ``train_dreambooth_lora_sdxl.py``).
+
     Every random draw of a micro-batch comes from a seed of ``(seed, example index)``, so a resumed
     run repeats an uninterrupted one exactly. Only the adapter's parameters train (kept in fp32
     whatever the model dtype), and checkpoints hold only them.
@@ -74,15 +78,17 @@ class PersonalizeModule(L.LightningModule):
         self.backbone = backbone
         torch.manual_seed(int(self.cfg.seed))  # adapter initialisation (LoRA A) depends on the seed only
         attach_adapter(backbone, self.method, **self.adapter_kwargs(self.cfg.method))
-        self._trains_text_encoder = any(n.startswith("text_encoder.") for n, _ in backbone.adapter.named_trainable(backbone))
+        self._trains_text_encoder = any(n.startswith("text_encoder") for n, _ in backbone.adapter.named_trainable(backbone))
         for p in backbone.adapter.trainable_parameters(backbone):
             p.data = p.data.float()  # fp32 master weights: no "unscale FP16 gradients", stable updates
         # registered so Lightning moves them and DDP sees the trainable parameters
         self.unet, self.text_encoder, self.vae = backbone.unet, backbone.text_encoder, backbone.vae
+        if backbone.text_encoder_2 is not None:
+            self.text_encoder_2 = backbone.text_encoder_2
         if self.cfg.gradient_checkpointing:
             backbone.unet.enable_gradient_checkpointing()
-            if self.trains_text_encoder:
-                backbone.text_encoder.gradient_checkpointing_enable()
+            for encoder in backbone.text_encoders() if self.trains_text_encoder else []:
+                encoder.gradient_checkpointing_enable()
         self._last_validation_step = -1
         # [{"step", "checkpoint", "changed": {key: [old, new]}}] per resume; kept in checkpoints, written to adapter.json
         self.resumes: list[dict[str, Any]] = []
@@ -106,7 +112,7 @@ class PersonalizeModule(L.LightningModule):
 
     @property
     def trains_text_encoder(self) -> bool:
-        """Whether any trainable parameter lives in the text encoder (TI/CD rows, LoRA-TE, DreamBooth-TE)."""
+        """Whether any trainable parameter lives in a text encoder (TI/CD rows, LoRA-TE, DreamBooth-TE)."""
         return self._trains_text_encoder
 
     # ------------------------------------------------------------------ state
@@ -115,8 +121,8 @@ class PersonalizeModule(L.LightningModule):
         super().train(False)
         if mode:
             self.backbone.unet.train()
-            if self.trains_text_encoder:
-                self.backbone.text_encoder.train()
+            for encoder in self.backbone.text_encoders() if self.trains_text_encoder else []:
+                encoder.train()
         self.training = mode
         return self
 
@@ -184,7 +190,8 @@ class PersonalizeModule(L.LightningModule):
             grad_text = torch.enable_grad() if self.trains_text_encoder else torch.no_grad()
             with grad_text:
                 emb = backbone.encode_prompt(prompts)
-        pred = backbone.unet(z_t.to(backbone.unet.dtype), t, encoder_hidden_states=emb).sample.float()
+        hidden, added = backbone.family.unet_inputs(emb.to(backbone.unet.dtype), z_t, self.time_ids(batch, z))
+        pred = backbone.unet(z_t.to(backbone.unet.dtype), t, encoder_hidden_states=hidden, **added).sample.float()
         if backbone.prediction_type == "v_prediction":
             a = backbone.alphas_cumprod[t].reshape(-1, 1, 1, 1)
             target = a.sqrt() * eps - (1 - a).sqrt() * z
@@ -201,6 +208,18 @@ class PersonalizeModule(L.LightningModule):
             loss = loss + loss_cfg.prior_loss_weight * prior
             parts["loss/prior"] = prior.detach()
         return loss, parts
+
+    def time_ids(self, batch: dict[str, Any], z: torch.Tensor) -> torch.Tensor | None:
+        """SDXL's ``[B, 6]`` ``original_size + crop_top_left + target_size`` of each view (instance, then class
+        examples); target size: the view's pixel size. None for a family without added conditions."""
+        family = self.backbone.family
+        if family.name != "sdxl":
+            return None
+        sizes = [batch["original_size"]] + ([batch["class_original_size"]] if "class_original_size" in batch else [])
+        crops = [batch["crop_top_left"]] + ([batch["class_crop_top_left"]] if "class_crop_top_left" in batch else [])
+        target = (z.shape[-2] * self.backbone.vae_scale_factor, z.shape[-1] * self.backbone.vae_scale_factor)
+        return torch.stack([family.time_ids(size.tolist(), crop.tolist(), target)
+                            for size, crop in zip(torch.cat(sizes), torch.cat(crops))]).to(z.device)
 
     @staticmethod
     def masked_mean(squared: torch.Tensor, masks: torch.Tensor | None, n_instance: int) -> torch.Tensor:
@@ -237,7 +256,7 @@ class PersonalizeModule(L.LightningModule):
         return (z * vae.config.scaling_factor).float()
 
     def cached_text_embeddings(self, prompts: list[str]) -> torch.Tensor:
-        """Text embeddings of a frozen text encoder, each distinct prompt encoded once (alone)."""
+        """Conditionings of frozen text encoders (`encode_prompt`: on SDXL with the pooled embedding), each distinct prompt encoded once (alone)."""
         for prompt in prompts:
             if prompt not in self._text_cache and len(self._text_cache) < MAX_CACHED_PROMPTS:
                 self._text_cache[prompt] = self.backbone.encode_prompt([prompt])[0]
@@ -282,8 +301,8 @@ class PersonalizeModule(L.LightningModule):
         if text_lr is None:
             return [{"params": [p for _, p in named], "lr": lr * lr_scale}]
         groups = [
-            {"params": [p for n, p in named if not n.startswith("text_encoder.")], "lr": lr * lr_scale},
-            {"params": [p for n, p in named if n.startswith("text_encoder.")], "lr": float(text_lr) * lr_scale},
+            {"params": [p for n, p in named if not n.startswith("text_encoder")], "lr": lr * lr_scale},
+            {"params": [p for n, p in named if n.startswith("text_encoder")], "lr": float(text_lr) * lr_scale},
         ]
         return [g for g in groups if g["params"]]
 
@@ -326,8 +345,8 @@ class PersonalizeModule(L.LightningModule):
         try:
             context = self._trainer.precision_plugin.forward_context() if self._trainer is not None else contextlib.nullcontext()
             with context, self.exported_weights():
-                images = pipe(prompt_embeds=backbone.encode_prompt(prompts), num_inference_steps=steps, guidance_scale=guidance_scale,
-                              generator=generators).images
+                images = pipe(**backbone.family.pipeline_prompt_kwargs(backbone.encode_prompt(prompts)), num_inference_steps=steps,
+                              guidance_scale=guidance_scale, generator=generators).images
         finally:
             self.train(was_training)
         return images
