@@ -302,8 +302,10 @@ def load_backbone(
         if path.suffix != ".safetensors":
             raise ModelLoadError(f"model file {path}: only .safetensors single-file checkpoints are accepted (pickled .ckpt/.bin files can run code)")
         pipeline_class = _single_file_class(path)
-        try:
-            pipe = pipeline_class.from_single_file(path, torch_dtype=torch_dtype, config=single_file_config, **_extra_kwargs(pipeline_class))
+        local_config = single_file_config is not None and Path(single_file_config).expanduser().is_dir()
+        try:  # with a local config folder nothing needs a hub: never ask one
+            pipe = pipeline_class.from_single_file(path, torch_dtype=torch_dtype, config=single_file_config, local_files_only=local_config,
+                                                   **_extra_kwargs(pipeline_class))
         except Exception as err:
             raise ModelLoadError(
                 f"model file {path}: could not be loaded as a single-file {pipeline_class.__name__} checkpoint ({err}). It needs its "

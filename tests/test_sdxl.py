@@ -127,7 +127,7 @@ def test_hub_id_takes_the_pipeline_class_from_the_hubs_model_index(tiny_sdxl_dir
     assert seen == {"name": "someone/some-sdxl", "cls": "StableDiffusionXLPipeline"} and bb.family.name == "sdxl"
 
 
-def test_sample_task_on_tiny_sdxl_matches_the_pipeline(tmp_path):
+def test_sample_task_on_tiny_sdxl_matches_the_pipeline(tiny_sdxl_dir, tmp_path):
     from PIL import Image
 
     from dreamsteer.diffusion.schedulers import make_scheduler
@@ -138,9 +138,29 @@ def test_sample_task_on_tiny_sdxl_matches_the_pipeline(tmp_path):
                              f"output_dir={tmp_path}"])
     image = Image.open(run(cfg)[0])
     assert image.size == (128, 128)
-    bb = load_backbone("tiny-sdxl")
+    bb = load_backbone(str(tiny_sdxl_dir))
     pipe = reference_pipeline(bb)
     pipe.scheduler = make_scheduler("ddim", bb.scheduler.config)
     expected = pipe(prompt="a photo of a cat", num_inference_steps=2, guidance_scale=7.5,
                     generator=torch.Generator().manual_seed(0)).images[0]
     assert image.tobytes() == expected.tobytes()
+
+    # with an SDXL LoRA export: the adapter reaches the UNet the pipeline samples with
+    from dreamsteer.checkpoints import export_adapter
+    from dreamsteer.diffusion.adapters import attach_adapter
+
+    attach_adapter(bb, "lora", rank=4)
+    with torch.no_grad():
+        for p in bb.adapter.trainable_parameters(bb):
+            p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    lora = export_adapter(bb, tmp_path / "lora", {"instance_prompt": "a photo of sks cat"})
+    adapted = run(compose("sample", ["model=tiny_sdxl", "steps=2", "num_images=1", "logger=none", "prompt=a photo of a cat",
+                                     f"adapter={lora}", f"output_dir={tmp_path / 'adapted'}"]))
+    from diffusers import StableDiffusionXLPipeline
+
+    theirs = StableDiffusionXLPipeline.from_pretrained(str(bb.source), add_watermarker=False)
+    theirs.load_lora_weights(str(lora))
+    theirs.scheduler = make_scheduler("ddim", bb.scheduler.config)
+    expected = theirs(prompt="a photo of a cat", num_inference_steps=2, guidance_scale=7.5,
+                      generator=torch.Generator().manual_seed(0)).images[0]
+    assert Image.open(adapted[0]).tobytes() == expected.tobytes() != image.tobytes()
