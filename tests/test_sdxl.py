@@ -110,6 +110,28 @@ def test_load_sdxl_by_name_and_folder_and_the_folders_checks(tiny_sdxl_dir, tmp_
         assert float(load_backbone(str(plain)).encode_prompt([""]).abs().sum()) > 0
 
 
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_single_file_loads_as_its_family_with_a_local_config(family, tiny_dir, tiny_sdxl_dir, tmp_path):
+    """An A1111-layout .safetensors (written by checkpoints.sd_single_file) loads with the configs of a local folder
+    and predicts what the folder predicts; SDXL is recognised by its second text encoder."""
+    from dreamsteer.checkpoints.safetensors_files import save_safetensors
+    from dreamsteer.checkpoints.sd_single_file import pipeline_to_original
+
+    folder = {"sd": tiny_dir, "sdxl": tiny_sdxl_dir}[family]
+    bb = load_backbone(str(folder))
+    path = save_safetensors(pipeline_to_original(bb.unet, bb.vae, bb.text_encoder, False, text_encoder_2=bb.text_encoder_2),
+                            tmp_path / "model.safetensors")
+    single = load_backbone(str(path), single_file_config=str(folder))
+    assert single.family.name == family
+    z, t = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([300])
+    with torch.no_grad():
+        expected = bb.predict_eps(z, t, bb.encode_prompt(["a photo of a cat"]))
+        torch.testing.assert_close(single.predict_eps(z, t, single.encode_prompt(["a photo of a cat"])), expected, rtol=0, atol=1e-5)
+    with pytest.raises(ModelLoadError, match="not a readable safetensors file"):
+        (tmp_path / "broken.safetensors").write_bytes(b"\x00" * 16)
+        load_backbone(str(tmp_path / "broken.safetensors"), single_file_config=str(folder))
+
+
 def test_hub_id_takes_the_pipeline_class_from_the_hubs_model_index(tiny_sdxl_dir, monkeypatch):
     """No network: the hub's model_index.json and the download are replaced by the local folder."""
     import diffusers
