@@ -132,6 +132,16 @@ def test_single_file_loads_as_its_family_with_a_local_config(family, tiny_dir, t
         load_backbone(str(tmp_path / "broken.safetensors"), single_file_config=str(folder))
 
 
+def test_fp16_with_the_stock_sdxl_vae_warns_and_bf16_does_not(tiny_sdxl_dir):
+    import warnings
+
+    with pytest.warns(UserWarning, match="overflows in fp16.*bf16.*sdxl-vae-fp16-fix"):
+        load_backbone(str(tiny_sdxl_dir), dtype="fp16")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*overflows in fp16.*")
+        assert load_backbone(str(tiny_sdxl_dir), dtype="bf16").vae.dtype == torch.bfloat16
+
+
 def test_hub_id_takes_the_pipeline_class_from_the_hubs_model_index(tiny_sdxl_dir, monkeypatch):
     """No network: the hub's model_index.json and the download are replaced by the local folder."""
     import diffusers
