@@ -17,10 +17,10 @@ The model family (`diffusion.family`) decides how prompts are encoded and how th
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import warnings
 from dataclasses import dataclass, field
-import json
 from pathlib import Path
 from typing import Any, Iterator, Protocol, Sequence
 

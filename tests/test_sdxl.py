@@ -2,7 +2,6 @@
 own SDXL pipeline, loading, and `sample`."""
 from __future__ import annotations
 
-import copy
 import json
 import shutil
 
