@@ -314,3 +314,16 @@ def test_personalize_task_on_sdxl_with_prior_preservation_and_validation_images(
     with pytest.raises(ConfigError, match="custom_diffusion .* sdxl"):
         run(compose("personalize", ["method=custom_diffusion", "data.instance_prompt='a photo of <new1> cat'",
                                     f"output_dir={tmp_path / 'cd'}", *common]))
+
+
+def test_merge_and_convert_refuse_an_sdxl_model(tiny_sdxl_dir, tmp_path):
+    from dreamsteer.train import convert, merge
+    from dreamsteer.train.config import ConfigError
+
+    lora = tmp_path / "lora.safetensors"
+    lora.write_bytes(b"")  # never read: the model is refused first
+    with pytest.raises(ConfigError, match="SDXL model; convert reads SD 1.x/2.x"):
+        convert.run(compose("convert", [f"model.pretrained={tiny_sdxl_dir}", f"lora={lora}", f"out={tmp_path / 'k.safetensors'}"]))
+    with pytest.raises(ConfigError, match="sdxl model; merge reads SD 1.x/2.x"):
+        merge.run(compose("merge", [f"model.pretrained={tiny_sdxl_dir}", f"loras=[{lora}]", f"out={tmp_path / 'm'}", f"output_dir={tmp_path / 'o'}"]))
+    assert not (tmp_path / "k.safetensors").exists() and not (tmp_path / "m").exists()

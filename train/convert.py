@@ -43,6 +43,9 @@ def meta_model(source: str, cache_dir: Optional[str] = None) -> tuple[torch.nn.M
     for part in ("unet/config.json", "text_encoder/config.json", "scheduler/scheduler_config.json"):
         if not (folder / part).is_file():
             raise ConfigError(f"config key 'model.pretrained': {folder} is not a diffusers model folder (no {part})")
+    if (folder / "text_encoder_2").is_dir():
+        raise ConfigError(f"config key 'model.pretrained': {folder} is an SDXL model; convert reads SD 1.x/2.x LoRA names only "
+                          "(our SDXL exports already hold both the diffusers and the kohya file)")
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(str(folder / "unet")))
         text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(str(folder / "text_encoder")))

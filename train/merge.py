@@ -75,6 +75,9 @@ def run(cfg: DictConfig) -> Path:
     check_output_dir(target, "out")
 
     backbone = load_backbone(cfg.model.pretrained, cfg.model.dtype, resolve_device(cfg.model.device), cfg.model.cache_dir, cfg.model.single_file_config)
+    if backbone.family.name != "sd":
+        raise ConfigError(f"config key 'model.pretrained': {cfg.model.pretrained} is an {backbone.family.name} model; "
+                          "merge reads SD 1.x/2.x LoRA names only")
     unet_modules, text_modules = lora_target_modules(backbone.unet), lora_target_modules(backbone.text_encoder)
     read: list[LoraWeights] = [read_lora(Path(p).expanduser(), unet_modules, text_modules) for p in cfg.loras]
     changed_unet = bake(backbone.unet, [(lora.unet, w) for lora, w in zip(read, weights)])
