@@ -311,6 +311,12 @@ def test_personalize_task_on_sdxl_with_prior_preservation_and_validation_images(
     ]))
     assert (out / LORA_KOHYA_FILE).is_file() and (tmp_path / "run" / "class_images" / "class_00000.png").is_file()
     assert (tmp_path / "run" / "samples" / "step000002" / "prompt0_0.png").is_file()  # sampled by the SDXL pipeline
+    from dreamsteer.train.export import run as export_run
+
+    again = export_run(compose("export", [f"ckpt={tmp_path / 'run'}", f"dir={tmp_path / 'again'}"]))  # from last.ckpt
+    assert (again / LORA_FILE).read_bytes() == (out / LORA_FILE).read_bytes()  # the export at the end of training, byte for byte
+    kohya_again, kohya_end = load_file(str(again / LORA_KOHYA_FILE)), load_file(str(out / LORA_KOHYA_FILE))  # (its metadata names the folder)
+    assert kohya_again.keys() == kohya_end.keys() and all(torch.equal(kohya_again[k], kohya_end[k]) for k in kohya_end)
     with pytest.raises(ConfigError, match="custom_diffusion .* sdxl"):
         run(compose("personalize", ["method=custom_diffusion", "data.instance_prompt='a photo of <new1> cat'",
                                     f"output_dir={tmp_path / 'cd'}", *common]))
