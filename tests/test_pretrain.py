@@ -162,3 +162,13 @@ def test_cubic_timesteps_follow_the_formula_and_favour_high_noise(runs):
         from dreamsteer.train.pretrain import validate_config
 
         validate_config(compose("pretrain", ["optim.timesteps=log", "output_dir=x"]))
+
+
+def test_a_resume_with_another_checkpoint_interval_rewrites_last_ckpt(runs, tmp_path):
+    _, vae, _ = runs
+    common = [f"vae={vae / 'vae'}"]
+    _run("unet", tmp_path / "run", *common, "trainer.checkpoint_every_n_steps=1")
+    _run("unet", tmp_path / "run", *common, "trainer.max_steps=4", "trainer.checkpoint_every_n_steps=2", "ckpt_path=last")
+    files = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert not [f for f in files if "-v" in f], files  # Lightning would write last-v1.ckpt beside a stale last.ckpt
+    assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4

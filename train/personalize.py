@@ -366,6 +366,7 @@ def build_trainer(cfg: DictConfig, out: Path, callbacks: Sequence[Any] = ()):
         every_n_train_steps=t.checkpoint_every_n_steps or t.max_steps,
         save_top_k=-1 if t.keep_all_checkpoints else 1,
         save_last=True,
+        enable_version_counter=False,  # a resume with another checkpoint interval still rewrites last.ckpt
     )
     return L.Trainer(
         accelerator=t.accelerator,

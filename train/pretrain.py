@@ -279,6 +279,7 @@ def run(cfg: DictConfig) -> Path:
             every_n_train_steps=t.checkpoint_every_n_steps or t.max_steps,
             save_top_k=1,
             save_last=True,
+            enable_version_counter=False,  # a resume with another checkpoint interval still rewrites last.ckpt
         ),
         StepProgressBar(),
     ]
