@@ -344,7 +344,10 @@ def write_custom_diffusion(adapter: Any, backbone: Any, directory: Path) -> tupl
     modules = dict(backbone.unet.named_modules())
     weights = {_cd_key(m, p): modules[m]._parameters[p].detach().float() for m, p in adapter.weight_names()}
     save_safetensors(weights, directory / CD_FILE)
-    files, token_files = write_token_files(adapter.vectors(backbone), directory)
+    if backbone.family.name == "sdxl" and adapter.tokens:
+        files, token_files = write_sdxl_token_files({name: adapter.vectors(backbone, name) for name in SDXL_EMBEDDING_KEYS}, directory)
+    else:
+        files, token_files = write_token_files(adapter.vectors(backbone), directory)
     return [CD_FILE] + files, token_files
 
 
@@ -363,7 +366,11 @@ def read_custom_diffusion(adapter: Any, backbone: Any, directory: Path, token_fi
             if param.shape != state[key].shape:
                 raise AdapterFormatError(f"{directory / CD_FILE}: {key} has shape {tuple(state[key].shape)}, the UNet needs {tuple(param.shape)}")
             param.copy_(state[key].to(param.device, param.dtype))
-    adapter.set_vectors(backbone, read_token_files(directory, token_files))
+    if backbone.family.name == "sdxl" and token_files:
+        for name, vectors in read_sdxl_token_files(directory, token_files).items():
+            adapter.set_vectors(backbone, vectors, name)
+    else:
+        adapter.set_vectors(backbone, read_token_files(directory, token_files))
 
 
 def custom_diffusion_processors(unet: torch.nn.Module, path: Path) -> dict[str, Any]:

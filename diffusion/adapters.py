@@ -20,7 +20,6 @@ Custom Diffusion as trained ``attn2.to_k/to_v`` weights, new token rows inside t
 
 Every text-encoder part (LoRA on the text encoder, token rows, DreamBooth's text encoder) applies to each
 text encoder of the model's family (SDXL: both), ``backbone.family.text_encoders(backbone)``.
-Custom Diffusion is SD 1.x/2.x only (`add_custom_diffusion` refuses SDXL).
 """
 from __future__ import annotations
 
@@ -583,19 +582,20 @@ class CustomDiffusionAdapter(_Adapter):
             named += _token_rows_named(backbone)
         return named
 
-    def vectors(self, backbone: Any) -> dict[str, torch.Tensor]:
+    def vectors(self, backbone: Any, encoder: str = "text_encoder") -> dict[str, torch.Tensor]:
+        """{modifier token: [1, D]}: its learned row in text encoder `encoder` (float32 on CPU)."""
         if not self.tokens:
             return {}
-        new = _token_module(backbone.text_encoder).new.detach().float().cpu()
+        new = _token_module(_text_encoder(backbone, encoder)).new.detach().float().cpu()
         return {tok: new[i : i + 1].clone() for i, tok in enumerate(self.tokens)}
 
-    def set_vectors(self, backbone: Any, vectors: dict[str, torch.Tensor]) -> None:
+    def set_vectors(self, backbone: Any, vectors: dict[str, torch.Tensor], encoder: str = "text_encoder") -> None:
         if not self.tokens:
             return
         missing = [tok for tok in self.tokens if tok not in vectors]
         if missing:
             raise AdapterError(f"no vectors for tokens {missing}")
-        _set_token_rows(backbone.text_encoder, torch.cat([vectors[tok].reshape(1, -1) for tok in self.tokens]))
+        _set_token_rows(_text_encoder(backbone, encoder), torch.cat([vectors[tok].reshape(1, -1) for tok in self.tokens]))
 
     @contextlib.contextmanager
     def disabled(self, backbone: Any) -> Iterator[None]:
@@ -646,19 +646,15 @@ def add_custom_diffusion(
 ) -> CustomDiffusionAdapter:
     """Make every cross-attention ``to_k/to_v`` weight (and with `train_q_out` ``to_q``, ``to_out.0``) trainable,
     and add modifier tokens initialised from `initializer_token` (one, or one per modifier token)."""
-    if backbone.family.name != "sd":
-        raise AdapterError(
-            f"Custom Diffusion is implemented for SD 1.x/2.x models; this model is {backbone.family.name} "
-            "(no Custom Diffusion loader reads SDXL weights: use method=lora or method=textual_inversion)"
-        )
     tokens = [modifier_tokens] if isinstance(modifier_tokens, str) else list(modifier_tokens)
     inits = [initializer_token] * len(tokens) if isinstance(initializer_token, str) else list(initializer_token)
     if len(inits) != len(tokens):
         raise AdapterError(f"{len(tokens)} modifier tokens but {len(inits)} initializer tokens")
-    if tokens:
-        check_new_tokens(backbone.tokenizer, tokens, "modifier token")
-    for t in inits:
-        _single_token_id(backbone.tokenizer, t, "initializer token")
+    for _, _, tokenizer in backbone.family.text_encoders(backbone):
+        if tokens:
+            check_new_tokens(tokenizer, tokens, "modifier token")
+        for t in inits:
+            _single_token_id(tokenizer, t, "initializer token")
     fingerprint = _ensure_free(backbone)
     attn_names = _cross_attention_modules(backbone.unet)
     if not attn_names:

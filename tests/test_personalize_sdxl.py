@@ -24,17 +24,17 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from dreamsteer.checkpoints import export_adapter, load_adapter
-from dreamsteer.checkpoints.formats import LORA_FILE, LORA_KOHYA_FILE, SINGLE_FILE, TI_FILE
+from dreamsteer.checkpoints.formats import CD_FILE, LORA_FILE, LORA_KOHYA_FILE, SINGLE_FILE, TI_FILE, custom_diffusion_processors
 from dreamsteer.data.samples import write_subject_set
 from dreamsteer.data.subject import Concept, SubjectDataset, read_instance_items
-from dreamsteer.diffusion.adapters import AdapterError, attach_adapter
 from dreamsteer.diffusion.backbone import load_backbone
 from dreamsteer.lit_modules.personalize import MODULES
 from dreamsteer.train.config import compose
 from dreamsteer.train.personalize import validate_config
 
-PROMPTS = {"dreambooth": "a photo of sks cat", "lora": "a photo of sks cat", "textual_inversion": "a photo of <sks> cat"}
-LR = {"dreambooth": 3e-4, "lora": 3e-3, "textual_inversion": 5e-2}
+PROMPTS = {"dreambooth": "a photo of sks cat", "lora": "a photo of sks cat", "textual_inversion": "a photo of <sks> cat",
+           "custom_diffusion": "a photo of <new1> cat"}
+LR = {"dreambooth": 3e-4, "lora": 3e-3, "textual_inversion": 5e-2, "custom_diffusion": 1e-3}
 COMFY_CLIP_MAP = {"mlp.fc1": "mlp_fc1", "mlp.fc2": "mlp_fc2", "self_attn.k_proj": "self_attn_k_proj",
                   "self_attn.q_proj": "self_attn_q_proj", "self_attn.v_proj": "self_attn_v_proj", "self_attn.out_proj": "self_attn_out_proj"}
 
@@ -293,14 +293,31 @@ def test_views_report_original_size_and_crop_as_sdxl_trains_on_them(tmp_path):
     assert len({flip for _, flip in seen}) == 2 and len({left for left, _ in seen}) > 1
 
 
-def test_custom_diffusion_is_refused_on_sdxl(fresh_sdxl_backbone):
-    with pytest.raises(AdapterError, match="Custom Diffusion .* SD 1.x/2.x .* sdxl"):
-        attach_adapter(fresh_sdxl_backbone, "custom_diffusion")
-    assert fresh_sdxl_backbone.adapter is None
+def test_custom_diffusion_trains_kv_and_a_token_per_encoder_and_loads_in_diffusers(subject_dir, fresh_sdxl_backbone, tiny_sdxl_dir, tmp_path):
+    module, _ = train("custom_diffusion", fresh_sdxl_backbone, subject_dir, tmp_path)
+    backbone = module.backbone
+    named = dict(backbone.adapter.named_trainable(backbone))
+    assert {n.split(".")[0] for n in named} == {"unet", "text_encoder", "text_encoder_2"}
+    assert all(".attn2.to_k." in n or ".attn2.to_v." in n for n in named if n.startswith("unet."))
+    prompt = PROMPTS["custom_diffusion"]
+    ours = our_prediction(backbone, prompt)
+    out = export_adapter(backbone, tmp_path / "adapter")
+    embedding = load_file(str(out / TI_FILE))
+    assert embedding["clip_l"].shape == (1, 32) and embedding["clip_g"].shape == (1, 64)
+
+    pipe = base_pipe(tiny_sdxl_dir)
+    base = diffusers_prediction(pipe, "a photo of cat cat")
+    pipe.unet.set_attn_processor(custom_diffusion_processors(pipe.unet, out / CD_FILE))  # diffusers' own processors
+    pipe.load_textual_inversion(embedding["clip_l"], token="<new1>", text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+    pipe.load_textual_inversion(embedding["clip_g"], token="<new1>", text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)
+    assert_close(diffusers_prediction(pipe, prompt), ours, base)
+
+    reloaded = load_backbone(str(tiny_sdxl_dir))
+    load_adapter(reloaded, out)
+    assert_close(our_prediction(reloaded, prompt), ours, base)
 
 
 def test_personalize_task_on_sdxl_with_prior_preservation_and_validation_images(subject_dir, tiny_sdxl_dir, tmp_path):
-    from dreamsteer.train.config import ConfigError
     from dreamsteer.train.personalize import run
 
     common = [f"data.instance_dir={subject_dir}", f"model.pretrained={tiny_sdxl_dir}", "logger=none", "progress=false", "trainer.max_steps=2"]
@@ -317,9 +334,6 @@ def test_personalize_task_on_sdxl_with_prior_preservation_and_validation_images(
     assert (again / LORA_FILE).read_bytes() == (out / LORA_FILE).read_bytes()  # the export at the end of training, byte for byte
     kohya_again, kohya_end = load_file(str(again / LORA_KOHYA_FILE)), load_file(str(out / LORA_KOHYA_FILE))  # (its metadata names the folder)
     assert kohya_again.keys() == kohya_end.keys() and all(torch.equal(kohya_again[k], kohya_end[k]) for k in kohya_end)
-    with pytest.raises(ConfigError, match="custom_diffusion .* sdxl"):
-        run(compose("personalize", ["method=custom_diffusion", "data.instance_prompt='a photo of <new1> cat'",
-                                    f"output_dir={tmp_path / 'cd'}", *common]))
 
 
 def test_merge_and_convert_refuse_an_sdxl_model(tiny_sdxl_dir, tmp_path):

@@ -437,9 +437,6 @@ def _run(cfg: DictConfig, concepts: list[Concept], out: Path, export_dir: Path, 
     m = cfg.model
     # loaded on the CPU: the Trainer (trainer.accelerator / devices) moves it to each rank's device
     backbone = load_backbone(m.pretrained, m.dtype, "cpu", m.cache_dir, m.single_file_config)
-    if cfg.method.name == "custom_diffusion" and backbone.family.name != "sd":
-        raise ConfigError(f"config key 'method': custom_diffusion is implemented for SD 1.x/2.x models; model.pretrained="
-                          f"{m.pretrained} is {backbone.family.name} (use method=lora or method=textual_inversion)")
     resolution = check_resolution(cfg.data, backbone.vae_scale_factor, backbone.resolution)
     if cfg.data.masks == "attention":  # with the base model, before the adapter is attached
         from dreamsteer.lit_modules.subject_masks import write_attention_masks
