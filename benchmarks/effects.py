@@ -49,7 +49,7 @@ from dreamsteer.benchmarks.toy_edits import (EDIT_KINDS, EditCase, edit_case, ed
                                              vae_reconstruction)
 from dreamsteer.data.files import write_json_atomic, write_text_atomic  # noqa: E402
 from dreamsteer.data.images import save_image_atomic, tensor_to_pil  # noqa: E402
-from dreamsteer.data.scenes import (BACKGROUND_COLORS, OBJECT_COLORS, SHAPES, SUBJECT, SceneObject, make_caption, render,  # noqa: E402
+from dreamsteer.data.scenes import (BACKGROUND_COLORS, OBJECT_COLORS, SHAPES, SUBJECT, SceneObject, render,  # noqa: E402
                                     sample_objects, write_subject_photos)
 from dreamsteer.metrics.detector import box_iou, detect, summary  # noqa: E402
 from dreamsteer.metrics.toy_edit import mean_metrics  # noqa: E402
@@ -85,8 +85,8 @@ class Settings:
 
     model: str = "toy"
     gligen_model: str = "toy-gligen"
-    n_edit: int = 6  # cases per edit kind
-    n_steer: int = 4  # source scenes per baseline
+    n_edit: int = 4  # cases per edit kind
+    n_steer: int = 3  # source scenes per baseline
     n_reground: int = 12  # captions per (beta, wiring)
     ablation_n: int = 2  # steer ablations: the first scenes
     step_fraction: float = 0.5  # editors run this fraction of their default step counts
@@ -531,7 +531,8 @@ def _steer_md(r: dict[str, Any]) -> list[str]:
     st = r["settings"]
     names = {"dds_s": "DDS-S", "dds_sm": "DDS-SM"}
     lines = [
-        f"Command: `python -m dreamsteer.benchmarks.effects --part steer --n {st['n_steer']}` ({_f(r['seconds'], 0)} s, including training the four adapters).",
+        f"Command: `python -m dreamsteer.benchmarks.effects --part steer --n {st['n_steer']}` ({_f(r['seconds'], 0)} s; the four adapters "
+        "are trained once per run, in whichever of `steer` and `personalize` runs first).",
         "",
         f"Each baseline is trained with its default recipe (`train personalize method=<m>`, "
         + ", ".join(f"{m} {a['train_steps']} steps" for m, a in r["adapters"].items())
@@ -615,6 +616,11 @@ def _personalize_md(r: dict[str, Any]) -> list[str]:
     return lines
 
 
+REGROUND_SKIPPED = ("ReGround's claim is not measured: it needs a GLIGEN model of the toy world (`toy-gligen`), and none is shipped "
+                    "(on 2026-11-30 two GLIGEN training runs of the toy model left gated layers that ignore the grounding tokens). The part runs as soon as "
+                    "`load_backbone('toy-gligen')` loads one (`--gligen-model <folder>` for any GLIGEN diffusers folder of the toy world).")
+
+
 SECTIONS: dict[str, tuple[str, Callable[[dict[str, Any]], list[str]]]] = {
     "edit": ("Editing: SDS, DDS, CDS, SBP, PDS, LUSD, Ground-A-Score", _edit_md),
     "steer": ("DreamSteerer: steering each baseline toward the source", _steer_md),
@@ -634,28 +640,30 @@ def render_markdown(results: dict[str, Any]) -> str:
         "these numbers say what each method does on this world, not how well it works on Stable Diffusion. Small n: "
         "a difference of one or two cases is noise.",
         "",
-        "| part | status | wall time | n (cases per kind / scenes / captions / photos) |", "|---|---|---|---|",
+        "| part | status | wall time | CPU time | n (cases per kind / scenes / captions / photos) |", "|---|---|---|---|---|",
     ]
     for part in PARTS:
         r = results.get("parts", {}).get(part)
         if r is None:
-            lines.append(f"| {part} | not run | | |")
+            lines.append(f"| {part} | not run | | | |")
         elif "skipped" in r:
-            lines.append(f"| {part} | skipped: {r['skipped']} | | |")
+            lines.append(f"| {part} | skipped: {r['skipped']} | | | |")
         else:
             n = r["settings"].get(f"n_{part}", r["settings"]["photos"])
-            lines.append(f"| {part} | measured {r.get('finished', '')} | {_f(r['seconds'], 0)} s | {n} |")
+            lines.append(f"| {part} | measured {r.get('finished', '')} | {_f(r['seconds'], 0)} s | {_f(r.get('cpu_seconds'), 0)} s | {n} |")
     machine = results.get("machine", {})
     lines += ["", f"Model: `{results.get('model', 'toy')}` (weights sha256 `{results.get('weights', '?')}`); machine: "
-              f"{machine.get('cpus', '?')} CPU cores, load average {machine.get('load', '?')} at the start of the last run "
-              "(times are wall times there; on a shared CPU they are inflated).", ""]
+              f"{machine.get('cpus', '?')} CPU cores, load average {machine.get('load', '?')} at the start of the last run. "
+              "Wall times are those of that machine (on a shared CPU they are inflated); CPU time is the user + system time of "
+              "the benchmark and its worker processes, one thread each: on an idle 2-core CPU a part takes about its CPU time, "
+              "the edit jobs half of it with `--workers 2`.", ""]
     for part, (title, render_part) in SECTIONS.items():
         r = results.get("parts", {}).get(part)
         lines += [f"## {title}", ""]
         if r is None:
             lines += ["Not run yet.", ""]
         elif "skipped" in r:
-            lines += [f"Skipped: {r['skipped']}", ""]
+            lines += [f"Skipped: {r['skipped']}", ""] + ([REGROUND_SKIPPED, ""] if part == "reground" else [])
         else:
             lines += render_part(r)
     return "\n".join(lines)
@@ -685,7 +693,7 @@ def run(parts: Sequence[str], settings: Settings, md: Path, json_path: Path, fig
     figures.mkdir(parents=True, exist_ok=True)
     effects = Effects(settings, work, figures)
     for part in parts:
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), _cpu_seconds()
         try:
             result = getattr(effects, part)()
         except PartSkipped as err:
@@ -693,6 +701,7 @@ def run(parts: Sequence[str], settings: Settings, md: Path, json_path: Path, fig
             print(f"{part}: skipped ({err})")
             continue
         result["seconds"] = round(time.perf_counter() - started, 1)
+        result["cpu_seconds"] = round(_cpu_seconds() - cpu, 1)
         result["finished"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
         result["settings"] = asdict(settings)
         results["parts"][part] = result
@@ -701,6 +710,14 @@ def run(parts: Sequence[str], settings: Settings, md: Path, json_path: Path, fig
     results = _merge(json_path, results)
     write_text_atomic(render_markdown(results) + "\n", md)
     return results
+
+
+def _cpu_seconds() -> float:
+    """CPU time (user + system) of this process and of its finished child processes (the edit task's workers)."""
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def _merge(json_path: Path, results: dict[str, Any], part: str | None = None) -> dict[str, Any]:
