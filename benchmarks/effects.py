@@ -686,6 +686,7 @@ def run(parts: Sequence[str], settings: Settings, md: Path, json_path: Path, fig
     """Run `parts`, merge them into the results in `json_path` (other parts are kept; parts may run in separate
     processes at the same time), write the JSON and the markdown; returns the merged results."""
     torch.set_num_threads(1)
+    work = work.resolve()  # edit manifests name sources and adapters by absolute paths
     results: dict[str, Any] = {"parts": {}}
     results["model"] = settings.model
     results["weights"] = _weights_id(settings.model)

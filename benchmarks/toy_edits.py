@@ -92,14 +92,15 @@ def subtasks(case: EditCase) -> list[dict[str, Any]]:
 def edit_jobs(cases: Sequence[EditCase], methods: Sequence[str], source_dir: Path, overrides: dict[str, dict[str, Any]] | None = None,
               adapter: str | None = None) -> list[dict[str, Any]]:
     """One job per (method, case), id ``<method>__<case id>``; sources saved to `source_dir`; `overrides` per
-    method (editor keys); Ground-A-Score jobs get `subtasks`. Each case's seed is its position."""
+    method (editor keys); Ground-A-Score jobs get `subtasks`. Each case's seed is its position. Paths are absolute
+    (a manifest's relative paths are read relative to its own folder)."""
     jobs = []
     for i, case in enumerate(cases):
         path = source_dir / f"{case.id}.png"
         if not path.is_file():
             save_image_atomic(case.scene.image, path)
         for method in methods:
-            job: dict[str, Any] = {"id": f"{method}__{case.id}", "image": str(path), "source_prompt": case.scene.caption,
+            job: dict[str, Any] = {"id": f"{method}__{case.id}", "image": str(path.resolve()), "source_prompt": case.scene.caption,
                                    "target_prompt": case.target_prompt, "method": method, "seed": i}
             if overrides and overrides.get(method):
                 job["overrides"] = dict(overrides[method])
@@ -117,6 +118,7 @@ def run_edit_jobs(model: str, jobs: Sequence[dict[str, Any]], out: Path, workers
     from dreamsteer.train import edit as edit_task
     from dreamsteer.train.config import compose
 
+    out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     manifest = out / "edit_jobs.jsonl"
     manifest.write_text("".join(json.dumps(job) + "\n" for job in jobs), encoding="utf-8")
