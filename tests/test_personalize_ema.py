@@ -46,9 +46,11 @@ def test_ema_follows_the_formula_is_exported_and_raw_stays_selectable(tmp_path, 
     assert exported.keys() == raw.keys()
     assert all(torch.allclose(exported[k], expected[k], atol=1e-7) for k in raw)
     as_raw = export_run(compose("export", [f"ckpt={tmp_path / 'run'}", f"dir={tmp_path / 'raw'}", "weights=raw"]))
-    assert all(torch.equal(loaded_state(tiny_dir, as_raw)[k], raw[k]) for k in raw)
+    reloaded_raw = loaded_state(tiny_dir, as_raw)
+    assert all(torch.equal(reloaded_raw[k], raw[k]) for k in raw)
     as_ema = export_run(compose("export", [f"ckpt={tmp_path / 'run'}", f"dir={tmp_path / 'ema'}"]))
-    assert all(torch.equal(loaded_state(tiny_dir, as_ema)[k], exported[k]) for k in raw)
+    reloaded_ema = loaded_state(tiny_dir, as_ema)
+    assert all(torch.equal(reloaded_ema[k], exported[k]) for k in raw)
 
     with pytest.raises(ValueError, match="holds no EMA state"):  # an EMA run cannot resume a checkpoint without one
         module = MODULES["lora"](OmegaConf.to_container(validate_config(compose("personalize", overrides))))
