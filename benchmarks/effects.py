@@ -509,6 +509,7 @@ def _edit_md(r: dict[str, Any]) -> list[str]:
                          f"{_f(a['outside_change'], 1)} | {_f(a['box_iou'])} | {_f(a['seconds'], 1)} |")
         lines.append("")
     lusd, multi = r["claims"]["lusd_localization"], r["claims"]["gas_multi_attribute"]
+    gas2, dds2 = r["table"]["two_colors"]["ground_a_score"], r["table"]["two_colors"]["dds"]
     lines += [
         "**LUSD's claim** (better localization than DDS and CDS: less change outside the edited object) "
         f"{_holds(lusd['holds'])} here: mean change outside, all kinds, LUSD {_f(lusd['dds']['lusd_outside'], 1)} vs DDS "
@@ -520,7 +521,9 @@ def _edit_md(r: dict[str, Any]) -> list[str]:
         "**Ground-A-Score's claim** (multi-attribute edits succeed where plain DDS drops attributes) "
         f"{_holds(multi['holds'])} here (counted as holding when Ground-A-Score hits more of the targets than DDS): on `two_colors`, "
         f"success Ground-A-Score {_f(multi['gas_success'])} vs DDS {_f(multi['dds_success'])}; targets hit {_f(multi['gas_targets_hit'])} vs "
-        f"{_f(multi['dds_targets_hit'])}; edits that got exactly one of the two colors: {_f(multi['gas_dropped_one'])} vs {_f(multi['dds_dropped_one'])}.",
+        f"{_f(multi['dds_targets_hit'])}; edits that got exactly one of the two colors: {_f(multi['gas_dropped_one'])} vs {_f(multi['dds_dropped_one'])}; "
+        f"at a cost in preservation: change outside {_f(gas2['outside_change'], 1)} vs {_f(dds2['outside_change'], 1)}, background kept "
+        f"{_f(gas2['background_kept'])} vs {_f(dds2['background_kept'])}.",
         "",
     ]
     lines += [f"![{kind} edits](effects/edit_{kind}.png)" for kind in r["table"]] + [""]
@@ -559,6 +562,10 @@ def _steer_md(r: dict[str, Any]) -> list[str]:
                              f"{_f(pair.get('steered_higher_subject'))} | {_f(pair.get('steered_lower_outside'))} |")
     better = [f"{m} {names[e]}" for m in BASELINES for e in names
               if (r["table"][f"{m}__{e}__steered"]["subject_score"] or 0) > (r["table"][f"{m}__{e}__baseline"]["subject_score"] or 0)]
+    if max((a["subject_score"] or 0) for a in r["table"].values()) == 0:
+        lines += ["", "**No edit produced the subject** (subject score 0 everywhere): none of the four adapters learned the subject "
+                  "on this model with its default recipe (see Personalization), so DreamSteerer's subject-fidelity claim cannot be "
+                  "tested here; the table only compares structure preservation with and without steering."]
     lines += ["", "The paper's claim (steering raises subject fidelity and keeps the structure) — subject score higher with steering for: "
               + (", ".join(better) if better else "**none**") + f" (of {2 * len(BASELINES)} baseline x editor pairs); the columns above say where "
               "structure was kept.", "",
@@ -596,7 +603,8 @@ def _personalize_md(r: dict[str, Any]) -> list[str]:
     st = r["settings"]
     base = r["base"]
     lines = [
-        f"Command: `python -m dreamsteer.benchmarks.effects --part personalize` ({_f(r['seconds'], 0)} s).",
+        f"Command: `python -m dreamsteer.benchmarks.effects --part personalize` ({_f(r['seconds'], 0)} s; the adapters are trained once "
+        "per run, in whichever of `steer` and `personalize` runs first: the train s column is each method's training).",
         "",
         f"Each method's default recipe on {st['photos']} rendered subject photos with captions; at the listed steps "
         f"(step 0: the initialized adapter) {st['per_background']} samples per background of \"a <token> circle on a <bg> background\" "
@@ -612,6 +620,11 @@ def _personalize_md(r: dict[str, Any]) -> list[str]:
             size = f"{a['export_bytes'] / 1e6:.2f} MB" if final else ""
             lines.append(f"| {method} | {step} | {_f(p['subject_rate'])} | {_f(p['subject_score'])} | {_f(p['background_kept'])} | {size} | "
                          f"{_f(a['train_s'], 0) if final else ''} |")
+    finals = {m: a["probes"][str(a["train_steps"])]["subject_rate"] for m, a in r["methods"].items() if str(a["train_steps"]) in a["probes"]}
+    if finals and max(finals.values()) == 0:
+        lines += ["", "**No method learned the subject** with its default recipe on this model: no sample of any method shows it "
+                  "(the detector's subject score stays 0: the yellow inner disc never appears), so the fidelity-vs-steps curves are flat "
+                  "at 0; the backgrounds of the prompts are kept."]
     lines += ["", "![personalization](effects/personalize.png)", ""]
     return lines
 

@@ -146,7 +146,6 @@ def test_a_part_whose_model_is_missing_is_reported_as_skipped(tmp_path):
 
 
 @needs_toy
-@pytest.mark.slow
 def test_edit_part_writes_every_methods_row(tmp_path):
     from dreamsteer.benchmarks import effects
 
