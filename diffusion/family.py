@@ -18,14 +18,16 @@ Text-encoder modules are named as in a diffusers folder: ``text_encoder`` (and `
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 
 
-class Family:
-    """Prompt encoding and UNet conditioning of one model family (see the module docstring)."""
+class Family(ABC):
+    """Prompt encoding and UNet conditioning of one model family (see the module docstring); the
+    interface `SDFamily` and `SDXLFamily` implement."""
 
     name = "base"
     text_encoder_names: tuple[str, ...] = ("text_encoder",)
@@ -36,22 +38,23 @@ class Family:
         return [(name, getattr(backbone, name), getattr(backbone, name.replace("text_encoder", "tokenizer")))
                 for name in self.text_encoder_names]
 
+    @abstractmethod
     def encode(self, backbone: Any, prompts: Sequence[str]) -> torch.Tensor:
-        raise NotImplementedError
+        """The one-tensor conditioning ``[B, L', D]`` of `prompts`."""
 
+    @abstractmethod
     def split(self, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(encoder_hidden_states, pooled embedding or None)`` of a conditioning tensor."""
-        raise NotImplementedError
 
+    @abstractmethod
     def unet_inputs(self, emb: torch.Tensor, latents: torch.Tensor, time_ids: torch.Tensor | None = None
                     ) -> tuple[torch.Tensor, dict[str, Any]]:
         """``(encoder_hidden_states, extra UNet keyword arguments)`` for `emb` applied to `latents`."""
-        raise NotImplementedError
 
+    @abstractmethod
     def pipeline_prompt_kwargs(self, cond: torch.Tensor, uncond: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The prompt keyword arguments of the family's diffusers pipeline for conditionings `cond` / `uncond`
         (None: the pipeline's own unconditional input)."""
-        raise NotImplementedError
 
 
 class SDFamily(Family):
