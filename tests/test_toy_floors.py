@@ -13,9 +13,9 @@ from tests.conftest import REPO_ROOT
 TOY_DIR = REPO_ROOT / "diffusion" / "builtin" / "toy"
 # What the shipped weights meet (docs/toy.md has the measured table): the seeded 8-caption subset's rates,
 # and the floors of the full table that hold.
-T2I_SUBSET = {"background": 0.85, "color": 0.8, "shape": 0.8}  # measured: 1.0, 0.909 (10/11), 0.909 (10/11)
-# measured 2026-11-30 on the step-16000 weights (t2i, n=100): 1.000 / 0.980 / 0.895; count 0.792 misses its 0.80
-FULL_TABLE_MET: tuple[str, ...] = ("t2i/background color", "t2i/object color", "t2i/shape")
+T2I_SUBSET = {"background": 0.85, "color": 0.8, "shape": 0.8}  # measured: 1.0, 0.909 (10/11), 0.818 (9/11)
+# measured 2026-11-30 on the step-22000 weights (t2i, n=100): 1.000 / 0.980 / 0.889 / count 0.887
+FULL_TABLE_MET: tuple[str, ...] = ("t2i/background color", "t2i/object color", "t2i/shape", "t2i/count")
 needs_toy = pytest.mark.skipif(not (TOY_DIR / "model_index.json").is_file(),
                                reason=f"the built-in toy weights are not shipped in this checkout ({TOY_DIR} is absent)")
 
