@@ -30,10 +30,17 @@ plain noise starts every sample from a mid-gray mean and cannot reach a black or
 a layout condition (GLIGEN's boxes) is the only source of it; at low noise ``z_t`` already shows
 where every object is, so there a grounding signal barely lowers the loss.
 
-where the caption ``c`` is replaced by "" with probability `caption_dropout` (classifier-free
+`loss_weighting` weighs each item's epsilon error by ``w(t)``: ``eps`` 1; ``x0`` ``(1 - a_t) / a_t``
+(1/SNR: the same error measured on ``z_0 = (z_t - sqrt(1 - a_t) eps) / sqrt(a_t)``); ``v`` ``1 / a_t``
+(the error of ``v = sqrt(a_t) eps - sqrt(1 - a_t) z``). Both put the weight on high noise levels, which
+epsilon's loss nearly ignores: there the loss is ``SNR * |z_0 error|^2``, so a condition that only tells
+the layout (GLIGEN's boxes) barely lowers it.
+
+The caption ``c`` is replaced by "" with probability `caption_dropout` (classifier-free
 guidance needs the unconditional model). In the ``gligen`` stage the UNet also gets the grounding
 tokens of each object's phrase and box (dropped together with the caption), and only GLIGEN's new
-layers (``position_net`` and the gated self-attention ``fuser``s) train, as in GLIGEN.
+layers (``position_net`` and the gated self-attention ``fuser``s) train, as in GLIGEN; with
+`freeze_unet` False the whole UNet trains with them.
 
 An exponential moving average of the trained weights, ``w_ema <- decay * w_ema + (1 - decay) * w``,
 is what gets exported.
@@ -120,17 +127,20 @@ class DiffusionPretrainModule(L.LightningModule):
         grounded: bool = False,
         noise_offset: float = 0.0,
         timesteps: str = "uniform",
+        loss_weighting: str = "eps",
+        freeze_unet: bool = True,
     ):
         super().__init__()
         self.vae, self.text_encoder, self.unet = vae, text_encoder, unet
         self.tokenizer, self.scheduler = tokenizer, scheduler
         self.lr, self.warmup_steps, self.caption_dropout, self.ema_decay = lr, warmup_steps, caption_dropout, ema_decay
         self.grounded, self.noise_offset, self.timesteps = grounded, noise_offset, timesteps
+        self.loss_weighting = loss_weighting
         self.vae.requires_grad_(False).eval()
-        if grounded:  # GLIGEN: the pretrained model stays frozen, only the new layers learn
+        if grounded:  # GLIGEN: the pretrained model stays frozen, only the new layers learn (unless not `freeze_unet`)
             self.text_encoder.requires_grad_(False).eval()
             for name, p in self.unet.named_parameters():
-                p.requires_grad_(name.startswith("position_net.") or ".fuser." in name)
+                p.requires_grad_(not freeze_unet or name.startswith("position_net.") or ".fuser." in name)
         else:
             self.text_encoder.requires_grad_(train_text_encoder)
         self.trained = [m for m in (self.unet, self.text_encoder) if any(p.requires_grad for p in m.parameters())]
@@ -205,9 +215,17 @@ class DiffusionPretrainModule(L.LightningModule):
         z_t = a.sqrt() * z + (1 - a).sqrt() * eps
         kwargs = {"cross_attention_kwargs": {"gligen": self.grounding(batch["phrases"], batch["boxes"], keep)}} if self.grounded else {}
         pred = self.unet(z_t, t, encoder_hidden_states=text_emb, **kwargs).sample
-        loss = F.mse_loss(pred, eps)
+        loss = (self.loss_weight(a.view(b)) * ((pred - eps) ** 2).mean(dim=(1, 2, 3))).mean()
         self.log("train/loss", loss, prog_bar=True)
         return loss
+
+    def loss_weight(self, a: torch.Tensor) -> torch.Tensor:
+        """``w(t)`` of `loss_weighting` for ``a = alphas_cumprod[t]`` (module docstring)."""
+        if self.loss_weighting == "x0":
+            return (1 - a) / a
+        if self.loss_weighting == "v":
+            return 1 / a
+        return torch.ones_like(a)
 
     @torch.no_grad()
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:

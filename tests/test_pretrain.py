@@ -90,6 +90,19 @@ def test_gligen_stage_trains_only_the_new_layers(runs, tmp_path):
     assert gates and any(g.abs().item() > 0 for g in gates)  # the gates (initialised at 0) learned
 
 
+def test_gligen_stage_with_unfrozen_unet_trains_the_base_weights_too(runs, tmp_path):
+    from dreamsteer.diffusion.backbone import load_backbone
+
+    _, _, unet = runs
+    gligen = _run("gligen", tmp_path / "gligen", f"init={unet}", "optim.lr=0.1", "optim.freeze_unet=false")
+    base, grounded = load_backbone(str(unet)), load_backbone(str(gligen))
+    new = dict(grounded.unet.named_parameters())
+    moved = [name for name, p in base.unet.named_parameters() if not torch.equal(p, new[name])]
+    assert any(n.startswith("down_blocks.0.resnets.") for n in moved) and any(n.startswith("conv_in.") for n in moved)
+    text = load_backbone(str(unet)).text_encoder.state_dict()
+    assert all(torch.equal(v, grounded.text_encoder.state_dict()[k]) for k, v in text.items())  # the text encoder stays
+
+
 def test_bad_config_fails_before_training(tmp_path):
     from dreamsteer.train.pretrain import run
 
@@ -137,6 +150,41 @@ def test_unet_loss_uses_offset_noise_per_image_and_channel(runs, offset):
     n = torch.randn_like(z)
     m = torch.randn(3, z.shape[1], 1, 1) if offset else torch.zeros(3, z.shape[1], 1, 1)
     assert torch.allclose(loss, ((n + offset * m) ** 2).mean(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("weighting", ["x0", "v"])
+def test_loss_weighting_weighs_each_item_by_its_noise_level(runs, weighting):
+    from dreamsteer.diffusion.backbone import load_backbone
+    from dreamsteer.diffusion.toy import toy_scheduler
+    from dreamsteer.lit_modules.pretrain import DiffusionPretrainModule
+
+    _, _, unet = runs
+    base = load_backbone(str(unet))
+    scheduler = toy_scheduler()
+    module = DiffusionPretrainModule(
+        base.vae, base.text_encoder, base.tokenizer, _ZeroUNet(base.unet), scheduler,
+        lr=1e-3, warmup_steps=1, caption_dropout=0.0, ema_decay=0.9, train_text_encoder=False, loss_weighting=weighting,
+    )
+    x = torch.rand(3, 3, 16, 16) * 2 - 1
+    batch = {"pixel_values": x, "caption": ["a red circle on a white background"] * 3}
+    torch.manual_seed(11)
+    loss = module.training_step(batch, 0)
+    torch.manual_seed(11)
+    torch.rand(3)
+    t = torch.randint(0, 1000, (3,))
+    with torch.no_grad():
+        z = base.vae.encode(x).latent_dist.mean
+    n = torch.randn_like(z)
+    # SNR(t) = a / (1 - a); x0's error is the epsilon error / sqrt(SNR), v's is the epsilon error / sqrt(a)
+    a = scheduler.alphas_cumprod[t].double()
+    w = (1 - a) / a if weighting == "x0" else 1 / a
+    per_item = (n.double() ** 2).mean(dim=(1, 2, 3))
+    assert torch.allclose(loss.double(), (w * per_item).mean(), rtol=1e-5)
+    assert not torch.allclose(loss.double(), per_item.mean(), rtol=1e-2)  # the weights are not all 1
+    with pytest.raises(ConfigError, match="optim.loss_weighting"):
+        from dreamsteer.train.pretrain import validate_config
+
+        validate_config(compose("pretrain", ["optim.loss_weighting=snr", "output_dir=x"]))
 
 
 def test_cubic_timesteps_follow_the_formula_and_favour_high_noise(runs):

@@ -72,6 +72,8 @@ class OptimConfig:
     ema_decay: float = 0.999  # stage unet/gligen
     noise_offset: float = 0.0  # stage unet/gligen: offset noise (lit_modules/pretrain.py), e.g. 0.1
     timesteps: str = "uniform"  # stage unet/gligen: uniform | cubic (most draws at high noise; lit_modules/pretrain.py)
+    loss_weighting: str = "eps"  # stage unet/gligen: eps | x0 | v (weight on high noise; lit_modules/pretrain.py)
+    freeze_unet: bool = True  # stage gligen: only GLIGEN's new layers train (GLIGEN); false trains the whole UNet too
     train_text_encoder: bool = True  # stage unet
     kl_weight: float = 1e-6  # stage vae
     train_vae_encoder: bool = True  # stage vae: false fine-tunes the decoder of `vae` only (latents unchanged)
@@ -100,6 +102,7 @@ def validate_config(cfg: DictConfig) -> DictConfig:
     check_choice(cfg, "stage", STAGES)
     check_choice(cfg, "data.source", ["scenes", "folder"])
     check_choice(cfg, "optim.timesteps", ["uniform", "cubic"])
+    check_choice(cfg, "optim.loss_weighting", ["eps", "x0", "v"])
     a, d, t, o = cfg.arch, cfg.data, cfg.trainer, cfg.optim
     factor = 2 ** (len(a.vae_channels) - 1)
     if a.resolution % (factor * 2 ** (len(a.unet_channels) - 1)):
@@ -195,6 +198,7 @@ def build_modules(cfg: DictConfig):
     module = DiffusionPretrainModule(
         vae, text_encoder, tokenizer, unet, scheduler, o.lr, o.warmup_steps, o.caption_dropout, o.ema_decay, o.train_text_encoder,
         grounded=cfg.stage == "gligen", noise_offset=o.noise_offset, timesteps=o.timesteps,
+        loss_weighting=o.loss_weighting, freeze_unet=o.freeze_unet,
     )
     return module
 
