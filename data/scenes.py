@@ -89,8 +89,9 @@ class SceneObject:
 
     @property
     def phrase(self) -> str:
-        """How captions name this object: "red circle", or "sks circle" for the subject."""
-        if self.inner_color is not None:
+        """How captions name this object: "red circle", or "sks circle" for the subject (other
+        two-tone objects, drawn only for the VAE, are named by their outer color)."""
+        if (self.shape, self.color, self.inner_color) == (SUBJECT.shape, SUBJECT.color, SUBJECT.inner_color):
             return f"{SUBJECT.token} {SUBJECT.class_word}"
         return f"{self.color} {self.shape}"
 
@@ -232,8 +233,9 @@ def _place(rng: np.random.Generator, sizes: Sequence[float], tries: int = 100) -
     return centers
 
 
-def sample_objects(rng: np.random.Generator, count: int, subject: bool = False) -> list[SceneObject]:
-    """`count` random non-overlapping objects; with `subject`, the first one is the personal subject."""
+def sample_objects(rng: np.random.Generator, count: int, subject: bool = False, two_tone_p: float = 0.0) -> list[SceneObject]:
+    """`count` random non-overlapping objects; with `subject`, the first one is the personal subject;
+    with `two_tone_p` > 0 each other object is two-tone (a random other inner color) with that probability."""
     while True:
         sizes = list(rng.uniform(MIN_SIZE, MAX_SIZE, size=count))
         centers = _place(rng, sizes)
@@ -244,7 +246,11 @@ def sample_objects(rng: np.random.Generator, count: int, subject: bool = False) 
         if subject and i == 0:
             objects.append(SceneObject(SUBJECT.shape, SUBJECT.color, center, size, SUBJECT.inner_color))
         else:
-            objects.append(SceneObject(str(rng.choice(SHAPES)), str(rng.choice(list(OBJECT_COLORS))), center, size))
+            shape, color = str(rng.choice(SHAPES)), str(rng.choice(list(OBJECT_COLORS)))
+            inner = None
+            if two_tone_p and rng.random() < two_tone_p:
+                inner = str(rng.choice([c for c in OBJECT_COLORS if c != color]))
+            objects.append(SceneObject(shape, color, center, size, inner))
     return objects
 
 
@@ -257,14 +263,17 @@ def random_scene(
     min_objects: int = MIN_OBJECTS,
     max_objects: int = MAX_OBJECTS,
     resolution: int = RESOLUTION,
+    two_tone_p: float = 0.0,
 ) -> Scene:
-    """A random scene of the pretraining distribution (uniform background, count, shapes, colors)."""
+    """A random scene of the pretraining distribution (uniform background, count, shapes, colors).
+    `two_tone_p` > 0 makes objects two-tone with that probability: for the VAE only, so that it
+    reconstructs a two-tone subject, while the diffusion model never sees one."""
     if not 1 <= min_objects <= max_objects <= 3:
         raise ValueError(f"object counts must satisfy 1 <= min_objects <= max_objects <= 3, got {min_objects}, {max_objects}")
     rng = _rng(seed)
     background = str(rng.choice(list(BACKGROUND_COLORS)))
     count = int(rng.integers(min_objects, max_objects + 1))
-    return render(background, sample_objects(rng, count), resolution)
+    return render(background, sample_objects(rng, count, two_tone_p=two_tone_p), resolution)
 
 
 def subject_scene(seed: int | Sequence[int] | np.random.Generator, token: str | None = None, resolution: int = RESOLUTION) -> Scene:
@@ -306,15 +315,16 @@ class SceneDataset(Dataset):
     reproducible alone. Items: ``pixel_values`` [3, H, W] in [-1, 1], ``caption``, ``phrases``
     (one per object) and ``boxes`` [N, 4] (x0, y0, x1, y1 as fractions of the side)."""
 
-    def __init__(self, length: int, seed: int = 0, resolution: int = RESOLUTION, min_objects: int = MIN_OBJECTS, max_objects: int = MAX_OBJECTS):
+    def __init__(self, length: int, seed: int = 0, resolution: int = RESOLUTION, min_objects: int = MIN_OBJECTS, max_objects: int = MAX_OBJECTS,
+                 two_tone_p: float = 0.0):
         self.length, self.seed, self.resolution = length, seed, resolution
-        self.min_objects, self.max_objects = min_objects, max_objects
+        self.min_objects, self.max_objects, self.two_tone_p = min_objects, max_objects, two_tone_p
 
     def __len__(self) -> int:
         return self.length
 
     def __getitem__(self, index: int) -> dict:
-        scene = random_scene((self.seed, index), self.min_objects, self.max_objects, self.resolution)
+        scene = random_scene((self.seed, index), self.min_objects, self.max_objects, self.resolution, self.two_tone_p)
         return scene_item(scene)
 
 

@@ -112,6 +112,8 @@ def test_bad_config_fails_before_training(tmp_path):
         run(compose("pretrain", ["stage=lora", f"output_dir={tmp_path}"]))
     with pytest.raises(ConfigError, match="data.folder"):
         run(compose("pretrain", ["stage=vae", "data.source=folder", f"output_dir={tmp_path}"]))
+    with pytest.raises(ConfigError, match="data.two_tone_p"):  # the diffusion model never sees a two-tone object
+        run(compose("pretrain", ["stage=unet", "vae=x", "data.two_tone_p=0.3", f"output_dir={tmp_path}"]))
 
 
 class _ZeroUNet(torch.nn.Module):

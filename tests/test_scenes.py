@@ -103,6 +103,24 @@ def test_subject_scene_and_photos(tmp_path):
     assert paths[0].with_suffix(".txt").read_text().startswith("a <sks> circle on a ")
 
 
+def test_two_tone_objects_for_the_vae():
+    plain = [random_scene(s) for s in range(20)]
+    assert all(o.inner_color is None for sc in plain for o in sc.objects)
+    assert [sc.caption for sc in plain] == [random_scene(s, two_tone_p=0.0).caption for s in range(20)]  # same draws
+    scenes = [random_scene(s, two_tone_p=1.0) for s in range(20)]
+    for scene in scenes:
+        pixels = np.asarray(scene.image).astype(int)
+        for obj in scene.objects:
+            assert obj.inner_color is not None and obj.inner_color != obj.color
+            cx, cy = int(obj.center[0] * RESOLUTION), int(obj.center[1] * RESOLUTION)
+            assert np.abs(pixels[cy, cx] - OBJECT_COLORS[obj.inner_color]).max() <= 1
+        if not any(o.phrase.startswith(SUBJECT.token) for o in scene.objects):  # named by the outer color
+            assert parse_caption(scene.caption)[1] == [(o.color, o.shape) for o in scene.objects]
+    subject = SceneObject(SUBJECT.shape, SUBJECT.color, (0.5, 0.5), 0.2, SUBJECT.inner_color)
+    other = SceneObject(SUBJECT.shape, "red", (0.5, 0.5), 0.2, SUBJECT.inner_color)
+    assert subject.phrase == f"{SUBJECT.token} {SUBJECT.class_word}" and other.phrase == f"red {SUBJECT.shape}"
+
+
 def test_collate_keeps_ragged_truth():
     batch = collate_scenes([SceneDataset(3, seed=0, min_objects=1, max_objects=3)[i] for i in range(3)])
     assert batch["pixel_values"].shape == (3, 3, RESOLUTION, RESOLUTION)

@@ -51,6 +51,7 @@ class PretrainDataConfig:
     folder: Optional[str] = None  # source=folder: images with <image>.txt captions
     min_objects: int = 1
     max_objects: int = 2
+    two_tone_p: float = 0.0  # stage vae: probability of a two-tone object (so the VAE reconstructs the subject)
     batch_size: int = 32
     num_workers: int = 1
 
@@ -115,6 +116,9 @@ def validate_config(cfg: DictConfig) -> DictConfig:
         raise ConfigError("config key 'data.source': stage=gligen needs boxes, which only data.source=scenes provides")
     if not 1 <= d.min_objects <= d.max_objects <= 3:
         raise ConfigError("config keys 'data.min_objects' / 'data.max_objects': need 1 <= min <= max <= 3")
+    if not 0 <= d.two_tone_p <= 1 or (d.two_tone_p and cfg.stage != "vae"):
+        raise ConfigError(f"config key 'data.two_tone_p': {d.two_tone_p} must be in [0, 1], and 0 unless stage=vae "
+                          "(the diffusion model must never see two-tone objects, so the personal subject stays new to it)")
     if d.batch_size < 1 or t.max_steps < 1 or t.export_every_n_steps < 0 or t.checkpoint_every_n_steps < 0:
         raise ConfigError("config keys 'data.batch_size', 'trainer.max_steps' must be >= 1, 'trainer.*_every_n_steps' >= 0")
     if o.lr <= 0 or not 0 <= o.caption_dropout < 1 or not 0 <= o.ema_decay < 1:
@@ -160,7 +164,7 @@ def dataset(cfg: DictConfig, resolution: int):
     d = cfg.data
     if d.source == "folder":
         return CaptionedFolder(d.folder, resolution)
-    return SceneDataset(cfg.trainer.max_steps * d.batch_size, cfg.seed, resolution, d.min_objects, d.max_objects)
+    return SceneDataset(cfg.trainer.max_steps * d.batch_size, cfg.seed, resolution, d.min_objects, d.max_objects, d.two_tone_p)
 
 
 def load_vae(folder: str, resolution: int):
