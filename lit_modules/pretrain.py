@@ -38,7 +38,9 @@ the layout (GLIGEN's boxes) barely lowers it.
 
 The caption ``c`` is replaced by "" with probability `caption_dropout` (classifier-free
 guidance needs the unconditional model). In the ``gligen`` stage the UNet also gets the grounding
-tokens of each object's phrase and box (dropped together with the caption), and only GLIGEN's new
+tokens of each object's phrase and box (dropped together with the caption, or on their own with probability
+`grounding_dropout`: then items with boxes but no caption make the boxes the only source of the objects,
+which the layers cannot ignore), and only GLIGEN's new
 layers (``position_net`` and the gated self-attention ``fuser``s) train, as in GLIGEN; with
 `freeze_unet` False the whole UNet trains with them.
 
@@ -129,13 +131,14 @@ class DiffusionPretrainModule(L.LightningModule):
         timesteps: str = "uniform",
         loss_weighting: str = "eps",
         freeze_unet: bool = True,
+        grounding_dropout: float | None = None,
     ):
         super().__init__()
         self.vae, self.text_encoder, self.unet = vae, text_encoder, unet
         self.tokenizer, self.scheduler = tokenizer, scheduler
         self.lr, self.warmup_steps, self.caption_dropout, self.ema_decay = lr, warmup_steps, caption_dropout, ema_decay
         self.grounded, self.noise_offset, self.timesteps = grounded, noise_offset, timesteps
-        self.loss_weighting = loss_weighting
+        self.loss_weighting, self.grounding_dropout = loss_weighting, grounding_dropout
         self.vae.requires_grad_(False).eval()
         if grounded:  # GLIGEN: the pretrained model stays frozen, only the new layers learn (unless not `freeze_unet`)
             self.text_encoder.requires_grad_(False).eval()
@@ -213,7 +216,10 @@ class DiffusionPretrainModule(L.LightningModule):
             eps = eps + self.noise_offset * torch.randn(b, z.shape[1], 1, 1, device=self.device)
         a = self.alphas_cumprod[t].view(b, 1, 1, 1)
         z_t = a.sqrt() * z + (1 - a).sqrt() * eps
-        kwargs = {"cross_attention_kwargs": {"gligen": self.grounding(batch["phrases"], batch["boxes"], keep)}} if self.grounded else {}
+        kwargs = {}
+        if self.grounded:
+            keep_boxes = keep if self.grounding_dropout is None else torch.rand(b, device=self.device) >= self.grounding_dropout
+            kwargs = {"cross_attention_kwargs": {"gligen": self.grounding(batch["phrases"], batch["boxes"], keep_boxes)}}
         pred = self.unet(z_t, t, encoder_hidden_states=text_emb, **kwargs).sample
         loss = (self.loss_weight(a.view(b)) * ((pred - eps) ** 2).mean(dim=(1, 2, 3))).mean()
         self.log("train/loss", loss, prog_bar=True)

@@ -103,6 +103,38 @@ def test_gligen_stage_with_unfrozen_unet_trains_the_base_weights_too(runs, tmp_p
     assert all(torch.equal(v, grounded.text_encoder.state_dict()[k]) for k, v in text.items())  # the text encoder stays
 
 
+@pytest.mark.parametrize("grounding_dropout", [None, 0.999])
+def test_grounding_dropout_drops_the_boxes_apart_from_the_caption(runs, grounding_dropout):
+    from dreamsteer.diffusion.backbone import load_backbone
+    from dreamsteer.diffusion.toy import add_gated_layers, toy_scheduler
+    from dreamsteer.lit_modules.pretrain import DiffusionPretrainModule
+
+    _, _, unet = runs
+    base = load_backbone(str(unet))
+    module = DiffusionPretrainModule(
+        base.vae, base.text_encoder, base.tokenizer, add_gated_layers(base.unet, 0), toy_scheduler(), lr=1e-3, warmup_steps=1,
+        caption_dropout=0.0, ema_decay=0.9, train_text_encoder=False, grounded=True, grounding_dropout=grounding_dropout,
+    )
+    seen = {}
+    grounding, encode_text = module.grounding, module.encode_text
+
+    def record_grounding(phrases, boxes, keep):
+        seen["keep"] = keep
+        return grounding(phrases, boxes, keep)
+
+    def record_captions(captions):
+        seen["captions"] = list(captions)
+        return encode_text(captions)
+
+    module.grounding, module.encode_text = record_grounding, record_captions
+    batch = {"pixel_values": torch.rand(4, 3, 16, 16) * 2 - 1, "caption": ["a red circle on a white background"] * 4,
+             "phrases": [["red circle"]] * 4, "boxes": [torch.tensor([[0.1, 0.1, 0.5, 0.5]])] * 4}
+    module.training_step(batch, 0)
+    assert seen["captions"] == batch["caption"]  # no caption dropped
+    # None: the boxes go with the caption (all kept); 0.999: dropped on their own
+    assert seen["keep"].tolist() == ([True] * 4 if grounding_dropout is None else [False] * 4)
+
+
 def test_bad_config_fails_before_training(tmp_path):
     from dreamsteer.train.pretrain import run
 

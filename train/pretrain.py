@@ -75,6 +75,7 @@ class OptimConfig:
     timesteps: str = "uniform"  # stage unet/gligen: uniform | cubic (most draws at high noise; lit_modules/pretrain.py)
     loss_weighting: str = "eps"  # stage unet/gligen: eps | x0 | v (weight on high noise; lit_modules/pretrain.py)
     freeze_unet: bool = True  # stage gligen: only GLIGEN's new layers train (GLIGEN); false trains the whole UNet too
+    grounding_dropout: Optional[float] = None  # stage gligen: drop the boxes on their own (null: with the caption)
     train_text_encoder: bool = True  # stage unet
     kl_weight: float = 1e-6  # stage vae
     train_vae_encoder: bool = True  # stage vae: false fine-tunes the decoder of `vae` only (latents unchanged)
@@ -123,6 +124,8 @@ def validate_config(cfg: DictConfig) -> DictConfig:
         raise ConfigError("config keys 'data.batch_size', 'trainer.max_steps' must be >= 1, 'trainer.*_every_n_steps' >= 0")
     if o.lr <= 0 or not 0 <= o.caption_dropout < 1 or not 0 <= o.ema_decay < 1:
         raise ConfigError("config keys 'optim.lr' > 0, 'optim.caption_dropout' and 'optim.ema_decay' in [0, 1)")
+    if o.grounding_dropout is not None and not 0 <= o.grounding_dropout < 1:
+        raise ConfigError(f"config key 'optim.grounding_dropout': {o.grounding_dropout} is not in [0, 1)")
     if not 0 <= o.noise_offset <= 1:
         raise ConfigError(f"config key 'optim.noise_offset': {o.noise_offset} is not in [0, 1] (0.05-0.1 is usual)")
     if cfg.stage == "vae" and not o.train_vae_encoder and not cfg.vae:
@@ -202,7 +205,7 @@ def build_modules(cfg: DictConfig):
     module = DiffusionPretrainModule(
         vae, text_encoder, tokenizer, unet, scheduler, o.lr, o.warmup_steps, o.caption_dropout, o.ema_decay, o.train_text_encoder,
         grounded=cfg.stage == "gligen", noise_offset=o.noise_offset, timesteps=o.timesteps,
-        loss_weighting=o.loss_weighting, freeze_unet=o.freeze_unet,
+        loss_weighting=o.loss_weighting, freeze_unet=o.freeze_unet, grounding_dropout=o.grounding_dropout,
     )
     return module
 
