@@ -225,11 +225,11 @@ class Effects:
     def _personalize(self, method: str) -> Personalized:
         from dreamsteer.benchmarks.toy_floors import _method_token
         from dreamsteer.train import personalize
-        from dreamsteer.train.config import compose
+        from dreamsteer.train.config import compose, recipe_overrides
 
         s = self.s
         run_dir = _fresh(self.work / "personalize" / method)
-        overrides = [f"model.pretrained={s.model}", f"method={method}", "logger=none", f"output_dir={run_dir}", "progress=false",
+        overrides = [*recipe_overrides(s.model, method), "logger=none", f"output_dir={run_dir}", "progress=false",
                      f"data.instance_dir={run_dir / 'photos'}", "data.instance_prompt=unused", f"seed={EFFECTS_SEED}"]
         cfg = compose("personalize", overrides + ([f"trainer.max_steps={s.train_steps}"] if s.train_steps else []))
         token = _method_token(cfg)

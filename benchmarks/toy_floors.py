@@ -197,7 +197,7 @@ def personalization(model: str, methods: Sequence[str], out: Path, photos: int, 
     from dreamsteer.checkpoints import load_adapter
     from dreamsteer.diffusion.backbone import load_backbone
     from dreamsteer.train import personalize
-    from dreamsteer.train.config import compose
+    from dreamsteer.train.config import compose, recipe_overrides
 
     base = _load(model)
     seeds = [FLOORS_SEED + i for i in range(per_background * len(BACKGROUND_COLORS))]
@@ -207,7 +207,7 @@ def personalization(model: str, methods: Sequence[str], out: Path, photos: int, 
     rows, info = [], {"photos": photos, "samples": len(seeds), "base_rate": base_rate, "methods": {}}
     for method in methods:
         run_dir = out / f"personalize_{method}"
-        overrides = [f"model.pretrained={model}", f"method={method}", "logger=none", f"output_dir={run_dir}",
+        overrides = [*recipe_overrides(model, method), "logger=none", f"output_dir={run_dir}",
                      f"data.instance_dir={run_dir / 'photos'}", "data.instance_prompt=unused"]
         cfg = compose("personalize", overrides + ([f"trainer.max_steps={train_steps}"] if train_steps else []))
         token = _method_token(cfg)

@@ -225,6 +225,15 @@ def compose(task: str, overrides: Sequence[str] = ()) -> DictConfig:
         return hydra_compose(config_name=task, overrides=list(overrides))
 
 
+def recipe_overrides(model: str, method: str) -> list[str]:
+    """The `personalize` overrides that train `method` on `model` with the model's own recipe,
+    ``conf/experiment/<model>_<method>.yaml``, when there is one; else the method's defaults."""
+    name = f"{model}_{method}".replace("-", "_")
+    if (CONF_DIR / "experiment" / f"{name}.yaml").is_file():
+        return [f"experiment={name}"]
+    return [f"model.pretrained={model}", f"method={method}"]
+
+
 def output_dir(cfg: DictConfig) -> Path:
     """The task's output folder (`output_path`), created."""
     path = output_path(cfg)

@@ -55,7 +55,8 @@ class DemoConfig:
     instance_prompt: Optional[str] = None
     source_prompt: Optional[str] = None
     ref_prompt: Optional[str] = None
-    personalize_steps: int = 30
+    personalize_steps: Optional[int] = 30  # null: the personalization recipe's
+    personalize_experiment: Optional[str] = None  # a model's LoRA recipe (conf/experiment/), e.g. toy_lora
     steer_steps: int = 10
     edit_steps: int = 40
     editor: str = "dds_sm"
@@ -120,9 +121,9 @@ def _run(cfg: DictConfig, out: Path, inputs_for: Callable[[DictConfig, Path], De
     from dreamsteer.train import edit, personalize, steer
 
     adapter = _stage("personalize (LoRA)", lambda: personalize.run(compose("personalize", [
-        *model, *logger, "method=lora",
+        *model, *logger, "method=lora", *([f"experiment={cfg.personalize_experiment}"] if cfg.personalize_experiment else []),
         _arg("data.instance_dir", subject_dir), _arg("data.instance_prompt", inputs.instance_prompt),
-        f"trainer.max_steps={cfg.personalize_steps}", f"seed={cfg.seed}",
+        *([f"trainer.max_steps={cfg.personalize_steps}"] if cfg.personalize_steps is not None else []), f"seed={cfg.seed}",
         _arg("output_dir", out / "1_personalize"), f"progress={cfg.progress}", *cfg.personalize_overrides])), timings)
 
     steered = _stage("steer (DreamSteerer)", lambda: steer.run(compose("steer", [
