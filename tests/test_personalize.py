@@ -292,3 +292,19 @@ def test_text_encoder_lora_under_refusing_transformers_fails_at_validation(trans
     assert not (tmp_path / "out").exists()
     # the UNet-only LoRA is unaffected: validation passes under the same versions
     validate_config(compose("personalize", overrides("lora", subject_dir, tmp_path / "out")))
+
+
+def test_a_models_recipe_is_an_experiment_config_and_plain_overrides_still_win(subject_dir, tmp_path):
+    from dreamsteer.train.config import CONF_DIR, recipe_overrides
+
+    assert recipe_overrides("tiny", "lora") == ["model.pretrained=tiny", "method=lora"]  # no recipe: the method's defaults
+    assert recipe_overrides("toy", "textual_inversion") == ["model.pretrained=toy", "method=textual_inversion"]
+    for method in ("lora", "dreambooth"):
+        assert recipe_overrides("toy", method) == [f"experiment=toy_{method}"]
+        recipe = OmegaConf.load(CONF_DIR / "experiment" / f"toy_{method}.yaml")
+        cfg = compose("personalize", overrides(method, subject_dir, tmp_path, *recipe_overrides("toy", method)))
+        assert (cfg.model.pretrained, cfg.method.name) == ("toy", method)
+        assert cfg.method.lr == recipe.method.lr and cfg.trainer.max_steps == recipe.trainer.max_steps
+        assert cfg.method.lr != compose("personalize", overrides(method, subject_dir, tmp_path)).method.lr  # not the SD default
+    cfg = compose("personalize", overrides("lora", subject_dir, tmp_path, "experiment=toy_lora", "trainer.max_steps=3", "model=tiny"))
+    assert cfg.trainer.max_steps == 3 and cfg.model.pretrained == "tiny" and list(cfg.method.conv_target_modules) == ["conv1", "conv2"]
