@@ -44,8 +44,8 @@ which the layers cannot ignore), and only GLIGEN's new
 layers (``position_net`` and the gated self-attention ``fuser``s) train, as in GLIGEN; with
 `freeze_unet` False the whole UNet trains with them.
 
-An exponential moving average of the trained weights, ``w_ema <- decay * w_ema + (1 - decay) * w``,
-is what gets exported.
+An exponential moving average of the trained weights (`lit_modules.ema.ParameterEMA`, with diffusers'
+warm-up ``d_n = min(decay, (1 + n) / (10 + n))``) is what gets exported.
 """
 from __future__ import annotations
 
@@ -55,7 +55,8 @@ from typing import Any, Sequence
 
 import lightning as L
 import torch
-import torch.nn.functional as F
+
+from dreamsteer.lit_modules.ema import ParameterEMA
 
 # Frozen modules stay in eval mode on purpose; Lightning warns about it.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
@@ -136,7 +137,7 @@ class DiffusionPretrainModule(L.LightningModule):
         super().__init__()
         self.vae, self.text_encoder, self.unet = vae, text_encoder, unet
         self.tokenizer, self.scheduler = tokenizer, scheduler
-        self.lr, self.warmup_steps, self.caption_dropout, self.ema_decay = lr, warmup_steps, caption_dropout, ema_decay
+        self.lr, self.warmup_steps, self.caption_dropout = lr, warmup_steps, caption_dropout
         self.grounded, self.noise_offset, self.timesteps = grounded, noise_offset, timesteps
         self.loss_weighting, self.grounding_dropout = loss_weighting, grounding_dropout
         self.vae.requires_grad_(False).eval()
@@ -145,10 +146,10 @@ class DiffusionPretrainModule(L.LightningModule):
             for name, p in self.unet.named_parameters():
                 p.requires_grad_(not freeze_unet or name.startswith("position_net.") or ".fuser." in name)
         else:
+            self.unet.requires_grad_(True)  # also when handed a loaded (frozen) model
             self.text_encoder.requires_grad_(train_text_encoder)
         self.trained = [m for m in (self.unet, self.text_encoder) if any(p.requires_grad for p in m.parameters())]
-        # EMA copies of the trained modules (their frozen parts are copied too, so they export whole)
-        self.ema = torch.nn.ModuleList([copy.deepcopy(m).requires_grad_(False).eval() for m in self.trained])
+        self.ema = ParameterEMA(self.named_trainable(), ema_decay)  # with diffusers' warm-up: a short run's EMA is not stale
         self.register_buffer("alphas_cumprod", scheduler.alphas_cumprod.clone().float(), persistent=False)
 
     def on_train_start(self) -> None:
@@ -157,12 +158,15 @@ class DiffusionPretrainModule(L.LightningModule):
             torch.manual_seed(torch.initial_seed() + self.global_rank)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for m in self.trained for p in m.parameters() if p.requires_grad]
+        return [p for _, p in self.named_trainable()]
+
+    def named_trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """The trained parameters, named ``<index in self.trained>.<parameter name>``."""
+        return [(f"{i}.{name}", p) for i, m in enumerate(self.trained) for name, p in m.named_parameters() if p.requires_grad]
 
     def train(self, mode: bool = True):
         super().train(mode)
         self.vae.eval()
-        self.ema.eval()
         if self.grounded:
             self.text_encoder.eval()
         return self
@@ -233,15 +237,16 @@ class DiffusionPretrainModule(L.LightningModule):
             return 1 / a
         return torch.ones_like(a)
 
-    @torch.no_grad()
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        # Early on the average warms up faster (decay ramps to ema_decay), so a short run's EMA is not stale.
-        step = self.global_step
-        decay = min(self.ema_decay, (1 + step) / (10 + step))
-        for ema, model in zip(self.ema, self.trained):
-            ema_params = [p for p in ema.parameters()]
-            params = [p.detach() for p in model.parameters()]
-            torch._foreach_lerp_(ema_params, params, 1 - decay)
+        self.ema.update(self.named_trainable())
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["ema"] = self.ema.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "ema" not in checkpoint:
+            raise ValueError("checkpoint: holds no EMA state (written by an older version of the pretrain task); start the stage anew")
+        self.ema.load_state_dict(checkpoint["ema"], "checkpoint")
 
     def configure_optimizers(self):
         optimizer = torch.optim.AdamW(self.trainable_parameters(), lr=self.lr, weight_decay=0.0)
@@ -251,6 +256,8 @@ class DiffusionPretrainModule(L.LightningModule):
         """What this stage produces: the pipeline, with the EMA weights where they were trained."""
         from dreamsteer.diffusion.toy import make_pipeline
 
-        by_id = {id(m): e for m, e in zip(self.trained, self.ema)}
+        with self.ema.swapped_in(self.named_trainable()):
+            averaged = [copy.deepcopy(m).requires_grad_(False).eval() for m in self.trained]
+        by_id = {id(m): e for m, e in zip(self.trained, averaged)}
         unet, text_encoder = by_id.get(id(self.unet), self.unet), by_id.get(id(self.text_encoder), self.text_encoder)
         return make_pipeline(self.vae, text_encoder, self.tokenizer, unet, self.scheduler)

@@ -135,6 +135,39 @@ def test_grounding_dropout_drops_the_boxes_apart_from_the_caption(runs, groundin
     assert seen["keep"].tolist() == ([True] * 4 if grounding_dropout is None else [False] * 4)
 
 
+def test_export_holds_the_ema_of_the_trained_weights_and_the_ema_resumes(runs):
+    from dreamsteer.diffusion.backbone import load_backbone
+    from dreamsteer.diffusion.toy import toy_scheduler
+    from dreamsteer.lit_modules.pretrain import DiffusionPretrainModule
+
+    _, _, unet = runs
+    base = load_backbone(str(unet))
+    module = DiffusionPretrainModule(base.vae, base.text_encoder, base.tokenizer, base.unet, toy_scheduler(), lr=1e-3, warmup_steps=1,
+                                     caption_dropout=0.0, ema_decay=0.5, train_text_encoder=True)
+    name = "conv_in.weight"
+    weight = dict(base.unet.named_parameters())[name]
+    expected = weight.detach().clone()
+    for n in range(1, 4):  # three optimizer steps, written out: d_n = min(0.5, (1 + n) / (10 + n))
+        with torch.no_grad():
+            weight.add_(torch.randn_like(weight))
+        module.on_train_batch_end(None, None, 0)
+        d = min(0.5, (1 + n) / (10 + n))
+        expected = d * expected + (1 - d) * weight.detach()
+    raw = weight.detach().clone()
+    exported = module.export()
+    assert torch.allclose(dict(exported.unet.named_parameters())[name], expected, atol=1e-6)
+    assert not torch.allclose(expected, raw) and torch.equal(weight, raw)  # the live weights are untouched
+    assert exported.unet is not base.unet and exported.text_encoder is not base.text_encoder  # both trained: both averaged copies
+    checkpoint: dict = {}
+    module.on_save_checkpoint(checkpoint)
+    again = DiffusionPretrainModule(base.vae, base.text_encoder, base.tokenizer, base.unet, toy_scheduler(), lr=1e-3, warmup_steps=1,
+                                    caption_dropout=0.0, ema_decay=0.5, train_text_encoder=True)
+    again.on_load_checkpoint(checkpoint)
+    assert torch.allclose(dict(again.export().unet.named_parameters())[name], expected, atol=1e-6)
+    with pytest.raises(ValueError, match="no EMA state"):
+        again.on_load_checkpoint({})
+
+
 def test_bad_config_fails_before_training(tmp_path):
     from dreamsteer.train.pretrain import run
 
