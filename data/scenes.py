@@ -88,10 +88,15 @@ class SceneObject:
     inner_color: Optional[str] = None
 
     @property
+    def is_subject(self) -> bool:
+        """Whether this is the personal subject (other two-tone objects are drawn only for the VAE)."""
+        return (self.shape, self.color, self.inner_color) == (SUBJECT.shape, SUBJECT.color, SUBJECT.inner_color)
+
+    @property
     def phrase(self) -> str:
         """How captions name this object: "red circle", or "sks circle" for the subject (other
-        two-tone objects, drawn only for the VAE, are named by their outer color)."""
-        if (self.shape, self.color, self.inner_color) == (SUBJECT.shape, SUBJECT.color, SUBJECT.inner_color):
+        two-tone objects are named by their outer color)."""
+        if self.is_subject:
             return f"{SUBJECT.token} {SUBJECT.class_word}"
         return f"{self.color} {self.shape}"
 

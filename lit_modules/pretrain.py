@@ -36,13 +36,12 @@ where every object is, so there a grounding signal barely lowers the loss.
 epsilon's loss nearly ignores: there the loss is ``SNR * |z_0 error|^2``, so a condition that only tells
 the layout (GLIGEN's boxes) barely lowers it.
 
-The caption ``c`` is replaced by "" with probability `caption_dropout` (classifier-free
-guidance needs the unconditional model). In the ``gligen`` stage the UNet also gets the grounding
-tokens of each object's phrase and box (dropped together with the caption, or on their own with probability
-`grounding_dropout`: then items with boxes but no caption make the boxes the only source of the objects,
-which the layers cannot ignore), and only GLIGEN's new
-layers (``position_net`` and the gated self-attention ``fuser``s) train, as in GLIGEN; with
-`freeze_unet` False the whole UNet trains with them.
+The caption ``c`` is replaced by "" with probability `caption_dropout` (classifier-free guidance needs
+the unconditional model). In the ``gligen`` stage the UNet also gets the grounding tokens of each
+object's phrase and box, dropped together with the caption, or on their own with probability
+`grounding_dropout` (then items with boxes but no caption make the boxes the only source of the
+objects). Only GLIGEN's new layers (``position_net`` and the gated self-attention ``fuser``s) train,
+as in GLIGEN; with `freeze_unet` False the whole UNet trains with them.
 
 An exponential moving average of the trained weights (`lit_modules.ema.ParameterEMA`, with diffusers'
 warm-up ``d_n = min(decay, (1 + n) / (10 + n))``) is what gets exported.

@@ -57,7 +57,7 @@ class ToyObject:
 
     @classmethod
     def of(cls, obj: SceneObject) -> "ToyObject":
-        return cls(obj.color, obj.shape, obj.inner_color is not None)
+        return cls(obj.color, obj.shape, obj.is_subject)
 
     def holds(self, found: DetectedObject | None) -> bool:
         """Whether a detected object is this one (None: nothing was found at its place)."""
