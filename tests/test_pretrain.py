@@ -135,6 +135,33 @@ def test_grounding_dropout_drops_the_boxes_apart_from_the_caption(runs, groundin
     assert seen["keep"].tolist() == ([True] * 4 if grounding_dropout is None else [False] * 4)
 
 
+def test_grounding_puts_each_item_s_phrases_and_boxes_in_its_own_slots(runs):
+    from dreamsteer.diffusion.backbone import load_backbone
+    from dreamsteer.diffusion.gligen import MAX_OBJECTS
+    from dreamsteer.diffusion.toy import add_gated_layers, toy_scheduler
+    from dreamsteer.lit_modules.pretrain import DiffusionPretrainModule
+
+    _, _, unet = runs
+    base = load_backbone(str(unet))
+    module = DiffusionPretrainModule(base.vae, base.text_encoder, base.tokenizer, add_gated_layers(base.unet, 0), toy_scheduler(),
+                                     lr=1e-3, warmup_steps=1, caption_dropout=0.0, ema_decay=0.9, train_text_encoder=False, grounded=True)
+    phrases = [["red circle", "blue star"], ["green square"], ["purple triangle", "yellow circle", "red star"]]
+    boxes = [torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.5, 0.5, 0.9, 0.8]]), torch.tensor([[0.0, 0.1, 0.2, 0.3]]),
+             torch.tensor([[0.6, 0.0, 0.9, 0.3], [0.1, 0.6, 0.4, 0.9], [0.4, 0.4, 0.6, 0.6]])]
+    keep = torch.tensor([True, False, True])
+    got = module.grounding(phrases, boxes, keep)
+    for i, (item, item_boxes) in enumerate(zip(phrases, boxes)):  # item by item, each phrase encoded alone
+        n = len(item)
+        assert torch.equal(got["boxes"][i, :n], item_boxes) and not got["boxes"][i, n:].any()
+        assert got["masks"][i].tolist() == [float(keep[i])] * n + [0.0] * (MAX_OBJECTS - n)
+        for j, phrase in enumerate(item):
+            ids = module.tokenizer([phrase], return_tensors="pt").input_ids
+            with torch.no_grad():
+                alone = module.text_encoder(ids).pooler_output[0]
+            torch.testing.assert_close(got["positive_embeddings"][i, j], alone, atol=1e-5, rtol=1e-5)
+        assert not got["positive_embeddings"][i, n:].any()
+
+
 def test_export_holds_the_ema_of_the_trained_weights_and_the_ema_resumes(runs):
     from dreamsteer.diffusion.backbone import load_backbone
     from dreamsteer.diffusion.toy import toy_scheduler
@@ -179,6 +206,15 @@ def test_bad_config_fails_before_training(tmp_path):
         run(compose("pretrain", ["stage=vae", "data.source=folder", f"output_dir={tmp_path}"]))
     with pytest.raises(ConfigError, match="data.two_tone_p"):  # the diffusion model never sees a two-tone object
         run(compose("pretrain", ["stage=unet", "vae=x", "data.two_tone_p=0.3", f"output_dir={tmp_path}"]))
+    with pytest.raises(ConfigError, match="trainer.max_time"):
+        run(compose("pretrain", ["stage=vae", "trainer.max_time=10m", f"output_dir={tmp_path}"]))
+
+
+def test_max_time_stops_the_run_early_and_still_exports(tmp_path):
+    out = _run("vae", tmp_path / "vae", "trainer.max_steps=100000", "trainer.max_time=00:00:00:01")
+    assert (out / "vae" / "diffusion_pytorch_model.safetensors").is_file()  # exported at the end (export_every_n_steps=0)
+    steps = torch.load(tmp_path / "vae" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+    assert 1 <= steps < 100000
 
 
 class _ZeroUNet(torch.nn.Module):

@@ -15,6 +15,7 @@ resume a run (``ckpt_path=last``).
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional
@@ -59,6 +60,7 @@ class PretrainDataConfig:
 @dataclass
 class PretrainTrainerConfig(TrainerConfig):
     max_steps: int = 4000
+    max_time: Optional[str] = None  # "DD:HH:MM:SS": stop (and export) at this wall time, whichever of the two comes first
     log_every_n_steps: int = 25
     checkpoint_every_n_steps: int = 500
     export_every_n_steps: int = 500  # rewrite <output_dir>/model every N steps (0: only at the end)
@@ -122,6 +124,8 @@ def validate_config(cfg: DictConfig) -> DictConfig:
                           "(the diffusion model must never see two-tone objects, so the personal subject stays new to it)")
     if d.batch_size < 1 or t.max_steps < 1 or t.export_every_n_steps < 0 or t.checkpoint_every_n_steps < 0:
         raise ConfigError("config keys 'data.batch_size', 'trainer.max_steps' must be >= 1, 'trainer.*_every_n_steps' >= 0")
+    if t.max_time is not None and not re.fullmatch(r"\d+:\d\d:\d\d:\d\d", str(t.max_time)):
+        raise ConfigError(f"config key 'trainer.max_time': {t.max_time!r} is not DD:HH:MM:SS (e.g. 00:08:00:00 for eight hours)")
     if o.lr <= 0 or not 0 <= o.caption_dropout < 1 or not 0 <= o.ema_decay < 1:
         raise ConfigError("config keys 'optim.lr' > 0, 'optim.caption_dropout' and 'optim.ema_decay' in [0, 1)")
     if o.grounding_dropout is not None and not 0 <= o.grounding_dropout < 1:
@@ -301,6 +305,7 @@ def run(cfg: DictConfig) -> Path:
         strategy=t.strategy,
         precision=t.precision,
         max_steps=t.max_steps,
+        max_time=t.max_time,
         gradient_clip_val=t.gradient_clip_val,
         log_every_n_steps=t.log_every_n_steps,
         logger=lightning_logger(cfg, out),
