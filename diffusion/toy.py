@@ -4,7 +4,7 @@ It is made only of the usual classes, so every loader and method treats it as a 
 
 - VAE: diffusers `AutoencoderKL` with 2 blocks (latent = image / 2, 4 channels);
 - UNet: `UNet2DConditionModel`, a plain block at the latent size and cross-attention blocks at
-  latent/2 and latent/4 (mirrored on the way up);
+  latent/2 and latent/4 (mirrored on the way up; `plain_blocks=0` puts cross-attention at every size);
 - text encoder: a small transformers `CLIPTextModel`; tokenizer: the project's offline CLIP BPE
   tokenizer (`diffusion.tiny`) with the toy grammar's words added, each one token;
 - scheduler: SD 1.x's DDPM noise schedule (scaled-linear betas, epsilon prediction).
@@ -35,6 +35,7 @@ class ToyArchitecture:
     resolution: int = 32
     vae_channels: tuple[int, ...] = (32, 64)  # 2 blocks: latent = resolution / 2
     unet_channels: tuple[int, ...] = (32, 64, 64)  # plain block, then cross-attention blocks
+    plain_blocks: int = 1  # leading UNet blocks without cross-attention (0: attention at the latent size too)
     layers_per_block: int = 1
     attention_head_dim: int = 32
     text_width: int = 128
@@ -96,13 +97,13 @@ def build_unet(arch: ToyArchitecture, latent_size: int, cross_attention_dim: int
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
-    n = len(arch.unet_channels)
+    n, plain = len(arch.unet_channels), arch.plain_blocks
     return UNet2DConditionModel(
         sample_size=latent_size,
         in_channels=4,
         out_channels=4,
-        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
-        up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",),
+        down_block_types=("DownBlock2D",) * plain + ("CrossAttnDownBlock2D",) * (n - plain),
+        up_block_types=("CrossAttnUpBlock2D",) * (n - plain) + ("UpBlock2D",) * plain,
         block_out_channels=tuple(arch.unet_channels),
         layers_per_block=arch.layers_per_block,
         cross_attention_dim=cross_attention_dim,

@@ -41,7 +41,8 @@ the unconditional model). In the ``gligen`` stage the UNet also gets the groundi
 object's phrase and box, dropped together with the caption, or on their own with probability
 `grounding_dropout` (then items with boxes but no caption make the boxes the only source of the
 objects). Only GLIGEN's new layers (``position_net`` and the gated self-attention ``fuser``s) train,
-as in GLIGEN; with `freeze_unet` False the whole UNet trains with them.
+as in GLIGEN; with `freeze_unet` False the whole UNet trains with them. The text encoder trains when
+`train_text_encoder` (the ``unet`` stage, and a GLIGEN model trained from scratch).
 
 An exponential moving average of the trained weights (`lit_modules.ema.ParameterEMA`, with diffusers'
 warm-up ``d_n = min(decay, (1 + n) / (10 + n))``) is what gets exported.
@@ -141,12 +142,11 @@ class DiffusionPretrainModule(L.LightningModule):
         self.loss_weighting, self.grounding_dropout = loss_weighting, grounding_dropout
         self.vae.requires_grad_(False).eval()
         if grounded:  # GLIGEN: the pretrained model stays frozen, only the new layers learn (unless not `freeze_unet`)
-            self.text_encoder.requires_grad_(False).eval()
             for name, p in self.unet.named_parameters():
                 p.requires_grad_(not freeze_unet or name.startswith("position_net.") or ".fuser." in name)
         else:
             self.unet.requires_grad_(True)  # also when handed a loaded (frozen) model
-            self.text_encoder.requires_grad_(train_text_encoder)
+        self.text_encoder.requires_grad_(train_text_encoder)
         self.trained = [m for m in (self.unet, self.text_encoder) if any(p.requires_grad for p in m.parameters())]
         self.ema = ParameterEMA(self.named_trainable(), ema_decay)  # with diffusers' warm-up: a short run's EMA is not stale
         self.register_buffer("alphas_cumprod", scheduler.alphas_cumprod.clone().float(), persistent=False)
@@ -166,7 +166,7 @@ class DiffusionPretrainModule(L.LightningModule):
     def train(self, mode: bool = True):
         super().train(mode)
         self.vae.eval()
-        if self.grounded:
+        if self.text_encoder not in self.trained:
             self.text_encoder.eval()
         return self
 

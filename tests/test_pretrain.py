@@ -103,6 +103,22 @@ def test_gligen_stage_with_unfrozen_unet_trains_the_base_weights_too(runs, tmp_p
     assert all(torch.equal(v, grounded.text_encoder.state_dict()[k]) for k, v in text.items())  # the text encoder stays
 
 
+def test_gligen_stage_from_scratch_trains_unet_and_text_encoder_with_attention_at_every_size(runs, tmp_path):
+    from dreamsteer.diffusion.backbone import load_backbone
+    from dreamsteer.diffusion.gligen import is_gligen
+    from dreamsteer.train.pretrain import build_modules, validate_config
+
+    _, vae, _ = runs
+    args = [f"vae={vae / 'vae'}", "optim.freeze_unet=false", "arch.plain_blocks=0", "optim.lr=0.05"]
+    initial = build_modules(validate_config(compose("pretrain", ["stage=gligen", f"output_dir={tmp_path}", *TINY, *args])))
+    model = load_backbone(str(_run("gligen", tmp_path / "scratch", *args)))
+    assert is_gligen(model.unet)
+    assert model.unet.config.down_block_types[0] == "CrossAttnDownBlock2D" and model.unet.config.up_block_types[-1] == "CrossAttnUpBlock2D"
+    for trained, start in ((model.text_encoder, initial.text_encoder), (model.unet, initial.unet)):
+        before = start.state_dict()
+        assert any(not torch.equal(v, before[k]) for k, v in trained.state_dict().items())  # both trained
+
+
 @pytest.mark.parametrize("grounding_dropout", [None, 0.999])
 def test_grounding_dropout_drops_the_boxes_apart_from_the_caption(runs, grounding_dropout):
     from dreamsteer.diffusion.backbone import load_backbone
@@ -206,6 +222,12 @@ def test_bad_config_fails_before_training(tmp_path):
         run(compose("pretrain", ["stage=vae", "data.source=folder", f"output_dir={tmp_path}"]))
     with pytest.raises(ConfigError, match="data.two_tone_p"):  # the diffusion model never sees a two-tone object
         run(compose("pretrain", ["stage=unet", "vae=x", "data.two_tone_p=0.3", f"output_dir={tmp_path}"]))
+    with pytest.raises(ConfigError, match="'init'"):
+        run(compose("pretrain", ["stage=gligen", f"output_dir={tmp_path}"]))
+    with pytest.raises(ConfigError, match="optim.freeze_unet"):  # from scratch, the whole UNet trains
+        run(compose("pretrain", ["stage=gligen", "vae=x", f"output_dir={tmp_path}"]))
+    with pytest.raises(ConfigError, match="arch.plain_blocks"):
+        run(compose("pretrain", ["stage=unet", "vae=x", "arch.plain_blocks=3", f"output_dir={tmp_path}"]))
     with pytest.raises(ConfigError, match="trainer.max_time"):
         run(compose("pretrain", ["stage=vae", "trainer.max_time=10m", f"output_dir={tmp_path}"]))
 

@@ -39,6 +39,7 @@ class ArchConfig:
     resolution: int = 32
     vae_channels: List[int] = field(default_factory=lambda: [32, 64])
     unet_channels: List[int] = field(default_factory=lambda: [32, 64, 64])
+    plain_blocks: int = 1  # leading UNet blocks without cross-attention (0: attention at every size)
     layers_per_block: int = 1
     attention_head_dim: int = 32
     text_width: int = 128
@@ -87,7 +88,7 @@ class OptimConfig:
 class PretrainConfig:
     stage: str = "unet"
     vae: Optional[str] = None  # stage unet: the trained VAE folder (a stage=vae run's model/vae); stage vae: start from it
-    init: Optional[str] = None  # stage gligen: the text-to-image model to add GLIGEN layers to
+    init: Optional[str] = None  # stage gligen: the text-to-image model to add GLIGEN layers to (null + vae: from scratch)
     arch: ArchConfig = field(default_factory=ArchConfig)
     data: PretrainDataConfig = field(default_factory=PretrainDataConfig)
     trainer: PretrainTrainerConfig = field(default_factory=PretrainTrainerConfig)
@@ -136,8 +137,13 @@ def validate_config(cfg: DictConfig) -> DictConfig:
         raise ConfigError("config key 'vae': optim.train_vae_encoder=false fine-tunes the decoder of a trained VAE; give its folder")
     if cfg.stage == "unet" and not cfg.vae:
         raise ConfigError("config key 'vae': stage=unet needs the trained VAE folder (e.g. a stage=vae run's <output_dir>/model/vae)")
-    if cfg.stage == "gligen" and not cfg.init:
-        raise ConfigError("config key 'init': stage=gligen needs the text-to-image model to extend (e.g. toy)")
+    if cfg.stage == "gligen" and not (cfg.init or cfg.vae):
+        raise ConfigError("config key 'init': stage=gligen needs the text-to-image model to extend (e.g. toy), "
+                          "or `vae` (and no init) to train a GLIGEN model from scratch")
+    if cfg.stage == "gligen" and not cfg.init and o.freeze_unet:
+        raise ConfigError("config key 'optim.freeze_unet': a GLIGEN model trained from scratch (no `init`) trains its whole UNet; set it false")
+    if not 0 <= a.plain_blocks < len(a.unet_channels):
+        raise ConfigError(f"config key 'arch.plain_blocks': {a.plain_blocks} must be in [0, {len(a.unet_channels) - 1}] (the last block has cross-attention)")
     for key in ("vae", "init"):
         path = cfg[key]
         if path is not None and path != "toy" and not Path(path).is_dir():
@@ -155,6 +161,7 @@ def architecture(cfg: DictConfig):
         resolution=a.resolution,
         vae_channels=tuple(a.vae_channels),
         unet_channels=tuple(a.unet_channels),
+        plain_blocks=a.plain_blocks,
         layers_per_block=a.layers_per_block,
         attention_head_dim=a.attention_head_dim,
         text_width=a.text_width,
@@ -193,21 +200,23 @@ def build_modules(cfg: DictConfig):
     if cfg.stage == "vae":
         vae = load_vae(cfg.vae, arch.resolution) if cfg.vae else toy.build_vae(arch, cfg.seed)
         return VaePretrainModule(vae, o.lr, o.kl_weight, o.warmup_steps, train_encoder=o.train_vae_encoder)
-    if cfg.stage == "unet":
+    from_scratch = cfg.stage == "unet" or not cfg.init
+    if from_scratch:
         vae = load_vae(cfg.vae, arch.resolution)
         tokenizer = toy.toy_tokenizer([*GRAMMAR_WORDS, SUBJECT.token], arch.max_tokens)
         text_encoder = toy.build_text_encoder(arch, tokenizer, cfg.seed + 1)
         latent = arch.resolution // 2 ** (len(vae.config.block_out_channels) - 1)
         unet = toy.build_unet(arch, latent, arch.text_width, cfg.seed + 2)
-        scheduler = toy.toy_scheduler()
     else:
         from dreamsteer.diffusion.backbone import load_backbone
 
         base = load_backbone(cfg.init)
-        vae, text_encoder, tokenizer, scheduler = base.vae, base.text_encoder, base.tokenizer, toy.toy_scheduler()
-        unet = toy.add_gated_layers(base.unet, cfg.seed + 3)
+        vae, text_encoder, tokenizer, unet = base.vae, base.text_encoder, base.tokenizer, base.unet
+    if cfg.stage == "gligen":
+        unet = toy.add_gated_layers(unet, cfg.seed + 3)
     module = DiffusionPretrainModule(
-        vae, text_encoder, tokenizer, unet, scheduler, o.lr, o.warmup_steps, o.caption_dropout, o.ema_decay, o.train_text_encoder,
+        vae, text_encoder, tokenizer, unet, toy.toy_scheduler(), o.lr, o.warmup_steps, o.caption_dropout, o.ema_decay,
+        o.train_text_encoder and from_scratch,
         grounded=cfg.stage == "gligen", noise_offset=o.noise_offset, timesteps=o.timesteps,
         loss_weighting=o.loss_weighting, freeze_unet=o.freeze_unet, grounding_dropout=o.grounding_dropout,
     )
