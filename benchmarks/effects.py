@@ -631,8 +631,8 @@ def _personalize_md(r: dict[str, Any]) -> list[str]:
 
 
 REGROUND_SKIPPED = ("ReGround's claim is not measured: it needs a GLIGEN model of the toy world (`toy-gligen`), and none is shipped "
-                    "(on 2026-11-30 five GLIGEN training runs of the toy model left gated layers that ignore the grounding tokens; `docs/toy.md` "
-                    "says why). The part runs as soon as "
+                    "(no GLIGEN training run of the toy model so far, on the CPU or an H200, has learned to put objects in their boxes; "
+                    "`docs/toy.md` lists the runs and says why). The part runs as soon as "
                     "`load_backbone('toy-gligen')` loads one (`--gligen-model <folder>` for any GLIGEN diffusers folder of the toy world).")
 
 

@@ -112,9 +112,11 @@ def edit_jobs(cases: Sequence[EditCase], methods: Sequence[str], source_dir: Pat
     return jobs
 
 
-def run_edit_jobs(model: str, jobs: Sequence[dict[str, Any]], out: Path, workers: int = 1) -> dict[str, dict[str, Any]]:
+def run_edit_jobs(model: str, jobs: Sequence[dict[str, Any]], out: Path, workers: int = 1,
+                  experiment: str | None = None) -> dict[str, dict[str, Any]]:
     """Run `jobs` through the ``edit`` task (a manifest in `out`, outputs in ``out/edits``) on `workers`
-    CPU processes; returns each job's record (its ``<id>.json``) by id. A failed job raises the task's error."""
+    CPU processes; returns each job's record (its ``<id>.json``) by id. A failed job raises the task's error.
+    `experiment` (e.g. ``toy_dds``) gives the jobs of its editor that recipe's settings."""
     from dreamsteer.train import edit as edit_task
     from dreamsteer.train.config import compose
 
@@ -124,7 +126,7 @@ def run_edit_jobs(model: str, jobs: Sequence[dict[str, Any]], out: Path, workers
     manifest.write_text("".join(json.dumps(job) + "\n" for job in jobs), encoding="utf-8")
     edit_dir = out / "edits"
     overrides = [f"model.pretrained={model}", f"jobs={manifest}", f"out={edit_dir}", "progress=false", "logger=none",
-                 f"trainer.devices={workers}"]
+                 f"trainer.devices={workers}", *([f"experiment={experiment}"] if experiment else [])]
     edit_task.run(compose("edit", overrides))
     return {job["id"]: json.loads((edit_dir / f"{job['id']}.json").read_text(encoding="utf-8")) for job in jobs}
 

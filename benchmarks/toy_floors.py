@@ -10,7 +10,8 @@ Parts (each seeded; every case is drawn from seeds the pretraining never draws, 
   backbone's diffusers pipeline with `sample`'s defaults (DDIM, 25 steps, guidance 7.5). Rates over
   captions: background color, object color and shape (caption objects paired with detected objects,
   `metrics.detector.caption_agreement`), object count on two-object captions.
-- ``edit``: DDS (``editor=dds``, its defaults) on `n` (50) rendered source scenes, target prompt = the
+- ``edit``: DDS (``editor=dds``; the model's recipe ``conf/experiment/<model>_dds.yaml`` where there is
+  one, else DDS's defaults) on `n` (50) rendered source scenes, target prompt = the
   caption with one object's color changed, run as a jobs manifest through ``train edit``. Success: the
   detector reads the target scene (background, count, and every object at its place, mask IoU >= 0.5,
   with its target color and source shape). Preservation: mean absolute change (8-bit RGB) outside the
@@ -148,11 +149,13 @@ def text_to_image(model: str, n: int, out: Path, steps: int, guidance: float) ->
 
 def editing(model: str, n: int, out: Path, steps: int | None) -> tuple[list[Floor], dict[str, Any]]:
     from dreamsteer.benchmarks.toy_edits import edit_case, edit_jobs, edited_image, run_edit_jobs, score_edit, vae_outside_error
+    from dreamsteer.train.config import model_recipe
 
     backbone = _load(model)
     cases = [edit_case("color", _case_seed("edit", i), f"scene_{i:03d}", backbone.resolution) for i in range(n)]
     jobs = edit_jobs(cases, ["dds"], out / "edit_sources", {"dds": {"steps": steps}} if steps else None)
-    records_by_id = run_edit_jobs(model, jobs, out)
+    recipe = model_recipe(model, "dds")  # the model's own DDS settings (conf/experiment/toy_dds.yaml), else DDS's defaults
+    records_by_id = run_edit_jobs(model, jobs, out, experiment=recipe)
 
     records, outside, vae_outside, successes, shown = [], [], [], [], []
     for case, job in zip(cases, jobs):
@@ -169,11 +172,11 @@ def editing(model: str, n: int, out: Path, steps: int | None) -> tuple[list[Floo
     save_grid(shown, out / "edit_pairs.png")
     vae_mean = float(np.mean(vae_outside))
     rows = [
-        Floor("edit", "color edit success (DDS)", _rate(successes), 0.80, n=n),
+        Floor("edit", f"color edit success (DDS, {f'experiment={recipe}' if recipe else 'its defaults'})", _rate(successes), 0.80, n=n),
         Floor("edit", f"outside change (<= {EDIT_CHANGE_RATIO:g}x VAE error {vae_mean:.2f})", float(np.mean(outside)),
               EDIT_CHANGE_RATIO * vae_mean, higher=False, n=n),
     ]
-    info = {"steps": steps, "vae_outside_error": vae_mean, "outside_change": float(np.mean(outside)),
+    info = {"steps": steps, "experiment": recipe, "vae_outside_error": vae_mean, "outside_change": float(np.mean(outside)),
             "outside_change_successes": float(np.mean([c for c, s in zip(outside, successes) if s])) if any(successes) else None,
             "margin_px": EDIT_MARGIN, "cases": records}
     return rows, info

@@ -14,10 +14,12 @@ TOY_DIR = REPO_ROOT / "diffusion" / "builtin" / "toy"
 # What the shipped weights meet (docs/toy.md has the measured table): the seeded 8-caption subset's rates,
 # and the floors of the full table that hold.
 T2I_SUBSET = {"background": 0.85, "color": 0.8, "shape": 0.8}  # measured: 1.0, 0.909 (10/11), 0.818 (9/11)
+EDIT_SUBSET_SUCCESS = 0.5  # the first 8 edit cases with the toy DDS recipe: measured 0.75 (6/8), outside change 1.54 (floor 2.58)
 # measured 2026-11-30 on the step-22000 weights with the re-tuned decoder (t2i, n=100): 1.000 / 0.980 / 0.915 / count 0.887;
+# edit (experiment=toy_dds, n=50): success 0.72 misses its 0.8, outside change 1.90 <= 3.0;
 # personalize: base 0.00 (floor <= 0.1); LoRA 0.65, DreamBooth 0.55, TI and CD 0.00 miss their 0.7
 FULL_TABLE_MET: tuple[str, ...] = ("t2i/background color", "t2i/object color", "t2i/shape", "t2i/count",
-                                   "personalize/base model subject rate")
+                                   "edit/outside change", "personalize/base model subject rate")
 needs_toy = pytest.mark.skipif(not (TOY_DIR / "model_index.json").is_file(),
                                reason=f"the built-in toy weights are not shipped in this checkout ({TOY_DIR} is absent)")
 
@@ -50,6 +52,16 @@ def test_toy_text_to_image_subset(tmp_path):
 
 
 @needs_toy
+def test_toy_dds_edit_subset(tmp_path):
+    """The first eight cases of the edit floor with the toy model's DDS recipe (conf/experiment/toy_dds.yaml):
+    most succeed, and the change outside the edited object stays under twice the VAE's own error."""
+    result = toy_floors.run(["edit"], "toy", "toy-gligen", tmp_path, n=8)
+    success, outside = result["rows"]
+    assert "experiment=toy_dds" in success["metric"] and success["value"] >= EDIT_SUBSET_SUCCESS
+    assert outside["metric"].startswith("outside change") and outside["met"], outside
+
+
+@needs_toy
 @pytest.mark.slow
 def test_toy_floors_full_table(tmp_path):
     """The whole table of issue 12 on the shipped weights: every floor in FULL_TABLE_MET holds."""
@@ -68,3 +80,20 @@ def test_the_toy_lora_recipe_learns_the_subject_the_base_model_never_draws(tmp_p
                                             train_steps=None)
     assert info["base_rate"] == 0.0
     assert info["methods"]["lora"]["rate"] >= 0.25 and info["methods"]["lora"]["train_steps"] == 1500
+
+
+def test_a_model_s_dds_recipe_reaches_its_dds_jobs_and_no_other_editor(tmp_path):
+    from dreamsteer.benchmarks.toy_edits import edit_case, edit_jobs, run_edit_jobs
+    from dreamsteer.train.config import compose, model_recipe
+
+    assert model_recipe("toy", "dds") == "toy_dds" and model_recipe("tiny", "dds") is None
+    recipe = compose("edit", ["experiment=toy_dds"])
+    assert recipe.model.pretrained == "toy" and recipe.editor.method == "dds"
+    defaults = compose("edit", ["editor=cds"]).editor.guidance
+    assert recipe.editor.guidance != compose("edit", []).editor.guidance
+    case = edit_case("color", (7, 7, 7), "c0", 32)
+    jobs = edit_jobs([case], ["dds", "cds"], tmp_path / "src", {"dds": {"steps": 2}, "cds": {"steps": 2}})
+    records = run_edit_jobs("tiny", jobs, tmp_path / "run", experiment="toy_dds")  # the recipe's model is overridden
+    assert records["dds__c0"]["params"]["guidance"] == recipe.editor.guidance
+    assert records["cds__c0"]["params"]["guidance"] == defaults
+    assert records["dds__c0"]["params"]["steps"] == 2  # a job's own overrides still win

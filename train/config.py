@@ -225,13 +225,18 @@ def compose(task: str, overrides: Sequence[str] = ()) -> DictConfig:
         return hydra_compose(config_name=task, overrides=list(overrides))
 
 
-def recipe_overrides(model: str, method: str) -> list[str]:
-    """The `personalize` overrides that train `method` on `model` with the model's own recipe,
-    ``conf/experiment/<model>_<method>.yaml``, when there is one; else the method's defaults."""
+def model_recipe(model: str, method: str) -> str | None:
+    """The experiment ``<model>_<method>`` (a model's own recipe for a personalization method or an
+    editor, ``conf/experiment/``) when there is one, else None."""
     name = f"{model}_{method}".replace("-", "_")
-    if (CONF_DIR / "experiment" / f"{name}.yaml").is_file():
-        return [f"experiment={name}"]
-    return [f"model.pretrained={model}", f"method={method}"]
+    return name if (CONF_DIR / "experiment" / f"{name}.yaml").is_file() else None
+
+
+def recipe_overrides(model: str, method: str) -> list[str]:
+    """The `personalize` overrides that train `method` on `model` with the model's own recipe
+    (`model_recipe`) when there is one; else the method's defaults."""
+    name = model_recipe(model, method)
+    return [f"experiment={name}"] if name else [f"model.pretrained={model}", f"method={method}"]
 
 
 def output_dir(cfg: DictConfig) -> Path:
