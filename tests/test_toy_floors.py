@@ -87,6 +87,7 @@ def test_a_model_s_dds_recipe_reaches_its_dds_jobs_and_no_other_editor(tmp_path)
     from dreamsteer.train.config import compose, model_recipe
 
     assert model_recipe("toy", "dds") == "toy_dds" and model_recipe("tiny", "dds") is None
+    assert model_recipe(str(tmp_path / "toy"), "dds") is None and model_recipe("owner/toy", "dds") is None  # folders, hub ids
     recipe = compose("edit", ["experiment=toy_dds"])
     assert recipe.model.pretrained == "toy" and recipe.editor.method == "dds"
     defaults = compose("edit", ["editor=cds"]).editor.guidance

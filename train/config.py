@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -229,6 +230,8 @@ def model_recipe(model: str, method: str) -> str | None:
     """The experiment ``<model>_<method>`` (a model's own recipe for a personalization method or an
     editor, ``conf/experiment/``) when there is one, else None."""
     name = f"{model}_{method}".replace("-", "_")
+    if not re.fullmatch(r"\w+", name):  # a folder or hub id has no recipe here
+        return None
     return name if (CONF_DIR / "experiment" / f"{name}.yaml").is_file() else None
 
 
