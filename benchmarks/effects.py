@@ -90,6 +90,7 @@ class Settings:
     n_reground: int = 12  # captions per (beta, wiring)
     ablation_n: int = 2  # steer ablations: the first scenes
     step_fraction: float = 0.5  # editors run this fraction of their default step counts
+    editor_guidance: float | None = None  # edit part: every editor's guidance (None: each editor's default, 7.5)
     train_steps: int | None = None  # personalization steps (None: the recipes' 400)
     probes: tuple[float, ...] = (0.25, 0.5, 1.0)  # personalization: sample at these fractions of the training steps
     per_background: int = 2  # personalization samples per background color at each probe
@@ -251,7 +252,8 @@ class Effects:
         work = _fresh(self.work / "edit")
         cases = [edit_case(kind, _seed("edit", k, i), f"{kind}_{i:02d}", backbone.resolution) for k, kind in enumerate(EDIT_KINDS) for i in range(s.n_edit)]
         steps = {m: _steps(m, s.step_fraction) for m in EDIT_METHODS}
-        jobs = edit_jobs(cases, EDIT_METHODS, work / "sources", {m: {"steps": n} for m, n in steps.items()})
+        guidance = {"guidance": s.editor_guidance} if s.editor_guidance is not None else {}
+        jobs = edit_jobs(cases, EDIT_METHODS, work / "sources", {m: {"steps": n, **guidance} for m, n in steps.items()})
         records = run_edit_jobs(s.model, jobs, work, s.workers)
         rows = (NO_EDIT, *EDIT_METHODS)
         results: dict[str, dict[str, list[dict[str, Any]]]] = {kind: {m: [] for m in rows} for kind in EDIT_KINDS}
@@ -482,11 +484,13 @@ def _holds(flag: bool) -> str:
 def _edit_md(r: dict[str, Any]) -> list[str]:
     st = r["settings"]
     lines = [
-        f"Command: `python -m dreamsteer.benchmarks.effects --part edit --n {st['n_edit']}` ({_f(r['seconds'], 0)} s).",
+        f"Command: `python -m dreamsteer.benchmarks.effects --part edit --n {st['n_edit']}"
+        + (f" --editor-guidance {st['editor_guidance']:g}" if st.get("editor_guidance") is not None else "") + f"` ({_f(r['seconds'], 0)} s).",
         "",
         f"{st['n_edit']} rendered source scenes per edit kind (seeds `({EFFECTS_SEED}, 1, kind, i)`, 1-2 objects; `two_colors`: 2 objects): "
         "`color` gives one object another color, `shape` another shape, `two_colors` both objects other colors (the multi-attribute edit). "
-        "Each method runs its reference defaults (`conf/editor/<method>.yaml`) at "
+        "Each method runs its reference defaults (`conf/editor/<method>.yaml`"
+        + (f"; every editor's guidance set to {st['editor_guidance']:g}" if st.get("editor_guidance") is not None else "") + ") at "
         f"{st['step_fraction']:g} of its default step count through `train edit` (job seed = case index); Ground-A-Score gets one subtask per "
         "edited object (source and target phrase, the object's box grown by 2 px). Steps: "
         + ", ".join(f"{m} {n}" for m, n in r["steps"].items()) + ".",
@@ -762,6 +766,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--train-steps", type=int, default=None, help="personalization steps (default: each recipe's)")
     parser.add_argument("--per-background", type=int, default=defaults.per_background)
     parser.add_argument("--workers", type=int, default=defaults.workers, help="edit-task processes")
+    parser.add_argument("--editor-guidance", type=float, default=None, help="edit part: every editor's guidance (default: each editor's)")
     parser.add_argument("--model", default=defaults.model)
     parser.add_argument("--gligen-model", default=defaults.gligen_model)
     parser.add_argument("--md", type=Path, default=Path("docs") / "effects.md")
@@ -774,7 +779,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parts = PARTS if "all" in args.part else tuple(dict.fromkeys(args.part))
     n = {"n_edit": args.n, "n_steer": args.n, "n_reground": args.n} if args.n else {}
     settings = Settings(model=args.model, gligen_model=args.gligen_model, step_fraction=args.step_fraction, train_steps=args.train_steps,
-                        per_background=args.per_background, workers=args.workers, **n)
+                        per_background=args.per_background, workers=args.workers, editor_guidance=args.editor_guidance, **n)
     settings.ablation_n = min(args.ablation_n, settings.n_steer)
     run(parts, settings, args.md, args.json, args.figures, args.work)
     print(f"wrote {args.md}, {args.json}, {args.figures}/")

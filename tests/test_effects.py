@@ -150,7 +150,8 @@ def test_edit_part_writes_every_methods_row(tmp_path):
     from dreamsteer.benchmarks import effects
 
     effects.main(["--part", "edit", "--n", "1", "--step-fraction", "0.01", "--workers", "1", "--md", str(tmp_path / "e.md"),
-                  "--json", str(tmp_path / "e.json"), "--figures", str(tmp_path / "figs"), "--work", str(tmp_path / "work")])
+                  "--json", str(tmp_path / "e.json"), "--figures", str(tmp_path / "figs"), "--work", str(tmp_path / "work"),
+                  "--editor-guidance", "2.5"])
     result = json.loads((tmp_path / "e.json").read_text())["parts"]["edit"]
     md = (tmp_path / "e.md").read_text()
     for kind in ("color", "shape", "two_colors"):
@@ -160,6 +161,9 @@ def test_edit_part_writes_every_methods_row(tmp_path):
         assert md.count(f"| {method} |") == 4  # three kinds and all kinds
     assert "LUSD's claim" in md and "Ground-A-Score's claim" in md
     assert result["steps"]["dds"] == 2 and result["steps"]["ground_a_score"] == 5  # 1% of 200 and 500 steps
+    records = [json.loads(p.read_text()) for p in (tmp_path / "work" / "edit" / "edits").glob("*.json")]
+    assert len(records) == 3 * len(effects.EDIT_METHODS) and all(r["params"]["guidance"] == 2.5 for r in records)
+    assert "--editor-guidance 2.5" in md and "every editor's guidance set to 2.5" in md
 
 
 @needs_toy
