@@ -486,6 +486,9 @@ def _edit_md(r: dict[str, Any]) -> list[str]:
     lines = [
         f"Command: `python -m dreamsteer.benchmarks.effects --part edit --n {st['n_edit']}"
         + (f" --editor-guidance {st['editor_guidance']:g}" if st.get("editor_guidance") is not None else "") + f"` ({_f(r['seconds'], 0)} s).",
+        *([] if st.get("editor_guidance") is not None else [
+            "", "Every editor here runs at its reference guidance of 7.5, which over-drives the toy model (`docs/toy.md`, \"Editing recipe\"); "
+            "the same part with every editor at the toy model's DDS guidance of 1.5 is [effects_guidance.md](effects_guidance.md)."]),
         "",
         f"{st['n_edit']} rendered source scenes per edit kind (seeds `({EFFECTS_SEED}, 1, kind, i)`, 1-2 objects; `two_colors`: 2 objects): "
         "`color` gives one object another color, `shape` another shape, `two_colors` both objects other colors (the multi-attribute edit). "
@@ -731,7 +734,11 @@ def run(parts: Sequence[str], settings: Settings, md: Path, json_path: Path, fig
         print(f"{part}: {result['seconds']:.0f} s")
         results = _merge(json_path, results, part)  # a later part's failure keeps this one
     results = _merge(json_path, results)
-    write_text_atomic(render_markdown(results) + "\n", md)
+    # the text links the figures as effects/<name>.png and the numbers as effects.json (docs/, beside docs/effects.md)
+    figures_link = Path(os.path.relpath(figures.resolve(), md.resolve().parent)).as_posix()
+    json_link = Path(os.path.relpath(json_path.resolve(), md.resolve().parent)).as_posix()
+    text = render_markdown(results).replace("](effects/", f"]({figures_link}/").replace("](effects.json)", f"]({json_link})")
+    write_text_atomic(text + "\n", md)
     return results
 
 

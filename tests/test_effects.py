@@ -164,6 +164,7 @@ def test_edit_part_writes_every_methods_row(tmp_path):
     records = [json.loads(p.read_text()) for p in (tmp_path / "work" / "edit" / "edits").glob("*.json")]
     assert len(records) == 3 * len(effects.EDIT_METHODS) and all(r["params"]["guidance"] == 2.5 for r in records)
     assert "--editor-guidance 2.5" in md and "every editor's guidance set to 2.5" in md
+    assert "](figs/edit_color.png)" in md and "](e.json)" in md and "](effects/" not in md  # links relative to the markdown
 
 
 @needs_toy
