@@ -90,7 +90,7 @@ class Settings:
     n_reground: int = 12  # captions per (beta, wiring)
     ablation_n: int = 2  # steer ablations: the first scenes
     step_fraction: float = 0.5  # editors run this fraction of their default step counts
-    editor_guidance: float | None = None  # edit part: every editor's guidance (None: each editor's default, 7.5)
+    editor_guidance: float | None = None  # edit and steer parts: every editor's guidance (None: each editor's default, 7.5)
     train_steps: int | None = None  # personalization steps (None: the recipes' 400)
     probes: tuple[float, ...] = (0.25, 0.5, 1.0)  # personalization: sample at these fractions of the training steps
     per_background: int = 2  # personalization samples per background color at each probe
@@ -291,6 +291,7 @@ class Effects:
         cases = [steer_case(_seed("steer", i), f"scene_{i:02d}", backbone.resolution) for i in range(s.n_steer)]
         sources = {c.id: save_image_atomic(c.scene.image, work / "sources" / f"{c.id}.png") for c in cases}
         edit_steps = {e: _steps(e, s.step_fraction) for e in STEER_EDITORS}
+        guidance = {"guidance": s.editor_guidance} if s.editor_guidance is not None else {}
         jobs, steer_s, trained = [], {}, {}
 
         def steered(method: str, case: EditCase, variant: str, extra: Sequence[str]) -> str:
@@ -309,7 +310,7 @@ class Effects:
             for e in editors:
                 jobs.append({"id": f"{method}__{e}__{label}__{case.id}", "image": str(sources[case.id]), "source_prompt": case.scene.caption,
                              "target_prompt": ref_prompt(case, base.token), "method": e, "seed": 0, "adapter": adapter,
-                             "overrides": {"steps": edit_steps[e]}})
+                             "overrides": {"steps": edit_steps[e], **guidance}})
 
         for method in BASELINES:
             trained[method] = self.personalized(method)
@@ -541,7 +542,9 @@ def _steer_md(r: dict[str, Any]) -> list[str]:
     st = r["settings"]
     names = {"dds_s": "DDS-S", "dds_sm": "DDS-SM"}
     lines = [
-        f"Command: `python -m dreamsteer.benchmarks.effects --part steer --n {st['n_steer']}` ({_f(r['seconds'], 0)} s; the four adapters "
+        f"Command: `python -m dreamsteer.benchmarks.effects --part steer --n {st['n_steer']}"
+        + (f" --editor-guidance {st['editor_guidance']:g}" if st.get("editor_guidance") is not None else "")
+        + f"` ({_f(r['seconds'], 0)} s; the four adapters "
         "are trained once per run, in whichever of `steer` and `personalize` runs first).",
         "",
         f"Each baseline is trained with the model's recipe where it has one (`train personalize experiment=toy_<m>`, "
@@ -551,6 +554,7 @@ def _steer_md(r: dict[str, Any]) -> list[str]:
         "a circle of a non-blue color, and in some scenes a second object that is not a circle. The circle is edited into the subject "
         "(target prompt: the caption with the circle named `<token> circle`) with "
         + ", ".join(f"{names[e]} ({n} steps)" for e, n in r["edit_steps"].items())
+        + (f" at guidance {st['editor_guidance']:g}" if st.get("editor_guidance") is not None else "")
         + ", once with the baseline adapter and once with the adapter steered toward that scene by `train steer` (its defaults: 10 steps, J = -1, "
         f"subject mask on; with `{' '.join(r['steer_overrides'])}`). **subject** = subject score at the circle's place (detector, 0..1; >= 0.5 is "
         "the subject); **success** = the detector reads the target scene (the subject at the circle's place, the other object and the "
@@ -773,7 +777,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--train-steps", type=int, default=None, help="personalization steps (default: each recipe's)")
     parser.add_argument("--per-background", type=int, default=defaults.per_background)
     parser.add_argument("--workers", type=int, default=defaults.workers, help="edit-task processes")
-    parser.add_argument("--editor-guidance", type=float, default=None, help="edit part: every editor's guidance (default: each editor's)")
+    parser.add_argument("--editor-guidance", type=float, default=None, help="edit and steer parts: every editor's guidance (default: each editor's)")
     parser.add_argument("--model", default=defaults.model)
     parser.add_argument("--gligen-model", default=defaults.gligen_model)
     parser.add_argument("--md", type=Path, default=Path("docs") / "effects.md")
