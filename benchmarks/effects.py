@@ -100,6 +100,10 @@ class Settings:
     guidance: float = 7.5
     workers: int = 2  # edit-task processes (one per core of a 2-core CPU)
 
+    def editor_overrides(self, steps: int) -> dict[str, Any]:
+        """An edit job's editor overrides: its step count, and `editor_guidance` when set."""
+        return {"steps": steps, **({"guidance": self.editor_guidance} if self.editor_guidance is not None else {})}
+
 
 def _seed(part: str, *rest: int) -> tuple[int, ...]:
     return (EFFECTS_SEED, _PART_IDS[part], *rest)
@@ -252,8 +256,7 @@ class Effects:
         work = _fresh(self.work / "edit")
         cases = [edit_case(kind, _seed("edit", k, i), f"{kind}_{i:02d}", backbone.resolution) for k, kind in enumerate(EDIT_KINDS) for i in range(s.n_edit)]
         steps = {m: _steps(m, s.step_fraction) for m in EDIT_METHODS}
-        guidance = {"guidance": s.editor_guidance} if s.editor_guidance is not None else {}
-        jobs = edit_jobs(cases, EDIT_METHODS, work / "sources", {m: {"steps": n, **guidance} for m, n in steps.items()})
+        jobs = edit_jobs(cases, EDIT_METHODS, work / "sources", {m: s.editor_overrides(n) for m, n in steps.items()})
         records = run_edit_jobs(s.model, jobs, work, s.workers)
         rows = (NO_EDIT, *EDIT_METHODS)
         results: dict[str, dict[str, list[dict[str, Any]]]] = {kind: {m: [] for m in rows} for kind in EDIT_KINDS}
@@ -291,7 +294,6 @@ class Effects:
         cases = [steer_case(_seed("steer", i), f"scene_{i:02d}", backbone.resolution) for i in range(s.n_steer)]
         sources = {c.id: save_image_atomic(c.scene.image, work / "sources" / f"{c.id}.png") for c in cases}
         edit_steps = {e: _steps(e, s.step_fraction) for e in STEER_EDITORS}
-        guidance = {"guidance": s.editor_guidance} if s.editor_guidance is not None else {}
         jobs, steer_s, trained = [], {}, {}
 
         def steered(method: str, case: EditCase, variant: str, extra: Sequence[str]) -> str:
@@ -310,7 +312,7 @@ class Effects:
             for e in editors:
                 jobs.append({"id": f"{method}__{e}__{label}__{case.id}", "image": str(sources[case.id]), "source_prompt": case.scene.caption,
                              "target_prompt": ref_prompt(case, base.token), "method": e, "seed": 0, "adapter": adapter,
-                             "overrides": {"steps": edit_steps[e], **guidance}})
+                             "overrides": s.editor_overrides(edit_steps[e])})
 
         for method in BASELINES:
             trained[method] = self.personalized(method)
@@ -482,12 +484,16 @@ def _holds(flag: bool) -> str:
     return "**holds**" if flag else "**does not hold**"
 
 
-def _edit_md(r: dict[str, Any]) -> list[str]:
+def _guidance_flag(st: dict[str, Any]) -> str:
+    """The command-line flag of a run's `editor_guidance` ("" when each editor kept its own)."""
+    return f" --editor-guidance {st['editor_guidance']:g}" if st.get("editor_guidance") is not None else ""
+
+
+def _edit_md(r: dict[str, Any], figures: str) -> list[str]:
     st = r["settings"]
     lines = [
-        f"Command: `python -m dreamsteer.benchmarks.effects --part edit --n {st['n_edit']}"
-        + (f" --editor-guidance {st['editor_guidance']:g}" if st.get("editor_guidance") is not None else "") + f"` ({_f(r['seconds'], 0)} s).",
-        *([] if st.get("editor_guidance") is not None else [
+        f"Command: `python -m dreamsteer.benchmarks.effects --part edit --n {st['n_edit']}{_guidance_flag(st)}` ({_f(r['seconds'], 0)} s).",
+        *([] if _guidance_flag(st) else [
             "", "Every editor here runs at its reference guidance of 7.5, which over-drives the toy model (`docs/toy.md`, \"Editing recipe\"); "
             "the same part with every editor at the toy model's DDS guidance of 1.5 is [effects_guidance.md](effects_guidance.md)."]),
         "",
@@ -534,17 +540,16 @@ def _edit_md(r: dict[str, Any]) -> list[str]:
         f"{_f(gas2['background_kept'])} vs {_f(dds2['background_kept'])}.",
         "",
     ]
-    lines += [f"![{kind} edits](effects/edit_{kind}.png)" for kind in r["table"]] + [""]
+    lines += [f"![{kind} edits]({figures}/edit_{kind}.png)" for kind in r["table"]] + [""]
     return lines
 
 
-def _steer_md(r: dict[str, Any]) -> list[str]:
+def _steer_md(r: dict[str, Any], figures: str) -> list[str]:
     st = r["settings"]
     names = {"dds_s": "DDS-S", "dds_sm": "DDS-SM"}
     lines = [
-        f"Command: `python -m dreamsteer.benchmarks.effects --part steer --n {st['n_steer']}"
-        + (f" --editor-guidance {st['editor_guidance']:g}" if st.get("editor_guidance") is not None else "")
-        + f"` ({_f(r['seconds'], 0)} s; the four adapters "
+        f"Command: `python -m dreamsteer.benchmarks.effects --part steer --n {st['n_steer']}{_guidance_flag(st)}` "
+        f"({_f(r['seconds'], 0)} s; the four adapters "
         "are trained once per run, in whichever of `steer` and `personalize` runs first).",
         "",
         f"Each baseline is trained with the model's recipe where it has one (`train personalize experiment=toy_<m>`, "
@@ -586,11 +591,11 @@ def _steer_md(r: dict[str, Any]) -> list[str]:
               "| variant | subject | success | outside | box IoU |", "|---|---|---|---|---|"]
     for variant, a in r["ablation_table"].items():
         lines.append(f"| {variant} | {_f(a['subject_score'])} | {_f(a['success'])} | {_f(a['outside_change'], 1)} | {_f(a['box_iou'])} |")
-    lines += [""] + [f"![{m}](effects/steer_{m}.png)" for m in BASELINES] + [""]
+    lines += [""] + [f"![{m}]({figures}/steer_{m}.png)" for m in BASELINES] + [""]
     return lines
 
 
-def _reground_md(r: dict[str, Any]) -> list[str]:
+def _reground_md(r: dict[str, Any], figures: str) -> list[str]:
     st = r["settings"]
     lines = [
         f"Command: `python -m dreamsteer.benchmarks.effects --part reground --n {st['n_reground']}` ({_f(r['seconds'], 0)} s).",
@@ -607,11 +612,11 @@ def _reground_md(r: dict[str, Any]) -> list[str]:
     keeps = [b for b in r["betas"] if r["table"][f"{b:g}__parallel"]["textual"] >= r["table"][f"{b:g}__sequential"]["textual"]]
     lines += ["", f"ReGround's claim (the parallel wiring keeps the ungrounded objects of the caption at least as often, at similar spatial "
               f"grounding): parallel >= sequential in textual grounding at beta {', '.join(f'{b:g}' for b in keeps) or 'none'} of "
-              f"{', '.join(f'{b:g}' for b in r['betas'])}.", "", "![reground](effects/reground.png)", ""]
+              f"{', '.join(f'{b:g}' for b in r['betas'])}.", "", f"![reground]({figures}/reground.png)", ""]
     return lines
 
 
-def _personalize_md(r: dict[str, Any]) -> list[str]:
+def _personalize_md(r: dict[str, Any], figures: str) -> list[str]:
     st = r["settings"]
     base = r["base"]
     lines = [
@@ -637,7 +642,7 @@ def _personalize_md(r: dict[str, Any]) -> list[str]:
         lines += ["", "**No method learned the subject** with its default recipe on this model: no sample of any method shows it "
                   "(the detector's subject score stays 0: the yellow inner disc never appears), so the fidelity-vs-steps curves are flat "
                   "at 0; the backgrounds of the prompts are kept."]
-    lines += ["", "![personalization](effects/personalize.png)", ""]
+    lines += ["", f"![personalization]({figures}/personalize.png)", ""]
     return lines
 
 
@@ -647,7 +652,7 @@ REGROUND_SKIPPED = ("ReGround's claim is not measured: it needs a GLIGEN model o
                     "`load_backbone('toy-gligen')` loads one (`--gligen-model <folder>` for any GLIGEN diffusers folder of the toy world).")
 
 
-SECTIONS: dict[str, tuple[str, Callable[[dict[str, Any]], list[str]]]] = {
+SECTIONS: dict[str, tuple[str, Callable[[dict[str, Any], str], list[str]]]] = {
     "edit": ("Editing: SDS, DDS, CDS, SBP, PDS, LUSD, Ground-A-Score", _edit_md),
     "steer": ("DreamSteerer: steering each baseline toward the source", _steer_md),
     "reground": ("ReGround: sequential vs parallel wiring", _reground_md),
@@ -655,12 +660,13 @@ SECTIONS: dict[str, tuple[str, Callable[[dict[str, Any]], list[str]]]] = {
 }
 
 
-def render_markdown(results: dict[str, Any]) -> str:
+def render_markdown(results: dict[str, Any], figures: str = "effects", numbers: str = "effects.json") -> str:
+    """The markdown of `results`; `figures` (the figures' folder) and `numbers` (the JSON) as linked from the markdown's folder."""
     lines = [
         "# The papers' claims in miniature: measured effects on the toy world",
         "",
         "Every method of the project run on the toy world (`docs/toy.md`), seeded, scored by the toy detector; generated by "
-        "`python -m dreamsteer.benchmarks.effects` (`benchmarks/effects.py`), every number in [effects.json](effects.json). "
+        f"`python -m dreamsteer.benchmarks.effects` (`benchmarks/effects.py`), every number in [{numbers}]({numbers}). "
         "Where a paper's claim does not hold here, the text says so; nothing was tuned to make a table look like a paper. "
         "The toy model is a small model of a 32-pixel world trained on a CPU (which of its floors it meets is in "
         "`docs/toy.md`): "
@@ -692,7 +698,7 @@ def render_markdown(results: dict[str, Any]) -> str:
         elif "skipped" in r:
             lines += [f"Skipped: {r['skipped']}", ""] + ([REGROUND_SKIPPED, ""] if part == "reground" else [])
         else:
-            lines += render_part(r)
+            lines += render_part(r, figures)
     return "\n".join(lines)
 
 
@@ -738,12 +744,13 @@ def run(parts: Sequence[str], settings: Settings, md: Path, json_path: Path, fig
         print(f"{part}: {result['seconds']:.0f} s")
         results = _merge(json_path, results, part)  # a later part's failure keeps this one
     results = _merge(json_path, results)
-    # the text links the figures as effects/<name>.png and the numbers as effects.json (docs/, beside docs/effects.md)
-    figures_link = Path(os.path.relpath(figures.resolve(), md.resolve().parent)).as_posix()
-    json_link = Path(os.path.relpath(json_path.resolve(), md.resolve().parent)).as_posix()
-    text = render_markdown(results).replace("](effects/", f"]({figures_link}/").replace("](effects.json)", f"]({json_link})")
-    write_text_atomic(text + "\n", md)
+    write_text_atomic(render_markdown(results, _link(figures, md), _link(json_path, md)) + "\n", md)
     return results
+
+
+def _link(path: Path, md: Path) -> str:
+    """`path` as the markdown file `md` links it (relative to its folder)."""
+    return Path(os.path.relpath(path.resolve(), md.resolve().parent)).as_posix()
 
 
 def _cpu_seconds() -> float:
