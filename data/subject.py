@@ -115,12 +115,14 @@ class Concept:
     """One subject of a run: the single ``data.instance_dir`` form (``key`` "data") or one ``data.concepts[k]``.
 
     `key` is the config prefix that names it in errors; `items` are filled by `validate_subject_data`,
-    `class_paths` by `SubjectDataModule.setup` (prior preservation).
+    `class_paths` by `SubjectDataModule.setup` (prior preservation), with `class_captions` (the
+    caption file of each class image, else None: the image's prompt is then `class_prompt`).
     """
 
     items: Sequence[InstanceItem]
     instance_prompt: str
     class_paths: Sequence[Path] = ()
+    class_captions: Sequence[Optional[str]] = ()
     class_prompt: Optional[str] = None
     subject: Optional[str] = None
     token: Optional[str] = None
@@ -375,6 +377,12 @@ def _validate_concept(cfg: Any, concept: Concept, templates: list[str] | None, t
                 raise SubjectDataError(f"config key '{key}.class_prompt': {concept.class_prompt!r} must not contain the trained token {token!r}")
         if concept.class_dir and Path(concept.class_dir).exists() and not Path(concept.class_dir).is_dir():
             raise SubjectDataError(f"config key '{key}.class_dir': {concept.class_dir} is not a folder")
+        if concept.class_dir and Path(concept.class_dir).is_dir() and cfg.captions:
+            for text in sorted(Path(concept.class_dir).glob("*.txt")):  # class images' own captions (kohya's regularization captions)
+                caption = text.read_text(encoding="utf-8", errors="replace")
+                for token in every_token:
+                    if token in caption:
+                        raise SubjectDataError(f"caption file {text} (a class image's): {caption.strip()!r} must not contain the trained token {token!r}")
     return replace(concept, items=items)
 
 
@@ -664,10 +672,11 @@ class SubjectDataset(Dataset):
             example["loss_mask"] = weights
         if concept.class_paths:
             count = len(concept.class_paths)
-            path = concept.class_paths[int(self._order("class", count, draw // count, c)[draw % count])]
-            example["class_pixel_values"], example["class_latent_key"], _, conditions = self._view(path, g, size=size)
+            k = int(self._order("class", count, draw // count, c)[draw % count])
+            example["class_pixel_values"], example["class_latent_key"], _, conditions = self._view(concept.class_paths[k], g, size=size)
             example.update({f"class_{name}": value for name, value in conditions.items()})
-            example["class_prompt"] = concept.class_prompt
+            caption = concept.class_captions[k] if concept.class_captions else None
+            example["class_prompt"] = caption or concept.class_prompt
         return example
 
 
@@ -741,12 +750,10 @@ class SubjectDataModule(L.LightningDataModule):
             return
         concepts = []
         for concept in self.concepts:
-            paths = list_images(concept.class_dir)[: self.cfg.num_class_images]
-            if len(paths) < self.cfg.num_class_images:
-                raise SubjectDataError(f"config key '{concept.key}.class_dir': {concept.class_dir} holds {len(paths)} images, {self.cfg.num_class_images} needed")
-            for path in paths:
-                load_image(path)
-            concepts.append(replace(concept, class_paths=paths))
+            items = read_instance_items(concept.class_dir, self.cfg.captions, key=f"{concept.key}.class_dir")[: self.cfg.num_class_images]
+            if len(items) < self.cfg.num_class_images:
+                raise SubjectDataError(f"config key '{concept.key}.class_dir': {concept.class_dir} holds {len(items)} images, {self.cfg.num_class_images} needed")
+            concepts.append(replace(concept, class_paths=[i.path for i in items], class_captions=[i.caption for i in items]))
         self.concepts = concepts
 
     def dataset(self) -> SubjectDataset:

@@ -13,7 +13,8 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from dreamsteer.data.subject import (
-    ZOOM_IN_PREFIXES, ZOOM_OUT_PREFIXES, Concept, SubjectDataError, SubjectDataset, read_instance_items, validate_subject_data,
+    ZOOM_IN_PREFIXES, ZOOM_OUT_PREFIXES, Concept, SubjectDataError, SubjectDataModule, SubjectDataset, read_instance_items,
+    validate_subject_data,
 )
 from dreamsteer.lit_modules.personalize import MODULES
 from dreamsteer.train.config import ConfigError, compose
@@ -331,3 +332,29 @@ def test_resume_is_exact_with_concepts_prior_buckets_resize_augmentation_caching
     assert ca["ema"]["updates"] == cb["ema"]["updates"] == 4
     assert all(torch.equal(ca["ema"]["shadow"][k], cb["ema"]["shadow"][k]) for k in ca["ema"]["shadow"])
     assert all(torch.equal(ca["state_dict"][k], cb["state_dict"][k]) for k in ca["state_dict"])
+
+
+def test_class_images_use_their_own_caption_files(tmp_path):
+    """Regularization images with captions (kohya's layout): a caption file replaces the class prompt for its image."""
+    write_solid(tmp_path / "dog", RED, 1)
+    dogs = write_solid(tmp_path / "dogs", GREEN, 3)  # red channel 30, 20, 10 tells img_0, img_1, img_2 apart
+    (dogs / "img_0.txt").write_text("a dog on grass\n")
+    (dogs / "img_2.txt").write_text("a dog, sleeping")
+    base = [f"data.instance_dir={tmp_path / 'dog'}", "data.instance_prompt='a photo of sks dog'", f"data.class_dir={dogs}",
+            "data.class_prompt='a photo of a dog'", "data.num_class_images=3", "loss.prior_preservation=true"]
+    expected = {30: "a dog on grass", 20: "a photo of a dog", 10: "a dog, sleeping"}
+    for captions in (True, False):
+        cfg = compose("personalize", [*base, f"data.captions={captions}"]).data
+        module = SubjectDataModule(cfg, validate_subject_data(cfg, prior_preservation=True), 64, prior_preservation=True)
+        module.setup()
+        dataset = module.dataset()
+        seen = {}
+        for i in range(9):
+            red = colour(dataset[i]["class_pixel_values"])[0]
+            seen[red] = dataset[i]["class_prompt"]
+        assert seen == (expected if captions else dict.fromkeys(expected, "a photo of a dog"))
+
+    (dogs / "img_1.txt").write_text("a sks dog")  # the trained token in a class caption would teach it the class
+    cfg = compose("personalize", base).data
+    with pytest.raises(SubjectDataError, match=r"img_1\.txt.*'sks'"):
+        validate_subject_data(cfg, ["sks"], prior_preservation=True)
