@@ -68,7 +68,7 @@ class DDSConfig(EditorConfig):
     method: str = "dds"
     source_pretrained: bool = False  # DDS-S: the source branch runs with the adapter disabled
     subject_mask: Optional[str] = None  # DDS-SM: "auto" (cross-attention) or a mask image path
-    subject_token: Optional[str] = None  # the subject word of the source prompt (auto mask)
+    subject_token: Optional[str] = None  # the subject's word(s) in the source prompt (auto mask); None: prompts.subject_words
     mask_threshold: float = 0.5
     mask_dilation: int = 0
     mask_timesteps: List[int] = field(default_factory=lambda: [100, 300, 500])

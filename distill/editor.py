@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from dreamsteer.distill.attention import AttentionRecorder, list_attention_layers, select_layers
 from dreamsteer.distill.config import ATTENTION_PLACES, OPTIMIZERS, PENALTY_MODES, SCHEMAS, WEIGHTINGS, EditorConfig
 from dreamsteer.distill.methods import METHOD_CLASSES, EditContext, Method, StepOut, Subtask, make_method
-from dreamsteer.distill.prompts import edit_words, subject_word, token_indices
+from dreamsteer.distill.prompts import edit_words, subject_words, token_indices
 from dreamsteer.distill.regularizers import AttentionMask, GradientFilter, gamma_schedule, l2_pull, mask_weight, std_normalize
 from dreamsteer.distill.scorer import Scorer
 
@@ -156,7 +156,7 @@ class Editor:
         cfg = self.cfg
         if cfg.subject_mask != "auto":
             raise ValueError(f"editor key 'subject_mask': {cfg.subject_mask!r} is a mask path; load it and pass the tensor")
-        token = cfg.subject_token or subject_word(source_prompt, target_prompt)
+        token = cfg.subject_token or subject_words(source_prompt, target_prompt)
         if not token:
             raise ValueError("editor key 'subject_token': could not infer the subject word of the source prompt; "
                              "set editor.subject_token (e.g. 'cat')")

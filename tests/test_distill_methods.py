@@ -258,6 +258,13 @@ def test_dds_sm_auto_mask_is_the_subject_mask(backbone, z_src):
     expected = subject_mask(backbone, z_src, SRC, "cat", timesteps=(100, 300, 500), divisors=(2, 4)).mask
     torch.testing.assert_close(ed.ctx.subject_mask, expected)
     assert ed.output_mask() is not None
+    # the target replaces a word describing the subject: the mask reads the replaced word with the noun
+    source = "a photo of a gray cat"
+    ed = Editor(backbone, cfg_of("dds_sm"), source, "a photo of a sks cat", z_src)
+    both = subject_mask(backbone, z_src, source, "gray cat", timesteps=(100, 300, 500), divisors=(2, 4)).soft
+    noun = subject_mask(backbone, z_src, source, "cat", timesteps=(100, 300, 500), divisors=(2, 4)).soft
+    assert (both - noun).abs().max() > 1e-3  # so the check below tells the two apart
+    torch.testing.assert_close(ed.ctx.subject_mask, (both >= 0.5).float())
 
 
 # ----------------------------------------------------------------------------- CDS

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from dreamsteer.distill.config import METHODS, method_defaults
-from dreamsteer.distill.prompts import edit_words, subject_word, token_indices
+from dreamsteer.distill.prompts import edit_words, subject_words, token_indices
 
 
 @pytest.mark.parametrize("source,target,expected", [
@@ -27,9 +27,16 @@ def test_edit_words(source, target, expected):
     ("a photo of a cat", "a photo of a sks cat", "cat"),
     ("a photo of a cat", "a photo of a sks cat wearing a hat", "cat"),
     ("a dog on the grass", "a zwx dog on the grass", "dog"),
+    ("a cat sitting", "a sks cat wearing a hat", "cat"),
+    ("a cat and a dog", "a cat and a sks dog", "dog"),  # the differing part's noun, not the first noun
+    # words the target replaces right before the noun describe the same object: the mask reads them too
+    ("a yellow circle and a red square on a cyan background", "a sks circle and a red square on a cyan background", "yellow circle"),
+    ("a photo of a brown dog", "a photo of a sks dog", "brown dog"),
+    ("a photo of a cat", "a photo of a <sks>", "cat"),  # a placeholder replacing the noun: the replaced word
+    ("a photo of a cat", "a photo of a cat", None),
 ])
-def test_subject_word(source, target, expected):
-    assert subject_word(source, target) == expected
+def test_subject_words(source, target, expected):
+    assert subject_words(source, target) == expected
 
 
 def test_token_indices(tiny_backbone):
