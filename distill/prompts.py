@@ -119,25 +119,26 @@ def token_indices(tokenizer, prompt: str, chosen: Sequence[str], source: str | N
 
 def subject_words(source: str, target: str) -> str | None:
     """The words of the source prompt that name what a personalized prompt refers to (the subject mask's
-    words): the subject noun (a noun of the differing part that the source also has, else the first noun
-    right after the differing part) with the source words the target replaced right before it.
+    words): the subject noun with the source words the target replaced right before it.
 
-    ``"a cat" -> "a sks cat wearing a hat"``: ``"cat"``; ``"a yellow circle" -> "a sks circle"``:
-    ``"yellow circle"`` (the replaced words describe the same object; on the toy model only its color
-    word's cross-attention finds it); ``"a photo of a cat" -> "a photo of a <sks>"`` (no noun left):
-    ``"cat"``. Leading articles are dropped; None when the prompts name nothing.
+    The noun, in this order: a noun of the differing part that the source's differing part also has
+    (``"a cat sitting" -> "a sks cat wearing a hat"``: ``"cat"``); a noun the target replaced
+    (``"a photo of a cat" -> "a photo of a <sks>"``: ``"cat"``); the first noun of the source after the
+    differing part (``"a photo of a cat" -> "a photo of a sks cat"``: ``"cat"``). Replaced words before it
+    describe the same object and are kept (``"a yellow circle" -> "a sks circle"``: ``"yellow circle"``;
+    on the toy model only the color word's cross-attention finds the object). Leading articles are
+    dropped; None when the prompts name nothing.
     """
     src, tgt = words(source), words(target)
     start, end = diff_span(src, tgt)
     src_end = len(src) - (len(tgt) - end)  # the source side of the differing part is src[start:src_end]
-    inside = [w for w in tgt[start:end] if is_noun(w) and w in src]
-    after = [w for w in tgt[end:] if is_noun(w)]
-    noun = (inside[-1:] or after[:1] or [None])[0]
-    if noun is None:
-        phrase = src[start:src_end]
-    else:
-        at = next((i for i in range(start, len(src)) if src[i] == noun), None)
-        phrase = src[start:at + 1] if at is not None and at <= src_end else [noun]
+    kept = [i for i in range(start, src_end) if is_noun(src[i]) and src[i] in tgt[start:end]]
+    replaced = [i for i in range(start, src_end) if is_noun(src[i])]
+    after = [i for i in range(src_end, len(src)) if is_noun(src[i])]
+    at = (kept[-1:] or replaced[-1:] or after[:1] or [None])[0]
+    if at is None:
+        return None
+    phrase = src[start:at + 1]
     while phrase and phrase[0] in ARTICLES:
         phrase = phrase[1:]
-    return " ".join(phrase) or None
+    return " ".join(phrase)

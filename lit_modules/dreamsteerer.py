@@ -182,19 +182,21 @@ def _bare(word: str) -> str:
 
 
 def subject_phrase(source_prompt: str, ref_prompt: str, class_token: str) -> str:
-    """The words of `ref_prompt` that name the subject, for GLIGEN grounding: the class token (or the words
-    put in its place) with the words `ref_prompt` inserts right around it, and the article before them.
+    """The words of `ref_prompt` that name the subject, for GLIGEN grounding: the class token's noun (its
+    last word; or the words put in its place) with the words `ref_prompt` inserts right around it, and
+    the article before them.
 
     ``("a photo of a cat", "a photo of a sks cat", "cat") -> "a sks cat"``; with a Textual Inversion
     placeholder replacing the class word, ``"a photo of a <sks>"`` gives ``"a <sks>"``.
     """
     src, ref = source_prompt.split(), ref_prompt.split()
+    noun = class_token.split()[-1].lower()  # "yellow circle": anchored at its noun
     new: set[int] = set()  # positions of ref words that ref inserts or substitutes
     anchor: int | None = None  # position in ref of the class token, or of the first word replacing it
     for op, i1, i2, j1, j2 in difflib.SequenceMatcher(a=src, b=ref, autojunk=False).get_opcodes():
         if op in ("insert", "replace"):
             new.update(range(j1, j2))
-        hits = [i for i in range(i1, i2) if _bare(src[i]) == class_token.lower()]
+        hits = [i for i in range(i1, i2) if _bare(src[i]) == noun]
         if anchor is None and hits and op in ("equal", "replace"):
             anchor = j1 + hits[0] - i1 if op == "equal" else j1
     if anchor is None:

@@ -33,6 +33,7 @@ def test_edit_words(source, target, expected):
     ("a yellow circle and a red square on a cyan background", "a sks circle and a red square on a cyan background", "yellow circle"),
     ("a photo of a brown dog", "a photo of a sks dog", "brown dog"),
     ("a photo of a cat", "a photo of a <sks>", "cat"),  # a placeholder replacing the noun: the replaced word
+    ("a photo of a cat next to a mirror", "a photo of a <sks> next to a mirror", "cat"),  # not a later noun
     ("a photo of a cat", "a photo of a cat", None),
 ])
 def test_subject_words(source, target, expected):

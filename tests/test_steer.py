@@ -267,10 +267,11 @@ def test_concept_and_class_tokens_are_read_from_the_adapter_and_prompts(tmp_path
     assert concept_tokens({}, "zwx", tmp_path, SOURCE, "") == ["zwx"]
     with pytest.raises(ValueError, match="concept_token"):
         concept_tokens({}, None, tmp_path, SOURCE, "a photo of a sks cat")
-    assert infer_class_token(SOURCE, "a photo of a sks cat next to a mirror", ["sks"]) == "cat"
-    assert infer_class_token(SOURCE, "a photo of a <sks> next to a mirror", ["<sks>"]) == "cat"
+    assert infer_class_token(SOURCE, "a photo of a sks cat next to a mirror") == "cat"
+    assert infer_class_token(SOURCE, "a photo of a <sks> next to a mirror") == "cat"
+    assert infer_class_token("a yellow circle on a white background", "a sks circle on a white background") == "yellow circle"
     with pytest.raises(ValueError, match="class_token"):
-        infer_class_token("a photo of a cat", "a photo of a cat by <sks>", ["<sks>"])
+        infer_class_token("a photo of a cat", "a photo of a cat by <sks>")
 
 
 def test_steer_yaml_mirrors_the_schema_defaults():

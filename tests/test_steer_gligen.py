@@ -117,6 +117,8 @@ def test_subject_phrase_from_the_prompts():
     assert subject_phrase(SOURCE, "a photo of a <sks> next to a mirror", "cat") == "a <sks>"  # TI replaces the word
     assert subject_phrase(SOURCE, "a photo of a <new1> cat next to a mirror", "cat") == "a <new1> cat"  # Custom Diffusion
     assert subject_phrase("the cat, by a mirror", "the sks cat, by a mirror", "cat") == "the sks cat"
+    # a class token of several words (an inferred "yellow circle") is anchored at its noun
+    assert subject_phrase("a yellow circle on a white background", "a sks circle on a white background", "yellow circle") == "a sks circle"
     with pytest.raises(ValueError, match="mode_shift.phrase"):
         subject_phrase("a photo of a dog", "a photo of a sks dog", "cat")
 

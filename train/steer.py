@@ -12,7 +12,6 @@ TensorBoard.
 """
 from __future__ import annotations
 
-import difflib
 import os
 import re
 import time
@@ -27,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from dreamsteer.checkpoints import AdapterLoadError, export_adapter, load_adapter
 from dreamsteer.checkpoints.adapter_io import check_adapter_folder, prepare_export_target, sha256_file, write_json_atomic
 from dreamsteer.data.images import load_image, pil_to_tensor, resize_and_crop, save_image_atomic, tensor_to_pil
+from dreamsteer.distill.prompts import subject_words
 from dreamsteer.lit_modules.dreamsteerer import (
     GLIGEN_BOX,
     DreamSteererModule,
@@ -111,23 +111,17 @@ def concept_tokens(manifest: dict[str, Any], override: str | None, adapter_dir: 
     )
 
 
-def infer_class_token(source_prompt: str, ref_prompt: str, tokens: list[str]) -> str:
-    """The word of `source_prompt` that `ref_prompt` personalizes: the word a concept token replaces
-    ("a photo of a cat" / "a photo of a <cat-toy>" -> cat), or the word right after an inserted
-    identifier ("a photo of a cat" / "a photo of a sks cat" -> cat)."""
-    src, ref = _words(source_prompt), _words(ref_prompt)
-    concept = set(tokens)
-    for op, i1, i2, j1, j2 in difflib.SequenceMatcher(a=src, b=ref, autojunk=False).get_opcodes():
-        if not concept & set(ref[j1:j2]):
-            continue
-        if op == "replace" and i2 - i1 == 1:
-            return src[i1]
-        if op == "insert" and i1 < len(src):
-            return src[i1]
-    raise ValueError(
-        f"cannot tell the class token from source_prompt={source_prompt!r} and ref_prompt={ref_prompt!r}; "
-        "set class_token=<the subject word of the source prompt>"
-    )
+def infer_class_token(source_prompt: str, ref_prompt: str) -> str:
+    """The words of `source_prompt` that `ref_prompt` personalizes: `distill.prompts.subject_words`, the
+    words DDS-SM's mask reads when editing ("a photo of a cat" / "a photo of a <cat-toy>" -> cat; "a photo
+    of a cat" / "a photo of a sks cat" -> cat; "a yellow circle" / "a sks circle" -> yellow circle)."""
+    found = subject_words(source_prompt, ref_prompt)
+    if not found:
+        raise ValueError(
+            f"cannot tell the class token from source_prompt={source_prompt!r} and ref_prompt={ref_prompt!r}; "
+            "set class_token=<the subject word of the source prompt>"
+        )
+    return found
 
 
 @dataclass
@@ -165,7 +159,7 @@ def check_inputs(cfg: DictConfig) -> SteerInputs:
     if not any(contains_word(cfg.ref_prompt, tok) for tok in tokens):
         raise ValueError(f"ref_prompt {cfg.ref_prompt!r} does not contain the concept token of adapter {adapter_dir} "
                          f"(one of {tokens}); write it as e.g. {cfg.source_prompt!r} with the subject named by {tokens[0]!r}")
-    class_token = cfg.class_token or infer_class_token(cfg.source_prompt, cfg.ref_prompt, tokens)
+    class_token = cfg.class_token or infer_class_token(cfg.source_prompt, cfg.ref_prompt)
     if not contains_word(cfg.source_prompt, class_token):
         raise ValueError(f"class token {class_token!r} is not a word of source_prompt {cfg.source_prompt!r} (config key 'class_token')")
     if cfg.mode_shift.guidance == GLIGEN_BOX and not cfg.mode_shift.phrase:
