@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from dreamsteer.train.config import compose
+from tests.conftest import REPO_ROOT
 
 
 def test_demo_runs_every_stage(tmp_path):
@@ -47,8 +48,9 @@ def test_toy_world_demo_chains_the_rendered_subject_and_scene(tmp_path):
     ])
     result = run(cfg)
     record = json.loads((tmp_path / "3_edit_steered" / "photo.json").read_text())
-    assert record["source_prompt"] == "a green square and a purple circle on a white background"
-    assert record["target_prompt"] == f"a green square and a {SUBJECT.token} {SUBJECT.class_word} on a white background"
+    assert record["source_prompt"] == "a green square and a purple circle on a cyan background"
+    assert record["target_prompt"] == f"a green square and a {SUBJECT.token} {SUBJECT.class_word} on a cyan background"
+    assert record["params"]["guidance"] == 7.5  # the tiny model has no DDS-SM recipe: the editor's defaults
     assert sorted(p.name for p in (tmp_path / "data" / "subject").iterdir()) == ["subject_00.png", "subject_00.txt", "subject_01.png", "subject_01.txt"]
     metrics = json.loads((tmp_path / "4_evaluate" / "metrics.json").read_text())
     assert set(metrics["steered"]) >= {"subject_score", "subject", "others_kept", "background_kept", "outside_change"}
@@ -64,3 +66,17 @@ def test_toy_world_refuses_a_scene_without_the_subjects_class(tmp_path):
         run(compose("demo", ["world=toy", "model=tiny", "scene_objects=[green square]", f"output_dir={tmp_path}"]))
     with pytest.raises(ConfigError, match=r"scene_objects\[0\]"):
         run(compose("demo", ["world=toy", "model=tiny", "scene_objects=[orange circle]", f"output_dir={tmp_path}"]))
+
+
+@pytest.mark.skipif(not (REPO_ROOT / "diffusion" / "builtin" / "toy" / "model_index.json").is_file(), reason="the toy weights are not shipped here")
+def test_toy_demo_edits_with_the_toy_models_editor_recipe(tmp_path):
+    """On `toy` the demo's DDS-SM edits take conf/experiment/toy_dds_sm.yaml (guidance 1.5), as `train edit experiment=toy_dds_sm`."""
+    from dreamsteer.train.demo import run
+
+    run(compose("demo", [
+        "world=toy", "subject_images=2", "personalize_steps=1", "steer_steps=1", "edit_steps=1", "logger=none", "evaluate=false",
+        "steer_overrides=['mode_shift.n_ms=1','mode_shift.sampling_steps=2']", f"output_dir={tmp_path}",
+    ]))
+    for label in ("baseline", "steered"):
+        params = json.loads((tmp_path / f"3_edit_{label}" / "photo.json").read_text())["params"]
+        assert params["method"] == "dds_sm" and params["guidance"] == 1.5 and params["steps"] == 1

@@ -32,7 +32,8 @@ from dreamsteer.data.images import save_image_atomic
 from dreamsteer.data.samples import SAMPLE_PHOTOS, write_sample_images, write_subject_set
 from dreamsteer.data.scenes import (BACKGROUND_COLORS, GAP, MAX_SIZE, MIN_SIZE, OBJECT_COLORS, SHAPES, SUBJECT, Scene, SceneObject,
                                     make_caption, render, write_subject_photos)
-from dreamsteer.train.config import ConfigError, LoggerConfig, ModelConfig, check_choice, check_common, compose, output_dir, validate
+from dreamsteer.train.config import (ConfigError, LoggerConfig, ModelConfig, check_choice, check_common, compose, model_recipe, output_dir,
+                                     validate)
 from dreamsteer.train.lock import output_lock
 from dreamsteer.train.logs import summary_writer
 
@@ -46,7 +47,7 @@ class DemoConfig:
     world: str = "toy"
     subject_images: int = 5
     # --- toy world
-    scene_background: str = "white"
+    scene_background: str = "cyan"
     scene_objects: list[str] = field(default_factory=lambda: ["red circle", "green square"])
     # --- photo world
     subject_photo: str = "cat"
@@ -133,9 +134,10 @@ def _run(cfg: DictConfig, out: Path, inputs_for: Callable[[DictConfig, Path], De
         "mode_shift.log_unguided=true", *cfg.steer_overrides])), timings)  # the demo shows guided vs unguided
 
     edits = {}
+    recipe = model_recipe(cfg.model.pretrained, cfg.editor)  # the model's own settings for the editor (conf/experiment/)
     for label, adapter_dir in (("baseline", adapter), ("steered", steered)):
         edits[label] = _stage(f"edit with the {label} adapter ({cfg.editor})", lambda adapter_dir=adapter_dir, label=label: edit.run(compose("edit", [
-            *model, f"editor={cfg.editor}", f"editor.steps={cfg.edit_steps}", _arg("adapter", adapter_dir), _arg("image", source),
+            *model, f"editor={cfg.editor}", *([f"experiment={recipe}"] if recipe else []), f"editor.steps={cfg.edit_steps}", _arg("adapter", adapter_dir), _arg("image", source),
             _arg("source_prompt", inputs.source_prompt), _arg("target_prompt", inputs.ref_prompt), "id=photo",
             f"seed={cfg.seed}", _arg("output_dir", out / f"3_edit_{label}"), f"progress={cfg.progress}", *cfg.edit_overrides])), timings)
 
