@@ -196,7 +196,8 @@ def read_instance_items(instance_dir: str | Path, captions: bool = True, masks: 
             except (OSError, UnicodeDecodeError) as err:
                 raise SubjectDataError(f"caption file {text}: cannot be read as UTF-8 text ({err})") from err
             if not caption:
-                raise SubjectDataError(f"caption file {text}: is empty (delete it to use data.instance_prompt)")
+                fallback = key.replace("class_dir", "class_prompt").replace("instance_dir", "instance_prompt")
+                raise SubjectDataError(f"caption file {text}: is empty (delete it to use {fallback})")
         items.append(InstanceItem(path, caption, mask))
     return items
 

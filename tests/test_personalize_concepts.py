@@ -354,7 +354,11 @@ def test_class_images_use_their_own_caption_files(tmp_path):
             seen[red] = dataset[i]["class_prompt"]
         assert seen == (expected if captions else dict.fromkeys(expected, "a photo of a dog"))
 
-    (dogs / "img_1.txt").write_text("a sks dog")  # the trained token in a class caption would teach it the class
+    (dogs / "img_1.txt").write_text("")
     cfg = compose("personalize", base).data
+    module = SubjectDataModule(cfg, validate_subject_data(cfg, prior_preservation=True), 64, prior_preservation=True)
+    with pytest.raises(SubjectDataError, match=r"img_1\.txt: is empty \(delete it to use data\.class_prompt\)"):
+        module.setup()
+    (dogs / "img_1.txt").write_text("a sks dog")  # the trained token in a class caption would teach it the class
     with pytest.raises(SubjectDataError, match=r"img_1\.txt.*'sks'"):
         validate_subject_data(cfg, ["sks"], prior_preservation=True)
