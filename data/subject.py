@@ -169,7 +169,7 @@ def resolve_templates(cfg: Any) -> list[str] | None:
 
 def read_instance_items(instance_dir: str | Path, captions: bool = True, masks: bool = False, key: str = "data.instance_dir") -> list[InstanceItem]:
     """The instance images of a folder with their caption files (and mask files), every image opened once to check it.
-    `key` is the config key errors about the folder name."""
+    `key` is the folder's config key (``<...>_dir``), which errors name; an empty caption file names its ``<...>_prompt``."""
     directory = Path(instance_dir)
     if not directory.exists():
         raise FileNotFoundError(f"config key '{key}': folder {directory} not found")
@@ -196,8 +196,7 @@ def read_instance_items(instance_dir: str | Path, captions: bool = True, masks: 
             except (OSError, UnicodeDecodeError) as err:
                 raise SubjectDataError(f"caption file {text}: cannot be read as UTF-8 text ({err})") from err
             if not caption:
-                fallback = key.replace("class_dir", "class_prompt").replace("instance_dir", "instance_prompt")
-                raise SubjectDataError(f"caption file {text}: is empty (delete it to use {fallback})")
+                raise SubjectDataError(f"caption file {text}: is empty (delete it to use {key.removesuffix('dir')}prompt)")
         items.append(InstanceItem(path, caption, mask))
     return items
 
@@ -383,7 +382,8 @@ def _validate_concept(cfg: Any, concept: Concept, templates: list[str] | None, t
                 caption = text.read_text(encoding="utf-8", errors="replace")
                 for token in every_token:
                     if token in caption:
-                        raise SubjectDataError(f"caption file {text} (a class image's): {caption.strip()!r} must not contain the trained token {token!r}")
+                        raise SubjectDataError(f"caption file {text} (a class image's): {caption.strip()!r} must not contain "
+                                               f"the trained token {token!r}")
     return replace(concept, items=items)
 
 
@@ -751,9 +751,10 @@ class SubjectDataModule(L.LightningDataModule):
             return
         concepts = []
         for concept in self.concepts:
-            items = read_instance_items(concept.class_dir, self.cfg.captions, key=f"{concept.key}.class_dir")[: self.cfg.num_class_images]
-            if len(items) < self.cfg.num_class_images:
-                raise SubjectDataError(f"config key '{concept.key}.class_dir': {concept.class_dir} holds {len(items)} images, {self.cfg.num_class_images} needed")
+            needed = self.cfg.num_class_images
+            items = read_instance_items(concept.class_dir, self.cfg.captions, key=f"{concept.key}.class_dir")[:needed]
+            if len(items) < needed:
+                raise SubjectDataError(f"config key '{concept.key}.class_dir': {concept.class_dir} holds {len(items)} images, {needed} needed")
             concepts.append(replace(concept, class_paths=[i.path for i in items], class_captions=[i.caption for i in items]))
         self.concepts = concepts
 

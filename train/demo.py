@@ -137,7 +137,8 @@ def _run(cfg: DictConfig, out: Path, inputs_for: Callable[[DictConfig, Path], De
     recipe = model_recipe(cfg.model.pretrained, cfg.editor)  # the model's own settings for the editor (conf/experiment/)
     for label, adapter_dir in (("baseline", adapter), ("steered", steered)):
         edits[label] = _stage(f"edit with the {label} adapter ({cfg.editor})", lambda adapter_dir=adapter_dir, label=label: edit.run(compose("edit", [
-            *model, f"editor={cfg.editor}", *([f"experiment={recipe}"] if recipe else []), f"editor.steps={cfg.edit_steps}", _arg("adapter", adapter_dir), _arg("image", source),
+            *model, f"editor={cfg.editor}", *([f"experiment={recipe}"] if recipe else []), f"editor.steps={cfg.edit_steps}",
+            _arg("adapter", adapter_dir), _arg("image", source),
             _arg("source_prompt", inputs.source_prompt), _arg("target_prompt", inputs.ref_prompt), "id=photo",
             f"seed={cfg.seed}", _arg("output_dir", out / f"3_edit_{label}"), f"progress={cfg.progress}", *cfg.edit_overrides])), timings)
 
