@@ -44,12 +44,17 @@ objects). Only GLIGEN's new layers (``position_net`` and the gated self-attentio
 as in GLIGEN; with `freeze_unet` False the whole UNet trains with them. The text encoder trains when
 `train_text_encoder` (the ``unet`` stage, and a GLIGEN model trained from scratch).
 
+The learning rate warms up linearly over `warmup_steps`, then stays constant or, with `decay_steps`,
+follows a cosine to 0 at that step (`lr_factor`).
+
 An exponential moving average of the trained weights (`lit_modules.ema.ParameterEMA`, with diffusers'
 warm-up ``d_n = min(decay, (1 + n) / (10 + n))``) is what gets exported.
 """
 from __future__ import annotations
 
 import copy
+import functools
+import math
 import warnings
 from typing import Any, Sequence
 
@@ -62,19 +67,33 @@ from dreamsteer.lit_modules.ema import ParameterEMA
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 
 
-def warmup_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int) -> dict[str, Any]:
-    """Linear warm-up from 0 to the base learning rate over `warmup_steps`, then constant."""
-    lam = lambda step: min(1.0, (step + 1) / max(1, warmup_steps))  # noqa: E731
+def lr_factor(step: int, warmup_steps: int, decay_steps: int = 0) -> float:
+    """The learning rate's factor at optimizer step `step`: linear warm-up from 0 over `warmup_steps`, then
+    constant, or with `decay_steps` a cosine decay ``0.5 (1 + cos(pi (step - warmup) / (decay_steps - warmup)))``
+    that reaches 0 at step `decay_steps` (a run's last step: its weights settle where the noise of a
+    constant rate would keep them moving)."""
+    warm = min(1.0, (step + 1) / max(1, warmup_steps))
+    if not decay_steps or step < warmup_steps:
+        return warm
+    progress = min(1.0, (step - warmup_steps) / max(1, decay_steps - warmup_steps))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def lr_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, decay_steps: int = 0) -> dict[str, Any]:
+    """`lr_factor` as a per-step Lightning scheduler."""
+    lam = functools.partial(lr_factor, warmup_steps=warmup_steps, decay_steps=decay_steps)
     return {"scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, lam), "interval": "step"}
 
 
 class VaePretrainModule(L.LightningModule):
     """Trains an AutoencoderKL with L1 + squared reconstruction losses and a small KL term (formula above)."""
 
-    def __init__(self, vae: torch.nn.Module, lr: float, kl_weight: float, warmup_steps: int = 0, train_encoder: bool = True):
+    def __init__(self, vae: torch.nn.Module, lr: float, kl_weight: float, warmup_steps: int = 0, train_encoder: bool = True,
+                 decay_steps: int = 0):
         super().__init__()
         self.vae = vae
         self.lr, self.kl_weight, self.warmup_steps, self.train_encoder = lr, kl_weight, warmup_steps, train_encoder
+        self.decay_steps = decay_steps
         if not train_encoder:
             self.vae.encoder.requires_grad_(False)
             self.vae.quant_conv.requires_grad_(False)
@@ -94,7 +113,7 @@ class VaePretrainModule(L.LightningModule):
     def configure_optimizers(self):
         trainable = [p for p in self.vae.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=self.lr, weight_decay=0.0)
-        return {"optimizer": optimizer, "lr_scheduler": warmup_schedule(optimizer, self.warmup_steps)}
+        return {"optimizer": optimizer, "lr_scheduler": lr_schedule(optimizer, self.warmup_steps, self.decay_steps)}
 
     def export(self) -> torch.nn.Module:
         """What this stage produces: the VAE."""
@@ -133,11 +152,12 @@ class DiffusionPretrainModule(L.LightningModule):
         loss_weighting: str = "eps",
         freeze_unet: bool = True,
         grounding_dropout: float | None = None,
+        decay_steps: int = 0,
     ):
         super().__init__()
         self.vae, self.text_encoder, self.unet = vae, text_encoder, unet
         self.tokenizer, self.scheduler = tokenizer, scheduler
-        self.lr, self.warmup_steps, self.caption_dropout = lr, warmup_steps, caption_dropout
+        self.lr, self.warmup_steps, self.decay_steps, self.caption_dropout = lr, warmup_steps, decay_steps, caption_dropout
         self.grounded, self.noise_offset, self.timesteps = grounded, noise_offset, timesteps
         self.loss_weighting, self.grounding_dropout = loss_weighting, grounding_dropout
         self.vae.requires_grad_(False).eval()
@@ -250,7 +270,7 @@ class DiffusionPretrainModule(L.LightningModule):
 
     def configure_optimizers(self):
         optimizer = torch.optim.AdamW(self.trainable_parameters(), lr=self.lr, weight_decay=0.0)
-        return {"optimizer": optimizer, "lr_scheduler": warmup_schedule(optimizer, self.warmup_steps)}
+        return {"optimizer": optimizer, "lr_scheduler": lr_schedule(optimizer, self.warmup_steps, self.decay_steps)}
 
     def export(self):
         """What this stage produces: the pipeline, with the EMA weights where they were trained."""

@@ -75,6 +75,57 @@ def test_unet_stage_writes_a_loadable_model_that_covers_the_grammar(runs):
     assert image.shape == (1, 3, 16, 16) and torch.isfinite(image).all()
 
 
+def test_unet_stage_with_init_continues_the_model_s_unet_and_text_encoder(runs, tmp_path):
+    from dreamsteer.diffusion.backbone import load_backbone
+
+    _, _, unet = runs
+    continued = _run("unet", tmp_path / "continued", f"init={unet}", "optim.lr=0.05")
+    base, after = load_backbone(str(unet)), load_backbone(str(continued))
+    for name, module in (("unet", "unet"), ("text_encoder", "text_encoder")):
+        before, trained = getattr(base, module).state_dict(), getattr(after, module).state_dict()
+        assert before.keys() == trained.keys()
+        assert any(not torch.equal(v, before[k]) for k, v in trained.items()), name  # it trained from the loaded weights
+    vae = base.vae.state_dict()
+    assert all(torch.equal(v, vae[k]) for k, v in after.vae.state_dict().items())  # the model's own VAE, frozen
+    assert after.vae.config.scaling_factor == base.vae.config.scaling_factor
+    with pytest.raises(ConfigError, match="arch.resolution"):  # scenes rendered at another size than the model's
+        _run("unet", tmp_path / "other", f"init={unet}", "arch.resolution=32")
+
+
+def test_cosine_schedule_warms_up_then_decays_to_zero_at_the_last_step():
+    from dreamsteer.lit_modules.pretrain import lr_schedule
+
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=2.0)
+    scheduler = lr_schedule(optimizer, warmup_steps=4, decay_steps=14)["scheduler"]
+    seen = []
+    for _ in range(15):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    warm = [2.0 * (k + 1) / 4 for k in range(4)]  # linear warm-up to the base rate
+    decay = [1.0 + np.cos(np.pi * (k - 4) / 10) for k in range(4, 15)]  # 2 * 0.5 (1 + cos(pi * progress))
+    np.testing.assert_allclose(seen, warm + decay, atol=1e-9)
+    assert seen[4] == pytest.approx(2.0) and seen[9] == pytest.approx(1.0) and seen[14] == pytest.approx(0.0)
+    constant = torch.optim.SGD([param], lr=2.0)
+    flat = lr_schedule(constant, warmup_steps=2)["scheduler"]
+    for _ in range(3):
+        constant.step()
+        flat.step()
+    assert constant.param_groups[0]["lr"] == 2.0  # no decay without decay_steps
+
+
+def test_cosine_schedule_decays_over_the_run_s_max_steps(runs, tmp_path):
+    from dreamsteer.train.pretrain import build_modules, validate_config
+
+    _, vae, _ = runs
+    for stage, extra in (("unet", [f"vae={vae / 'vae'}"]), ("vae", [])):
+        cfg = compose("pretrain", [f"stage={stage}", f"output_dir={tmp_path}", *TINY, *extra, "trainer.max_steps=7"])
+        assert build_modules(validate_config(cfg)).decay_steps == 0  # constant by default
+        cfg = compose("pretrain", [f"stage={stage}", f"output_dir={tmp_path}", *TINY, *extra, "trainer.max_steps=7", "optim.schedule=cosine"])
+        assert build_modules(validate_config(cfg)).decay_steps == 7
+
+
 def test_gligen_stage_trains_only_the_new_layers(runs, tmp_path):
     from dreamsteer.diffusion.backbone import load_backbone
     from dreamsteer.diffusion.gligen import is_gligen
@@ -230,6 +281,12 @@ def test_bad_config_fails_before_training(tmp_path):
         run(compose("pretrain", ["stage=unet", "vae=x", "arch.plain_blocks=3", f"output_dir={tmp_path}"]))
     with pytest.raises(ConfigError, match="trainer.max_time"):
         run(compose("pretrain", ["stage=vae", "trainer.max_time=10m", f"output_dir={tmp_path}"]))
+    with pytest.raises(ConfigError, match="'vae' / 'init'"):  # continue a model or start on a VAE, not both
+        run(compose("pretrain", ["stage=unet", "vae=x", "init=toy", f"output_dir={tmp_path}"]))
+    with pytest.raises(ConfigError, match="'init'"):
+        run(compose("pretrain", ["stage=vae", "init=toy", f"output_dir={tmp_path}"]))
+    with pytest.raises(ConfigError, match="optim.schedule"):
+        run(compose("pretrain", ["stage=vae", "optim.schedule=linear", f"output_dir={tmp_path}"]))
 
 
 def test_max_time_stops_the_run_early_and_still_exports(tmp_path):

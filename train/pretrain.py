@@ -6,6 +6,9 @@ The recipe of the shipped `toy` model (docs/toy.md) is three runs of this task:
     python -m train pretrain stage=unet vae=runs/vae/model/vae output_dir=runs/unet
     python -m train pretrain stage=gligen init=runs/unet/model output_dir=runs/gligen
 
+``stage=unet init=<model>`` continues training a text-to-image model (its UNet and text encoder, from
+the weights it exported, with a new optimizer) instead of building one from scratch.
+
 Each writes its result as a diffusers folder ``<output_dir>/model`` (``vae/`` alone for stage=vae; a
 whole pipeline otherwise), rewritten atomically every ``trainer.export_every_n_steps`` steps and at
 the end, so a run stopped early still leaves usable weights. Data: the scene renderer
@@ -72,6 +75,7 @@ class PretrainTrainerConfig(TrainerConfig):
 class OptimConfig:
     lr: float = 1e-3
     warmup_steps: int = 200
+    schedule: str = "constant"  # constant | cosine (after the warm-up, to 0 at trainer.max_steps)
     caption_dropout: float = 0.1  # stage unet/gligen: the caption (and grounding) is dropped for CFG
     ema_decay: float = 0.999  # stage unet/gligen
     noise_offset: float = 0.0  # stage unet/gligen: offset noise (lit_modules/pretrain.py), e.g. 0.1
@@ -88,7 +92,7 @@ class OptimConfig:
 class PretrainConfig:
     stage: str = "unet"
     vae: Optional[str] = None  # stage unet: the trained VAE folder (a stage=vae run's model/vae); stage vae: start from it
-    init: Optional[str] = None  # stage gligen: the text-to-image model to add GLIGEN layers to (null + vae: from scratch)
+    init: Optional[str] = None  # stage gligen: the model to add GLIGEN layers to (null + vae: from scratch); stage unet: the model to continue
     arch: ArchConfig = field(default_factory=ArchConfig)
     data: PretrainDataConfig = field(default_factory=PretrainDataConfig)
     trainer: PretrainTrainerConfig = field(default_factory=PretrainTrainerConfig)
@@ -108,6 +112,7 @@ def validate_config(cfg: DictConfig) -> DictConfig:
     check_choice(cfg, "data.source", ["scenes", "folder"])
     check_choice(cfg, "optim.timesteps", ["uniform", "cubic"])
     check_choice(cfg, "optim.loss_weighting", ["eps", "x0", "v"])
+    check_choice(cfg, "optim.schedule", ["constant", "cosine"])
     a, d, t, o = cfg.arch, cfg.data, cfg.trainer, cfg.optim
     factor = 2 ** (len(a.vae_channels) - 1)
     if a.resolution % (factor * 2 ** (len(a.unet_channels) - 1)):
@@ -135,8 +140,14 @@ def validate_config(cfg: DictConfig) -> DictConfig:
         raise ConfigError(f"config key 'optim.noise_offset': {o.noise_offset} is not in [0, 1] (0.05-0.1 is usual)")
     if cfg.stage == "vae" and not o.train_vae_encoder and not cfg.vae:
         raise ConfigError("config key 'vae': optim.train_vae_encoder=false fine-tunes the decoder of a trained VAE; give its folder")
-    if cfg.stage == "unet" and not cfg.vae:
-        raise ConfigError("config key 'vae': stage=unet needs the trained VAE folder (e.g. a stage=vae run's <output_dir>/model/vae)")
+    if cfg.stage == "unet" and not (cfg.vae or cfg.init):
+        raise ConfigError("config key 'vae': stage=unet needs the trained VAE folder (e.g. a stage=vae run's <output_dir>/model/vae), "
+                          "or `init`: a text-to-image model to continue")
+    if cfg.stage == "unet" and cfg.vae and cfg.init:
+        raise ConfigError("config keys 'vae' / 'init': stage=unet continues the model in `init` with its own VAE, "
+                          "or trains one from scratch on `vae`; set one of them")
+    if cfg.stage == "vae" and cfg.init:
+        raise ConfigError("config key 'init': stage=vae starts from a VAE folder given as `vae`, not `init`")
     if cfg.stage == "gligen" and not (cfg.init or cfg.vae):
         raise ConfigError("config key 'init': stage=gligen needs the text-to-image model to extend (e.g. toy), "
                           "or `vae` (and no init) to train a GLIGEN model from scratch")
@@ -197,10 +208,11 @@ def build_modules(cfg: DictConfig):
     from dreamsteer.lit_modules.pretrain import DiffusionPretrainModule, VaePretrainModule
 
     arch, o = architecture(cfg), cfg.optim
+    decay_steps = cfg.trainer.max_steps if o.schedule == "cosine" else 0
     if cfg.stage == "vae":
         vae = load_vae(cfg.vae, arch.resolution) if cfg.vae else toy.build_vae(arch, cfg.seed)
-        return VaePretrainModule(vae, o.lr, o.kl_weight, o.warmup_steps, train_encoder=o.train_vae_encoder)
-    from_scratch = cfg.stage == "unet" or not cfg.init
+        return VaePretrainModule(vae, o.lr, o.kl_weight, o.warmup_steps, train_encoder=o.train_vae_encoder, decay_steps=decay_steps)
+    from_scratch = not cfg.init
     if from_scratch:
         vae = load_vae(cfg.vae, arch.resolution)
         tokenizer = toy.toy_tokenizer([*GRAMMAR_WORDS, SUBJECT.token], arch.max_tokens)
@@ -211,14 +223,18 @@ def build_modules(cfg: DictConfig):
         from dreamsteer.diffusion.backbone import load_backbone
 
         base = load_backbone(cfg.init)
+        if base.resolution != arch.resolution:
+            raise ConfigError(f"config key 'arch.resolution': {arch.resolution}, but the model in `init` ({cfg.init}) "
+                              f"works at {base.resolution} px; the scenes are rendered at arch.resolution")
         vae, text_encoder, tokenizer, unet = base.vae, base.text_encoder, base.tokenizer, base.unet
     if cfg.stage == "gligen":
         unet = toy.add_gated_layers(unet, cfg.seed + 3)
     module = DiffusionPretrainModule(
         vae, text_encoder, tokenizer, unet, toy.toy_scheduler(), o.lr, o.warmup_steps, o.caption_dropout, o.ema_decay,
-        o.train_text_encoder and from_scratch,
+        o.train_text_encoder and (cfg.stage == "unet" or from_scratch),
         grounded=cfg.stage == "gligen", noise_offset=o.noise_offset, timesteps=o.timesteps,
         loss_weighting=o.loss_weighting, freeze_unet=o.freeze_unet, grounding_dropout=o.grounding_dropout,
+        decay_steps=decay_steps,
     )
     return module
 
