@@ -76,6 +76,37 @@ def edit_case(kind: str, seed: int | Sequence[int], case_id: str, resolution: in
     return EditCase(case_id, kind, scene, targets)
 
 
+SCENE_GROUPS = ("one object", "two objects, distinct colors", "two objects sharing a color", "two identical objects")
+
+
+def scene_group(case: EditCase) -> str:
+    """The case's scene as one of `SCENE_GROUPS`, for success rates by group: two objects with the same color
+    in the source or in the target make the prompt name a color twice, so the model has to bind it to the
+    right shape; two objects alike in color and shape in the source leave the prompt unable to say which
+    one to edit."""
+    objects = case.scene.objects
+    if len(objects) == 1:
+        return SCENE_GROUPS[0]
+    if len(objects) != 2:
+        raise ValueError(f"case {case.id}: {len(objects)} objects; scene groups cover one or two")
+    (a, b), (ta, tb) = objects, case.targets
+    if (a.color, a.shape) == (b.color, b.shape):
+        return SCENE_GROUPS[3]
+    if a.color == b.color or ta.color == tb.color:
+        return SCENE_GROUPS[2]
+    return SCENE_GROUPS[1]
+
+
+def rates_by_group(cases: Sequence[EditCase], successes: Sequence[bool]) -> dict[str, dict[str, int]]:
+    """Successes and cases per `scene_group` (groups without cases left out), in `SCENE_GROUPS` order."""
+    counts = {g: {"successes": 0, "cases": 0} for g in SCENE_GROUPS}
+    for case, success in zip(cases, successes, strict=True):
+        entry = counts[scene_group(case)]
+        entry["cases"] += 1
+        entry["successes"] += int(bool(success))
+    return {g: c for g, c in counts.items() if c["cases"]}
+
+
 def subtasks(case: EditCase) -> list[dict[str, Any]]:
     """Ground-A-Score's subtasks: per edited object its source and target phrase and its box (the source
     mask's box grown by `GROUNDING_MARGIN` pixels, as fractions of the image side)."""

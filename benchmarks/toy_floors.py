@@ -148,7 +148,7 @@ def text_to_image(model: str, n: int, out: Path, steps: int, guidance: float) ->
 
 
 def editing(model: str, n: int, out: Path, steps: int | None) -> tuple[list[Floor], dict[str, Any]]:
-    from dreamsteer.benchmarks.toy_edits import edit_case, edit_jobs, edited_image, run_edit_jobs, score_edit, vae_outside_error
+    from dreamsteer.benchmarks.toy_edits import edit_case, edit_jobs, edited_image, rates_by_group, run_edit_jobs, score_edit, vae_outside_error
     from dreamsteer.train.config import model_recipe
 
     backbone = _load(model)
@@ -178,7 +178,7 @@ def editing(model: str, n: int, out: Path, steps: int | None) -> tuple[list[Floo
     ]
     info = {"steps": steps, "experiment": recipe, "vae_outside_error": vae_mean, "outside_change": float(np.mean(outside)),
             "outside_change_successes": float(np.mean([c for c, s in zip(outside, successes) if s])) if any(successes) else None,
-            "margin_px": EDIT_MARGIN, "cases": records}
+            "margin_px": EDIT_MARGIN, "success_by_scene": rates_by_group(cases, successes), "cases": records}
     return rows, info
 
 
@@ -323,6 +323,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = run(parts, args.model, args.gligen_model, args.out, args.n, args.steps, args.guidance, args.edit_steps, args.methods,
                  per_background=args.per_background, train_steps=args.train_steps)
     print(result["table"])
+    by_scene = result["details"].get("edit", {}).get("success_by_scene")
+    if by_scene:
+        print("\nedit success by scene: " + ", ".join(f"{g} {c['successes']}/{c['cases']}" for g, c in by_scene.items()))
     print(f"\nwrote {args.out / 'floors.json'}")
     return 0
 

@@ -134,6 +134,31 @@ def test_evaluate_leaves_photo_runs_alone_and_names_unreadable_toy_jobs(tmp_path
     assert "cat" in (tmp_path / "b" / "report.html").read_text()
 
 
+def test_scene_groups_say_when_a_prompt_names_a_color_twice_or_cannot_tell_two_objects_apart():
+    from dreamsteer.benchmarks.toy_edits import EditCase, rates_by_group, scene_group
+
+    def case(objects, targets):
+        return EditCase("c", "color", render("gray", objects), targets)
+
+    red_square, red_circle = SQUARE, replace(CIRCLE, color="red")
+    twin = replace(SQUARE, center=(0.7, 0.7))
+    cases = [
+        case([SQUARE], [replace(SQUARE, color="blue")]),  # one object
+        case([SQUARE, CIRCLE], [replace(SQUARE, color="green"), CIRCLE]),  # red, purple -> green, purple
+        case([SQUARE, CIRCLE], [replace(SQUARE, color="purple"), CIRCLE]),  # the target names purple twice
+        case([red_square, red_circle], [replace(red_square, color="blue"), red_circle]),  # the source names red twice
+        case([SQUARE, twin], [SQUARE, replace(twin, color="blue")]),  # two red squares: which one?
+    ]
+    assert [scene_group(c) for c in cases] == ["one object", "two objects, distinct colors", "two objects sharing a color",
+                                               "two objects sharing a color", "two identical objects"]
+    rates = rates_by_group(cases, [True, True, False, True, False])
+    assert rates == {"one object": {"successes": 1, "cases": 1}, "two objects, distinct colors": {"successes": 1, "cases": 1},
+                     "two objects sharing a color": {"successes": 1, "cases": 2}, "two identical objects": {"successes": 0, "cases": 1}}
+    assert list(rates_by_group(cases[:2], [False, True])) == ["one object", "two objects, distinct colors"]  # empty groups left out
+    with pytest.raises(ValueError, match="3 objects"):
+        scene_group(case([SQUARE, CIRCLE, replace(SQUARE, center=(0.3, 0.75))], [SQUARE, CIRCLE, SQUARE]))
+
+
 def test_a_part_whose_model_is_missing_is_reported_as_skipped(tmp_path):
     from dreamsteer.benchmarks import effects
 

@@ -59,6 +59,9 @@ def test_toy_dds_edit_subset(tmp_path):
     success, outside = result["rows"]
     assert "experiment=toy_dds" in success["metric"] and success["value"] >= EDIT_SUBSET_SUCCESS
     assert outside["metric"].startswith("outside change") and outside["met"], outside
+    by_scene = result["details"]["edit"]["success_by_scene"]  # every case in one group, its success counted there
+    assert sum(g["cases"] for g in by_scene.values()) == 8
+    assert sum(g["successes"] for g in by_scene.values()) == round(success["value"] * 8)
 
 
 @needs_toy
