@@ -148,7 +148,8 @@ def text_to_image(model: str, n: int, out: Path, steps: int, guidance: float) ->
 
 
 def editing(model: str, n: int, out: Path, steps: int | None) -> tuple[list[Floor], dict[str, Any]]:
-    from dreamsteer.benchmarks.toy_edits import edit_case, edit_jobs, edited_image, rates_by_group, run_edit_jobs, score_edit, vae_outside_error
+    from dreamsteer.benchmarks.toy_edits import (edit_case, edit_jobs, edited_image, rates_by_group, run_edit_jobs, score_edit,
+                                                 vae_outside_error)
     from dreamsteer.train.config import model_recipe
 
     backbone = _load(model)
