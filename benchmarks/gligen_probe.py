@@ -1,0 +1,162 @@
+"""Why a GLIGEN model of the toy world does or does not put objects in their boxes: two checks that
+take seconds and need no sampling.
+
+- **Box use.** The noise error ``mean (eps_theta(z_t, t, c, g) - eps)^2`` on held-out scenes at fixed
+  noise levels, the same ``z_t`` and ``eps`` for three kinds of grounding tokens ``g``: each scene's
+  phrases with their true boxes, the same phrases with the boxes mirrored left-right, and none
+  (masks 0: GLIGEN's null tokens). A model that uses its boxes has a lower error with the true boxes
+  than with the mirrored ones; one that uses only the phrases has true = mirrored < none.
+- **Position code.** GLIGEN's gated self-attention gives its visual tokens no position embedding:
+  a token can only tell whether it lies inside a box from what the UNet's features say about where it
+  is. A ridge regression from the features entering each transformer block to the token's grid
+  coordinates (x, y) is fitted on some scenes and scored on others, by its mean absolute error on the
+  centre tokens (the middle half of the grid in both directions) against the error of always
+  predicting their mean coordinate. At or above that chance error, the features do not say where a
+  centre token is; only the border tokens, which see the zero padding of the convolutions, can know.
+
+    python -m dreamsteer.benchmarks.gligen_probe --model toy                 # position code only
+    python -m dreamsteer.benchmarks.gligen_probe --model runs/gligen/model   # both checks
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from typing import Any, Sequence
+
+import torch
+
+from dreamsteer.data.scenes import Scene, random_scene
+from dreamsteer.diffusion.backbone import load_backbone
+from dreamsteer.diffusion.gligen import grounding_inputs, is_gligen
+
+PROBE_SEED = 434343  # scenes no training run, floor or effects table uses
+TIMESTEPS = (900, 750, 600, 300)
+GROUNDINGS = ("true", "mirrored", "none")
+
+
+def mirror_boxes(boxes: torch.Tensor) -> torch.Tensor:
+    """Boxes ``[N, 4]`` (x0, y0, x1, y1 as fractions) mirrored left-right: same sizes, other places."""
+    return torch.stack([1 - boxes[:, 2], boxes[:, 1], 1 - boxes[:, 0], boxes[:, 3]], dim=1)
+
+
+def _noised(backbone: Any, scenes: Sequence[Scene], t: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(z_t, eps, t, text embeddings) of the scenes at noise level `t`, the noise drawn from `seed`."""
+    from dreamsteer.data.scenes import scene_item
+
+    pixels = torch.stack([scene_item(s)["pixel_values"] for s in scenes]).to(backbone.device, backbone.dtype)
+    z = backbone.encode_image(pixels)
+    eps = torch.randn(z.shape, generator=torch.Generator().manual_seed(seed)).to(z)
+    t_batch = torch.full((len(scenes),), t, device=backbone.device)
+    return backbone.add_noise(z, eps, t_batch), eps, t_batch, backbone.encode_prompt([s.caption for s in scenes])
+
+
+def scene_grounding(backbone: Any, scenes: Sequence[Scene], kind: str) -> dict[str, torch.Tensor]:
+    """``cross_attention_kwargs["gligen"]`` for the scenes: their phrases with the `kind` of boxes
+    ("true", "mirrored") or no grounding at all ("none": the null tokens GLIGEN's unconditional half gets)."""
+    if kind not in GROUNDINGS:
+        raise ValueError(f"grounding kind {kind!r}: one of {GROUNDINGS}")
+    parts = []
+    for scene in scenes:
+        boxes = torch.from_numpy(scene.boxes).float() / scene.image.size[0]
+        if kind == "mirrored":
+            boxes = mirror_boxes(boxes)
+        parts.append(grounding_inputs(backbone, scene.phrases, boxes.tolist()))
+    grounding = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+    if kind == "none":
+        grounding["masks"] = torch.zeros_like(grounding["masks"])
+    return grounding
+
+
+@torch.no_grad()
+def box_use(backbone: Any, scenes: Sequence[Scene], timesteps: Sequence[int] = TIMESTEPS, seed: int = 0) -> dict[int, dict[str, float]]:
+    """``{t: {"true" | "mirrored" | "none": mean squared noise error}}`` (module docstring)."""
+    groundings = {kind: scene_grounding(backbone, scenes, kind) for kind in GROUNDINGS}
+    result = {}
+    for i, t in enumerate(timesteps):
+        z_t, eps, t_batch, text = _noised(backbone, scenes, t, seed + i)
+        result[t] = {kind: float(((backbone.predict_eps(z_t, t_batch, text, cross_attention_kwargs={"gligen": g}).float() - eps.float()) ** 2).mean())
+                     for kind, g in groundings.items()}
+    return result
+
+
+def ridge_probe(train: torch.Tensor, test: torch.Tensor, ridge: float = 1e-2) -> tuple[float, float]:
+    """Fit ``(x, y) ~ [f, 1] W`` on token features ``train [B, N, C]`` (N = side^2 tokens, row-major),
+    score on ``test``: (mean absolute error on the centre tokens, the same error of predicting their mean)."""
+    n_tokens, channels = train.shape[1], train.shape[2]
+    side = math.isqrt(n_tokens)
+    if side * side != n_tokens:
+        raise ValueError(f"ridge_probe: {n_tokens} tokens do not form a square grid")
+    ys, xs = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    coords = torch.stack([xs.flatten(), ys.flatten()], dim=1).double()
+
+    def design(features: torch.Tensor) -> torch.Tensor:
+        flat = features.reshape(-1, channels).double()
+        return torch.cat([flat, torch.ones(len(flat), 1, dtype=flat.dtype)], dim=1)
+
+    a = design(train)
+    weights = torch.linalg.solve(a.T @ a + ridge * torch.eye(channels + 1, dtype=a.dtype), a.T @ coords.repeat(train.shape[0], 1))
+    predicted = (design(test) @ weights).reshape(test.shape[0], n_tokens, 2)
+    lo, hi = side // 4, side - side // 4
+    centre = ((coords >= lo) & (coords < hi)).all(dim=1)
+    error = (predicted[:, centre] - coords[centre]).abs().mean()
+    chance = (coords[centre] - coords[centre].mean(dim=0)).abs().mean()
+    return float(error), float(chance)
+
+
+@torch.no_grad()
+def block_features(backbone: Any, scenes: Sequence[Scene], t: int, seed: int) -> dict[str, torch.Tensor]:
+    """The hidden states ``[B, N, C]`` entering every transformer block of the UNet (caption only, no grounding)."""
+    from diffusers.models.attention import BasicTransformerBlock
+
+    features, handles = {}, []
+    for name, module in backbone.unet.named_modules():
+        if isinstance(module, BasicTransformerBlock):
+            def keep(mod: Any, args: tuple, kwargs: dict, name: str = name) -> None:
+                features[name] = (args[0] if args else kwargs["hidden_states"]).detach().float().cpu()
+            handles.append(module.register_forward_pre_hook(keep, with_kwargs=True))
+    try:
+        z_t, _, t_batch, text = _noised(backbone, scenes, t, seed)
+        backbone.predict_eps(z_t, t_batch, text)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return features
+
+
+def position_code(backbone: Any, train_scenes: Sequence[Scene], test_scenes: Sequence[Scene], timesteps: Sequence[int] = TIMESTEPS,
+                  seed: int = 0) -> dict[int, dict[str, tuple[int, float, float]]]:
+    """``{t: {block: (grid side, centre error, chance error)}}`` of `ridge_probe` (module docstring), for
+    the blocks on grids of 4x4 tokens or more (a smaller grid has no centre)."""
+    result = {}
+    for i, t in enumerate(timesteps):
+        train = block_features(backbone, train_scenes, t, seed + i)
+        test = block_features(backbone, test_scenes, t, seed + 100 + i)
+        sides = {name: math.isqrt(features.shape[1]) for name, features in train.items()}
+        result[t] = {name: (side, *ridge_probe(train[name], test[name])) for name, side in sides.items() if side >= 4}
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="toy", help="a toy-world model (GLIGEN or not): built-in name or folder")
+    parser.add_argument("--n", type=int, default=128, help="scenes per check (the probe fits on n, scores on n/2 more)")
+    parser.add_argument("--timesteps", type=int, nargs="+", default=list(TIMESTEPS))
+    args = parser.parse_args(argv)
+
+    backbone = load_backbone(args.model)
+    resolution = backbone.resolution
+    scenes = [random_scene((PROBE_SEED, i), resolution=resolution) for i in range(args.n + args.n // 2)]
+    if is_gligen(backbone.unet):
+        print(f"box use: mean squared noise error on {args.n} scenes, grounding with the true boxes / mirrored boxes / none")
+        for t, errors in box_use(backbone, scenes[: args.n], args.timesteps).items():
+            print(f"  t={t}: " + "  ".join(f"{kind} {errors[kind]:.5f}" for kind in GROUNDINGS))
+    else:
+        print(f"{args.model}: no GLIGEN layers, so only the position code is probed")
+    print("position code: ridge probe features -> token (x, y), mean absolute error on the centre tokens (chance: their mean)")
+    for t, blocks in position_code(backbone, scenes[: args.n], scenes[args.n:], args.timesteps).items():
+        print(f"  t={t}: " + " | ".join(f"{name.replace('.transformer_blocks.0', '')} {side}x{side} {err:.2f} ({chance:.2f})"
+                                       for name, (side, err, chance) in blocks.items()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""benchmarks.gligen_probe: the box-use check against a noise error computed here, the position probe on
+features whose position code is known."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dreamsteer.benchmarks.gligen_probe import box_use, main, mirror_boxes, ridge_probe
+from dreamsteer.data.scenes import random_scene
+from dreamsteer.diffusion.backbone import load_backbone
+from dreamsteer.diffusion.gligen import gated_blocks, grounding_inputs, set_fuser
+
+
+def test_mirror_boxes_keeps_sizes_and_rows():
+    boxes = torch.tensor([[0.1, 0.2, 0.4, 0.6], [0.5, 0.0, 1.0, 0.25]])
+    expected = torch.tensor([[0.6, 0.2, 0.9, 0.6], [0.0, 0.0, 0.5, 0.25]])
+    assert torch.allclose(mirror_boxes(boxes), expected)
+
+
+def _grid_coords(side: int) -> torch.Tensor:
+    ys, xs = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    return torch.stack([xs.flatten(), ys.flatten()], dim=1).float()
+
+
+def test_ridge_probe_reads_a_linear_position_code_and_not_noise():
+    g = torch.Generator().manual_seed(0)
+    side, channels = 8, 12
+    coords = _grid_coords(side)
+    mixing = torch.randn(2, channels, generator=g)
+
+    def coded(batch: int) -> torch.Tensor:
+        return coords @ mixing + 0.01 * torch.randn(batch, side * side, channels, generator=g)
+
+    error, chance = ridge_probe(coded(16), coded(8))
+    # Centre tokens of an 8x8 grid: columns and rows 2..5, mean 3.5, so predicting the mean is off by 1.0.
+    assert chance == pytest.approx(1.0)
+    assert error < 0.05
+    noise_error, _ = ridge_probe(torch.randn(16, side * side, channels, generator=g), torch.randn(8, side * side, channels, generator=g))
+    assert noise_error > 0.9
+
+
+def test_ridge_probe_scores_the_centre_only():
+    """Features that give away only the border tokens' places leave the centre at chance."""
+    side = 8
+    coords = _grid_coords(side)
+    border = torch.where((coords < 2) | (coords >= side - 2), coords, torch.full_like(coords, 3.5))
+    g = torch.Generator().manual_seed(1)
+
+    def features(batch: int) -> torch.Tensor:
+        return border + 0.01 * torch.randn(batch, side * side, 2, generator=g)
+
+    error, chance = ridge_probe(features(16), features(8))
+    assert error == pytest.approx(chance, abs=0.05)
+
+
+def test_ridge_probe_refuses_a_grid_that_is_not_square():
+    with pytest.raises(ValueError, match="square grid"):
+        ridge_probe(torch.zeros(2, 12, 4), torch.zeros(2, 12, 4))
+
+
+@pytest.fixture(scope="module")
+def open_gligen():
+    backbone = load_backbone("tiny-gligen")
+    with torch.no_grad():
+        for _, block in gated_blocks(backbone.unet):
+            block.fuser.alpha_attn.fill_(1.0)
+    return backbone
+
+
+def _noise_error(backbone, scenes, t: int, seed: int, mirrored: bool) -> float:
+    """The noise error computed directly from the scenes' pixels and the UNet, for comparison."""
+    size = backbone.resolution
+    pixels = torch.stack([torch.from_numpy(np.asarray(s.image, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1) for s in scenes])
+    with torch.no_grad():
+        z = backbone.vae.encode(pixels).latent_dist.mean * backbone.vae.config.scaling_factor
+        eps = torch.randn(z.shape, generator=torch.Generator().manual_seed(seed))
+        a = backbone.scheduler.alphas_cumprod[t]
+        z_t = a.sqrt() * z + (1 - a).sqrt() * eps
+        parts = []
+        for s in scenes:
+            boxes = s.boxes.astype(np.float64) / size
+            if mirrored:
+                boxes = np.stack([1 - boxes[:, 2], boxes[:, 1], 1 - boxes[:, 0], boxes[:, 3]], axis=1)
+            parts.append(grounding_inputs(backbone, s.phrases, boxes.tolist()))
+        gligen = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        pred = backbone.unet(z_t, torch.full((len(scenes),), t), encoder_hidden_states=backbone.encode_prompt([s.caption for s in scenes]),
+                             cross_attention_kwargs={"gligen": gligen}).sample
+    return float(((pred - eps) ** 2).mean())
+
+
+def test_box_use_matches_a_direct_computation_and_sees_the_boxes(open_gligen):
+    scenes = [random_scene((7, i), resolution=open_gligen.resolution) for i in range(3)]
+    errors = box_use(open_gligen, scenes, timesteps=(800, 300), seed=5)
+    assert errors[800]["true"] == pytest.approx(_noise_error(open_gligen, scenes, 800, 5, mirrored=False), rel=1e-5)
+    assert errors[800]["mirrored"] == pytest.approx(_noise_error(open_gligen, scenes, 800, 5, mirrored=True), rel=1e-5)
+    assert errors[300]["true"] == pytest.approx(_noise_error(open_gligen, scenes, 300, 6, mirrored=False), rel=1e-5)
+    assert errors[800]["true"] != errors[800]["mirrored"] and errors[800]["true"] != errors[800]["none"]
+
+
+def test_box_use_compares_the_groundings_on_the_same_noise(open_gligen):
+    """With the gated layers off the three groundings must give the same error to the last bit."""
+    scenes = [random_scene((8, i), resolution=open_gligen.resolution) for i in range(2)]
+    set_fuser(open_gligen.unet, False)
+    try:
+        errors = box_use(open_gligen, scenes, timesteps=(600,))[600]
+    finally:
+        set_fuser(open_gligen.unet, True)
+    assert errors["true"] == errors["mirrored"] == errors["none"]
+
+
+def test_cli_prints_both_checks_for_a_gligen_model(capsys):
+    main(["--model", "tiny-gligen", "--n", "4", "--timesteps", "900"])
+    out = capsys.readouterr().out
+    assert "box use" in out and "t=900: true" in out
+    assert "position code" in out and "8x8" in out
