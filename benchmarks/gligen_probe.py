@@ -25,7 +25,7 @@ from typing import Any, Sequence
 
 import torch
 
-from dreamsteer.data.scenes import Scene, random_scene
+from dreamsteer.data.scenes import Scene, random_scene, scene_item
 from dreamsteer.diffusion.backbone import load_backbone
 from dreamsteer.diffusion.gligen import grounding_inputs, is_gligen
 
@@ -41,8 +41,6 @@ def mirror_boxes(boxes: torch.Tensor) -> torch.Tensor:
 
 def _noised(backbone: Any, scenes: Sequence[Scene], t: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(z_t, eps, t, text embeddings) of the scenes at noise level `t`, the noise drawn from `seed`."""
-    from dreamsteer.data.scenes import scene_item
-
     pixels = torch.stack([scene_item(s)["pixel_values"] for s in scenes]).to(backbone.device, backbone.dtype)
     z = backbone.encode_image(pixels)
     eps = torch.randn(z.shape, generator=torch.Generator().manual_seed(seed)).to(z)
@@ -69,7 +67,8 @@ def scene_grounding(backbone: Any, scenes: Sequence[Scene], kind: str) -> dict[s
 
 @torch.no_grad()
 def box_use(backbone: Any, scenes: Sequence[Scene], timesteps: Sequence[int] = TIMESTEPS, seed: int = 0) -> dict[int, dict[str, float]]:
-    """``{t: {"true" | "mirrored" | "none": mean squared noise error}}`` (module docstring)."""
+    """``{t: {"true" | "mirrored" | "none": mean squared noise error}}`` (module docstring); the noise
+    at the i-th of `timesteps` is drawn from ``seed + i``, the same for the three groundings."""
     groundings = {kind: scene_grounding(backbone, scenes, kind) for kind in GROUNDINGS}
     result = {}
     for i, t in enumerate(timesteps):
