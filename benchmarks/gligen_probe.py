@@ -39,13 +39,18 @@ def mirror_boxes(boxes: torch.Tensor) -> torch.Tensor:
     return torch.stack([1 - boxes[:, 2], boxes[:, 1], 1 - boxes[:, 0], boxes[:, 3]], dim=1)
 
 
-def _noised(backbone: Any, scenes: Sequence[Scene], t: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(z_t, eps, t, text embeddings) of the scenes at noise level `t`, the noise drawn from `seed`."""
+@torch.no_grad()
+def encode_scenes(backbone: Any, scenes: Sequence[Scene]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(latents, caption embeddings) of the scenes: encoded once, noised at each level by `_noised`."""
     pixels = torch.stack([scene_item(s)["pixel_values"] for s in scenes]).to(backbone.device, backbone.dtype)
-    z = backbone.encode_image(pixels)
+    return backbone.encode_image(pixels), backbone.encode_prompt([s.caption for s in scenes])
+
+
+def _noised(backbone: Any, z: torch.Tensor, t: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(z_t, eps, t per item) of latents `z` at noise level `t`, the noise drawn from `seed`."""
     eps = torch.randn(z.shape, generator=torch.Generator().manual_seed(seed)).to(z)
-    t_batch = torch.full((len(scenes),), t, device=backbone.device)
-    return backbone.add_noise(z, eps, t_batch), eps, t_batch, backbone.encode_prompt([s.caption for s in scenes])
+    t_batch = torch.full((len(z),), t, device=backbone.device)
+    return backbone.add_noise(z, eps, t_batch), eps, t_batch
 
 
 def scene_grounding(backbone: Any, scenes: Sequence[Scene], kind: str) -> dict[str, torch.Tensor]:
@@ -55,7 +60,7 @@ def scene_grounding(backbone: Any, scenes: Sequence[Scene], kind: str) -> dict[s
         raise ValueError(f"grounding kind {kind!r}: one of {GROUNDINGS}")
     parts = []
     for scene in scenes:
-        boxes = torch.from_numpy(scene.boxes).float() / scene.image.size[0]
+        boxes = scene_item(scene)["boxes"]  # fractions of the side
         if kind == "mirrored":
             boxes = mirror_boxes(boxes)
         parts.append(grounding_inputs(backbone, scene.phrases, boxes.tolist()))
@@ -70,9 +75,10 @@ def box_use(backbone: Any, scenes: Sequence[Scene], timesteps: Sequence[int] = T
     """``{t: {"true" | "mirrored" | "none": mean squared noise error}}`` (module docstring); the noise
     at the i-th of `timesteps` is drawn from ``seed + i``, the same for the three groundings."""
     groundings = {kind: scene_grounding(backbone, scenes, kind) for kind in GROUNDINGS}
+    z, text = encode_scenes(backbone, scenes)
     result = {}
     for i, t in enumerate(timesteps):
-        z_t, eps, t_batch, text = _noised(backbone, scenes, t, seed + i)
+        z_t, eps, t_batch = _noised(backbone, z, t, seed + i)
         result[t] = {kind: float(((backbone.predict_eps(z_t, t_batch, text, cross_attention_kwargs={"gligen": g}).float() - eps.float()) ** 2).mean())
                      for kind, g in groundings.items()}
     return result
@@ -103,8 +109,9 @@ def ridge_probe(train: torch.Tensor, test: torch.Tensor, ridge: float = 1e-2) ->
 
 
 @torch.no_grad()
-def block_features(backbone: Any, scenes: Sequence[Scene], t: int, seed: int) -> dict[str, torch.Tensor]:
-    """The hidden states ``[B, N, C]`` entering every transformer block of the UNet (caption only, no grounding)."""
+def block_features(backbone: Any, encoded: tuple[torch.Tensor, torch.Tensor], t: int, seed: int) -> dict[str, torch.Tensor]:
+    """The hidden states ``[B, N, C]`` entering every transformer block of the UNet for `encode_scenes`'
+    latents and captions noised at `t` (caption only, no grounding)."""
     from diffusers.models.attention import BasicTransformerBlock
 
     features, handles = {}, []
@@ -114,7 +121,8 @@ def block_features(backbone: Any, scenes: Sequence[Scene], t: int, seed: int) ->
                 features[name] = (args[0] if args else kwargs["hidden_states"]).detach().float().cpu()
             handles.append(module.register_forward_pre_hook(keep, with_kwargs=True))
     try:
-        z_t, _, t_batch, text = _noised(backbone, scenes, t, seed)
+        z, text = encoded
+        z_t, _, t_batch = _noised(backbone, z, t, seed)
         backbone.predict_eps(z_t, t_batch, text)
     finally:
         for handle in handles:
@@ -126,10 +134,11 @@ def position_code(backbone: Any, train_scenes: Sequence[Scene], test_scenes: Seq
                   seed: int = 0) -> dict[int, dict[str, tuple[int, float, float]]]:
     """``{t: {block: (grid side, centre error, chance error)}}`` of `ridge_probe` (module docstring), for
     the blocks on grids of 4x4 tokens or more (a smaller grid has no centre)."""
+    train_encoded, test_encoded = encode_scenes(backbone, train_scenes), encode_scenes(backbone, test_scenes)
     result = {}
     for i, t in enumerate(timesteps):
-        train = block_features(backbone, train_scenes, t, seed + i)
-        test = block_features(backbone, test_scenes, t, seed + 100 + i)
+        train = block_features(backbone, train_encoded, t, seed + i)
+        test = block_features(backbone, test_encoded, t, seed + 100 + i)
         sides = {name: math.isqrt(features.shape[1]) for name, features in train.items()}
         result[t] = {name: (side, *ridge_probe(train[name], test[name])) for name, side in sides.items() if side >= 4}
     return result
