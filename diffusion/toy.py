@@ -191,3 +191,20 @@ def add_gated_layers(unet: Any, seed: int):
     if new or result.unexpected_keys:
         raise RuntimeError(f"the gated UNet does not extend the given UNet: missing {new}, unexpected {result.unexpected_keys}")
     return gated
+
+
+def set_gates(unet: Any, alpha: float) -> None:
+    """Sets every gated self-attention's gate ``alpha_attn`` (its output is scaled by tanh(alpha_attn)).
+
+    GLIGEN starts the gates at 0 so that a pretrained model is unchanged at the start. That also scales
+    the gradient reaching the gated attention and `position_net` by tanh(alpha_attn): while the gate stays
+    shut they barely learn, and nothing makes the gate open. A model trained from scratch has nothing to
+    keep, so its gates can start open."""
+    from diffusers.models.attention import GatedSelfAttentionDense
+
+    gates = [m.alpha_attn for m in unet.modules() if isinstance(m, GatedSelfAttentionDense)]
+    if not gates:
+        raise ValueError("the UNet has no gated self-attention layers (attention_type='gated')")
+    with torch.no_grad():
+        for gate in gates:
+            gate.fill_(alpha)

@@ -1,4 +1,6 @@
 """`train pretrain`: the toy model's recipe (VAE, then UNet + text encoder, then GLIGEN) at tiny sizes."""
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -141,17 +143,57 @@ def test_gligen_stage_trains_only_the_new_layers(runs, tmp_path):
     assert gates and any(g.abs().item() > 0 for g in gates)  # the gates (initialised at 0) learned
 
 
-def test_gligen_stage_with_unfrozen_unet_trains_the_base_weights_too(runs, tmp_path):
+@pytest.mark.parametrize("train_text_encoder", [True, False])
+def test_gligen_stage_with_unfrozen_unet_trains_the_base_weights_too(runs, tmp_path, train_text_encoder):
     from dreamsteer.diffusion.backbone import load_backbone
 
     _, _, unet = runs
-    gligen = _run("gligen", tmp_path / "gligen", f"init={unet}", "optim.lr=0.1", "optim.freeze_unet=false")
+    gligen = _run("gligen", tmp_path / "gligen", f"init={unet}", "optim.lr=0.1", "optim.freeze_unet=false",
+                  f"optim.train_text_encoder={train_text_encoder}")
     base, grounded = load_backbone(str(unet)), load_backbone(str(gligen))
     new = dict(grounded.unet.named_parameters())
     moved = [name for name, p in base.unet.named_parameters() if not torch.equal(p, new[name])]
     assert any(n.startswith("down_blocks.0.resnets.") for n in moved) and any(n.startswith("conv_in.") for n in moved)
-    text = load_backbone(str(unet)).text_encoder.state_dict()
-    assert all(torch.equal(v, grounded.text_encoder.state_dict()[k]) for k, v in text.items())  # the text encoder stays
+    text = base.text_encoder.state_dict()
+    kept = all(torch.equal(v, grounded.text_encoder.state_dict()[k]) for k, v in text.items())
+    assert kept != train_text_encoder  # the text encoder trains with the UNet unless told not to
+
+
+def _gates(unet) -> dict[str, float]:
+    return {n: p.item() for n, p in unet.named_parameters() if n.endswith((".alpha_attn", ".alpha_dense"))}
+
+
+def test_gate_init_opens_every_gated_attention_and_lets_its_gradient_through(runs, tmp_path):
+    from dreamsteer.diffusion.backbone import load_backbone
+    from dreamsteer.diffusion.toy import add_gated_layers, set_gates
+    from dreamsteer.train.pretrain import build_modules, validate_config
+
+    _, _, unet = runs
+    cfg = lambda *extra: validate_config(compose("pretrain", ["stage=gligen", f"init={unet}", f"output_dir={tmp_path}", *TINY, *extra]))
+    gates = _gates(build_modules(cfg("optim.gate_init=0.5")).unet)
+    attn = [v for n, v in gates.items() if n.endswith("alpha_attn")]
+    assert len(attn) == len(gates) // 2 >= 2 and attn == [0.5] * len(attn)
+    assert all(v == 0 for n, v in gates.items() if n.endswith("alpha_dense"))  # only the attention's gate opens
+    assert set(_gates(build_modules(cfg()).unet).values()) == {0.0}  # GLIGEN's start
+
+    # why: the gated attention's output, and so every gradient into it and position_net, is scaled by tanh(alpha_attn)
+    for alpha, flows in ((None, False), (0.5, True)):
+        module = build_modules(cfg("optim.caption_dropout=0", *([f"optim.gate_init={alpha}"] if alpha is not None else [])))
+        batch = {"pixel_values": torch.rand(2, 3, 16, 16) * 2 - 1, "caption": ["a red circle on a white background"] * 2,
+                 "phrases": [["red circle"]] * 2, "boxes": [torch.tensor([[0.1, 0.1, 0.5, 0.5]])] * 2}
+        module.training_step(batch, 0).backward()
+        grads = [p.grad for n, p in module.unet.named_parameters() if n.startswith("position_net.") and p.grad is not None]
+        assert any(g.abs().sum() > 0 for g in grads) == flows, alpha
+
+    # a GLIGEN model given as init keeps its own gates unless gate_init is set
+    folder = tmp_path / "opened"
+    shutil.copytree(unet, folder)
+    opened = add_gated_layers(load_backbone(str(unet)).unet, 0)
+    set_gates(opened, 0.25)
+    opened.save_pretrained(folder / "unet")
+    again = lambda *extra: validate_config(compose("pretrain", ["stage=gligen", f"init={folder}", f"output_dir={tmp_path}", *TINY, *extra]))
+    assert {v for n, v in _gates(build_modules(again()).unet).items() if n.endswith("alpha_attn")} == {0.25}
+    assert {v for n, v in _gates(build_modules(again("optim.gate_init=-1")).unet).items() if n.endswith("alpha_attn")} == {-1.0}
 
 
 def test_gligen_stage_from_scratch_trains_unet_and_text_encoder_with_attention_at_every_size(runs, tmp_path):
@@ -277,6 +319,8 @@ def test_bad_config_fails_before_training(tmp_path):
         run(compose("pretrain", ["stage=gligen", f"output_dir={tmp_path}"]))
     with pytest.raises(ConfigError, match="optim.freeze_unet"):  # from scratch, the whole UNet trains
         run(compose("pretrain", ["stage=gligen", "vae=x", f"output_dir={tmp_path}"]))
+    with pytest.raises(ConfigError, match="optim.gate_init"):  # gates exist only in stage=gligen
+        run(compose("pretrain", ["stage=unet", "vae=x", "optim.gate_init=0.5", f"output_dir={tmp_path}"]))
     with pytest.raises(ConfigError, match="arch.plain_blocks"):
         run(compose("pretrain", ["stage=unet", "vae=x", "arch.plain_blocks=3", f"output_dir={tmp_path}"]))
     with pytest.raises(ConfigError, match="trainer.max_time"):

@@ -83,7 +83,8 @@ class OptimConfig:
     loss_weighting: str = "eps"  # stage unet/gligen: eps | x0 | v (weight on high noise; lit_modules/pretrain.py)
     freeze_unet: bool = True  # stage gligen: only GLIGEN's new layers train (GLIGEN); false trains the whole UNet too
     grounding_dropout: Optional[float] = None  # stage gligen: drop the boxes on their own (null: with the caption)
-    train_text_encoder: bool = True  # stage unet
+    gate_init: Optional[float] = None  # stage gligen: start every gate alpha_attn here (null: 0 for new layers, kept for a GLIGEN init)
+    train_text_encoder: bool = True  # stage unet; stage gligen with freeze_unet=false
     kl_weight: float = 1e-6  # stage vae
     train_vae_encoder: bool = True  # stage vae: false fine-tunes the decoder of `vae` only (latents unchanged)
 
@@ -136,6 +137,9 @@ def validate_config(cfg: DictConfig) -> DictConfig:
         raise ConfigError("config keys 'optim.lr' > 0, 'optim.caption_dropout' and 'optim.ema_decay' in [0, 1)")
     if o.grounding_dropout is not None and not 0 <= o.grounding_dropout < 1:
         raise ConfigError(f"config key 'optim.grounding_dropout': {o.grounding_dropout} is not in [0, 1)")
+    if o.gate_init is not None and (cfg.stage != "gligen" or not -3 <= o.gate_init <= 3):
+        raise ConfigError(f"config key 'optim.gate_init': {o.gate_init} needs stage=gligen and a value in [-3, 3] "
+                          "(the gate is tanh(alpha_attn); 0.5 opens it to 0.46)")
     if not 0 <= o.noise_offset <= 1:
         raise ConfigError(f"config key 'optim.noise_offset': {o.noise_offset} is not in [0, 1] (0.05-0.1 is usual)")
     if cfg.stage == "vae" and not o.train_vae_encoder and not cfg.vae:
@@ -229,9 +233,11 @@ def build_modules(cfg: DictConfig):
         vae, text_encoder, tokenizer, unet = base.vae, base.text_encoder, base.tokenizer, base.unet
     if cfg.stage == "gligen":
         unet = toy.add_gated_layers(unet, cfg.seed + 3)
+        if o.gate_init is not None:
+            toy.set_gates(unet, o.gate_init)
     module = DiffusionPretrainModule(
         vae, text_encoder, tokenizer, unet, toy.toy_scheduler(), o.lr, o.warmup_steps, o.caption_dropout, o.ema_decay,
-        o.train_text_encoder and (cfg.stage == "unet" or from_scratch),
+        o.train_text_encoder and (cfg.stage == "unet" or not o.freeze_unet),
         grounded=cfg.stage == "gligen", noise_offset=o.noise_offset, timesteps=o.timesteps,
         loss_weighting=o.loss_weighting, freeze_unet=o.freeze_unet, grounding_dropout=o.grounding_dropout,
         decay_steps=decay_steps,
