@@ -1,4 +1,4 @@
-"""Why a GLIGEN model of the toy world does or does not put objects in their boxes: two checks that
+"""Why a GLIGEN model of the toy world does or does not put objects in their boxes: three checks that
 take seconds and need no sampling.
 
 - **Box use.** The noise error ``mean (eps_theta(z_t, t, c, g) - eps)^2`` on held-out scenes at fixed
@@ -13,9 +13,14 @@ take seconds and need no sampling.
   centre tokens (the middle half of the grid in both directions) against the error of always
   predicting their mean coordinate. At or above that chance error, the features do not say where a
   centre token is; only the border tokens, which see the zero padding of the convolutions, can know.
+- **Grounding attention.** Per gated layer (``x + tanh(alpha_attn) * attn([x, objs])[:n_visual]``):
+  its gate ``tanh(alpha_attn)``; the share of the visual tokens' attention that goes to the real
+  objects' grounding tokens, against the share they would get if the attention paid to all 30 grounding
+  slots were spread evenly (the other slots hold GLIGEN's null token); and the size of the gated output
+  against the size of ``x``. A layer that reads its objects gives them more than the even share.
 
     python -m dreamsteer.benchmarks.gligen_probe --model toy                 # position code only
-    python -m dreamsteer.benchmarks.gligen_probe --model runs/gligen/model   # both checks
+    python -m dreamsteer.benchmarks.gligen_probe --model runs/gligen/model   # all three checks
 """
 from __future__ import annotations
 
@@ -27,7 +32,7 @@ import torch
 
 from dreamsteer.data.scenes import Scene, random_scene, scene_item
 from dreamsteer.diffusion.backbone import load_backbone
-from dreamsteer.diffusion.gligen import grounding_inputs, is_gligen
+from dreamsteer.diffusion.gligen import gated_blocks, grounding_inputs, is_gligen
 
 PROBE_SEED = 434343  # scenes no training run, floor or effects table uses
 TIMESTEPS = (900, 750, 600, 300)
@@ -81,6 +86,45 @@ def box_use(backbone: Any, scenes: Sequence[Scene], timesteps: Sequence[int] = T
         z_t, eps, t_batch = _noised(backbone, z, t, seed + i)
         result[t] = {kind: float(((backbone.predict_eps(z_t, t_batch, text, cross_attention_kwargs={"gligen": g}).float() - eps.float()) ** 2).mean())
                      for kind, g in groundings.items()}
+    return result
+
+
+@torch.no_grad()
+def grounding_attention(backbone: Any, scenes: Sequence[Scene], t: int = TIMESTEPS[0], seed: int = 0) -> dict[str, dict[str, float]]:
+    """``{gated block: {"gate", "objects", "even", "output"}}`` at noise level `t` with the true boxes
+    (module docstring): tanh(alpha_attn); the mean attention share of the visual tokens on the real
+    objects' grounding tokens; that share for attention spread evenly over the grounding slots;
+    ``|tanh(alpha_attn) attn(...)[:n_visual]| / |x|``."""
+    grounding = scene_grounding(backbone, scenes, "true")
+    real = grounding["masks"].to(backbone.device).bool()  # [B, slots]
+    z, text = encode_scenes(backbone, scenes)
+    result, handles = {}, []
+
+    def measure(fuser: Any, args: tuple, name: str) -> None:
+        x, objs = args
+        n_visual, attn = x.shape[1], fuser.attn
+        h = fuser.norm1(torch.cat([x, fuser.linear(objs)], dim=1))
+        probs = attn.get_attention_scores(attn.head_to_batch_dim(attn.to_q(h)), attn.head_to_batch_dim(attn.to_k(h)))
+        probs = probs.reshape(len(x), attn.heads, *probs.shape[1:])[:, :, :n_visual, n_visual:].float()  # visual -> slots
+        on_slots = probs.sum(-1)  # [B, heads, n_visual]
+        gate = torch.tanh(fuser.alpha_attn)
+        output = gate * attn(h)[:, :n_visual]
+        result[name] = {
+            "gate": float(gate),
+            "objects": float((probs * real[:, None, None, :]).sum(-1).mean()),
+            "even": float((on_slots * real.sum(-1)[:, None, None] / real.shape[1]).mean()),
+            "output": float(output.float().norm() / x.float().norm()),
+        }
+
+    for name, block in gated_blocks(backbone.unet):
+        handles.append(block.fuser.register_forward_hook(
+            lambda fuser, args, out, name=name.replace(".transformer_blocks.0", ""): measure(fuser, args, name)))
+    try:
+        z_t, _, t_batch = _noised(backbone, z, t, seed)
+        backbone.predict_eps(z_t, t_batch, text, cross_attention_kwargs={"gligen": grounding})
+    finally:
+        for handle in handles:
+            handle.remove()
     return result
 
 
@@ -158,6 +202,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"box use: mean squared noise error on {args.n} scenes, grounding with the true boxes / mirrored boxes / none")
         for t, errors in box_use(backbone, scenes[: args.n], args.timesteps).items():
             print(f"  t={t}: " + "  ".join(f"{kind} {errors[kind]:.5f}" for kind in GROUNDINGS))
+        t = args.timesteps[0]
+        print(f"grounding attention at t={t}: gate tanh(alpha_attn) | attention share on the real objects' tokens "
+              "(that share spread evenly over the slots) | |gated output| / |x|")
+        for name, m in grounding_attention(backbone, scenes[: args.n], t).items():
+            print(f"  {name}: gate {m['gate']:+.3f} | objects {m['objects']:.4f} ({m['even']:.4f}) | output {m['output']:.3f}")
     else:
         print(f"{args.model}: no GLIGEN layers, so only the position code is probed")
     print("position code: ridge probe features -> token (x, y), mean absolute error on the centre tokens (chance: their mean)")

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from dreamsteer.benchmarks.gligen_probe import box_use, main, mirror_boxes, ridge_probe
+from dreamsteer.benchmarks.gligen_probe import box_use, grounding_attention, main, mirror_boxes, ridge_probe
 from dreamsteer.data.scenes import random_scene
 from dreamsteer.diffusion.backbone import load_backbone
-from dreamsteer.diffusion.gligen import gated_blocks, grounding_inputs, set_fuser
+from dreamsteer.diffusion.gligen import MAX_OBJECTS, gated_blocks, grounding_inputs, set_fuser
 
 
 def test_mirror_boxes_keeps_sizes_and_rows():
@@ -113,4 +113,76 @@ def test_cli_prints_both_checks_for_a_gligen_model(capsys):
     main(["--model", "tiny-gligen", "--n", "4", "--timesteps", "900"])
     out = capsys.readouterr().out
     assert "box use" in out and "t=900: true" in out
+    assert "grounding attention at t=900" in out and "down_blocks.1.attentions.0: gate" in out
     assert "position code" in out and "8x8" in out
+
+
+def test_grounding_attention_with_uniform_attention_gives_the_objects_their_even_share():
+    """With the queries zeroed every token attends evenly to all n_visual + 30 tokens, so a scene's real
+    objects get n_objects / (n_visual + 30) of each visual token's attention: the even share exactly."""
+    backbone = load_backbone("tiny-gligen")
+    blocks = gated_blocks(backbone.unet)
+    with torch.no_grad():
+        for _, block in blocks:
+            block.fuser.alpha_attn.fill_(0.5)
+            block.fuser.attn.to_q.weight.zero_()
+            if block.fuser.attn.to_q.bias is not None:
+                block.fuser.attn.to_q.bias.zero_()
+    scenes = [random_scene((9, i), resolution=backbone.resolution) for i in range(3)]
+    counts = torch.tensor([len(s.phrases) for s in scenes], dtype=torch.float64)
+    sides = {}
+
+    def count(module, args, name):  # the visual token count of each gated layer, read from its input
+        sides[name] = args[0].shape[1]
+
+    for name, block in blocks:
+        block.fuser.register_forward_pre_hook(lambda m, args, name=name.replace(".transformer_blocks.0", ""): count(m, args, name))
+    result = grounding_attention(backbone, scenes, t=700)
+    assert set(result) == set(sides) and len(result) == len(blocks) >= 2
+    for name, m in result.items():
+        expected = float((counts / (sides[name] + MAX_OBJECTS)).mean())
+        assert m["objects"] == pytest.approx(expected, rel=1e-4)
+        assert m["even"] == pytest.approx(expected, rel=1e-4)
+        assert m["gate"] == pytest.approx(float(np.tanh(0.5)))
+
+
+def test_grounding_attention_output_is_what_the_gated_attention_adds():
+    """With the dense gate shut a fuser returns ``x + tanh(alpha_attn) attn(...)``: its output minus its input."""
+    backbone = load_backbone("tiny-gligen")
+    with torch.no_grad():
+        for _, block in gated_blocks(backbone.unet):
+            block.fuser.alpha_attn.fill_(1.0)
+            block.fuser.alpha_dense.zero_()
+    scenes = [random_scene((10, i), resolution=backbone.resolution) for i in range(2)]
+    added = {}
+
+    real = torch.cat([grounding_inputs(backbone, s.phrases, (s.boxes / backbone.resolution).tolist())["masks"] for s in scenes]).bool()
+    share = {}
+
+    def keep(module, args, out, name):
+        x, objs = args
+        added[name] = float((out - x).norm() / x.norm())
+        h = module.norm1(torch.cat([x, module.linear(objs)], dim=1))
+        heads = module.attn.heads
+        q = module.attn.to_q(h).unflatten(-1, (heads, -1))  # [B, N, heads, d]
+        k = module.attn.to_k(h).unflatten(-1, (heads, -1))
+        logits = torch.einsum("bihd,bjhd->bhij", q, k) / q.shape[-1] ** 0.5
+        to_objects = logits.softmax(-1)[:, :, : x.shape[1], x.shape[1]:][..., real[0]]  # visual tokens -> scene 0's objects
+        share[name] = float(to_objects[0].sum(-1).mean())
+
+    handles = []
+    for name, block in gated_blocks(backbone.unet):
+        handles.append(block.fuser.register_forward_hook(lambda m, a, o, name=name.replace(".transformer_blocks.0", ""): keep(m, a, o, name)))
+    try:
+        result = grounding_attention(backbone, scenes, t=500, seed=3)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for name, m in result.items():
+        assert m["output"] == pytest.approx(added[name], rel=1e-4) and m["output"] > 0
+        assert m["gate"] == pytest.approx(float(np.tanh(1.0)))
+        assert 0 < m["objects"] < 1 and m["objects"] != pytest.approx(m["even"], rel=1e-3)  # tiny's random keys are not even
+    # scene 0 alone, against the attention computed here
+    single = grounding_attention(backbone, scenes[:1], t=500, seed=3)
+    for name, m in single.items():
+        assert m["objects"] == pytest.approx(share[name], rel=1e-4)
