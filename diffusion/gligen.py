@@ -81,6 +81,36 @@ def set_fuser(unet: torch.nn.Module, enabled: bool) -> None:
         block.fuser.enabled = enabled
 
 
+def add_gated_layers(unet: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """A copy of `unet` with GLIGEN's gated self-attention layers and position_net added (drawn from
+    `seed`; gates at 0, so it computes what `unet` computes until trained), every other weight kept."""
+    from diffusers import UNet2DConditionModel
+
+    config = {k: v for k, v in unet.config.items() if not k.startswith("_")}
+    torch.manual_seed(seed)
+    gated = UNet2DConditionModel.from_config({**config, "attention_type": "gated"})
+    result = gated.load_state_dict(unet.state_dict(), strict=False)
+    new = [k for k in result.missing_keys if not (k.startswith("position_net.") or ".fuser." in k)]
+    if new or result.unexpected_keys:
+        raise RuntimeError(f"the gated UNet does not extend the given UNet: missing {new}, unexpected {result.unexpected_keys}")
+    return gated
+
+
+def set_gates(unet: torch.nn.Module, alpha: float) -> None:
+    """Sets every gated self-attention's gate ``alpha_attn`` (its output is scaled by tanh(alpha_attn)).
+
+    GLIGEN starts the gates at 0 so that a pretrained model is unchanged at the start. That also scales
+    the gradient reaching the gated attention and `position_net` by tanh(alpha_attn): while the gate stays
+    shut they barely learn, and nothing makes the gate open. A model trained from scratch has nothing to
+    keep, so its gates can start open."""
+    blocks = gated_blocks(unet)
+    if not blocks:
+        raise NotGligenError("the UNet has no gated self-attention layers (attention_type='gated')")
+    with torch.no_grad():
+        for _, block in blocks:
+            block.fuser.alpha_attn.fill_(alpha)
+
+
 @contextlib.contextmanager
 def fuser_restored(unet: torch.nn.Module) -> Iterator[None]:
     """Restore each fuser's enabled flag on exit (scheduled sampling switches them off mid-run)."""
@@ -206,18 +236,12 @@ def build_tiny_gligen_pipeline(seed: int = 0, cache_dir: str | Path | None = Non
     it has is kept bit for bit; only ``position_net`` and the fusers are new, and their gates are set
     to TINY_GATE_ALPHA so the boxes matter.
     """
-    from diffusers import StableDiffusionGLIGENPipeline, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import StableDiffusionGLIGENPipeline, StableDiffusionPipeline
 
     from dreamsteer.diffusion.tiny import tiny_model_dir
 
     base = StableDiffusionPipeline.from_pretrained(tiny_model_dir(seed, cache_dir), safety_checker=None, local_files_only=True)
-    config = {k: v for k, v in base.unet.config.items() if not k.startswith("_")}
-    torch.manual_seed(seed + 3)
-    unet = UNet2DConditionModel.from_config({**config, "attention_type": "gated"})
-    result = unet.load_state_dict(base.unet.state_dict(), strict=False)
-    new = [k for k in result.missing_keys if not (k.startswith("position_net.") or ".fuser." in k)]
-    if new or result.unexpected_keys:  # the gated UNet must be the SD UNet plus GLIGEN's layers, nothing else
-        raise RuntimeError(f"tiny GLIGEN UNet does not extend the tiny SD UNet: missing {new}, unexpected {result.unexpected_keys}")
+    unet = add_gated_layers(base.unet, seed + 3)
     with torch.no_grad():
         for _, block in gated_blocks(unet):
             block.fuser.alpha_attn.fill_(TINY_GATE_ALPHA)

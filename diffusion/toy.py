@@ -176,35 +176,3 @@ def builtin_model_dir(name: str) -> Path:
     if not (path / "model_index.json").is_file():
         raise ModelLoadError(f"built-in model {name!r}: its weights are missing from {path} (a broken install?)")
     return path
-
-
-def add_gated_layers(unet: Any, seed: int):
-    """A copy of `unet` with GLIGEN's gated self-attention layers and position_net added (drawn from
-    `seed`; gates at 0, so it computes what `unet` computes until trained), every other weight kept."""
-    from diffusers import UNet2DConditionModel
-
-    config = {k: v for k, v in unet.config.items() if not k.startswith("_")}
-    torch.manual_seed(seed)
-    gated = UNet2DConditionModel.from_config({**config, "attention_type": "gated"})
-    result = gated.load_state_dict(unet.state_dict(), strict=False)
-    new = [k for k in result.missing_keys if not (k.startswith("position_net.") or ".fuser." in k)]
-    if new or result.unexpected_keys:
-        raise RuntimeError(f"the gated UNet does not extend the given UNet: missing {new}, unexpected {result.unexpected_keys}")
-    return gated
-
-
-def set_gates(unet: Any, alpha: float) -> None:
-    """Sets every gated self-attention's gate ``alpha_attn`` (its output is scaled by tanh(alpha_attn)).
-
-    GLIGEN starts the gates at 0 so that a pretrained model is unchanged at the start. That also scales
-    the gradient reaching the gated attention and `position_net` by tanh(alpha_attn): while the gate stays
-    shut they barely learn, and nothing makes the gate open. A model trained from scratch has nothing to
-    keep, so its gates can start open."""
-    from diffusers.models.attention import GatedSelfAttentionDense
-
-    gates = [m.alpha_attn for m in unet.modules() if isinstance(m, GatedSelfAttentionDense)]
-    if not gates:
-        raise ValueError("the UNet has no gated self-attention layers (attention_type='gated')")
-    with torch.no_grad():
-        for gate in gates:
-            gate.fill_(alpha)

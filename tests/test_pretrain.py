@@ -165,7 +165,7 @@ def _gates(unet) -> dict[str, float]:
 
 def test_gate_init_opens_every_gated_attention_and_lets_its_gradient_through(runs, tmp_path):
     from dreamsteer.diffusion.backbone import load_backbone
-    from dreamsteer.diffusion.toy import add_gated_layers, set_gates
+    from dreamsteer.diffusion.gligen import add_gated_layers, set_gates
     from dreamsteer.train.pretrain import build_modules, validate_config
 
     _, _, unet = runs
@@ -215,7 +215,8 @@ def test_gligen_stage_from_scratch_trains_unet_and_text_encoder_with_attention_a
 @pytest.mark.parametrize("grounding_dropout", [None, 0.999])
 def test_grounding_dropout_drops_the_boxes_apart_from_the_caption(runs, grounding_dropout):
     from dreamsteer.diffusion.backbone import load_backbone
-    from dreamsteer.diffusion.toy import add_gated_layers, toy_scheduler
+    from dreamsteer.diffusion.gligen import add_gated_layers
+    from dreamsteer.diffusion.toy import toy_scheduler
     from dreamsteer.lit_modules.pretrain import DiffusionPretrainModule
 
     _, _, unet = runs
@@ -247,7 +248,8 @@ def test_grounding_dropout_drops_the_boxes_apart_from_the_caption(runs, groundin
 def test_grounding_puts_each_item_s_phrases_and_boxes_in_its_own_slots(runs):
     from dreamsteer.diffusion.backbone import load_backbone
     from dreamsteer.diffusion.gligen import MAX_OBJECTS
-    from dreamsteer.diffusion.toy import add_gated_layers, toy_scheduler
+    from dreamsteer.diffusion.gligen import add_gated_layers
+    from dreamsteer.diffusion.toy import toy_scheduler
     from dreamsteer.lit_modules.pretrain import DiffusionPretrainModule
 
     _, _, unet = runs

@@ -232,9 +232,11 @@ def build_modules(cfg: DictConfig):
                               f"works at {base.resolution} px; the scenes are rendered at arch.resolution")
         vae, text_encoder, tokenizer, unet = base.vae, base.text_encoder, base.tokenizer, base.unet
     if cfg.stage == "gligen":
-        unet = toy.add_gated_layers(unet, cfg.seed + 3)
+        from dreamsteer.diffusion.gligen import add_gated_layers, set_gates
+
+        unet = add_gated_layers(unet, cfg.seed + 3)
         if o.gate_init is not None:
-            toy.set_gates(unet, o.gate_init)
+            set_gates(unet, o.gate_init)
     module = DiffusionPretrainModule(
         vae, text_encoder, tokenizer, unet, toy.toy_scheduler(), o.lr, o.warmup_steps, o.caption_dropout, o.ema_decay,
         o.train_text_encoder and (cfg.stage == "unet" or not o.freeze_unet),
