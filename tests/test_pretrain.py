@@ -247,8 +247,7 @@ def test_grounding_dropout_drops_the_boxes_apart_from_the_caption(runs, groundin
 
 def test_grounding_puts_each_item_s_phrases_and_boxes_in_its_own_slots(runs):
     from dreamsteer.diffusion.backbone import load_backbone
-    from dreamsteer.diffusion.gligen import MAX_OBJECTS
-    from dreamsteer.diffusion.gligen import add_gated_layers
+    from dreamsteer.diffusion.gligen import MAX_OBJECTS, add_gated_layers
     from dreamsteer.diffusion.toy import toy_scheduler
     from dreamsteer.lit_modules.pretrain import DiffusionPretrainModule
 
