@@ -18,6 +18,12 @@ take seconds and need no sampling.
   objects' grounding tokens, against the share they would get if the attention paid to all 30 grounding
   slots were spread evenly (the other slots hold GLIGEN's null token); and the size of the gated output
   against the size of ``x``. A layer that reads its objects gives them more than the even share.
+  And whether that attention follows the boxes: the mean attention an object's grounding token gets
+  from the visual tokens whose centres lie inside the box it was given, over the mean it gets from
+  those inside that box mirrored left-right, once with the true boxes given and once with the mirrored
+  ones. A layer that reads the boxes gives both ratios above 1; one that finds its object by what the
+  noisy image shows gives the true boxes a ratio above 1 and the mirrored ones below 1; one that
+  does neither gives about 1 to both (a bias that is the same left and right cancels).
 
     python -m dreamsteer.benchmarks.gligen_probe --model toy                 # position code only
     python -m dreamsteer.benchmarks.gligen_probe --model runs/gligen/model   # all three checks
@@ -89,42 +95,61 @@ def box_use(backbone: Any, scenes: Sequence[Scene], timesteps: Sequence[int] = T
     return result
 
 
+def box_inside(boxes: torch.Tensor, n_visual: int) -> torch.Tensor:
+    """``[B, slots, n_visual]``: whether each visual token's centre (row-major square grid) lies inside each
+    slot's box (``boxes [B, slots, 4]``, x0, y0, x1, y1 as fractions of the side)."""
+    side = math.isqrt(n_visual)
+    if side * side != n_visual:
+        raise ValueError(f"box_inside: {n_visual} visual tokens do not form a square grid")
+    centres = (torch.arange(side, dtype=boxes.dtype, device=boxes.device) + 0.5) / side
+    cy, cx = (c.flatten() for c in torch.meshgrid(centres, centres, indexing="ij"))
+    x0, y0, x1, y1 = (boxes[..., i : i + 1] for i in range(4))
+    return (cx >= x0) & (cx <= x1) & (cy >= y0) & (cy <= y1)
+
+
 @torch.no_grad()
 def grounding_attention(backbone: Any, scenes: Sequence[Scene], t: int = TIMESTEPS[0], seed: int = 0) -> dict[str, dict[str, float]]:
-    """``{gated block: {"gate", "objects", "even", "output"}}`` at noise level `t` with the true boxes
-    (module docstring): tanh(alpha_attn); the mean attention share of the visual tokens on the real
+    """``{gated block: {"gate", "objects", "even", "output", "box_true", "box_mirrored"}}`` at noise level
+    `t` (module docstring): tanh(alpha_attn); the mean attention share of the visual tokens on the real
     objects' grounding tokens; that share for attention spread evenly over the grounding slots;
-    ``|tanh(alpha_attn) attn(...)[:n_visual]| / |x|``."""
-    grounding = scene_grounding(backbone, scenes, "true")
-    real = grounding["masks"].to(backbone.device).bool()  # [B, slots]
+    ``|tanh(alpha_attn) attn(...)[:n_visual]|/|x|`` (these with the true boxes); the attention on an
+    object's token inside the box it was given over that inside the box mirrored, with the true and
+    with the mirrored boxes given."""
     z, text = encode_scenes(backbone, scenes)
-    result, handles = {}, []
+    z_t, _, t_batch = _noised(backbone, z, t, seed)
+    result: dict[str, dict[str, float]] = {}
 
-    def measure(fuser: Any, args: tuple, name: str) -> None:
+    def measure(fuser: Any, args: tuple, name: str, kind: str, grounding: dict[str, torch.Tensor]) -> None:
         x, objs = args
         n_visual, attn = x.shape[1], fuser.attn
+        real = grounding["masks"].to(x.device).bool()  # [B, slots]
         h = fuser.norm1(torch.cat([x, fuser.linear(objs)], dim=1))
         probs = attn.get_attention_scores(attn.head_to_batch_dim(attn.to_q(h)), attn.head_to_batch_dim(attn.to_k(h)))
         probs = probs.reshape(len(x), attn.heads, *probs.shape[1:])[:, :, :n_visual, n_visual:].float()  # visual -> slots
-        on_slots = probs.sum(-1)  # [B, heads, n_visual]
-        gate = torch.tanh(fuser.alpha_attn)
-        output = gate * attn(h)[:, :n_visual]
-        result[name] = {
-            "gate": float(gate),
-            "objects": float((probs * real[:, None, None, :]).sum(-1).mean()),
-            "even": float((on_slots * real.sum(-1)[:, None, None] / real.shape[1]).mean()),
-            "output": float(output.float().norm() / x.float().norm()),
-        }
+        to_slot = probs.mean(1).transpose(1, 2)  # [B, slots, n_visual], mean over heads
+        given = grounding["boxes"].to(x.device).float()
+        in_given = box_inside(given, n_visual) & real[:, :, None]
+        in_mirror = box_inside(mirror_boxes(given.reshape(-1, 4)).reshape(given.shape), n_visual) & real[:, :, None]
+        m = result.setdefault(name, {})
+        m[f"box_{kind}"] = float(to_slot[in_given].mean() / to_slot[in_mirror].mean())
+        if kind == "true":
+            gate = torch.tanh(fuser.alpha_attn)
+            on_slots = probs.sum(-1)  # [B, heads, n_visual]
+            m["gate"] = float(gate)
+            m["objects"] = float((probs * real[:, None, None, :]).sum(-1).mean())
+            m["even"] = float((on_slots * real.sum(-1)[:, None, None] / real.shape[1]).mean())
+            m["output"] = float((gate * attn(h)[:, :n_visual]).float().norm() / x.float().norm())
 
-    for name, block in gated_blocks(backbone.unet):
-        handles.append(block.fuser.register_forward_hook(
-            lambda fuser, args, out, name=name.replace(".transformer_blocks.0", ""): measure(fuser, args, name)))
-    try:
-        z_t, _, t_batch = _noised(backbone, z, t, seed)
-        backbone.predict_eps(z_t, t_batch, text, cross_attention_kwargs={"gligen": grounding})
-    finally:
-        for handle in handles:
-            handle.remove()
+    for kind in ("true", "mirrored"):
+        grounding = scene_grounding(backbone, scenes, kind)
+        handles = [block.fuser.register_forward_hook(
+            lambda fuser, args, out, name=name.replace(".transformer_blocks.0", ""), kind=kind, grounding=grounding:
+            measure(fuser, args, name, kind, grounding)) for name, block in gated_blocks(backbone.unet)]
+        try:
+            backbone.predict_eps(z_t, t_batch, text, cross_attention_kwargs={"gligen": grounding})
+        finally:
+            for handle in handles:
+                handle.remove()
     return result
 
 
@@ -204,9 +229,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(f"  t={t}: " + "  ".join(f"{kind} {errors[kind]:.5f}" for kind in GROUNDINGS))
         t = args.timesteps[0]
         print(f"grounding attention at t={t}: gate tanh(alpha_attn) | attention share on the real objects' tokens "
-              "(that share spread evenly over the slots) | |gated output| / |x|")
+              "(that share spread evenly over the slots) | |gated output| / |x| | attention on an object's token inside "
+              "the box given / inside that box mirrored, true boxes given, mirrored boxes given")
         for name, m in grounding_attention(backbone, scenes[: args.n], t).items():
-            print(f"  {name}: gate {m['gate']:+.3f} | objects {m['objects']:.4f} ({m['even']:.4f}) | output {m['output']:.3f}")
+            print(f"  {name}: gate {m['gate']:+.3f} | objects {m['objects']:.4f} ({m['even']:.4f}) | output {m['output']:.3f}"
+                  f" | in box {m['box_true']:.2f}, mirrored {m['box_mirrored']:.2f}")
     else:
         print(f"{args.model}: no GLIGEN layers, so only the position code is probed")
     print("position code: ridge probe features -> token (x, y), mean absolute error on the centre tokens (chance: their mean)")

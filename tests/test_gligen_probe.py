@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from dreamsteer.benchmarks.gligen_probe import box_use, grounding_attention, main, mirror_boxes, ridge_probe
+from dreamsteer.benchmarks.gligen_probe import box_inside, box_use, grounding_attention, main, mirror_boxes, ridge_probe
 from dreamsteer.data.scenes import random_scene
 from dreamsteer.diffusion.backbone import load_backbone
 from dreamsteer.diffusion.gligen import MAX_OBJECTS, gated_blocks, grounding_inputs, set_fuser
@@ -16,6 +16,17 @@ def test_mirror_boxes_keeps_sizes_and_rows():
     boxes = torch.tensor([[0.1, 0.2, 0.4, 0.6], [0.5, 0.0, 1.0, 0.25]])
     expected = torch.tensor([[0.6, 0.2, 0.9, 0.6], [0.0, 0.0, 0.5, 0.25]])
     assert torch.allclose(mirror_boxes(boxes), expected)
+
+
+def test_box_inside_reads_columns_as_x_and_rows_as_y():
+    # 4x4 grid, token centres at 0.125, 0.375, 0.625, 0.875; token index = row * 4 + column
+    boxes = torch.tensor([[[0.0, 0.0, 0.5, 0.25], [0.5, 0.25, 1.0, 0.75]]])
+    inside = box_inside(boxes, 16)
+    assert inside.shape == (1, 2, 16)
+    assert inside[0, 0].nonzero().flatten().tolist() == [0, 1]
+    assert inside[0, 1].nonzero().flatten().tolist() == [6, 7, 10, 11]
+    with pytest.raises(ValueError, match="square grid"):
+        box_inside(boxes, 12)
 
 
 def _grid_coords(side: int) -> torch.Tensor:
@@ -113,7 +124,7 @@ def test_cli_prints_both_checks_for_a_gligen_model(capsys):
     main(["--model", "tiny-gligen", "--n", "4", "--timesteps", "900"])
     out = capsys.readouterr().out
     assert "box use" in out and "t=900: true" in out
-    assert "grounding attention at t=900" in out and "down_blocks.1.attentions.0: gate" in out
+    assert "grounding attention at t=900" in out and "down_blocks.1.attentions.0: gate" in out and "| in box " in out
     assert "position code" in out and "8x8" in out
 
 
@@ -143,46 +154,69 @@ def test_grounding_attention_with_uniform_attention_gives_the_objects_their_even
         expected = float((counts / (sides[name] + MAX_OBJECTS)).mean())
         assert m["objects"] == pytest.approx(expected, rel=1e-4)
         assert m["even"] == pytest.approx(expected, rel=1e-4)
+        assert m["box_true"] == pytest.approx(1.0, rel=1e-4) and m["box_mirrored"] == pytest.approx(1.0, rel=1e-4)
         assert m["gate"] == pytest.approx(float(np.tanh(0.5)))
 
 
 def test_grounding_attention_output_is_what_the_gated_attention_adds():
-    """With the dense gate shut a fuser returns ``x + tanh(alpha_attn) attn(...)``: its output minus its input."""
+    """With the dense gate shut a fuser returns ``x + tanh(alpha_attn) attn(...)``: its output minus its input.
+    The objects' share and the in-box ratios against an attention and box tests computed here, in pixels."""
     backbone = load_backbone("tiny-gligen")
     with torch.no_grad():
         for _, block in gated_blocks(backbone.unet):
             block.fuser.alpha_attn.fill_(1.0)
             block.fuser.alpha_dense.zero_()
     scenes = [random_scene((10, i), resolution=backbone.resolution) for i in range(2)]
-    added = {}
-
-    real = torch.cat([grounding_inputs(backbone, s.phrases, (s.boxes / backbone.resolution).tolist())["masks"] for s in scenes]).bool()
-    share = {}
+    size = backbone.resolution
+    real = torch.cat([grounding_inputs(backbone, s.phrases, (s.boxes / size).tolist())["masks"] for s in scenes]).bool()
+    calls = {}  # per layer, one entry per forward pass: the true boxes first, then the mirrored ones
 
     def keep(module, args, out, name):
         x, objs = args
-        added[name] = float((out - x).norm() / x.norm())
+        n_visual, side = x.shape[1], int(round(x.shape[1] ** 0.5))
         h = module.norm1(torch.cat([x, module.linear(objs)], dim=1))
         heads = module.attn.heads
         q = module.attn.to_q(h).unflatten(-1, (heads, -1))  # [B, N, heads, d]
         k = module.attn.to_k(h).unflatten(-1, (heads, -1))
-        logits = torch.einsum("bihd,bjhd->bhij", q, k) / q.shape[-1] ** 0.5
-        to_objects = logits.softmax(-1)[:, :, : x.shape[1], x.shape[1]:][..., real[0]]  # visual tokens -> scene 0's objects
-        share[name] = float(to_objects[0].sum(-1).mean())
+        probs = torch.einsum("bihd,bjhd->bhij", q, k).div(q.shape[-1] ** 0.5).softmax(-1)[:, :, :n_visual, n_visual:]
+        mirrored = len(calls.get(name, [])) == 1
+        given, other = [], []  # attention on scene 0's object tokens from tokens in the box given / the other box
+        for o, (x0, y0, x1, y1) in enumerate(scenes[0].boxes.tolist()):  # the true box in pixels
+            flipped = (size - x1, y0, size - x0, y1)
+            boxes = (flipped, (x0, y0, x1, y1)) if mirrored else ((x0, y0, x1, y1), flipped)
+            for i in range(n_visual):
+                cx, cy = (i % side + 0.5) * size / side, (i // side + 0.5) * size / side
+                a = float(probs[0, :, i, o].mean())
+                for box, values in zip(boxes, (given, other)):
+                    if box[0] <= cx <= box[2] and box[1] <= cy <= box[3]:
+                        values.append(a)
+        calls.setdefault(name, []).append({
+            "added": float((out - x).norm() / x.norm()),
+            "share": float(probs[0][..., real[0]].sum(-1).mean()),  # visual tokens -> scene 0's objects
+            "box": float(np.mean(given) / np.mean(other)) if given and other else float("nan"),
+        })
 
     handles = []
     for name, block in gated_blocks(backbone.unet):
         handles.append(block.fuser.register_forward_hook(lambda m, a, o, name=name.replace(".transformer_blocks.0", ""): keep(m, a, o, name)))
     try:
         result = grounding_attention(backbone, scenes, t=500, seed=3)
+        for name, m in result.items():
+            assert len(calls[name]) == 2
+            assert m["output"] == pytest.approx(calls[name][0]["added"], rel=1e-4) and m["output"] > 0
+            assert m["gate"] == pytest.approx(float(np.tanh(1.0)))
+            assert 0 < m["objects"] < 1 and m["objects"] != pytest.approx(m["even"], rel=1e-3)  # tiny's random keys are not even
+        calls.clear()
+        single = grounding_attention(backbone, scenes[:1], t=500, seed=3)  # scene 0 alone, against the attention computed here
     finally:
         for handle in handles:
             handle.remove()
-    for name, m in result.items():
-        assert m["output"] == pytest.approx(added[name], rel=1e-4) and m["output"] > 0
-        assert m["gate"] == pytest.approx(float(np.tanh(1.0)))
-        assert 0 < m["objects"] < 1 and m["objects"] != pytest.approx(m["even"], rel=1e-3)  # tiny's random keys are not even
-    # scene 0 alone, against the attention computed here
-    single = grounding_attention(backbone, scenes[:1], t=500, seed=3)
+    checked = uneven = 0
     for name, m in single.items():
-        assert m["objects"] == pytest.approx(share[name], rel=1e-4)
+        assert m["objects"] == pytest.approx(calls[name][0]["share"], rel=1e-4)
+        if not np.isnan(calls[name][0]["box"]):
+            assert m["box_true"] == pytest.approx(calls[name][0]["box"], rel=1e-4)
+            assert m["box_mirrored"] == pytest.approx(calls[name][1]["box"], rel=1e-4)
+            checked += 1
+            uneven += m["box_true"] != pytest.approx(1.0, rel=1e-3)  # random keys: not the same everywhere
+    assert checked >= 1 and uneven >= 1
