@@ -3,8 +3,12 @@
     python -m dreamsteer.benchmarks.toy_floors                     # every part on the built-in toy models
     python -m dreamsteer.benchmarks.toy_floors --part t2i --n 20   # one part, fewer cases
     python -m dreamsteer.benchmarks.toy_floors --model tiny --n 2  # the machinery on any model (no floors met)
+    python -m dreamsteer.benchmarks.toy_floors --part personalize --seed 424242 --methods lora \
+        --personalize-overrides method.rank=16     # a development set: try a setting on other seeds
 
-Parts (each seeded; every case is drawn from seeds the pretraining never draws, see `FLOORS_SEED`):
+Parts (each seeded; every case is drawn from seeds the pretraining never draws, see `FLOORS_SEED`; `--seed`
+draws every case from another seed instead, a development set on which settings are chosen, so that the
+floors' own cases never are):
 
 - ``t2i``: text-to-image on `n` (100) random grammar captions with classifier-free guidance, by the
   backbone's diffusers pipeline with `sample`'s defaults (DDIM, 25 steps, guidance 7.5). Rates over
@@ -79,8 +83,8 @@ class PartSkipped(Exception):
 
 
 # ----------------------------------------------------------------------------- shared
-def _case_seed(part: str, i: int) -> tuple[int, int, int]:
-    return (FLOORS_SEED, _PART_IDS[part], i + 1)
+def _case_seed(seed: int, part: str, i: int) -> tuple[int, int, int]:
+    return (seed, _PART_IDS[part], i + 1)
 
 
 def _load(model: str):
@@ -123,11 +127,11 @@ def _rate(flags: Sequence[bool]) -> float:
 
 
 # ----------------------------------------------------------------------------- parts
-def text_to_image(model: str, n: int, out: Path, steps: int, guidance: float) -> tuple[list[Floor], dict[str, Any]]:
+def text_to_image(model: str, n: int, out: Path, steps: int, guidance: float, seed: int = FLOORS_SEED) -> tuple[list[Floor], dict[str, Any]]:
     backbone = _load(model)
-    scenes = [random_scene(_case_seed("t2i", i)) for i in range(n)]
+    scenes = [random_scene(_case_seed(seed, "t2i", i)) for i in range(n)]
     captions = [s.caption for s in scenes]
-    images = sample_images(backbone, captions, [FLOORS_SEED + i for i in range(n)], steps, guidance)
+    images = sample_images(backbone, captions, [seed + i for i in range(n)], steps, guidance)
     records = []
     for caption, image in zip(captions, images):
         detection = detect(image)
@@ -147,13 +151,13 @@ def text_to_image(model: str, n: int, out: Path, steps: int, guidance: float) ->
     return rows, info
 
 
-def editing(model: str, n: int, out: Path, steps: int | None) -> tuple[list[Floor], dict[str, Any]]:
+def editing(model: str, n: int, out: Path, steps: int | None, seed: int = FLOORS_SEED) -> tuple[list[Floor], dict[str, Any]]:
     from dreamsteer.benchmarks.toy_edits import (edit_case, edit_jobs, edited_image, rates_by_group, run_edit_jobs, score_edit,
                                                  vae_outside_error)
     from dreamsteer.train.config import model_recipe
 
     backbone = _load(model)
-    cases = [edit_case("color", _case_seed("edit", i), f"scene_{i:03d}", backbone.resolution) for i in range(n)]
+    cases = [edit_case("color", _case_seed(seed, "edit", i), f"scene_{i:03d}", backbone.resolution) for i in range(n)]
     jobs = edit_jobs(cases, ["dds"], out / "edit_sources", {"dds": {"steps": steps}} if steps else None)
     recipe = model_recipe(model, "dds")  # the model's own DDS settings (conf/experiment/toy_dds.yaml), else DDS's defaults
     records_by_id = run_edit_jobs(model, jobs, out, experiment=recipe)
@@ -197,25 +201,31 @@ def _method_token(cfg: Any) -> str:
 
 
 def personalization(model: str, methods: Sequence[str], out: Path, photos: int, per_background: int, steps: int,
-                    guidance: float, train_steps: int | None) -> tuple[list[Floor], dict[str, Any]]:
+                    guidance: float, train_steps: int | None, seed: int = FLOORS_SEED,
+                    overrides: Sequence[str] = ()) -> tuple[list[Floor], dict[str, Any]]:
+    """Each method's recipe (then `overrides`, Hydra keys of ``train personalize``) on `photos` subject
+    photos from `seed`; the subject rate of `per_background` samples per background color."""
     from dreamsteer.checkpoints import load_adapter
     from dreamsteer.diffusion.backbone import load_backbone
     from dreamsteer.train import personalize
     from dreamsteer.train.config import compose, recipe_overrides
 
+    configs = {}  # composed first: a bad override fails before any sampling or training
+    for method in methods:
+        run_dir = out / f"personalize_{method}"
+        keys = [*recipe_overrides(model, method), "logger=none", f"output_dir={run_dir}",
+                f"data.instance_dir={run_dir / 'photos'}", "data.instance_prompt=unused", *overrides]
+        configs[method] = compose("personalize", keys + ([f"trainer.max_steps={train_steps}"] if train_steps else []))
     base = _load(model)
-    seeds = [FLOORS_SEED + i for i in range(per_background * len(BACKGROUND_COLORS))]
+    seeds = [seed + i for i in range(per_background * len(BACKGROUND_COLORS))]
     base_images = sample_images(base, _subject_prompts(SUBJECT.token, per_background), seeds, steps, guidance)
     base_rate = _rate([detect(im).has_subject for im in base_images])
     save_grid(base_images, out / "personalize_base.png")
     rows, info = [], {"photos": photos, "samples": len(seeds), "base_rate": base_rate, "methods": {}}
-    for method in methods:
-        run_dir = out / f"personalize_{method}"
-        overrides = [*recipe_overrides(model, method), "logger=none", f"output_dir={run_dir}",
-                     f"data.instance_dir={run_dir / 'photos'}", "data.instance_prompt=unused"]
-        cfg = compose("personalize", overrides + ([f"trainer.max_steps={train_steps}"] if train_steps else []))
+    for method, cfg in configs.items():
+        run_dir = Path(cfg.output_dir)
         token = _method_token(cfg)
-        write_subject_photos(run_dir / "photos", photos, seed=FLOORS_SEED, token=token)  # each photo's caption names the token
+        write_subject_photos(run_dir / "photos", photos, seed=seed, token=token)  # each photo's caption names the token
         cfg.data.instance_prompt = f"a {token} {SUBJECT.class_word}"
         started = time.perf_counter()
         adapter = personalize.run(cfg)
@@ -227,12 +237,18 @@ def personalization(model: str, methods: Sequence[str], out: Path, photos: int, 
         save_grid(images, out / f"personalize_{method}.png")
         rows.append(Floor("personalize", f"{method} subject rate", _rate(flags), 0.70, n=len(flags)))
         info["methods"][method] = {"rate": _rate(flags), "token": token, "train_steps": int(cfg.trainer.max_steps),
-                                   "lr": float(cfg.method.lr), "train_s": round(train_s, 1)}
+                                   "lr": float(cfg.method.lr), "overrides": list(overrides), "train_s": round(train_s, 1),
+                                   "by_background": _by_background(flags, per_background)}
     rows.append(Floor("personalize", "base model subject rate", base_rate, 0.10, higher=False, n=len(seeds)))
     return rows, info
 
 
-def grounding(model: str, n: int, out: Path) -> tuple[list[Floor], dict[str, Any]]:
+def _by_background(flags: Sequence[bool], per_background: int) -> dict[str, int]:
+    """Samples with the subject per background (`_subject_prompts` order: `per_background` per color)."""
+    return {bg: int(sum(flags[i * per_background:(i + 1) * per_background])) for i, bg in enumerate(BACKGROUND_COLORS)}
+
+
+def grounding(model: str, n: int, out: Path, seed: int = FLOORS_SEED) -> tuple[list[Floor], dict[str, Any]]:
     from dreamsteer.diffusion.reground import grounded_sample
     from dreamsteer.train.generate import GenerateConfig
 
@@ -241,10 +257,10 @@ def grounding(model: str, n: int, out: Path) -> tuple[list[Floor], dict[str, Any
     resolution = backbone.resolution
     hits, all_hits, records, images = [], [], [], []
     for i in range(n):
-        scene = random_scene(_case_seed("gligen", i), resolution=resolution)
+        scene = random_scene(_case_seed(seed, "gligen", i), resolution=resolution)
         boxes = (scene.boxes / resolution).tolist()
         latents = grounded_sample(backbone, scene.caption, scene.phrases, boxes, defaults.wiring, defaults.beta, defaults.steps,
-                                  torch.Generator().manual_seed(FLOORS_SEED + i), guidance_scale=defaults.guidance_scale,
+                                  torch.Generator().manual_seed(seed + i), guidance_scale=defaults.guidance_scale,
                                   scheduler=defaults.scheduler)
         with torch.no_grad():
             image = tensor_to_pil(backbone.decode(latents)[0].float().clamp(-1, 1))
@@ -276,15 +292,17 @@ def format_table(rows: Sequence[Floor], skipped: dict[str, str]) -> str:
 
 def run(parts: Sequence[str], model: str, gligen_model: str, out: Path, n: int | None = None, steps: int = 25, guidance: float = 7.5,
         edit_steps: int | None = None, methods: Sequence[str] = METHODS, photos: int = 5, per_background: int = 5,
-        train_steps: int | None = None) -> dict[str, Any]:
+        train_steps: int | None = None, seed: int = FLOORS_SEED, personalize_overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Measure `parts`; returns (and writes to ``<out>/floors.json``) the rows, skipped parts and details.
-    `n` overrides each part's case count (t2i 100, edit 50, gligen 50)."""
+    `n` overrides each part's case count (t2i 100, edit 50, gligen 50); `seed` replaces `FLOORS_SEED`
+    (a development set)."""
     out.mkdir(parents=True, exist_ok=True)
     jobs: dict[str, Callable[[], tuple[list[Floor], dict[str, Any]]]] = {
-        "t2i": lambda: text_to_image(model, n or 100, out, steps, guidance),
-        "edit": lambda: editing(model, n or 50, out, edit_steps),
-        "personalize": lambda: personalization(model, methods, out, photos, per_background, steps, guidance, train_steps),
-        "gligen": lambda: grounding(gligen_model, n or 50, out),
+        "t2i": lambda: text_to_image(model, n or 100, out, steps, guidance, seed),
+        "edit": lambda: editing(model, n or 50, out, edit_steps, seed),
+        "personalize": lambda: personalization(model, methods, out, photos, per_background, steps, guidance, train_steps, seed,
+                                               personalize_overrides),
+        "gligen": lambda: grounding(gligen_model, n or 50, out, seed),
     }
     rows: list[Floor] = []
     skipped: dict[str, str] = {}
@@ -298,7 +316,7 @@ def run(parts: Sequence[str], model: str, gligen_model: str, out: Path, n: int |
             continue
         details[part]["seconds"] = round(time.perf_counter() - started, 1)
         rows += part_rows
-    result = {"model": model, "gligen_model": gligen_model, "rows": [r.__dict__ | {"met": r.met} for r in rows],
+    result = {"model": model, "gligen_model": gligen_model, "seed": seed, "rows": [r.__dict__ | {"met": r.met} for r in rows],
               "skipped": skipped, "details": details, "table": format_table(rows, skipped)}
     write_json_atomic(result, out / "floors.json")
     return result
@@ -316,14 +334,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--per-background", type=int, default=5, help="personalization samples per background color")
     parser.add_argument("--train-steps", type=int, default=None, help="personalization steps (default: the recipe's)")
+    parser.add_argument("--seed", type=int, default=FLOORS_SEED,
+                        help=f"draw every case from this seed instead of the floors' {FLOORS_SEED} (a development set)")
+    parser.add_argument("--personalize-overrides", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="Hydra overrides of `train personalize` after each method's recipe (e.g. method.lr=5e-4)")
     parser.add_argument("--out", type=Path, default=Path("outputs") / "toy_floors")
     args = parser.parse_args(argv)
     if args.n is not None and args.n < 1:
         parser.error("--n must be >= 1")
     parts = PARTS if args.part == "all" else (args.part,)
     result = run(parts, args.model, args.gligen_model, args.out, args.n, args.steps, args.guidance, args.edit_steps, args.methods,
-                 per_background=args.per_background, train_steps=args.train_steps)
+                 per_background=args.per_background, train_steps=args.train_steps, seed=args.seed,
+                 personalize_overrides=args.personalize_overrides)
+    if args.seed != FLOORS_SEED:
+        print(f"development set: cases from seed {args.seed}, not the floors' {FLOORS_SEED}")
     print(result["table"])
+    for method, m in result["details"].get("personalize", {}).get("methods", {}).items():
+        print(f"{method} subject per background: " + ", ".join(f"{bg} {k}/{args.per_background}" for bg, k in m["by_background"].items()))
     by_scene = result["details"].get("edit", {}).get("success_by_scene")
     if by_scene:
         print("\nedit success by scene: " + ", ".join(f"{g} {c['successes']}/{c['cases']}" for g, c in by_scene.items()))

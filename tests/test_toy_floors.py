@@ -101,3 +101,35 @@ def test_a_model_s_dds_recipe_reaches_its_dds_jobs_and_no_other_editor(tmp_path)
     assert records["dds__c0"]["params"]["guidance"] == recipe.editor.guidance
     assert records["cds__c0"]["params"]["guidance"] == defaults
     assert records["dds__c0"]["params"]["steps"] == 2  # a job's own overrides still win
+
+
+def test_a_development_seed_draws_other_cases_and_overrides_reach_the_recipe(tmp_path):
+    """`--seed` replaces the floors' seed in every case (photos, samples, scenes) and the personalize
+    overrides come after the method's recipe; the per-background counts add up to the rate."""
+    import numpy as np
+    from PIL import Image
+
+    from dreamsteer.data.scenes import random_scene, write_subject_photos
+
+    dev = 424242
+    result = toy_floors.run(["personalize", "t2i"], "tiny", "toy-gligen", tmp_path / "out", n=2, steps=1, methods=["lora"], photos=2,
+                            per_background=1, seed=dev, personalize_overrides=["method.lr=0.0123", "trainer.max_steps=1"])
+    m = result["details"]["personalize"]["methods"]["lora"]
+    assert m["lr"] == 0.0123 and m["train_steps"] == 1 and m["overrides"] == ["method.lr=0.0123", "trainer.max_steps=1"]
+    assert sum(m["by_background"].values()) == round(m["rate"] * 4) and set(m["by_background"]) == {"white", "black", "gray", "cyan"}
+    write_subject_photos(tmp_path / "dev", 2, seed=dev)
+    write_subject_photos(tmp_path / "floors", 2, seed=toy_floors.FLOORS_SEED)
+    used = np.asarray(Image.open(tmp_path / "out" / "personalize_lora" / "photos" / "subject_01.png"))
+    assert np.array_equal(used, np.asarray(Image.open(tmp_path / "dev" / "subject_01.png")))
+    assert not np.array_equal(used, np.asarray(Image.open(tmp_path / "floors" / "subject_01.png")))
+    captions = [c["caption"] for c in result["details"]["t2i"]["cases"]]
+    assert captions == [random_scene((dev, 1, i + 1)).caption for i in range(2)]
+    assert captions != [random_scene((toy_floors.FLOORS_SEED, 1, i + 1)).caption for i in range(2)]
+    assert result["seed"] == dev
+
+
+def test_a_bad_personalize_override_fails_before_anything_runs(tmp_path):
+    with pytest.raises(Exception, match="method.lrr"):
+        toy_floors.run(["personalize"], "tiny", "toy-gligen", tmp_path / "out", steps=1, methods=["lora"], per_background=1,
+                       personalize_overrides=["method.lrr=1"])
+    assert not (tmp_path / "out" / "personalize_base.png").exists()  # no base sample was drawn
