@@ -133,3 +133,10 @@ def test_a_bad_personalize_override_fails_before_anything_runs(tmp_path):
         toy_floors.run(["personalize"], "tiny", "toy-gligen", tmp_path / "out", steps=1, methods=["lora"], per_background=1,
                        personalize_overrides=["method.lrr=1"])
     assert not (tmp_path / "out" / "personalize_base.png").exists()  # no base sample was drawn
+
+
+def test_subject_counts_per_background_follow_the_prompt_order():
+    prompts = toy_floors._subject_prompts("sks", 2)
+    assert [p.split(" on a ")[1] for p in prompts[::2]] == ["white background", "black background", "gray background", "cyan background"]
+    flags = [True, False, False, False, True, True, False, True]  # by hand: white 1, black 0, gray 2, cyan 1
+    assert toy_floors._by_background(flags, 2) == {"white": 1, "black": 0, "gray": 2, "cyan": 1}
