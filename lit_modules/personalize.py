@@ -45,7 +45,7 @@ class PersonalizeModule(L.LightningModule):
     Per micro-batch (instance images ``x``, prompts ``c``; with prior preservation the class
     images and prompt are appended to the same UNet batch)::
 
-        z = vae(x) (posterior sample),  eps ~ N(0, I) (+ offset * N(0, I) per channel),  t ~ U{t_min..t_max}
+        z = vae(x) (posterior sample, or its mean with loss.vae_latent=mean),  eps ~ N(0, I) (+ offset * N(0, I) per channel),  t ~ U{t_min..t_max}
         z_t = sqrt(a_t) z + sqrt(1 - a_t) eps
         target = eps (epsilon model) or v = sqrt(a_t) eps - sqrt(1 - a_t) z (v-prediction model)
         l_i = w(t_i) * mean((f(z_t, t, c) - target)^2)    w = 1, or min-SNR-gamma
@@ -174,9 +174,9 @@ class PersonalizeModule(L.LightningModule):
         with torch.no_grad():
             if self.caches_latents and "latent_key" in batch:
                 keys = list(batch["latent_key"]) + list(batch.get("class_latent_key", []))
-                z = self.cached_latents(keys, pixels)
+                z = self.cached_latents(keys, pixels, sample=loss_cfg.vae_latent == "sample")
             else:
-                z = backbone.encode_image(pixels.to(device), sample=True).float()
+                z = backbone.encode_image(pixels.to(device), sample=loss_cfg.vae_latent == "sample").float()
         eps = torch.randn(z.shape, device=device)
         if loss_cfg.noise_offset:
             eps = eps + loss_cfg.noise_offset * torch.randn(z.shape[0], z.shape[1], 1, 1, device=device)
@@ -233,8 +233,9 @@ class PersonalizeModule(L.LightningModule):
         weights[:n_instance] = F.interpolate(masks.to(squared), size=squared.shape[-2:], mode="area")
         return (weights * squared).sum(dim=(1, 2, 3)) / (squared.shape[1] * weights.sum(dim=(1, 2, 3)).clamp_min(1e-12))
 
-    def cached_latents(self, keys: list[str], pixels: torch.Tensor) -> torch.Tensor:
-        """A posterior sample ``(mean + std * randn) * scaling`` per view, the VAE run once per distinct view.
+    def cached_latents(self, keys: list[str], pixels: torch.Tensor, sample: bool = True) -> torch.Tensor:
+        """A posterior sample ``(mean + std * randn) * scaling`` per view (``mean * scaling`` unless
+        `sample`), the VAE run once per distinct view.
 
         Each view is encoded alone, so its cached posterior does not depend on which batch first held
         it (a resumed run refills the cache with the same values). The single ``randn`` over the whole
@@ -251,8 +252,10 @@ class PersonalizeModule(L.LightningModule):
                     self._latent_cache[key] = posterior
             posteriors.append(posterior)
         mean = torch.stack([m for m, _ in posteriors])
-        std = torch.stack([s for _, s in posteriors])
-        z = mean + std * torch.randn(mean.shape, device=mean.device, dtype=mean.dtype)
+        z = mean
+        if sample:
+            std = torch.stack([s for _, s in posteriors])
+            z = mean + std * torch.randn(mean.shape, device=mean.device, dtype=mean.dtype)
         return (z * vae.config.scaling_factor).float()
 
     def cached_text_embeddings(self, prompts: list[str]) -> torch.Tensor:

@@ -137,6 +137,34 @@ def test_loss_is_the_formula_for_v_prediction_min_snr_offset_noise_and_prior(sub
     assert torch.allclose(parts["loss/prior"], per[2:].mean(), rtol=1e-5)
 
 
+@pytest.mark.parametrize("cache", ["true", "false"])
+def test_vae_latent_mean_denoises_the_posterior_mean_and_draws_no_vae_noise(subject_dir, fresh_backbone, tmp_path, cache):
+    module, cfg = make_module("lora", subject_dir, tmp_path, fresh_backbone, "loss.vae_latent=mean", f"cache.latents={cache}")
+    batch = fixed_batch(cfg)
+    module.seed_micro_batch(batch)
+    loss, _ = module.compute_loss(batch)
+
+    module.seed_micro_batch(batch)  # replay: the first draw is the noise, not a posterior sample
+    b = fresh_backbone
+    with torch.no_grad():
+        dist = b.vae.encode(batch["pixel_values"]).latent_dist
+        assert dist.std.min() > 1e-3  # a sample would differ from the mean
+        z = dist.mean * b.vae.config.scaling_factor
+        eps = torch.randn(z.shape)
+        t = torch.randint(0, b.num_train_timesteps, (z.shape[0],))
+        a = b.scheduler.alphas_cumprod[t].float().reshape(-1, 1, 1, 1)
+        z_t = a.sqrt() * z + (1 - a).sqrt() * eps
+        emb = b.text_encoder(b.tokenize(list(batch["prompt"])))[0]
+        pred = b.unet(z_t, t, encoder_hidden_states=emb).sample
+    expected = (pred - eps).square().mean()
+    assert torch.allclose(loss.detach(), expected, rtol=1e-5, atol=0), (loss.item(), expected.item())
+
+
+def test_bad_vae_latent_is_a_config_error(subject_dir, tmp_path):
+    with pytest.raises(ConfigError, match="loss.vae_latent"):
+        validate_config(compose("personalize", overrides("lora", subject_dir, tmp_path, "loss.vae_latent=mode")))
+
+
 class Crash(Callback):
     """Kills the run when it reaches `step` optimizer steps (after that step's checkpoint)."""
 
@@ -305,6 +333,7 @@ def test_a_models_recipe_is_an_experiment_config_and_plain_overrides_still_win(s
         cfg = compose("personalize", overrides(method, subject_dir, tmp_path, *recipe_overrides("toy", method)))
         assert (cfg.model.pretrained, cfg.method.name) == ("toy", method)
         assert cfg.method.lr == recipe.method.lr and cfg.trainer.max_steps == recipe.trainer.max_steps
+        assert cfg.loss.vae_latent == "mean"  # the toy model was pretrained on posterior means
         assert cfg.method.lr != compose("personalize", overrides(method, subject_dir, tmp_path)).method.lr  # not the SD default
     cfg = compose("personalize", overrides("lora", subject_dir, tmp_path, "experiment=toy_lora", "trainer.max_steps=3", "model=tiny"))
     assert cfg.trainer.max_steps == 3 and cfg.model.pretrained == "tiny" and list(cfg.method.conv_target_modules) == ["conv1", "conv2"]

@@ -94,6 +94,7 @@ class LossConfig:
     prior_loss_weight: float = 1.0
     snr_gamma: Optional[float] = None
     noise_offset: float = 0.0
+    vae_latent: str = "sample"  # sample | mean: the latent the loss denoises (lit_modules/personalize.py)
     min_timestep: int = 0
     max_timestep: Optional[int] = None  # exclusive; default: the model's num_train_timesteps
 
@@ -237,6 +238,8 @@ def validate_config(cfg: DictConfig) -> DictConfig:
     loss = cfg.loss
     if loss.snr_gamma is not None and loss.snr_gamma <= 0:
         raise ConfigError(f"config key 'loss.snr_gamma': {loss.snr_gamma} must be > 0 (or null)")
+    if loss.vae_latent not in ("sample", "mean"):
+        raise ConfigError(f"config key 'loss.vae_latent': {loss.vae_latent!r} is not 'sample' or 'mean'")
     if loss.min_timestep < 0 or (loss.max_timestep is not None and loss.max_timestep <= loss.min_timestep):
         raise ConfigError("config keys 'loss.min_timestep' / 'loss.max_timestep': need 0 <= min < max")
     if cfg.validation.every_n_steps < 0 or cfg.validation.num_images < 1 or cfg.validation.steps < 1:
