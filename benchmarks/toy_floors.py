@@ -151,7 +151,8 @@ def text_to_image(model: str, n: int, out: Path, steps: int, guidance: float, se
     return rows, info
 
 
-def editing(model: str, n: int, out: Path, steps: int | None, seed: int = FLOORS_SEED) -> tuple[list[Floor], dict[str, Any]]:
+def editing(model: str, n: int, out: Path, steps: int | None, seed: int = FLOORS_SEED,
+            recipes_of: str | None = None) -> tuple[list[Floor], dict[str, Any]]:
     from dreamsteer.benchmarks.toy_edits import (edit_case, edit_jobs, edited_image, rates_by_group, run_edit_jobs, score_edit,
                                                  vae_outside_error)
     from dreamsteer.train.config import model_recipe
@@ -159,7 +160,8 @@ def editing(model: str, n: int, out: Path, steps: int | None, seed: int = FLOORS
     backbone = _load(model)
     cases = [edit_case("color", _case_seed(seed, "edit", i), f"scene_{i:03d}", backbone.resolution) for i in range(n)]
     jobs = edit_jobs(cases, ["dds"], out / "edit_sources", {"dds": {"steps": steps}} if steps else None)
-    recipe = model_recipe(model, "dds")  # the model's own DDS settings (conf/experiment/toy_dds.yaml), else DDS's defaults
+    # the model's own DDS settings (conf/experiment/toy_dds.yaml), else DDS's defaults; `model` stays the one edited
+    recipe = model_recipe(recipes_of or model, "dds")
     records_by_id = run_edit_jobs(model, jobs, out, experiment=recipe)
 
     records, outside, vae_outside, successes, shown = [], [], [], [], []
@@ -202,9 +204,10 @@ def _method_token(cfg: Any) -> str:
 
 def personalization(model: str, methods: Sequence[str], out: Path, photos: int, per_background: int, steps: int,
                     guidance: float, train_steps: int | None, seed: int = FLOORS_SEED,
-                    overrides: Sequence[str] = ()) -> tuple[list[Floor], dict[str, Any]]:
-    """Each method's recipe (then `overrides`, Hydra keys of ``train personalize``) on `photos` subject
-    photos from `seed`; the subject rate of `per_background` samples per background color."""
+                    overrides: Sequence[str] = (), recipes_of: str | None = None) -> tuple[list[Floor], dict[str, Any]]:
+    """Each method's recipe (`recipes_of`'s, default `model`'s; then `overrides`, Hydra keys of ``train
+    personalize``) on `photos` subject photos from `seed`; the subject rate of `per_background` samples
+    per background color."""
     from dreamsteer.checkpoints import load_adapter
     from dreamsteer.diffusion.backbone import load_backbone
     from dreamsteer.train import personalize
@@ -213,7 +216,7 @@ def personalization(model: str, methods: Sequence[str], out: Path, photos: int, 
     configs = {}  # composed first: a bad override fails before any sampling or training
     for method in methods:
         run_dir = out / f"personalize_{method}"
-        keys = [*recipe_overrides(model, method), "logger=none", f"output_dir={run_dir}",
+        keys = [*recipe_overrides(model, method, recipes_of), "logger=none", f"output_dir={run_dir}",
                 f"data.instance_dir={run_dir / 'photos'}", "data.instance_prompt=unused", *overrides]
         configs[method] = compose("personalize", keys + ([f"trainer.max_steps={train_steps}"] if train_steps else []))
     base = _load(model)
@@ -292,16 +295,18 @@ def format_table(rows: Sequence[Floor], skipped: dict[str, str]) -> str:
 
 def run(parts: Sequence[str], model: str, gligen_model: str, out: Path, n: int | None = None, steps: int = 25, guidance: float = 7.5,
         edit_steps: int | None = None, methods: Sequence[str] = METHODS, photos: int = 5, per_background: int = 5,
-        train_steps: int | None = None, seed: int = FLOORS_SEED, personalize_overrides: Sequence[str] = ()) -> dict[str, Any]:
+        train_steps: int | None = None, seed: int = FLOORS_SEED, personalize_overrides: Sequence[str] = (),
+        recipes_of: str | None = None) -> dict[str, Any]:
     """Measure `parts`; returns (and writes to ``<out>/floors.json``) the rows, skipped parts and details.
     `n` overrides each part's case count (t2i 100, edit 50, gligen 50); `seed` replaces `FLOORS_SEED`
-    (a development set)."""
+    (a development set); `recipes_of` names the model whose recipes (``conf/experiment/<name>_*.yaml``)
+    the edit and personalize parts use for `model` (default: `model`'s own)."""
     out.mkdir(parents=True, exist_ok=True)
     jobs: dict[str, Callable[[], tuple[list[Floor], dict[str, Any]]]] = {
         "t2i": lambda: text_to_image(model, n or 100, out, steps, guidance, seed),
-        "edit": lambda: editing(model, n or 50, out, edit_steps, seed),
+        "edit": lambda: editing(model, n or 50, out, edit_steps, seed, recipes_of),
         "personalize": lambda: personalization(model, methods, out, photos, per_background, steps, guidance, train_steps, seed,
-                                               personalize_overrides),
+                                               personalize_overrides, recipes_of),
         "gligen": lambda: grounding(gligen_model, n or 50, out, seed),
     }
     rows: list[Floor] = []
@@ -316,8 +321,8 @@ def run(parts: Sequence[str], model: str, gligen_model: str, out: Path, n: int |
             continue
         details[part]["seconds"] = round(time.perf_counter() - started, 1)
         rows += part_rows
-    result = {"model": model, "gligen_model": gligen_model, "seed": seed, "rows": [r.__dict__ | {"met": r.met} for r in rows],
-              "skipped": skipped, "details": details, "table": format_table(rows, skipped)}
+    result = {"model": model, "recipes_of": recipes_of or model, "gligen_model": gligen_model, "seed": seed,
+              "rows": [r.__dict__ | {"met": r.met} for r in rows], "skipped": skipped, "details": details, "table": format_table(rows, skipped)}
     write_json_atomic(result, out / "floors.json")
     return result
 
@@ -338,6 +343,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help=f"draw every case from this seed instead of the floors' {FLOORS_SEED} (a development set)")
     parser.add_argument("--personalize-overrides", nargs="+", default=[], metavar="KEY=VALUE",
                         help="Hydra overrides of `train personalize` after each method's recipe (e.g. method.lr=5e-4)")
+    parser.add_argument("--recipes-of", default=None, metavar="MODEL",
+                        help="use MODEL's recipes (conf/experiment/MODEL_*.yaml) for --model, e.g. --recipes-of toy "
+                             "for the folder of a re-trained toy model (default: --model's own; a folder has none)")
     parser.add_argument("--out", type=Path, default=Path("outputs") / "toy_floors")
     args = parser.parse_args(argv)
     if args.n is not None and args.n < 1:
@@ -345,7 +353,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parts = PARTS if args.part == "all" else (args.part,)
     result = run(parts, args.model, args.gligen_model, args.out, args.n, args.steps, args.guidance, args.edit_steps, args.methods,
                  per_background=args.per_background, train_steps=args.train_steps, seed=args.seed,
-                 personalize_overrides=args.personalize_overrides)
+                 personalize_overrides=args.personalize_overrides, recipes_of=args.recipes_of)
     if args.seed != FLOORS_SEED:
         print(f"development set: cases from seed {args.seed}, not the floors' {FLOORS_SEED}")
     print(result["table"])

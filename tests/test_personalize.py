@@ -327,6 +327,14 @@ def test_a_models_recipe_is_an_experiment_config_and_plain_overrides_still_win(s
 
     assert recipe_overrides("tiny", "lora") == ["model.pretrained=tiny", "method=lora"]  # no recipe: the method's defaults
     assert recipe_overrides("toy", "textual_inversion") == ["model.pretrained=toy", "method=textual_inversion"]
+    # a re-trained toy model's folder takes toy's recipes on itself; a method without one, its defaults
+    folder = str(tmp_path / "toy_retrained")
+    assert recipe_overrides(folder, "lora") == [f"model.pretrained={folder}", "method=lora"]
+    assert recipe_overrides(folder, "lora", recipes_of="toy") == ["experiment=toy_lora", f"model.pretrained={folder}"]
+    assert recipe_overrides("toy", "lora", recipes_of="toy") == ["experiment=toy_lora"]
+    assert recipe_overrides(folder, "textual_inversion", recipes_of="toy") == [f"model.pretrained={folder}", "method=textual_inversion"]
+    cfg = compose("personalize", overrides("lora", subject_dir, tmp_path, *recipe_overrides(folder, "lora", recipes_of="toy")))
+    assert cfg.model.pretrained == folder and cfg.method.lr == OmegaConf.load(CONF_DIR / "experiment" / "toy_lora.yaml").method.lr
     for method in ("lora", "dreambooth"):
         assert recipe_overrides("toy", method) == [f"experiment=toy_{method}"]
         recipe = OmegaConf.load(CONF_DIR / "experiment" / f"toy_{method}.yaml")

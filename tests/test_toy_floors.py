@@ -105,6 +105,24 @@ def test_a_model_s_dds_recipe_reaches_its_dds_jobs_and_no_other_editor(tmp_path)
     assert records["dds__c0"]["params"]["steps"] == 2  # a job's own overrides still win
 
 
+def test_recipes_of_gives_another_model_the_named_model_s_edit_recipe(tmp_path):
+    """`--recipes-of toy` (a re-trained toy model's folder) runs the edit part with toy's DDS recipe on the
+    model given, not on toy; without it a model with no recipe of its own gets DDS's defaults."""
+    import json
+
+    from dreamsteer.train.config import compose
+
+    recipe_guidance = compose("edit", ["experiment=toy_dds"]).editor.guidance
+    default_guidance = compose("edit", ["editor=dds"]).editor.guidance
+    assert recipe_guidance != default_guidance
+    for recipes_of, experiment, guidance in (("toy", "toy_dds", recipe_guidance), (None, None, default_guidance)):
+        out = tmp_path / str(recipes_of)
+        result = toy_floors.run(["edit"], "tiny", "toy-gligen", out, n=1, edit_steps=2, recipes_of=recipes_of)
+        assert result["details"]["edit"]["experiment"] == experiment and result["recipes_of"] == (recipes_of or "tiny")
+        record = json.loads((out / "edits" / "dds__scene_000.json").read_text(encoding="utf-8"))
+        assert record["params"]["guidance"] == guidance and record["params"]["steps"] == 2
+
+
 def test_a_development_seed_draws_other_cases_and_overrides_reach_the_recipe(tmp_path):
     """`--seed` replaces the floors' seed in every case (photos, samples, scenes) and the personalize
     overrides come after the method's recipe; the per-background counts add up to the rate."""

@@ -235,11 +235,14 @@ def model_recipe(model: str, method: str) -> str | None:
     return name if (CONF_DIR / "experiment" / f"{name}.yaml").is_file() else None
 
 
-def recipe_overrides(model: str, method: str) -> list[str]:
+def recipe_overrides(model: str, method: str, recipes_of: str | None = None) -> list[str]:
     """The `personalize` overrides that train `method` on `model` with the model's own recipe
-    (`model_recipe`) when there is one; else the method's defaults."""
-    name = model_recipe(model, method)
-    return [f"experiment={name}"] if name else [f"model.pretrained={model}", f"method={method}"]
+    (`model_recipe`) when there is one; else the method's defaults. `recipes_of` names the model whose
+    recipes apply instead (``toy`` for a folder of a re-trained toy model)."""
+    name = model_recipe(recipes_of or model, method)
+    if not name:
+        return [f"model.pretrained={model}", f"method={method}"]
+    return [f"experiment={name}"] + ([f"model.pretrained={model}"] if recipes_of not in (None, model) else [])
 
 
 def output_dir(cfg: DictConfig) -> Path:
