@@ -171,12 +171,13 @@ class PersonalizeModule(L.LightningModule):
             pixels = torch.cat([pixels, batch["class_pixel_values"]])
             prompts += list(batch["class_prompt"])
         device = self.device
+        sample = loss_cfg.vae_latent == "sample"
         with torch.no_grad():
             if self.caches_latents and "latent_key" in batch:
                 keys = list(batch["latent_key"]) + list(batch.get("class_latent_key", []))
-                z = self.cached_latents(keys, pixels, sample=loss_cfg.vae_latent == "sample")
+                z = self.cached_latents(keys, pixels, sample=sample)
             else:
-                z = backbone.encode_image(pixels.to(device), sample=loss_cfg.vae_latent == "sample").float()
+                z = backbone.encode_image(pixels.to(device), sample=sample).float()
         eps = torch.randn(z.shape, device=device)
         if loss_cfg.noise_offset:
             eps = eps + loss_cfg.noise_offset * torch.randn(z.shape[0], z.shape[1], 1, 1, device=device)

@@ -238,8 +238,7 @@ def validate_config(cfg: DictConfig) -> DictConfig:
     loss = cfg.loss
     if loss.snr_gamma is not None and loss.snr_gamma <= 0:
         raise ConfigError(f"config key 'loss.snr_gamma': {loss.snr_gamma} must be > 0 (or null)")
-    if loss.vae_latent not in ("sample", "mean"):
-        raise ConfigError(f"config key 'loss.vae_latent': {loss.vae_latent!r} is not 'sample' or 'mean'")
+    check_choice(cfg, "loss.vae_latent", ["sample", "mean"])
     if loss.min_timestep < 0 or (loss.max_timestep is not None and loss.max_timestep <= loss.min_timestep):
         raise ConfigError("config keys 'loss.min_timestep' / 'loss.max_timestep': need 0 <= min < max")
     if cfg.validation.every_n_steps < 0 or cfg.validation.num_images < 1 or cfg.validation.steps < 1:
