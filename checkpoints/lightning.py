@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from dreamsteer.data.files import atomic_write, is_orphan_temp
@@ -138,6 +139,20 @@ def find_resume_checkpoint(directory: str | os.PathLike, clean: bool = True) -> 
     if path.name != "last.ckpt":
         print(f"resuming from {path} (step {step}), the newest readable checkpoint")
     return path, checkpoint
+
+
+def step_checkpoints(directory: str | os.PathLike, every_n_steps: int, keep_all: bool = False) -> ModelCheckpoint:
+    """Lightning's checkpoint callback as the training tasks use it: ``step<NNNNNN>.ckpt`` every
+    `every_n_steps` steps (only the newest kept unless `keep_all`) and ``last.ckpt``, which resumes read."""
+    return ModelCheckpoint(
+        dirpath=str(directory),
+        filename="step{step:06d}",
+        auto_insert_metric_name=False,
+        every_n_train_steps=every_n_steps,
+        save_top_k=-1 if keep_all else 1,
+        save_last=True,
+        enable_version_counter=False,  # a resume with another checkpoint interval still rewrites last.ckpt
+    )
 
 
 class AtomicFileCheckpointIO(TorchCheckpointIO):

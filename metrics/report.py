@@ -13,7 +13,7 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from PIL import Image
 
@@ -75,6 +75,19 @@ def _range(values: Sequence[float], fixed: Optional[tuple[float, float]]) -> tup
     return lo - pad, hi + pad
 
 
+def _svg_frame(width: int, height: int, title: str, left: float, plot_w: float, py: Callable[[float], float], y_ticks: Sequence[float]) -> list[str]:
+    """An SVG chart's opening: the white canvas, its title, and the y axis' grid lines and tick labels."""
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" aria-label="{_esc(title)}">',
+        f'<rect x="0" y="0" width="{width}" height="{height}" fill="white"/>',
+        f'<text x="{width / 2:.1f}" y="18" text-anchor="middle" font-size="13" font-weight="bold">{_esc(title)}</text>',
+    ]
+    for t in y_ticks:
+        parts.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{py(t):.1f}" y2="{py(t):.1f}" stroke="#eee"/>')
+        parts.append(f'<text x="{left - 6}" y="{py(t) + 4:.1f}" text-anchor="end" font-size="11">{_esc(f"{t:.4g}")}</text>')
+    return parts
+
+
 def svg_line_chart(
     series: Sequence[tuple[str, Sequence[float], Sequence[Optional[float]]]],
     title: str,
@@ -103,14 +116,7 @@ def svg_line_chart(
     def py(y: float) -> float:
         return top + (1 - (y - y0) / (y1 - y0)) * plot_h
 
-    parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" aria-label="{_esc(title)}">',
-        f'<rect x="0" y="0" width="{width}" height="{height}" fill="white"/>',
-        f'<text x="{width / 2:.1f}" y="18" text-anchor="middle" font-size="13" font-weight="bold">{_esc(title)}</text>',
-    ]
-    for t in _ticks(y0, y1):
-        parts.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{py(t):.1f}" y2="{py(t):.1f}" stroke="#eee"/>')
-        parts.append(f'<text x="{left - 6}" y="{py(t) + 4:.1f}" text-anchor="end" font-size="11">{_esc(f"{t:.4g}")}</text>')
+    parts = _svg_frame(width, height, title, left, plot_w, py, _ticks(y0, y1))
     for t in _ticks(x0, x1):
         parts.append(f'<line x1="{px(t):.1f}" x2="{px(t):.1f}" y1="{top + plot_h}" y2="{top + plot_h + 4}" stroke="#444"/>')
         parts.append(f'<text x="{px(t):.1f}" y="{top + plot_h + 17}" text-anchor="middle" font-size="11">{_esc(f"{t:.4g}")}</text>')
@@ -154,14 +160,7 @@ def svg_bar_chart(labels: Sequence[str], values: Sequence[Optional[float]], titl
     def py(y: float) -> float:
         return top + (1 - (y - lo) / (hi - lo)) * plot_h
 
-    parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" aria-label="{_esc(title)}">',
-        f'<rect x="0" y="0" width="{width}" height="{height}" fill="white"/>',
-        f'<text x="{width / 2:.1f}" y="18" text-anchor="middle" font-size="13" font-weight="bold">{_esc(title)}</text>',
-    ]
-    for t in _ticks(lo, hi):
-        parts.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{py(t):.1f}" y2="{py(t):.1f}" stroke="#eee"/>')
-        parts.append(f'<text x="{left - 6}" y="{py(t) + 4:.1f}" text-anchor="end" font-size="11">{_esc(f"{t:.4g}")}</text>')
+    parts = _svg_frame(width, height, title, left, plot_w, py, _ticks(lo, hi))
     slot = plot_w / max(len(labels), 1)
     for i, (label, value) in enumerate(zip(labels, values)):
         cx = left + slot * (i + 0.5)

@@ -355,21 +355,12 @@ def resume_point(cfg: DictConfig, out: Path, owner: bool) -> tuple[str | None, l
 
 def build_trainer(cfg: DictConfig, out: Path, callbacks: Sequence[Any] = ()):
     import lightning as L
-    from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from dreamsteer.checkpoints.lightning import AtomicFileCheckpointIO
+    from dreamsteer.checkpoints.lightning import AtomicFileCheckpointIO, step_checkpoints
     from dreamsteer.train.progress import StepProgressBar
 
     t = cfg.trainer
-    checkpoint = ModelCheckpoint(
-        dirpath=str(out / "checkpoints"),
-        filename="step{step:06d}",
-        auto_insert_metric_name=False,
-        every_n_train_steps=t.checkpoint_every_n_steps or t.max_steps,
-        save_top_k=-1 if t.keep_all_checkpoints else 1,
-        save_last=True,
-        enable_version_counter=False,  # a resume with another checkpoint interval still rewrites last.ckpt
-    )
+    checkpoint = step_checkpoints(out / "checkpoints", t.checkpoint_every_n_steps or t.max_steps, t.keep_all_checkpoints)
     return L.Trainer(
         accelerator=t.accelerator,
         devices=t.devices,

@@ -288,10 +288,9 @@ def resume_checkpoint(ckpt_path: str | None, out: Path) -> str | None:
 
 def run(cfg: DictConfig) -> Path:
     """Validate, train the stage, export; returns ``<output_dir>/model``."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
     from torch.utils.data import DataLoader
 
-    from dreamsteer.checkpoints.lightning import AtomicFileCheckpointIO
+    from dreamsteer.checkpoints.lightning import AtomicFileCheckpointIO, step_checkpoints
     from dreamsteer.data.scenes import collate_scenes, random_scene
     from dreamsteer.data.images import pil_to_tensor
 
@@ -320,15 +319,7 @@ def run(cfg: DictConfig) -> Path:
     t = cfg.trainer
     callbacks = [
         ExportCallback(model_dir, t.export_every_n_steps, scale_images),
-        ModelCheckpoint(
-            dirpath=str(out / "checkpoints"),
-            filename="step{step:06d}",
-            auto_insert_metric_name=False,
-            every_n_train_steps=t.checkpoint_every_n_steps or t.max_steps,
-            save_top_k=1,
-            save_last=True,
-            enable_version_counter=False,  # a resume with another checkpoint interval still rewrites last.ckpt
-        ),
+        step_checkpoints(out / "checkpoints", t.checkpoint_every_n_steps or t.max_steps),
         StepProgressBar(),
     ]
     trainer = L.Trainer(
