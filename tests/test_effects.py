@@ -192,6 +192,24 @@ def test_edit_part_writes_every_methods_row(tmp_path):
     assert "](figs/edit_color.png)" in md and "](e.json)" in md and "](effects/" not in md  # links relative to the markdown
 
 
+def test_an_edit_cases_seed_is_its_index_within_its_kind_whatever_n(tmp_path):
+    from dreamsteer.benchmarks import effects
+    from dreamsteer.benchmarks.toy_edits import edit_case
+
+    def seeds(n):
+        cases = [edit_case(kind, (7, k, i), f"{kind}_{i:02d}") for k, kind in enumerate(effects.EDIT_KINDS) for i in range(n)]
+        jobs = effects.edit_part_jobs(cases, tmp_path / f"src{n}", {})
+        assert len(jobs) == len(cases) * len(effects.EDIT_METHODS)
+        return {job["id"]: job["seed"] for job in jobs}
+
+    two, three = seeds(2), seeds(3)
+    for method in effects.EDIT_METHODS:
+        for kind in effects.EDIT_KINDS:
+            assert [two[f"{method}__{kind}_{i:02d}"] for i in range(2)] == [0, 1]
+            assert three[f"{method}__{kind}_02"] == 2
+    assert all(three[job_id] == seed for job_id, seed in two.items())
+
+
 @needs_toy
 def test_a_dds_color_edit_recolors_its_object_more_than_the_other_and_keeps_the_background():
     """The effect every table of docs/effects.md rests on, on the shipped weights: DDS moves the edited
