@@ -75,12 +75,6 @@ GRID_ROWS = 4  # cases shown per figure
 PANEL = 64  # pixels per image in the figures (toy images are 32 px, enlarged without smoothing)
 
 
-def edit_part_jobs(cases: Sequence[EditCase], source_dir: Path, overrides: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """The edit part's jobs: every method on every case, built kind by kind so that a case's seed is its
-    index within its kind, the same whatever `--n` (a quick ``--n 2`` repeats the table's first cases)."""
-    return [job for kind in EDIT_KINDS for job in edit_jobs([c for c in cases if c.kind == kind], EDIT_METHODS, source_dir, overrides)]
-
-
 class PartSkipped(Exception):
     """A part that cannot run here (its model is missing); the message says why."""
 
@@ -262,7 +256,7 @@ class Effects:
         work = _fresh(self.work / "edit")
         cases = [edit_case(kind, _seed("edit", k, i), f"{kind}_{i:02d}", backbone.resolution) for k, kind in enumerate(EDIT_KINDS) for i in range(s.n_edit)]
         steps = {m: _steps(m, s.step_fraction) for m in EDIT_METHODS}
-        jobs = edit_part_jobs(cases, work / "sources", {m: s.editor_overrides(n) for m, n in steps.items()})
+        jobs = edit_jobs(cases, EDIT_METHODS, work / "sources", {m: s.editor_overrides(n) for m, n in steps.items()})
         records = run_edit_jobs(s.model, jobs, work, s.workers)
         rows = (NO_EDIT, *EDIT_METHODS)
         results: dict[str, dict[str, list[dict[str, Any]]]] = {kind: {m: [] for m in rows} for kind in EDIT_KINDS}

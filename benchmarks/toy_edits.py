@@ -14,6 +14,7 @@ Shared by the floors (`benchmarks/toy_floors.py`) and the effects benchmark (`be
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
@@ -123,10 +124,13 @@ def subtasks(case: EditCase) -> list[dict[str, Any]]:
 def edit_jobs(cases: Sequence[EditCase], methods: Sequence[str], source_dir: Path, overrides: dict[str, dict[str, Any]] | None = None,
               adapter: str | None = None) -> list[dict[str, Any]]:
     """One job per (method, case), id ``<method>__<case id>``; sources saved to `source_dir`; `overrides` per
-    method (editor keys); Ground-A-Score jobs get `subtasks`. Each case's seed is its position. Paths are absolute
-    (a manifest's relative paths are read relative to its own folder)."""
+    method (editor keys); Ground-A-Score jobs get `subtasks`. Each case's seed is its index among the cases of its
+    kind, so adding cases (or kinds) leaves the others' noise alone. Paths are absolute (a manifest's relative
+    paths are read relative to its own folder)."""
     jobs = []
-    for i, case in enumerate(cases):
+    seen: Counter[str] = Counter()
+    for case in cases:
+        i, seen[case.kind] = seen[case.kind], seen[case.kind] + 1
         path = source_dir / f"{case.id}.png"
         if not path.is_file():
             save_image_atomic(case.scene.image, path)

@@ -194,11 +194,11 @@ def test_edit_part_writes_every_methods_row(tmp_path):
 
 def test_an_edit_cases_seed_is_its_index_within_its_kind_whatever_n(tmp_path):
     from dreamsteer.benchmarks import effects
-    from dreamsteer.benchmarks.toy_edits import edit_case
+    from dreamsteer.benchmarks.toy_edits import edit_case, edit_jobs
 
     def seeds(n):
         cases = [edit_case(kind, (7, k, i), f"{kind}_{i:02d}") for k, kind in enumerate(effects.EDIT_KINDS) for i in range(n)]
-        jobs = effects.edit_part_jobs(cases, tmp_path / f"src{n}", {})
+        jobs = edit_jobs(cases, effects.EDIT_METHODS, tmp_path / f"src{n}", {})
         assert len(jobs) == len(cases) * len(effects.EDIT_METHODS)
         return {job["id"]: job["seed"] for job in jobs}
 
