@@ -90,7 +90,7 @@ class Settings:
     n_reground: int = 12  # captions per (beta, wiring)
     ablation_n: int = 2  # steer ablations: the first scenes
     step_fraction: float = 0.5  # editors run this fraction of their default step counts
-    editor_guidance: float | None = None  # edit and steer parts: every editor's guidance (None: each editor's default, 7.5)
+    editor_guidance: float | None = None  # edit and steer parts: every editor's guidance and the steering's DDS-S direction's (None: defaults, 7.5)
     train_steps: int | None = None  # personalization steps (None: the recipes' 400)
     probes: tuple[float, ...] = (0.25, 0.5, 1.0)  # personalization: sample at these fractions of the training steps
     per_background: int = 2  # personalization samples per background color at each probe
@@ -103,6 +103,12 @@ class Settings:
     def editor_overrides(self, steps: int) -> dict[str, Any]:
         """An edit job's editor overrides: its step count, and `editor_guidance` when set."""
         return {"steps": steps, **({"guidance": self.editor_guidance} if self.editor_guidance is not None else {})}
+
+    def steering_overrides(self) -> tuple[str, ...]:
+        """`train steer` overrides: `steer_overrides`, and with `editor_guidance` the guidance of EDSD's DDS-S direction too
+        (`edsd.guidance_src`, `edsd.guidance_ref`): that direction is one edit step, so it runs at the editors' guidance."""
+        g = self.editor_guidance
+        return self.steer_overrides + ((f"edsd.guidance_src={g:g}", f"edsd.guidance_ref={g:g}") if g is not None else ())
 
 
 def _seed(part: str, *rest: int) -> tuple[int, ...]:
@@ -303,7 +309,7 @@ class Effects:
             path = steer_task.run(compose("steer", [
                 f"model.pretrained={s.model}", f"adapter={base.adapter}", f"image={sources[case.id]}",
                 f"source_prompt='{case.scene.caption}'", f"ref_prompt='{ref_prompt(case, base.token)}'", f"seed={EFFECTS_SEED}",
-                f"output_dir={out}", "progress=false", "logger=none", *s.steer_overrides, *extra]))
+                f"output_dir={out}", "progress=false", "logger=none", *s.steering_overrides(), *extra]))
             steer_s.setdefault((method, variant), []).append(time.perf_counter() - started)
             return str(path)
 
@@ -349,7 +355,7 @@ class Effects:
             shown = cases[:GRID_ROWS]
             labelled_grid([[c.scene.image] + [images[f"{method}__{e}__{label}__{c.id}"] for e in STEER_EDITORS for label in ("baseline", "steered")]
                            for c in shown], ["source", "DDS-S", "DDS-S st.", "DDS-SM", "DDS-SM st."], self.figures / f"steer_{method}.png")
-        return {"edit_steps": edit_steps, "steer_overrides": list(s.steer_overrides), "ablation_n": s.ablation_n, "ablations": ABLATIONS,
+        return {"edit_steps": edit_steps, "steer_overrides": list(s.steering_overrides()), "ablation_n": s.ablation_n, "ablations": ABLATIONS,
                 "table": table, "paired": paired, "ablation_table": ablation_rows,
                 "steer_seconds": {f"{m}__{v}": _mean(t) for (m, v), t in steer_s.items()},
                 "adapters": {m: {"token": p.token, "train_steps": p.train_steps, "train_s": round(p.train_s, 1)} for m, p in trained.items()},
@@ -784,7 +790,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--train-steps", type=int, default=None, help="personalization steps (default: each recipe's)")
     parser.add_argument("--per-background", type=int, default=defaults.per_background)
     parser.add_argument("--workers", type=int, default=defaults.workers, help="edit-task processes")
-    parser.add_argument("--editor-guidance", type=float, default=None, help="edit and steer parts: every editor's guidance (default: each editor's)")
+    parser.add_argument("--editor-guidance", type=float, default=None, help="edit and steer parts: every editor's guidance, and the steering's DDS-S direction's (default: each one's own)")
     parser.add_argument("--model", default=defaults.model)
     parser.add_argument("--gligen-model", default=defaults.gligen_model)
     parser.add_argument("--md", type=Path, default=Path("docs") / "effects.md")
