@@ -267,3 +267,19 @@ def test_the_subject_mask_finds_the_object_on_the_toy_model():
             ious[label].append(float((found & truth).sum() / (found | truth).sum()))
     assert np.mean(ious["words"]) >= 0.3, ious
     assert np.mean(ious["noun"]) < 0.2, ious
+
+
+def test_the_editor_guidance_also_sets_the_steerings_dds_s_guidance_and_nothing_else():
+    from dreamsteer.benchmarks import effects
+    from dreamsteer.train.config import compose
+
+    base = effects.Settings()
+    assert base.steering_overrides() == base.steer_overrides  # each one's own guidance: nothing added
+    toy = effects.Settings(editor_guidance=1.5)
+    added = toy.steering_overrides()[len(toy.steer_overrides):]
+    assert toy.steering_overrides()[: len(toy.steer_overrides)] == toy.steer_overrides
+    assert sorted(added) == ["edsd.guidance_ref=1.5", "edsd.guidance_src=1.5"]
+    # the keys exist in the steer task's config, so compose applies them rather than fail
+    cfg = compose("steer", list(added))
+    assert (cfg.edsd.guidance_src, cfg.edsd.guidance_ref) == (1.5, 1.5)
+    assert cfg.mode_shift.guidance_scale == compose("steer", []).mode_shift.guidance_scale  # sampling keeps its own
