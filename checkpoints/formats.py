@@ -30,6 +30,7 @@ from safetensors.torch import load_file
 from dreamsteer.checkpoints import kohya, lycoris
 from dreamsteer.checkpoints.safetensors_files import read_metadata, save_safetensors
 from dreamsteer.data.files import write_text_atomic
+from dreamsteer.diffusion.backbone import dtype_kwargs
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 LORA_KOHYA_FILE = "lora_kohya.safetensors"
@@ -449,7 +450,7 @@ def read_dreambooth(backbone: Any, directory: Path, train_text_encoder: bool) ->
     from diffusers import UNet2DConditionModel
 
     try:
-        unet = UNet2DConditionModel.from_pretrained(str(directory), subfolder="unet", torch_dtype=backbone.dtype)
+        unet = UNet2DConditionModel.from_pretrained(str(directory), subfolder="unet", **dtype_kwargs(backbone.dtype))
         text_encoders = {}
         for name, encoder, _ in backbone.family.text_encoders(backbone) if train_text_encoder else []:
             text_encoders[name] = type(encoder).from_pretrained(str(directory), subfolder=name, dtype=encoder.dtype)

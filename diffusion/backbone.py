@@ -256,6 +256,15 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     return DTYPES[name]
 
 
+def dtype_kwargs(dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """The dtype keyword of diffusers' `from_pretrained` / `from_single_file`: `dtype` from diffusers 0.40 on (which
+    warns on every load given the old name), `torch_dtype` before it (which knows no other)."""
+    import diffusers
+
+    major, minor = (int(part) for part in re.findall(r"\d+", diffusers.__version__)[:2])
+    return {"dtype" if (major, minor) >= (0, 40) else "torch_dtype": dtype}
+
+
 def resolve_model_source(source: str, cache_dir: str | Path | None = None) -> str:
     """Turn a built-in name (``tiny``, ``tiny-gligen``, ``tiny-sdxl``, optionally ``:<seed>``; ``toy``)
     into its folder, building a tiny one once; other sources pass unchanged."""
@@ -295,7 +304,7 @@ def load_backbone(
         pipeline_class = _pipeline_class(_folder_config(path))
         _check_diffusers_folder(path, _SDXL_COMPONENTS if pipeline_class.__name__ == "StableDiffusionXLPipeline" else _COMPONENTS)
         try:
-            pipe = pipeline_class.from_pretrained(path, torch_dtype=torch_dtype, local_files_only=True, **_extra_kwargs(pipeline_class))
+            pipe = pipeline_class.from_pretrained(path, **dtype_kwargs(torch_dtype), local_files_only=True, **_extra_kwargs(pipeline_class))
         except Exception as err:  # diffusers raises many types here; name the folder in one message
             raise ModelLoadError(f"model folder {path}: could not be loaded as a diffusers pipeline: {err}") from err
     elif path.is_file():
@@ -304,7 +313,7 @@ def load_backbone(
         pipeline_class = _single_file_class(path)
         local_config = single_file_config is not None and Path(single_file_config).expanduser().is_dir()
         try:  # with a local config folder nothing needs a hub: never ask one
-            pipe = pipeline_class.from_single_file(path, torch_dtype=torch_dtype, config=single_file_config, local_files_only=local_config,
+            pipe = pipeline_class.from_single_file(path, **dtype_kwargs(torch_dtype), config=single_file_config, local_files_only=local_config,
                                                    **_extra_kwargs(pipeline_class))
         except Exception as err:
             raise ModelLoadError(
@@ -316,7 +325,7 @@ def load_backbone(
     elif _HUB_ID.match(resolved):
         try:
             pipeline_class = _pipeline_class(_hub_config(resolved))
-            pipe = pipeline_class.from_pretrained(resolved, torch_dtype=torch_dtype, **_extra_kwargs(pipeline_class))
+            pipe = pipeline_class.from_pretrained(resolved, **dtype_kwargs(torch_dtype), **_extra_kwargs(pipeline_class))
         except Exception as err:
             raise ModelLoadError(
                 f"hub model {resolved!r} could not be loaded ({type(err).__name__}: {err}). "

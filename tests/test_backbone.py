@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 
 import pytest
 import torch
 
-from dreamsteer.diffusion.backbone import ModelLoadError, load_backbone
+from dreamsteer.diffusion.backbone import ModelLoadError, dtype_kwargs, load_backbone
 from dreamsteer.diffusion.tiny import build_tiny_pipeline, tiny_model_dir
 
 
@@ -121,3 +122,20 @@ def test_forward_process_and_eps_prediction(tiny_backbone):
     assert torch.allclose(tiny_backbone.add_noise(z, eps, t), a.sqrt() * z + (1 - a).sqrt() * eps)
     # the scheduler's own add_noise is the reference formula
     assert torch.allclose(tiny_backbone.add_noise(z, eps, t), tiny_backbone.scheduler.add_noise(z, eps, t), atol=1e-6)
+
+
+def test_the_dtype_keyword_follows_the_installed_diffusers(monkeypatch):
+    import diffusers
+
+    for version, key in [("0.32.2", "torch_dtype"), ("0.39.0", "torch_dtype"), ("0.40.0", "dtype"), ("0.42.1", "dtype"), ("0.43.0.dev0", "dtype"),
+                         ("1.0.0", "dtype")]:
+        monkeypatch.setattr(diffusers, "__version__", version)
+        assert dtype_kwargs(torch.float16) == {key: torch.float16}, version
+
+
+def test_loading_a_model_warns_of_no_deprecated_dtype_keyword():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        backbone = load_backbone("tiny", dtype="fp16")
+    assert backbone.unet.dtype == torch.float16 and backbone.text_encoder.dtype == torch.float16  # the keyword still reached every component
+    assert not [str(w.message) for w in caught if "torch_dtype" in str(w.message)]

@@ -199,7 +199,9 @@ def dataset(cfg: DictConfig, resolution: int):
 def load_vae(folder: str, resolution: int):
     from diffusers import AutoencoderKL
 
-    vae = AutoencoderKL.from_pretrained(folder, torch_dtype=torch.float32, local_files_only=True)
+    from dreamsteer.diffusion.backbone import dtype_kwargs
+
+    vae = AutoencoderKL.from_pretrained(folder, **dtype_kwargs(torch.float32), local_files_only=True)
     if vae.config.sample_size != resolution:
         raise ConfigError(f"config key 'vae': the VAE in {folder} was trained at {vae.config.sample_size} px, arch.resolution is {resolution}")
     return vae
