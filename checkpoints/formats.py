@@ -453,7 +453,8 @@ def read_dreambooth(backbone: Any, directory: Path, train_text_encoder: bool) ->
         unet = UNet2DConditionModel.from_pretrained(str(directory), subfolder="unet", **dtype_kwargs(backbone.dtype))
         text_encoders = {}
         for name, encoder, _ in backbone.family.text_encoders(backbone) if train_text_encoder else []:
-            text_encoders[name] = type(encoder).from_pretrained(str(directory), subfolder=name, dtype=encoder.dtype)
+            # cast after loading: transformers < 4.56 ignores a `dtype` keyword and knows only `torch_dtype`, which later ones warn on
+            text_encoders[name] = type(encoder).from_pretrained(str(directory), subfolder=name).to(encoder.dtype)
     except Exception as err:  # diffusers / transformers raise many types for a bad folder; name it in one message
         raise AdapterFormatError(f"{directory}: the DreamBooth UNet / text encoders could not be loaded ({type(err).__name__}: {err})") from None
     for name, module in (("unet", unet), *text_encoders.items()):

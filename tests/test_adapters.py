@@ -249,3 +249,22 @@ def test_text_encoder_lora_exports_are_refused_under_refusing_transformers(fresh
         attach_adapter(fresh_backbone, "lora", rank=4, text_encoder=True)
     assert fresh_backbone.adapter is None and not hasattr(fresh_backbone.unet, "peft_config")
     attach_adapter(fresh_backbone, "lora", rank=4)  # UNet-only LoRA goes through diffusers: unaffected
+
+
+def test_a_dreambooth_export_loads_into_a_half_precision_backbone_in_half_precision(fresh_backbone, tiny_dir, tmp_path):
+    attach_adapter(fresh_backbone, "dreambooth", train_text_encoder=True)
+    _perturb(fresh_backbone)
+    out = export_adapter(fresh_backbone, tmp_path / "export")
+    trained = {"unet": fresh_backbone.unet.state_dict(), "text_encoder": fresh_backbone.text_encoder.state_dict()}
+
+    half = load_backbone(str(tiny_dir), dtype="fp16")
+    load_adapter(half, out)
+    for name in ("unet", "text_encoder"):
+        module = getattr(half, name)
+        assert {p.dtype for p in module.parameters()} == {torch.float16}, name
+        # the export's weights, not the base's, and cast rather than reinterpreted
+        key, weight = next((k, v) for k, v in trained[name].items() if v.dtype == torch.float32 and v.dim() > 1)
+        assert torch.equal(module.state_dict()[key], weight.half()), (name, key)
+    with torch.no_grad():  # and it runs: no fp32 text encoder feeding an fp16 UNet
+        z, t = _inputs()
+        half.unet(z.half(), t, encoder_hidden_states=half.encode_prompt(["a photo of sks cat"] * 2)).sample
