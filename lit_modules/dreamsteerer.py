@@ -100,6 +100,8 @@ class MemoryConfig:
 class OptimConfig:
     # learning rates per baseline: personalize's defaults (conf/method/<kind>.yaml)
     lr: dict = field(default_factory=lambda: {"lora": 1e-4, "textual_inversion": 5e-4, "custom_diffusion": 1e-5, "dreambooth": 5e-6})
+    # train.steer: steer at the rate the adapter was trained with (its adapter.json) when it records one, instead of lr[<kind>]
+    lr_from_adapter: bool = True
     name: str = "adamw"  # adamw | adamw8bit (bitsandbytes: 8-bit optimizer state)
     weight_decay: float = 0.0
     betas: list = field(default_factory=lambda: [0.9, 0.999])

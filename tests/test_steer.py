@@ -318,3 +318,36 @@ def test_steering_defaults_agree_with_the_editor_and_personalization():
         method = OmegaConf.load(Path(__file__).resolve().parent.parent / "conf" / "method" / f"{kind}.yaml")
         assert lr == method.lr, kind
     assert steer_cfg.mode_shift.log_unguided is False  # a full extra sampling run: the demo alone turns it on
+
+
+def test_steering_runs_at_the_learning_rate_the_adapter_was_trained_with(tiny_dir, workdir, tmp_path):
+    """Adam's first step moves every parameter with a gradient by the learning rate itself, so the largest change
+    of the LoRA's weights after one step reads the rate the optimizer ran at."""
+    trained_lr = 3e-3  # 30x the LoRA default of optim.lr, which an adapter trained by personalize at 3e-3 must not get
+    bb = load_backbone(str(tiny_dir))
+    attach_adapter(bb, "lora", rank=4)
+    with torch.no_grad():
+        for p in bb.adapter.trainable_parameters(bb):
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    src = export_adapter(bb, tmp_path / "trained", {"instance_prompt": "a photo of sks cat", "training_steps": 5,
+                                                    "training": {"method": {"name": "lora", "lr": trained_lr}}})
+    before = {n: p.detach().clone() for n, p in bb.adapter.named_trainable(bb)}
+
+    def one_step(out: Path, extra: list[str]) -> tuple[float, dict]:
+        overrides = [f"adapter={src}", f"image={workdir / 'photos' / 'cat.png'}", f"source_prompt='{SOURCE}'",
+                     f"ref_prompt='{PARENTS['lora'][2]}'", f"output_dir={out}", f"model.pretrained={tiny_dir}", "logger=none", *FAST,
+                     "steps=1", *extra]
+        steered = run(compose("steer", overrides))
+        after = load_backbone(str(tiny_dir))
+        load_adapter(after, steered)
+        moved = max(float((p.detach() - before[n]).abs().max()) for n, p in after.adapter.named_trainable(after))
+        return moved, json.loads((steered / "adapter.json").read_text())
+
+    moved, manifest = one_step(tmp_path / "own", [])
+    assert moved == pytest.approx(trained_lr, rel=0.02)
+    assert manifest["steering"]["lr"] == trained_lr and manifest["steering"]["lr_source"] == "adapter"
+    assert manifest["training"]["method"]["lr"] == trained_lr  # carried: steering the steered adapter again keeps the rate
+
+    moved, manifest = one_step(tmp_path / "config", ["optim.lr_from_adapter=false"])
+    assert moved == pytest.approx(1e-4, rel=0.02)
+    assert manifest["steering"]["lr"] == 1e-4 and manifest["steering"]["lr_source"] == "config"

@@ -124,6 +124,13 @@ def infer_class_token(source_prompt: str, ref_prompt: str) -> str:
     return found
 
 
+def trained_learning_rate(manifest: dict[str, Any]) -> float | None:
+    """The learning rate an adapter was trained with, as `personalize` records it in adapter.json
+    (`training.method.lr`); None for adapters that record none (converted from other tools)."""
+    lr = manifest.get("training", {}).get("method", {}).get("lr")
+    return float(lr) if isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr > 0 else None
+
+
 @dataclass
 class SteerInputs:
     adapter_dir: Path
@@ -132,6 +139,8 @@ class SteerInputs:
     image: Any  # PIL
     tokens: list[str]
     class_token: str
+    lr: float  # the steering learning rate: the adapter's own (optim.lr_from_adapter) or optim.lr.<kind>
+    lr_source: str  # "adapter" | "config"
 
 
 def check_inputs(cfg: DictConfig) -> SteerInputs:
@@ -153,8 +162,10 @@ def check_inputs(cfg: DictConfig) -> SteerInputs:
     adapter_dir = Path(cfg.adapter).expanduser()
     manifest = check_adapter_folder(adapter_dir)
     kind = manifest["method"]
-    if kind not in cfg.optim.lr:
+    trained_lr = trained_learning_rate(manifest) if cfg.optim.lr_from_adapter else None
+    if trained_lr is None and kind not in cfg.optim.lr:
         raise ConfigError(f"config key 'optim.lr.{kind}': no learning rate for the adapter's method {kind!r}")
+    lr, lr_source = (trained_lr, "adapter") if trained_lr is not None else (float(cfg.optim.lr[kind]), "config")
     tokens = concept_tokens(manifest, cfg.concept_token, adapter_dir, cfg.source_prompt, cfg.ref_prompt)
     if not any(contains_word(cfg.ref_prompt, tok) for tok in tokens):
         raise ValueError(f"ref_prompt {cfg.ref_prompt!r} does not contain the concept token of adapter {adapter_dir} "
@@ -166,7 +177,7 @@ def check_inputs(cfg: DictConfig) -> SteerInputs:
         subject_phrase(cfg.source_prompt, cfg.ref_prompt, class_token)  # the grounded phrase must be derivable
     image_path = Path(cfg.image).expanduser()
     image = load_image(image_path)  # ImageLoadError (a ValueError) names the file
-    return SteerInputs(adapter_dir, manifest, image_path, image, tokens, class_token)
+    return SteerInputs(adapter_dir, manifest, image_path, image, tokens, class_token, lr, lr_source)
 
 
 # ----------------------------------------------------------------------------- run
@@ -209,6 +220,12 @@ def prepare(cfg: DictConfig) -> Prepared:
     return Prepared(cfg, inputs, backbone, z_src, out, time.perf_counter() - started)
 
 
+def _optim_config(cfg: DictConfig, inputs: SteerInputs) -> OptimConfig:
+    """`optim` with the adapter's method at the resolved steering rate (`SteerInputs.lr`)."""
+    optim = OmegaConf.to_container(cfg.optim)
+    return OptimConfig(**{**optim, "lr": {**optim["lr"], inputs.manifest["method"]: inputs.lr}})
+
+
 def steer(prepared: Prepared) -> tuple[Path, dict[str, float]]:
     """Fit the DreamSteerer module and export the steered adapter; returns (export dir, timings)."""
     import lightning as L
@@ -219,7 +236,7 @@ def steer(prepared: Prepared) -> tuple[Path, dict[str, float]]:
     module = DreamSteererModule(
         backbone, prepared.z_src, cfg.source_prompt, cfg.ref_prompt, inputs.class_token,
         EDSDConfig(**OmegaConf.to_container(cfg.edsd)), ModeShiftConfig(**OmegaConf.to_container(cfg.mode_shift)),
-        MaskConfig(**OmegaConf.to_container(cfg.mask)), OptimConfig(**OmegaConf.to_container(cfg.optim)),
+        MaskConfig(**OmegaConf.to_container(cfg.mask)), _optim_config(cfg, inputs),
         seed=cfg.seed, progress=cfg.progress, memory=MemoryConfig(**OmegaConf.to_container(cfg.memory)),
     )
     on_gpu = backbone.device.type == "cuda"
@@ -256,13 +273,16 @@ def steer(prepared: Prepared) -> tuple[Path, dict[str, float]]:
         "parent_adapter": str(inputs.adapter_dir),
         "parent_files": inputs.manifest.get("files", {}),
         "steps": int(module.global_step),
+        "lr": inputs.lr,
+        "lr_source": inputs.lr_source,
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
     if module.subject is not None:
         steering["mask_fraction"] = float(module.subject.mask.mean())
     if module.ms_box is not None:  # gligen_box: what grounded the mode-shifting images
         steering["mode_shift_grounding"] = {"phrase": module.phrase, "box": module.ms_box}
-    carried = {k: inputs.manifest[k] for k in ("instance_prompt", "class_prompt", "training_steps") if k in inputs.manifest}
+    # the personalization's record travels with the weights it made, so a steered adapter can be steered again at its rate
+    carried = {k: inputs.manifest[k] for k in ("instance_prompt", "class_prompt", "training_steps", "training") if k in inputs.manifest}
     path = export_adapter(backbone, out / cfg.export_name, extra={**carried, "steering": steering})
     timings = dict(module.timings)
     timings["export"] = time.perf_counter() - export_start
