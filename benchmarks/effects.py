@@ -30,6 +30,7 @@ JSON, keeping the parts not run this time) and PNG grids in `<figures>`.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -300,7 +301,7 @@ class Effects:
         cases = [steer_case(_seed("steer", i), f"scene_{i:02d}", backbone.resolution) for i in range(s.n_steer)]
         sources = {c.id: save_image_atomic(c.scene.image, work / "sources" / f"{c.id}.png") for c in cases}
         edit_steps = {e: _steps(e, s.step_fraction) for e in STEER_EDITORS}
-        jobs, steer_s, trained = [], {}, {}
+        jobs, steer_s, trained, steer_lr = [], {}, {}, {}
 
         def steered(method: str, case: EditCase, variant: str, extra: Sequence[str]) -> str:
             base = self.personalized(method)
@@ -311,6 +312,7 @@ class Effects:
                 f"source_prompt='{case.scene.caption}'", f"ref_prompt='{ref_prompt(case, base.token)}'", f"seed={EFFECTS_SEED}",
                 f"output_dir={out}", "progress=false", "logger=none", *s.steering_overrides(), *extra]))
             steer_s.setdefault((method, variant), []).append(time.perf_counter() - started)
+            steer_lr[method] = json.loads((Path(path) / "adapter.json").read_text(encoding="utf-8"))["steering"]["lr"]
             return str(path)
 
         def add_jobs(method: str, case: EditCase, label: str, adapter: str, editors: Sequence[str]) -> None:
@@ -358,7 +360,8 @@ class Effects:
         return {"edit_steps": edit_steps, "steer_overrides": list(s.steering_overrides()), "ablation_n": s.ablation_n, "ablations": ABLATIONS,
                 "table": table, "paired": paired, "ablation_table": ablation_rows,
                 "steer_seconds": {f"{m}__{v}": _mean(t) for (m, v), t in steer_s.items()},
-                "adapters": {m: {"token": p.token, "train_steps": p.train_steps, "train_s": round(p.train_s, 1)} for m, p in trained.items()},
+                "adapters": {m: {"token": p.token, "train_steps": p.train_steps, "train_s": round(p.train_s, 1), "steer_lr": steer_lr[m]}
+                             for m, p in trained.items()},
                 "cases": {key: rs for key, rs in rows.items()},
                 "prompts": {c.id: {"source": c.scene.caption, "ref": c.target_prompt} for c in cases}}
 
@@ -553,6 +556,9 @@ def _edit_md(r: dict[str, Any], figures: str) -> list[str]:
 def _steer_md(r: dict[str, Any], figures: str) -> list[str]:
     st = r["settings"]
     names = {"dds_s": "DDS-S", "dds_sm": "DDS-SM"}
+    rates = ""  # the rates the steered adapters record (runs before 2026-12-02 recorded none)
+    if all("steer_lr" in a for a in r["adapters"].values()):
+        rates = "; steering learning rates: " + ", ".join(f"{m} {a['steer_lr']:g}" for m, a in r["adapters"].items())
     lines = [
         f"Command: `python -m dreamsteer.benchmarks.effects --part steer --n {st['n_steer']}{_guidance_flag(st)}` "
         f"({_f(r['seconds'], 0)} s; the four adapters "
@@ -567,7 +573,8 @@ def _steer_md(r: dict[str, Any], figures: str) -> list[str]:
         + ", ".join(f"{names[e]} ({n} steps)" for e, n in r["edit_steps"].items())
         + (f" at guidance {st['editor_guidance']:g}" if st.get("editor_guidance") is not None else "")
         + ", once with the baseline adapter and once with the adapter steered toward that scene by `train steer` (its defaults: 10 steps, J = -1, "
-        f"subject mask on; with `{' '.join(r['steer_overrides'])}`). **subject** = subject score at the circle's place (detector, 0..1; >= 0.5 is "
+        f"subject mask on, the learning rate the adapter was trained with; with `{' '.join(r['steer_overrides'])}`"
+        + rates + "). **subject** = subject score at the circle's place (detector, 0..1; >= 0.5 is "
         "the subject); **success** = the detector reads the target scene (the subject at the circle's place, the other object and the "
         "background kept); **outside** = mean absolute change outside the circle's mask (+2 px); **box IoU** = the edited object's box vs the "
         "circle's. No local image encoder exists here, so subject fidelity is the detector's subject score (no CLIP-I).",
@@ -770,8 +777,6 @@ def _cpu_seconds() -> float:
 def _merge(json_path: Path, results: dict[str, Any], part: str | None = None) -> dict[str, Any]:
     """Write `results` (only `part` of its parts, or the parts it holds) over the parts in `json_path` as it is
     now, so that parts run by separate processes at the same time all land; returns what was written."""
-    import json
-
     current = json.loads(json_path.read_text(encoding="utf-8")) if json_path.is_file() else {}
     merged = {**current, **{k: v for k, v in results.items() if k != "parts"}}
     merged["parts"] = {**current.get("parts", {}), **({part: results["parts"][part]} if part else results["parts"])}
