@@ -351,3 +351,12 @@ def test_steering_runs_at_the_learning_rate_the_adapter_was_trained_with(tiny_di
     moved, manifest = one_step(tmp_path / "config", ["optim.lr_from_adapter=false"])
     assert moved == pytest.approx(1e-4, rel=0.02)
     assert manifest["steering"]["lr"] == 1e-4 and manifest["steering"]["lr_source"] == "config"
+
+
+def test_the_trained_learning_rate_is_read_only_from_a_well_formed_record():
+    from dreamsteer.train.steer import trained_learning_rate
+
+    assert trained_learning_rate({"training": {"method": {"lr": 2e-4}}}) == 2e-4
+    for manifest in ({}, {"training": None}, {"training": []}, {"training": {"method": "lora"}}, {"training": {"method": {"lr": "fast"}}},
+                     {"training": {"method": {"lr": 0}}}, {"training": {"method": {"lr": True}}}):
+        assert trained_learning_rate(manifest) is None, manifest

@@ -127,7 +127,9 @@ def infer_class_token(source_prompt: str, ref_prompt: str) -> str:
 def trained_learning_rate(manifest: dict[str, Any]) -> float | None:
     """The learning rate an adapter was trained with, as `personalize` records it in adapter.json
     (`training.method.lr`); None for adapters that record none (converted from other tools)."""
-    lr = manifest.get("training", {}).get("method", {}).get("lr")
+    training = manifest.get("training")
+    method = training.get("method") if isinstance(training, dict) else None
+    lr = method.get("lr") if isinstance(method, dict) else None
     return float(lr) if isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr > 0 else None
 
 
