@@ -48,6 +48,7 @@ from PIL import Image, ImageDraw  # noqa: E402
 
 from dreamsteer.benchmarks.toy_edits import (EDIT_KINDS, EditCase, edit_case, edit_jobs, edited_image, run_edit_jobs, score_edit,  # noqa: E402
                                              vae_reconstruction)
+from dreamsteer.checkpoints import read_manifest  # noqa: E402
 from dreamsteer.data.files import write_json_atomic, write_text_atomic  # noqa: E402
 from dreamsteer.data.images import save_image_atomic, tensor_to_pil  # noqa: E402
 from dreamsteer.data.scenes import (BACKGROUND_COLORS, OBJECT_COLORS, SHAPES, SUBJECT, SceneObject, render,  # noqa: E402
@@ -312,7 +313,8 @@ class Effects:
                 f"source_prompt='{case.scene.caption}'", f"ref_prompt='{ref_prompt(case, base.token)}'", f"seed={EFFECTS_SEED}",
                 f"output_dir={out}", "progress=false", "logger=none", *s.steering_overrides(), *extra]))
             steer_s.setdefault((method, variant), []).append(time.perf_counter() - started)
-            steer_lr[method] = json.loads((Path(path) / "adapter.json").read_text(encoding="utf-8"))["steering"]["lr"]
+            if method not in steer_lr:  # every steering of a method runs at one rate; its steered adapter records which
+                steer_lr[method] = read_manifest(path)["steering"]["lr"]
             return str(path)
 
         def add_jobs(method: str, case: EditCase, label: str, adapter: str, editors: Sequence[str]) -> None:

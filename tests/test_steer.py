@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -47,17 +48,23 @@ def workdir(tmp_path_factory) -> Path:
 _parents: dict[tuple[str, Path], Path] = {}
 
 
+def personalized_export(kind: str, tiny_dir: Path, out: Path, extra: dict | None = None) -> tuple[Path, Any]:
+    """`kind` attached and moved off its init, as training would, exported to `out` with `extra` in adapter.json;
+    returns the export and the backbone."""
+    config, instance, _ = PARENTS[kind]
+    bb = load_backbone(str(tiny_dir))
+    attach_adapter(bb, kind, **config)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in bb.adapter.trainable_parameters(bb):
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    return export_adapter(bb, out, {"instance_prompt": instance, "training_steps": 5, **(extra or {})}), bb
+
+
 def parent(kind: str, tiny_dir: Path, root: Path) -> Path:
-    """A "personalized" export of `kind`: the adapter attached and moved off its init, as training would."""
+    """A "personalized" export of `kind`, made once per module."""
     if (kind, tiny_dir) not in _parents:
-        config, instance, _ = PARENTS[kind]
-        bb = load_backbone(str(tiny_dir))
-        attach_adapter(bb, kind, **config)
-        gen = torch.Generator().manual_seed(1)
-        with torch.no_grad():
-            for p in bb.adapter.trainable_parameters(bb):
-                p.add_(0.05 * torch.randn(p.shape, generator=gen))
-        _parents[kind, tiny_dir] = export_adapter(bb, root / f"parent_{kind}_{tiny_dir.name}", {"instance_prompt": instance, "training_steps": 5})
+        _parents[kind, tiny_dir] = personalized_export(kind, tiny_dir, root / f"parent_{kind}_{tiny_dir.name}")[0]
     return _parents[kind, tiny_dir]
 
 
@@ -68,9 +75,9 @@ def _params(bb) -> dict[str, torch.Tensor]:
     return out
 
 
-def _steer(kind: str, tiny_dir: Path, root: Path, out: Path, extra: list[str] = ()) -> Path:
+def _steer(kind: str, tiny_dir: Path, root: Path, out: Path, extra: list[str] = (), adapter: Path | None = None) -> Path:
     _, _, ref = PARENTS[kind]
-    overrides = [f"adapter={parent(kind, tiny_dir, root)}", f"image={root / 'photos' / 'cat.png'}", f"source_prompt='{SOURCE}'",
+    overrides = [f"adapter={adapter or parent(kind, tiny_dir, root)}", f"image={root / 'photos' / 'cat.png'}", f"source_prompt='{SOURCE}'",
                  f"ref_prompt='{ref}'", f"output_dir={out}", f"model.pretrained={tiny_dir}", *FAST, *extra]
     return run(compose("steer", overrides))
 
@@ -324,20 +331,11 @@ def test_steering_runs_at_the_learning_rate_the_adapter_was_trained_with(tiny_di
     """Adam's first step moves every parameter with a gradient by the learning rate itself, so the largest change
     of the LoRA's weights after one step reads the rate the optimizer ran at."""
     trained_lr = 3e-3  # 30x the LoRA default of optim.lr, which an adapter trained by personalize at 3e-3 must not get
-    bb = load_backbone(str(tiny_dir))
-    attach_adapter(bb, "lora", rank=4)
-    with torch.no_grad():
-        for p in bb.adapter.trainable_parameters(bb):
-            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
-    src = export_adapter(bb, tmp_path / "trained", {"instance_prompt": "a photo of sks cat", "training_steps": 5,
-                                                    "training": {"method": {"name": "lora", "lr": trained_lr}}})
+    src, bb = personalized_export("lora", tiny_dir, tmp_path / "trained", {"training": {"method": {"name": "lora", "lr": trained_lr}}})
     before = {n: p.detach().clone() for n, p in bb.adapter.named_trainable(bb)}
 
     def one_step(out: Path, extra: list[str]) -> tuple[float, dict]:
-        overrides = [f"adapter={src}", f"image={workdir / 'photos' / 'cat.png'}", f"source_prompt='{SOURCE}'",
-                     f"ref_prompt='{PARENTS['lora'][2]}'", f"output_dir={out}", f"model.pretrained={tiny_dir}", "logger=none", *FAST,
-                     "steps=1", *extra]
-        steered = run(compose("steer", overrides))
+        steered = _steer("lora", tiny_dir, workdir, out, ["logger=none", "steps=1", *extra], adapter=src)
         after = load_backbone(str(tiny_dir))
         load_adapter(after, steered)
         moved = max(float((p.detach() - before[n]).abs().max()) for n, p in after.adapter.named_trainable(after))
