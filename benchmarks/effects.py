@@ -39,22 +39,19 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-# Idle OpenMP threads spin by default; on a shared CPU that slows every UNet call ~100x (as train/cli.py).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image, ImageDraw  # noqa: E402
-
-from dreamsteer.benchmarks.toy_edits import (EDIT_KINDS, EditCase, edit_case, edit_jobs, edited_image, run_edit_jobs, score_edit,  # noqa: E402
+from dreamsteer.benchmarks.toy_edits import (EDIT_KINDS, EditCase, edit_case, edit_jobs, edited_image, run_edit_jobs, score_edit,
                                              vae_reconstruction)
-from dreamsteer.checkpoints import read_manifest  # noqa: E402
-from dreamsteer.data.files import write_json_atomic, write_text_atomic  # noqa: E402
-from dreamsteer.data.images import save_image_atomic, tensor_to_pil  # noqa: E402
-from dreamsteer.data.scenes import (BACKGROUND_COLORS, OBJECT_COLORS, SHAPES, SUBJECT, SceneObject, render,  # noqa: E402
+from dreamsteer.checkpoints import read_manifest
+from dreamsteer.data.files import write_json_atomic, write_text_atomic
+from dreamsteer.data.images import save_image_atomic, tensor_to_pil
+from dreamsteer.data.scenes import (BACKGROUND_COLORS, OBJECT_COLORS, SHAPES, SUBJECT, SceneObject, render,
                                     sample_objects, write_subject_photos)
-from dreamsteer.metrics.detector import box_iou, detect, summary  # noqa: E402
-from dreamsteer.metrics.toy_edit import mean_metrics  # noqa: E402
+from dreamsteer.metrics.detector import box_iou, detect, summary
+from dreamsteer.metrics.toy_edit import mean_metrics
 
 EFFECTS_SEED = 2_000_003
 PARTS = ("edit", "steer", "reground", "personalize")

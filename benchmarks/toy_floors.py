@@ -6,6 +6,9 @@
     python -m dreamsteer.benchmarks.toy_floors --part personalize --seed 424242 --methods lora \
         --personalize-overrides method.rank=16     # a development set: try a setting on other seeds
 
+Beside other jobs on the same CPU, run it with ``OMP_NUM_THREADS=1`` (or ``<cores / jobs>``): idle OpenMP
+threads spin by default and starve the other jobs' (docs/performance.md, "CPU threads").
+
 Parts (each seeded; every case is drawn from seeds the pretraining never draws, see `FLOORS_SEED`; `--seed`
 draws every case from another seed instead, a development set on which settings are chosen, so that the
 floors' own cases never are):
@@ -35,25 +38,21 @@ A part whose model cannot be loaded is reported as skipped with the loader's rea
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-# Idle OpenMP threads spin by default; on a shared CPU that slows every UNet call ~100x (as train/cli.py).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import numpy as np
+import torch
+from PIL import Image
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from dreamsteer.data.files import write_json_atomic  # noqa: E402
-from dreamsteer.data.images import save_image_atomic, tensor_to_pil  # noqa: E402
-from dreamsteer.data.scenes import BACKGROUND_COLORS, SUBJECT, random_scene, write_subject_photos  # noqa: E402
-from dreamsteer.metrics.detector import box_iou, caption_agreement, detect, summary  # noqa: E402
-from dreamsteer.metrics.toy_edit import EDIT_MARGIN  # noqa: E402
+from dreamsteer.data.files import write_json_atomic
+from dreamsteer.data.images import save_image_atomic, tensor_to_pil
+from dreamsteer.data.scenes import BACKGROUND_COLORS, SUBJECT, random_scene, write_subject_photos
+from dreamsteer.metrics.detector import box_iou, caption_agreement, detect, summary
+from dreamsteer.metrics.toy_edit import EDIT_MARGIN
 
 FLOORS_SEED = 1_000_003  # cases use seeds (FLOORS_SEED, part, i): pretraining draws (seed, index) pairs
 PARTS = ("t2i", "edit", "personalize", "gligen")

@@ -80,3 +80,34 @@ def test_toy_demo_edits_with_the_toy_models_editor_recipe(tmp_path):
     for label in ("baseline", "steered"):
         params = json.loads((tmp_path / f"3_edit_{label}" / "photo.json").read_text())["params"]
         assert params["method"] == "dds_sm" and params["guidance"] == 1.5 and params["steps"] == 1
+
+
+def test_the_demo_runs_its_stages_at_its_thread_count_and_gives_the_callers_back(tmp_path, monkeypatch):
+    """`threads` holds for every stage (they run in the demo's process) and the caller's count returns
+    afterwards, also when a stage fails; threads < 1 is refused before anything runs."""
+    import torch
+
+    from dreamsteer.train import personalize
+    from dreamsteer.train.config import ConfigError
+    from dreamsteer.train.demo import run
+
+    seen = []
+
+    def personalize_run(cfg):
+        seen.append(torch.get_num_threads())
+        raise RuntimeError("stop after the first stage")
+
+    monkeypatch.setattr(personalize, "run", personalize_run)
+    before = torch.get_num_threads()
+    wanted = before + 1
+    with pytest.raises(RuntimeError, match="stop after the first stage"):
+        run(compose("demo", ["world=photo", "logger=none", f"threads={wanted}", f"output_dir={tmp_path / 'a'}"]))
+    assert seen == [wanted]
+    assert torch.get_num_threads() == before
+    with pytest.raises(RuntimeError, match="stop after the first stage"):
+        run(compose("demo", ["world=photo", "logger=none", "threads=null", f"output_dir={tmp_path / 'b'}"]))
+    assert seen == [wanted, before]
+    with pytest.raises(ConfigError, match="'threads'"):
+        run(compose("demo", ["world=photo", "threads=0", f"output_dir={tmp_path / 'c'}"]))
+    assert not (tmp_path / "c").exists()
+    assert seen == [wanted, before]

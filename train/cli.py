@@ -10,8 +10,6 @@ from pathlib import Path
 
 # transformers warns at import about optional torchvision image processors we never use.
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-# Idle OpenMP threads spin by default, which stalls other processes (DDP ranks) sharing the cores.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from dreamsteer.train.tasks import TASKS  # noqa: E402
 

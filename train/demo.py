@@ -65,6 +65,7 @@ class DemoConfig:
     seed: int = 0
     output_dir: Optional[str] = None
     progress: bool = True
+    threads: Optional[int] = 1  # torch CPU threads; null: torch's default (one per core)
     personalize_overrides: list[str] = field(default_factory=list)
     steer_overrides: list[str] = field(default_factory=lambda: ["mode_shift.n_ms=2", "mode_shift.sampling_steps=8"])
     edit_overrides: list[str] = field(default_factory=list)
@@ -104,10 +105,19 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     check_common(cfg)
     check_choice(cfg, "world", list(WORLDS))
     check_choice(cfg, "editor", ["dds_sm", "dds_s", "dds", "lusd", "cds", "sbp", "pds", "sds"])
+    if cfg.threads is not None and cfg.threads < 1:
+        raise ConfigError(f"config key 'threads': {cfg.threads} must be >= 1 (or null for torch's default)")
     inputs_for = _toy_inputs if cfg.world == "toy" else _photo_inputs
+    import torch
+
+    threads = torch.get_num_threads()
     out = output_dir(cfg)
-    with output_lock(out, "demo"):
-        return _run(cfg, out, inputs_for)
+    try:
+        torch.set_num_threads(cfg.threads or threads)
+        with output_lock(out, "demo"):
+            return _run(cfg, out, inputs_for)
+    finally:
+        torch.set_num_threads(threads)  # the caller's again (the demo may run inside another program, e.g. the tests)
 
 
 def _run(cfg: DictConfig, out: Path, inputs_for: Callable[[DictConfig, Path], DemoInputs]) -> dict[str, Any]:
