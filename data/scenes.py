@@ -57,6 +57,10 @@ MIN_OBJECTS, MAX_OBJECTS = 1, 2  # the pretraining distribution (the renderer dr
 ARTICLE = "a"
 BACKGROUND_SUFFIX = "background"
 GRAMMAR_WORDS: tuple[str, ...] = (ARTICLE, "and", "on", BACKGROUND_SUFFIX, *OBJECT_COLORS, *BACKGROUND_COLORS, *SHAPES)
+# Optional position words after an object ("a red circle top left and ..."): the third of the image its
+# center lies in, vertically and horizontally; "middle" for the centre third. Off in the shipped world,
+# whose captions never say where an object is (a model needs no position code to follow them).
+POSITION_WORDS: tuple[str, ...] = ("top", "bottom", "left", "right", "middle")
 
 
 @dataclass(frozen=True)
@@ -119,9 +123,18 @@ class Scene:
 
 
 # ----------------------------------------------------------------------------- captions
-def make_caption(background: str, objects: Sequence[SceneObject]) -> str:
-    """The grammar's caption: "a red circle and a blue square on a white background"."""
-    items = [f"{ARTICLE} {o.phrase}" for o in objects]
+def position_phrase(center: tuple[float, float]) -> str:
+    """Where a center (x, y as fractions of the side, y down) lies by thirds: "top left", "right", "middle"."""
+    x, y = center
+    vertical = "top" if y < 1 / 3 else "bottom" if y > 2 / 3 else ""
+    horizontal = "left" if x < 1 / 3 else "right" if x > 2 / 3 else ""
+    return " ".join(w for w in (vertical, horizontal) if w) or "middle"
+
+
+def make_caption(background: str, objects: Sequence[SceneObject], positions: bool = False) -> str:
+    """The grammar's caption: "a red circle and a blue square on a white background"; with `positions`
+    each object's `position_phrase` follows it: "a red circle top left and a blue square right on ..."."""
+    items = [f"{ARTICLE} {o.phrase}" + (f" {position_phrase(o.center)}" if positions else "") for o in objects]
     listed = items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
     return f"{listed} on {ARTICLE} {background} {BACKGROUND_SUFFIX}"
 
@@ -269,16 +282,22 @@ def random_scene(
     max_objects: int = MAX_OBJECTS,
     resolution: int = RESOLUTION,
     two_tone_p: float = 0.0,
+    position_words_p: float = 0.0,
 ) -> Scene:
     """A random scene of the pretraining distribution (uniform background, count, shapes, colors).
     `two_tone_p` > 0 makes objects two-tone with that probability: for the VAE only, so that it
-    reconstructs a two-tone subject, while the diffusion model never sees one."""
+    reconstructs a two-tone subject, while the diffusion model never sees one. With probability
+    `position_words_p` the caption names each object's place (`make_caption(..., positions=True)`);
+    that draw comes last, so the scene itself is the same for every `position_words_p`."""
     if not 1 <= min_objects <= max_objects <= 3:
         raise ValueError(f"object counts must satisfy 1 <= min_objects <= max_objects <= 3, got {min_objects}, {max_objects}")
     rng = _rng(seed)
     background = str(rng.choice(list(BACKGROUND_COLORS)))
     count = int(rng.integers(min_objects, max_objects + 1))
-    return render(background, sample_objects(rng, count, two_tone_p=two_tone_p), resolution)
+    scene = render(background, sample_objects(rng, count, two_tone_p=two_tone_p), resolution)
+    if position_words_p and rng.random() < position_words_p:
+        scene.caption = make_caption(background, scene.objects, positions=True)
+    return scene
 
 
 def subject_scene(seed: int | Sequence[int] | np.random.Generator, token: str | None = None, resolution: int = RESOLUTION) -> Scene:
@@ -321,15 +340,16 @@ class SceneDataset(Dataset):
     (one per object) and ``boxes`` [N, 4] (x0, y0, x1, y1 as fractions of the side)."""
 
     def __init__(self, length: int, seed: int = 0, resolution: int = RESOLUTION, min_objects: int = MIN_OBJECTS, max_objects: int = MAX_OBJECTS,
-                 two_tone_p: float = 0.0):
+                 two_tone_p: float = 0.0, position_words_p: float = 0.0):
         self.length, self.seed, self.resolution = length, seed, resolution
         self.min_objects, self.max_objects, self.two_tone_p = min_objects, max_objects, two_tone_p
+        self.position_words_p = position_words_p
 
     def __len__(self) -> int:
         return self.length
 
     def __getitem__(self, index: int) -> dict:
-        scene = random_scene((self.seed, index), self.min_objects, self.max_objects, self.resolution, self.two_tone_p)
+        scene = random_scene((self.seed, index), self.min_objects, self.max_objects, self.resolution, self.two_tone_p, self.position_words_p)
         return scene_item(scene)
 
 

@@ -423,3 +423,28 @@ def test_a_resume_with_another_checkpoint_interval_rewrites_last_ckpt(runs, tmp_
     files = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert not [f for f in files if "-v" in f], files  # Lightning would write last-v1.ckpt beside a stale last.ckpt
     assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
+
+
+def test_position_words_reach_the_training_captions_and_the_new_tokenizer(runs, tmp_path):
+    """`data.position_words_p` names objects' places in the captions the dataset gives, and a model from
+    scratch gets one token per position word; `init` whose tokenizer lacks them is refused before training."""
+    from dreamsteer.data.scenes import POSITION_WORDS
+    from dreamsteer.train.pretrain import build_modules, dataset, validate_config
+
+    _, vae, unet = runs
+    cfg = validate_config(compose("pretrain", ["stage=unet", f"vae={vae / 'vae'}", "data.position_words_p=1", f"output_dir={tmp_path}", *TINY]))
+    captions = [dataset(cfg, 16)[i]["caption"] for i in range(4)]
+    assert all(any(f" {w} " in c for w in POSITION_WORDS) for c in captions), captions
+    tokenizer = build_modules(cfg).tokenizer
+    for word in POSITION_WORDS:
+        assert len(tokenizer(word).input_ids) == 3, word
+    plain = validate_config(compose("pretrain", ["stage=unet", f"vae={vae / 'vae'}", f"output_dir={tmp_path}", *TINY]))
+    assert len(build_modules(plain).tokenizer("bottom").input_ids) > 3  # the shipped vocabulary stays as it was
+    assert not any(f" {w} " in dataset(plain, 16)[i]["caption"] for i in range(4) for w in POSITION_WORDS)
+    with pytest.raises(ConfigError, match="data.position_words_p"):  # its tokenizer has no "bottom"
+        build_modules(validate_config(compose("pretrain", ["stage=gligen", f"init={unet}", "data.position_words_p=0.5",
+                                                           f"output_dir={tmp_path}", *TINY])))
+    with pytest.raises(ConfigError, match="data.position_words_p"):
+        validate_config(compose("pretrain", ["stage=vae", "data.position_words_p=0.5", f"output_dir={tmp_path}", *TINY]))
+    with pytest.raises(ConfigError, match="data.position_words_p"):
+        validate_config(compose("pretrain", ["stage=unet", "vae=x", "data.position_words_p=1.5", f"output_dir={tmp_path}", *TINY]))

@@ -57,6 +57,7 @@ class PretrainDataConfig:
     min_objects: int = 1
     max_objects: int = 2
     two_tone_p: float = 0.0  # stage vae: probability of a two-tone object (so the VAE reconstructs the subject)
+    position_words_p: float = 0.0  # stage unet/gligen: probability that a caption names each object's place (data/scenes.py)
     batch_size: int = 32
     num_workers: int = 1
 
@@ -129,6 +130,8 @@ def validate_config(cfg: DictConfig) -> DictConfig:
     if not 0 <= d.two_tone_p <= 1 or (d.two_tone_p and cfg.stage != "vae"):
         raise ConfigError(f"config key 'data.two_tone_p': {d.two_tone_p} must be in [0, 1], and 0 unless stage=vae "
                           "(the diffusion model must never see two-tone objects, so the personal subject stays new to it)")
+    if not 0 <= d.position_words_p <= 1 or (d.position_words_p and cfg.stage == "vae"):
+        raise ConfigError(f"config key 'data.position_words_p': {d.position_words_p} must be in [0, 1], and 0 for stage=vae (no captions)")
     if d.batch_size < 1 or t.max_steps < 1 or t.export_every_n_steps < 0 or t.checkpoint_every_n_steps < 0:
         raise ConfigError("config keys 'data.batch_size', 'trainer.max_steps' must be >= 1, 'trainer.*_every_n_steps' >= 0")
     if t.max_time is not None and not re.fullmatch(r"\d+:\d\d:\d\d:\d\d", str(t.max_time)):
@@ -193,7 +196,8 @@ def dataset(cfg: DictConfig, resolution: int):
     d = cfg.data
     if d.source == "folder":
         return CaptionedFolder(d.folder, resolution)
-    return SceneDataset(cfg.trainer.max_steps * d.batch_size, cfg.seed, resolution, d.min_objects, d.max_objects, d.two_tone_p)
+    return SceneDataset(cfg.trainer.max_steps * d.batch_size, cfg.seed, resolution, d.min_objects, d.max_objects, d.two_tone_p,
+                        d.position_words_p)
 
 
 def load_vae(folder: str, resolution: int):
@@ -209,7 +213,7 @@ def load_vae(folder: str, resolution: int):
 
 def build_modules(cfg: DictConfig):
     """The LightningModule for the stage (its `export()` gives the VAE or pipeline to save)."""
-    from dreamsteer.data.scenes import GRAMMAR_WORDS, SUBJECT
+    from dreamsteer.data.scenes import GRAMMAR_WORDS, POSITION_WORDS, SUBJECT
     from dreamsteer.diffusion import toy
     from dreamsteer.lit_modules.pretrain import DiffusionPretrainModule, VaePretrainModule
 
@@ -221,7 +225,8 @@ def build_modules(cfg: DictConfig):
     from_scratch = not cfg.init
     if from_scratch:
         vae = load_vae(cfg.vae, arch.resolution)
-        tokenizer = toy.toy_tokenizer([*GRAMMAR_WORDS, SUBJECT.token], arch.max_tokens)
+        position_words = POSITION_WORDS if cfg.data.position_words_p else ()  # the shipped vocabulary unless positions are named
+        tokenizer = toy.toy_tokenizer([*GRAMMAR_WORDS, *position_words, SUBJECT.token], arch.max_tokens)
         text_encoder = toy.build_text_encoder(arch, tokenizer, cfg.seed + 1)
         latent = arch.resolution // 2 ** (len(vae.config.block_out_channels) - 1)
         unet = toy.build_unet(arch, latent, arch.text_width, cfg.seed + 2)
@@ -233,6 +238,11 @@ def build_modules(cfg: DictConfig):
             raise ConfigError(f"config key 'arch.resolution': {arch.resolution}, but the model in `init` ({cfg.init}) "
                               f"works at {base.resolution} px; the scenes are rendered at arch.resolution")
         vae, text_encoder, tokenizer, unet = base.vae, base.text_encoder, base.tokenizer, base.unet
+        if cfg.data.position_words_p:
+            split = [w for w in POSITION_WORDS if len(tokenizer(w, add_special_tokens=False).input_ids) != 1]
+            if split:
+                raise ConfigError(f"config key 'data.position_words_p': the tokenizer of `init` ({cfg.init}) has no token for "
+                                  f"{split}; position words need a model trained from scratch with them")
     if cfg.stage == "gligen":
         from dreamsteer.diffusion.gligen import add_gated_layers, set_gates
 
