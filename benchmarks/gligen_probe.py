@@ -24,6 +24,11 @@ take seconds and need no sampling.
   ones. A layer that reads the boxes gives both ratios above 1; one that finds its object by what the
   noisy image shows gives the true boxes a ratio above 1 and the mirrored ones below 1; one that
   does neither gives about 1 to both (a bias that is the same left and right cancels).
+- **Position words** (models whose tokenizer has ``data.scenes.POSITION_WORDS``, trained with
+  ``data.position_words_p``): the noise error as in box use, with no grounding tokens, for captions that
+  name each object's true place ("a red circle top left ..."), its place mirrored left-right, and no
+  place. A model whose features say where a token is, for its cross-attention, follows the words:
+  true < mirrored.
 
     python -m dreamsteer.benchmarks.gligen_probe --model toy                 # position code only
     python -m dreamsteer.benchmarks.gligen_probe --model runs/gligen/model   # all three checks
@@ -31,12 +36,13 @@ take seconds and need no sampling.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 from typing import Any, Sequence
 
 import torch
 
-from dreamsteer.data.scenes import Scene, random_scene, scene_item
+from dreamsteer.data.scenes import POSITION_WORDS, Scene, make_caption, random_scene, scene_item
 from dreamsteer.diffusion.backbone import load_backbone
 from dreamsteer.diffusion.gligen import gated_blocks, grounding_inputs, is_gligen
 
@@ -92,6 +98,35 @@ def box_use(backbone: Any, scenes: Sequence[Scene], timesteps: Sequence[int] = T
         z_t, eps, t_batch = _noised(backbone, z, t, seed + i)
         result[t] = {kind: float(((backbone.predict_eps(z_t, t_batch, text, cross_attention_kwargs={"gligen": g}).float() - eps.float()) ** 2).mean())
                      for kind, g in groundings.items()}
+    return result
+
+
+def position_captions(scene: Scene, kind: str) -> str:
+    """The scene's caption naming each object's place ("true"), its place mirrored left-right ("mirrored"),
+    or none ("plain")."""
+    if kind == "plain":
+        return make_caption(scene.background, scene.objects)
+    objects = scene.objects if kind == "true" else [dataclasses.replace(o, center=(1 - o.center[0], o.center[1])) for o in scene.objects]
+    return make_caption(scene.background, objects, positions=True)
+
+
+def names_positions(tokenizer: Any) -> bool:
+    """Whether every position word is one token (the model can have been trained with them)."""
+    return all(len(tokenizer(w, add_special_tokens=False).input_ids) == 1 for w in POSITION_WORDS)
+
+
+@torch.no_grad()
+def position_word_use(backbone: Any, scenes: Sequence[Scene], timesteps: Sequence[int] = TIMESTEPS, seed: int = 0) -> dict[int, dict[str, float]]:
+    """``{t: {"true" | "mirrored" | "plain": mean squared noise error}}`` with the captions of
+    `position_captions` and no grounding tokens; the noise as in `box_use`."""
+    z = encode_scenes(backbone, scenes)[0]
+    texts = {kind: backbone.encode_prompt([position_captions(s, kind) for s in scenes]) for kind in ("true", "mirrored", "plain")}
+    kwargs = {"gligen": scene_grounding(backbone, scenes, "none")} if is_gligen(backbone.unet) else None
+    result = {}
+    for i, t in enumerate(timesteps):
+        z_t, eps, t_batch = _noised(backbone, z, t, seed + i)
+        result[t] = {kind: float(((backbone.predict_eps(z_t, t_batch, text, cross_attention_kwargs=kwargs).float() - eps.float()) ** 2).mean())
+                     for kind, text in texts.items()}
     return result
 
 
@@ -235,7 +270,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(f"  {name}: gate {m['gate']:+.3f} | objects {m['objects']:.4f} ({m['even']:.4f}) | output {m['output']:.3f}"
                   f" | in box {m['box_true']:.2f}, mirrored {m['box_mirrored']:.2f}")
     else:
-        print(f"{args.model}: no GLIGEN layers, so only the position code is probed")
+        print(f"{args.model}: no GLIGEN layers, so box use and grounding attention are not probed")
+    if names_positions(backbone.tokenizer):
+        print(f"position words: mean squared noise error on {args.n} scenes, no grounding tokens, captions naming each object's "
+              "true place / its place mirrored left-right / no place")
+        for t, errors in position_word_use(backbone, scenes[: args.n], args.timesteps).items():
+            print(f"  t={t}: " + "  ".join(f"{kind} {errors[kind]:.5f}" for kind in ("true", "mirrored", "plain")))
     print("position code: ridge probe features -> token (x, y), mean absolute error on the centre tokens (chance: their mean)")
     for t, blocks in position_code(backbone, scenes[: args.n], scenes[args.n:], args.timesteps).items():
         print(f"  t={t}: " + " | ".join(f"{name.replace('.transformer_blocks.0', '')} {side}x{side} {err:.2f} ({chance:.2f})"

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from dreamsteer.benchmarks.gligen_probe import box_inside, box_use, grounding_attention, main, mirror_boxes, ridge_probe
-from dreamsteer.data.scenes import random_scene
+from dreamsteer.benchmarks.gligen_probe import (box_inside, box_use, grounding_attention, main, mirror_boxes, names_positions, position_captions,
+                                                position_word_use, ridge_probe)
+from dreamsteer.data.scenes import SceneObject, random_scene, render
 from dreamsteer.diffusion.backbone import load_backbone
 from dreamsteer.diffusion.gligen import MAX_OBJECTS, gated_blocks, grounding_inputs, set_fuser
 
@@ -220,3 +221,38 @@ def test_grounding_attention_output_is_what_the_gated_attention_adds():
             checked += 1
             uneven += m["box_true"] != pytest.approx(1.0, rel=1e-3)  # random keys: not the same everywhere
     assert checked >= 1 and uneven >= 1
+
+
+def test_position_captions_name_the_true_and_the_mirrored_places():
+    scene = render("gray", [SceneObject("circle", "red", (0.2, 0.2), 0.14), SceneObject("star", "blue", (0.5, 0.8), 0.14)])
+    assert position_captions(scene, "true") == "a red circle top left and a blue star bottom on a gray background"
+    assert position_captions(scene, "mirrored") == "a red circle top right and a blue star bottom on a gray background"
+    assert position_captions(scene, "plain") == scene.caption == "a red circle and a blue star on a gray background"
+
+
+def test_position_word_use_matches_a_direct_computation_without_grounding(open_gligen):
+    """The error for each kind of caption, on the same noise, with GLIGEN's null tokens only."""
+    scenes = [render("white", [SceneObject("square", "green", (0.25, 0.5), 0.2)], open_gligen.resolution), random_scene((9, 0), resolution=open_gligen.resolution)]
+    errors = position_word_use(open_gligen, scenes, timesteps=(700,), seed=3)[700]
+    size = open_gligen.resolution
+    pixels = torch.stack([torch.from_numpy(np.asarray(s.image, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1) for s in scenes])
+    with torch.no_grad():
+        z = open_gligen.vae.encode(pixels).latent_dist.mean * open_gligen.vae.config.scaling_factor
+        eps = torch.randn(z.shape, generator=torch.Generator().manual_seed(3))
+        a = open_gligen.scheduler.alphas_cumprod[700]
+        z_t = a.sqrt() * z + (1 - a).sqrt() * eps
+        null = {k: torch.cat([grounding_inputs(open_gligen, s.phrases, (s.boxes / size).tolist())[k] for s in scenes]) for k in ("boxes", "positive_embeddings", "masks")}
+        null["masks"] = torch.zeros_like(null["masks"])
+        for kind in ("true", "mirrored", "plain"):
+            captions = [position_captions(s, kind) for s in scenes]
+            pred = open_gligen.unet(z_t, torch.full((2,), 700), encoder_hidden_states=open_gligen.encode_prompt(captions),
+                                    cross_attention_kwargs={"gligen": null}).sample
+            assert errors[kind] == pytest.approx(float(((pred - eps) ** 2).mean()), rel=1e-5), kind
+    assert errors["true"] != errors["mirrored"]  # "left" against "right": other captions
+
+
+def test_the_position_word_check_runs_only_for_a_tokenizer_with_the_words(capsys):
+    """tiny-gligen's tokenizer spells "bottom" in pieces: no model of it was trained with position words."""
+    assert not names_positions(load_backbone("tiny-gligen").tokenizer)
+    main(["--model", "tiny-gligen", "--n", "2", "--timesteps", "900"])
+    assert "position words" not in capsys.readouterr().out
