@@ -101,6 +101,8 @@ def _stage(name: str, fn: Callable[[], Any], timings: dict[str, float]) -> Any:
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
+    import torch
+
     cfg = validate(cfg, DemoConfig)
     check_common(cfg)
     check_choice(cfg, "world", list(WORLDS))
@@ -108,8 +110,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.threads is not None and cfg.threads < 1:
         raise ConfigError(f"config key 'threads': {cfg.threads} must be >= 1 (or null for torch's default)")
     inputs_for = _toy_inputs if cfg.world == "toy" else _photo_inputs
-    import torch
-
     threads = torch.get_num_threads()
     out = output_dir(cfg)
     try:
