@@ -7,8 +7,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import pytest
-import torch
+# Idle OpenMP threads spin by default; with several processes on 2 cores that stalls everyone.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # Build the tiny model once per session in a private cache (subprocesses inherit the variable), removed at exit.
 if "DREAMSTEER_CACHE" not in os.environ:
