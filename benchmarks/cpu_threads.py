@@ -101,11 +101,11 @@ def main() -> None:
         rates: dict[tuple[str, str, int], list[float]] = {}
         for _ in range(args.repeats):
             for task in args.tasks:
+                steps = args.steps or DEFAULT_STEPS[task]
                 for copies in (1, 2):
                     for setting in args.settings:
-                        steps = args.steps or DEFAULT_STEPS[task]
                         rates.setdefault((task, setting, copies), []).append(steps_per_second(task, steps, setting, copies, work))
-    print(f"\n| task | setting | steps/s alone | vs default | steps/s each, x2 | vs default x2 |")
+    print("\n| task | setting | steps/s alone | vs default | steps/s each, x2 | vs default x2 |")
     print("|---|---|---|---|---|---|")
     for task in args.tasks:
         base = {c: statistics.median(rates[(task, "default", c)]) for c in (1, 2)}

@@ -45,6 +45,7 @@ import torch
 from dreamsteer.data.scenes import POSITION_WORDS, Scene, make_caption, random_scene, scene_item
 from dreamsteer.diffusion.backbone import load_backbone
 from dreamsteer.diffusion.gligen import gated_blocks, grounding_inputs, is_gligen
+from dreamsteer.diffusion.toy import words_not_single_tokens
 
 PROBE_SEED = 434343  # scenes no training run, floor or effects table uses
 TIMESTEPS = (900, 750, 600, 300)
@@ -112,7 +113,7 @@ def position_captions(scene: Scene, kind: str) -> str:
 
 def names_positions(tokenizer: Any) -> bool:
     """Whether every position word is one token (the model can have been trained with them)."""
-    return all(len(tokenizer(w, add_special_tokens=False).input_ids) == 1 for w in POSITION_WORDS)
+    return not words_not_single_tokens(tokenizer, POSITION_WORDS)
 
 
 @torch.no_grad()

@@ -54,6 +54,11 @@ def toy_tokenizer(words: Sequence[str], max_tokens: int):
         return CLIPTokenizer.from_pretrained(tmp, model_max_length=max_tokens)
 
 
+def words_not_single_tokens(tokenizer, words: Sequence[str]) -> list[str]:
+    """The `words` the tokenizer splits into several pieces (a model can only have learned whole-token words)."""
+    return [w for w in words if len(tokenizer(w, add_special_tokens=False).input_ids) != 1]
+
+
 def build_vae(arch: ToyArchitecture, seed: int):
     from diffusers import AutoencoderKL
 

@@ -239,7 +239,7 @@ def build_modules(cfg: DictConfig):
                               f"works at {base.resolution} px; the scenes are rendered at arch.resolution")
         vae, text_encoder, tokenizer, unet = base.vae, base.text_encoder, base.tokenizer, base.unet
         if cfg.data.position_words_p:
-            split = [w for w in POSITION_WORDS if len(tokenizer(w, add_special_tokens=False).input_ids) != 1]
+            split = toy.words_not_single_tokens(tokenizer, POSITION_WORDS)
             if split:
                 raise ConfigError(f"config key 'data.position_words_p': the tokenizer of `init` ({cfg.init}) has no token for "
                                   f"{split}; position words need a model trained from scratch with them")
