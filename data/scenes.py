@@ -61,6 +61,16 @@ GRAMMAR_WORDS: tuple[str, ...] = (ARTICLE, "and", "on", BACKGROUND_SUFFIX, *OBJE
 # center lies in, vertically and horizontally; "middle" for the centre third. Off in the shipped world,
 # whose captions never say where an object is (a model needs no position code to follow them).
 POSITION_WORDS: tuple[str, ...] = ("top", "bottom", "left", "right", "middle")
+# Optional fixed pattern: a faint texture that is the same in every image, like a camera sensor's
+# fixed-pattern noise. Off in the shipped world, which looks the same under any shift of its objects, so
+# that a denoiser of it never needs to know where a pixel is (and GLIGEN's gated layers, which have no
+# position embedding of their own, find little position to read at 8x8: docs/toy.md). With the pattern on,
+# predicting it from a noisy latent takes knowing where each latent pixel is.
+FIXED_PATTERN_SEED = 7919
+FIXED_PATTERN_CELL = 2  # pixels per cell of the pattern: one latent pixel of the toy VAE
+# The strongest pattern allowed: at +-32 per channel a pixel moves <= 56 in RGB, under half the least
+# distance between palette colors (115), so every pixel stays nearest its own color for the detector.
+FIXED_PATTERN_MAX = 32.0
 
 
 @dataclass(frozen=True)
@@ -204,6 +214,15 @@ def coverage(obj: SceneObject, resolution: int, inner: bool = False) -> np.ndarr
     return hits.reshape(resolution, SUPERSAMPLE, resolution, SUPERSAMPLE).mean(axis=(1, 3))
 
 
+def fixed_pattern(resolution: int, amplitude: float) -> np.ndarray:
+    """The fixed pattern at `resolution`: [H, W, 3] float offsets in 8-bit levels, one value per
+    channel and FIXED_PATTERN_CELL x FIXED_PATTERN_CELL cell, uniform in [-amplitude, amplitude], drawn
+    from FIXED_PATTERN_SEED (so every image of a resolution gets the same one)."""
+    cells = -(-resolution // FIXED_PATTERN_CELL)
+    grid = np.random.default_rng(FIXED_PATTERN_SEED).uniform(-1.0, 1.0, size=(cells, cells, 3)).astype(np.float32) * amplitude
+    return grid.repeat(FIXED_PATTERN_CELL, axis=0).repeat(FIXED_PATTERN_CELL, axis=1)[:resolution, :resolution]
+
+
 def mask_box(mask: np.ndarray) -> np.ndarray:
     """Pixel box (x0, y0, x1, y1) of a boolean mask, x1 / y1 exclusive (zeros for an empty mask)."""
     ys, xs = np.nonzero(mask)
@@ -213,8 +232,9 @@ def mask_box(mask: np.ndarray) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- rendering
-def render(background: str, objects: Sequence[SceneObject], resolution: int = RESOLUTION) -> Scene:
-    """Draw `objects` (they must not overlap) on a `background`, with masks, boxes and caption."""
+def render(background: str, objects: Sequence[SceneObject], resolution: int = RESOLUTION, pattern: float = 0.0) -> Scene:
+    """Draw `objects` (they must not overlap) on a `background`, with masks, boxes and caption; with
+    `pattern` > 0 the fixed pattern of that amplitude (`fixed_pattern`) is added over the whole image."""
     if background not in BACKGROUND_COLORS:
         raise ValueError(f"unknown background {background!r}: expected one of {list(BACKGROUND_COLORS)}")
     if not objects:
@@ -233,6 +253,8 @@ def render(background: str, objects: Sequence[SceneObject], resolution: int = RE
         masks.append(cover[..., 0] >= 0.5)
     masks_array = np.stack(masks)
     boxes = np.stack([mask_box(m) for m in masks_array])
+    if pattern:
+        image = image + fixed_pattern(resolution, pattern)
     pil = Image.fromarray(np.clip(image + 0.5, 0, 255).astype(np.uint8))
     return Scene(pil, background, list(objects), masks_array, boxes, make_caption(background, objects))
 
@@ -283,18 +305,20 @@ def random_scene(
     resolution: int = RESOLUTION,
     two_tone_p: float = 0.0,
     position_words_p: float = 0.0,
+    pattern: float = 0.0,
 ) -> Scene:
     """A random scene of the pretraining distribution (uniform background, count, shapes, colors).
     `two_tone_p` > 0 makes objects two-tone with that probability: for the VAE only, so that it
     reconstructs a two-tone subject, while the diffusion model never sees one. With probability
     `position_words_p` the caption names each object's place (`make_caption(..., positions=True)`);
-    that draw comes last, so the scene itself is the same for every `position_words_p`."""
+    that draw comes last, so the scene itself is the same for every `position_words_p`. `pattern` adds
+    the fixed pattern of that amplitude (`render`); it draws nothing from the seed."""
     if not 1 <= min_objects <= max_objects <= 3:
         raise ValueError(f"object counts must satisfy 1 <= min_objects <= max_objects <= 3, got {min_objects}, {max_objects}")
     rng = _rng(seed)
     background = str(rng.choice(list(BACKGROUND_COLORS)))
     count = int(rng.integers(min_objects, max_objects + 1))
-    scene = render(background, sample_objects(rng, count, two_tone_p=two_tone_p), resolution)
+    scene = render(background, sample_objects(rng, count, two_tone_p=two_tone_p), resolution, pattern)
     if position_words_p and rng.random() < position_words_p:
         scene.caption = make_caption(background, scene.objects, positions=True)
     return scene
@@ -340,16 +364,17 @@ class SceneDataset(Dataset):
     (one per object) and ``boxes`` [N, 4] (x0, y0, x1, y1 as fractions of the side)."""
 
     def __init__(self, length: int, seed: int = 0, resolution: int = RESOLUTION, min_objects: int = MIN_OBJECTS, max_objects: int = MAX_OBJECTS,
-                 two_tone_p: float = 0.0, position_words_p: float = 0.0):
+                 two_tone_p: float = 0.0, position_words_p: float = 0.0, pattern: float = 0.0):
         self.length, self.seed, self.resolution = length, seed, resolution
         self.min_objects, self.max_objects, self.two_tone_p = min_objects, max_objects, two_tone_p
-        self.position_words_p = position_words_p
+        self.position_words_p, self.pattern = position_words_p, pattern
 
     def __len__(self) -> int:
         return self.length
 
     def __getitem__(self, index: int) -> dict:
-        scene = random_scene((self.seed, index), self.min_objects, self.max_objects, self.resolution, self.two_tone_p, self.position_words_p)
+        scene = random_scene((self.seed, index), self.min_objects, self.max_objects, self.resolution, self.two_tone_p,
+                             self.position_words_p, self.pattern)
         return scene_item(scene)
 
 

@@ -9,7 +9,7 @@ from PIL import Image
 from scipy import ndimage
 
 from dreamsteer.data.images import pil_to_tensor
-from dreamsteer.data.scenes import SUBJECT, SceneObject, random_scene, render, subject_scene
+from dreamsteer.data.scenes import FIXED_PATTERN_MAX, SUBJECT, SceneObject, random_scene, render, subject_scene
 from dreamsteer.metrics.detector import box_iou, caption_agreement, detect, match_masks
 
 
@@ -51,6 +51,17 @@ def accuracy(count: int, degraded: bool) -> tuple[float, list[str]]:
 def test_detector_reads_rendered_scenes():
     rate, wrong = accuracy(200, degraded=False)
     assert rate >= 0.99, wrong
+
+
+def test_detector_reads_scenes_with_the_strongest_fixed_pattern():
+    """`pretrain data.fixed_pattern` may go up to FIXED_PATTERN_MAX because the detector still reads such scenes."""
+    wrong = []
+    for i in range(60):
+        scene = random_scene((1236, i), 1, 3, pattern=FIXED_PATTERN_MAX)
+        errors = scene_errors(scene, detect(scene.image))
+        if errors:
+            wrong.append(f"scene {i} ({scene.caption}): {errors}")
+    assert len(wrong) <= 1, wrong
 
 
 def test_detector_reads_blurred_noisy_color_shifted_scenes():

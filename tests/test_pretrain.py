@@ -332,6 +332,10 @@ def test_bad_config_fails_before_training(tmp_path):
         run(compose("pretrain", ["stage=vae", "init=toy", f"output_dir={tmp_path}"]))
     with pytest.raises(ConfigError, match="optim.schedule"):
         run(compose("pretrain", ["stage=vae", "optim.schedule=linear", f"output_dir={tmp_path}"]))
+    with pytest.raises(ConfigError, match="data.fixed_pattern"):  # the detector's tolerance
+        run(compose("pretrain", ["stage=unet", "vae=x", "data.fixed_pattern=40", f"output_dir={tmp_path}"]))
+    with pytest.raises(ConfigError, match="data.fixed_pattern"):  # only the renderer draws it
+        run(compose("pretrain", ["stage=unet", "vae=x", "data.source=folder", "data.folder=x", "data.fixed_pattern=8", f"output_dir={tmp_path}"]))
 
 
 def test_max_time_stops_the_run_early_and_still_exports(tmp_path):
@@ -423,6 +427,17 @@ def test_a_resume_with_another_checkpoint_interval_rewrites_last_ckpt(runs, tmp_
     files = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert not [f for f in files if "-v" in f], files  # Lightning would write last-v1.ckpt beside a stale last.ckpt
     assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
+
+
+def test_fixed_pattern_reaches_the_training_images(tmp_path):
+    from dreamsteer.data.scenes import random_scene
+    from dreamsteer.train.pretrain import dataset, validate_config
+
+    cfg = validate_config(compose("pretrain", ["stage=vae", "data.fixed_pattern=12", "seed=4", f"output_dir={tmp_path}", *TINY]))
+    pixels = dataset(cfg, 16)[3]["pixel_values"]
+    expected = torch.from_numpy(np.asarray(random_scene((4, 3), 1, 2, 16, pattern=12).image).astype(np.float32)).permute(2, 0, 1) / 127.5 - 1
+    plain = torch.from_numpy(np.asarray(random_scene((4, 3), 1, 2, 16).image).astype(np.float32)).permute(2, 0, 1) / 127.5 - 1
+    assert torch.allclose(pixels, expected, atol=1e-6) and not torch.allclose(pixels, plain, atol=0.02)
 
 
 def test_position_words_reach_the_training_captions_and_the_new_tokenizer(runs, tmp_path):

@@ -13,6 +13,7 @@ from dreamsteer.data.scenes import (
     SceneDataset,
     SceneObject,
     collate_scenes,
+    fixed_pattern,
     make_caption,
     parse_caption,
     random_scene,
@@ -151,3 +152,34 @@ def test_position_words_change_the_caption_alone_at_their_rate():
     assert 70 <= named <= 130
     assert all(random_scene((6, i), position_words_p=1.0).caption == make_caption(s.background, s.objects, positions=True)
                for i, s in ((i, random_scene((6, i))) for i in range(5)))
+
+
+def test_fixed_pattern_is_the_same_offset_in_every_image_and_changes_nothing_else():
+    """`pattern=A` adds one texture to every scene: cells of 2x2 pixels, one value per cell and channel in
+    [-A, A], different from cell to cell; the objects, masks, boxes and caption stay as drawn without it."""
+    amplitude = 16.0
+    offsets = []
+    for i in range(6):
+        plain, patterned = random_scene((9, i)), random_scene((9, i), pattern=amplitude)
+        assert plain.objects == patterned.objects and plain.caption == patterned.caption
+        assert np.array_equal(plain.masks, patterned.masks) and np.array_equal(plain.boxes, patterned.boxes)
+        a, b = np.asarray(plain.image).astype(int), np.asarray(patterned.image).astype(int)
+        unclipped = (a >= amplitude + 1) & (a <= 254 - amplitude)  # neither this pixel nor its offset clipped at 0 / 255
+        offsets.append(np.where(unclipped, b - a, 999))
+    offsets = np.stack(offsets)
+    # Per pixel and channel, every image where it was not clipped shows the same offset (to rounding).
+    seen = offsets != 999
+    lo, hi = np.where(seen, offsets, 999).min(0), np.where(seen, offsets, -999).max(0)
+    assert (hi - lo)[seen.any(0)].max() <= 1
+    d = np.where(seen.any(0), np.where(seen, offsets, 0).sum(0) / np.maximum(seen.sum(0), 1), np.nan)
+    assert np.nanmax(np.abs(d)) <= amplitude + 1 and np.nanstd(d) > amplitude / 3  # uniform in [-A, A]: std A / sqrt(3)
+    cells = d.reshape(RESOLUTION // 2, 2, RESOLUTION // 2, 2, 3)
+    within = np.nanmax(np.abs(cells - np.nanmean(cells, axis=(1, 3), keepdims=True)))
+    assert within <= 1  # one value per 2x2 cell
+    pattern = fixed_pattern(RESOLUTION, amplitude)
+    assert pattern.shape == (RESOLUTION, RESOLUTION, 3) and np.nanmax(np.abs(d - pattern)) <= 1
+    assert np.array_equal(fixed_pattern(RESOLUTION, 2 * amplitude), 2 * pattern)
+    assert np.array_equal(np.asarray(random_scene((9, 0), pattern=0.0).image), np.asarray(random_scene((9, 0)).image))
+    item = SceneDataset(2, seed=9, pattern=amplitude)[1]
+    assert np.array_equal(np.asarray(random_scene((9, 1), pattern=amplitude).image),
+                          np.round((item["pixel_values"].permute(1, 2, 0).numpy() + 1) * 127.5).astype(int))

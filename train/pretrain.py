@@ -58,6 +58,7 @@ class PretrainDataConfig:
     max_objects: int = 2
     two_tone_p: float = 0.0  # stage vae: probability of a two-tone object (so the VAE reconstructs the subject)
     position_words_p: float = 0.0  # stage unet/gligen: probability that a caption names each object's place (data/scenes.py)
+    fixed_pattern: float = 0.0  # amplitude (8-bit levels) of a faint texture the same in every image: a position prior (data/scenes.py)
     batch_size: int = 32
     num_workers: int = 1
 
@@ -132,6 +133,13 @@ def validate_config(cfg: DictConfig) -> DictConfig:
                           "(the diffusion model must never see two-tone objects, so the personal subject stays new to it)")
     if not 0 <= d.position_words_p <= 1 or (d.position_words_p and cfg.stage == "vae"):
         raise ConfigError(f"config key 'data.position_words_p': {d.position_words_p} must be in [0, 1], and 0 for stage=vae (no captions)")
+    from dreamsteer.data.scenes import FIXED_PATTERN_MAX
+
+    if not 0 <= d.fixed_pattern <= FIXED_PATTERN_MAX:
+        raise ConfigError(f"config key 'data.fixed_pattern': {d.fixed_pattern} must be in [0, {FIXED_PATTERN_MAX}] (8-bit levels; "
+                          "a stronger pattern would change what the detector reads)")
+    if d.fixed_pattern and d.source != "scenes":
+        raise ConfigError("config key 'data.fixed_pattern': only data.source=scenes draws the pattern")
     if d.batch_size < 1 or t.max_steps < 1 or t.export_every_n_steps < 0 or t.checkpoint_every_n_steps < 0:
         raise ConfigError("config keys 'data.batch_size', 'trainer.max_steps' must be >= 1, 'trainer.*_every_n_steps' >= 0")
     if t.max_time is not None and not re.fullmatch(r"\d+:\d\d:\d\d:\d\d", str(t.max_time)):
@@ -197,7 +205,7 @@ def dataset(cfg: DictConfig, resolution: int):
     if d.source == "folder":
         return CaptionedFolder(d.folder, resolution)
     return SceneDataset(cfg.trainer.max_steps * d.batch_size, cfg.seed, resolution, d.min_objects, d.max_objects, d.two_tone_p,
-                        d.position_words_p)
+                        d.position_words_p, d.fixed_pattern)
 
 
 def load_vae(folder: str, resolution: int):
