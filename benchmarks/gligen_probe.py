@@ -1,18 +1,25 @@
-"""Why a GLIGEN model of the toy world does or does not put objects in their boxes: three checks that
-take seconds and need no sampling.
+"""Why a GLIGEN model of the toy world does or does not put objects in their boxes: checks that take
+seconds and need no sampling.
 
 - **Box use.** The noise error ``mean (eps_theta(z_t, t, c, g) - eps)^2`` on held-out scenes at fixed
   noise levels, the same ``z_t`` and ``eps`` for three kinds of grounding tokens ``g``: each scene's
   phrases with their true boxes, the same phrases with the boxes mirrored left-right, and none
   (masks 0: GLIGEN's null tokens). A model that uses its boxes has a lower error with the true boxes
-  than with the mirrored ones; one that uses only the phrases has true = mirrored < none.
+  than with the mirrored ones; one that uses only the phrases has true = mirrored < none. And the
+  **box reach**: how far the predicted noise itself moves when the boxes are mirrored, and when the
+  grounding tokens are dropped, relative to its size: the strength of the path by which the boxes (and
+  any gradient that would teach their use) reach the output.
+- **Layout reward.** What the epsilon loss at high noise pays for not knowing where the objects are: the
+  model's noise error at t = 950, 900, 800 against the error it would have if its clean-latent estimate
+  were as good as its own estimate at t = 600, where the noisy latent shows the layout
+  (``a_t / (1 - a_t) |x0_hat_600 - z|^2``). The gap is what a model that read its boxes could gain there.
 - **Position code.** GLIGEN's gated self-attention gives its visual tokens no position embedding:
   a token can only tell whether it lies inside a box from what the UNet's features say about where it
   is. A ridge regression from the features entering each transformer block to the token's grid
-  coordinates (x, y) is fitted on some scenes and scored on others, by its mean absolute error on the
-  centre tokens (the middle half of the grid in both directions) against the error of always
-  predicting their mean coordinate. At or above that chance error, the features do not say where a
-  centre token is; only the border tokens, which see the zero padding of the convolutions, can know.
+  coordinates (x, y), fitted on the centre tokens (the middle half of the grid in both directions) of
+  some scenes and scored on those of others, by its mean absolute error against the error of always
+  predicting their mean coordinate. At chance, the features do not say where a centre token is (the
+  border tokens see the zero padding of the convolutions; they are left out of fit and score alike).
 - **Grounding attention.** Per gated layer (``x + tanh(alpha_attn) * attn([x, objs])[:n_visual]``):
   its gate ``tanh(alpha_attn)``; the share of the visual tokens' attention that goes to the real
   objects' grounding tokens, against the share they would get if the attention paid to all 30 grounding
@@ -31,7 +38,8 @@ take seconds and need no sampling.
   true < mirrored.
 
     python -m dreamsteer.benchmarks.gligen_probe --model toy                 # position code only
-    python -m dreamsteer.benchmarks.gligen_probe --model runs/gligen/model   # all three checks
+    python -m dreamsteer.benchmarks.gligen_probe --model runs/gligen/model   # every check
+    python -m dreamsteer.benchmarks.gligen_probe --model runs/g/model --fixed-pattern 16  # trained with data.fixed_pattern=16
 """
 from __future__ import annotations
 
@@ -89,16 +97,56 @@ def scene_grounding(backbone: Any, scenes: Sequence[Scene], kind: str) -> dict[s
 
 
 @torch.no_grad()
-def box_use(backbone: Any, scenes: Sequence[Scene], timesteps: Sequence[int] = TIMESTEPS, seed: int = 0) -> dict[int, dict[str, float]]:
-    """``{t: {"true" | "mirrored" | "none": mean squared noise error}}`` (module docstring); the noise
-    at the i-th of `timesteps` is drawn from ``seed + i``, the same for the three groundings."""
+def _grounded_predictions(backbone: Any, scenes: Sequence[Scene], timesteps: Sequence[int], seed: int) -> dict[int, tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+    """``{t: (eps, {grounding kind: predicted eps})}`` on the scenes noised at each of `timesteps` (the
+    noise at the i-th drawn from ``seed + i``, the same for the three groundings)."""
     groundings = {kind: scene_grounding(backbone, scenes, kind) for kind in GROUNDINGS}
     z, text = encode_scenes(backbone, scenes)
     result = {}
     for i, t in enumerate(timesteps):
         z_t, eps, t_batch = _noised(backbone, z, t, seed + i)
-        result[t] = {kind: float(((backbone.predict_eps(z_t, t_batch, text, cross_attention_kwargs={"gligen": g}).float() - eps.float()) ** 2).mean())
-                     for kind, g in groundings.items()}
+        result[t] = (eps.float(), {kind: backbone.predict_eps(z_t, t_batch, text, cross_attention_kwargs={"gligen": g}).float()
+                                   for kind, g in groundings.items()})
+    return result
+
+
+def box_use(backbone: Any, scenes: Sequence[Scene], timesteps: Sequence[int] = TIMESTEPS, seed: int = 0) -> dict[int, dict[str, float]]:
+    """``{t: {"true" | "mirrored" | "none": mean squared noise error}}`` (module docstring)."""
+    return {t: {kind: float(((pred - eps) ** 2).mean()) for kind, pred in preds.items()}
+            for t, (eps, preds) in _grounded_predictions(backbone, scenes, timesteps, seed).items()}
+
+
+def box_reach(backbone: Any, scenes: Sequence[Scene], timesteps: Sequence[int] = TIMESTEPS, seed: int = 0) -> dict[int, dict[str, float]]:
+    """``{t: {"mirrored" | "none": |eps_true - eps_kind| / |eps_true|}}``: how far the predicted noise moves
+    when the boxes are mirrored, and when the grounding tokens are dropped (norms over the whole batch)."""
+    return {t: {kind: float((preds["true"] - preds[kind]).norm() / preds["true"].norm()) for kind in ("mirrored", "none")}
+            for t, (_, preds) in _grounded_predictions(backbone, scenes, timesteps, seed).items()}
+
+
+@torch.no_grad()
+def layout_reward(backbone: Any, scenes: Sequence[Scene], timesteps: Sequence[int] = (950, 900, 800), known_at: int = 600,
+                  seed: int = 0) -> dict[int, tuple[float, float]]:
+    """``{t: (the model's noise error at t, the error it would have if it knew the scene as well as it does
+    at `known_at`)}``, captions only. The second is ``a_t / (1 - a_t) |x0_hat - z|^2`` with ``x0_hat`` the
+    model's own clean-latent estimate at `known_at`: what the epsilon loss at t pays for not knowing the
+    layout (which at `known_at` the noisy latent shows), and so what a model that read the boxes could gain."""
+    z, text = encode_scenes(backbone, scenes)
+    alphas = backbone.scheduler.alphas_cumprod.to(z.device, torch.float64)
+
+    def estimate(t: int, noise_seed: int) -> tuple[torch.Tensor, float]:
+        z_t, eps, t_batch = _noised(backbone, z, t, noise_seed)
+        pred = backbone.predict_eps(z_t, t_batch, text)
+        a = alphas[t]
+        x0 = (z_t.double() - (1 - a).sqrt() * pred.double()) / a.sqrt()
+        return x0, float(((pred.float() - eps.float()) ** 2).mean())
+
+    known, _ = estimate(known_at, seed + len(timesteps))
+    known_error = float(((known - z.double()) ** 2).mean())
+    result = {}
+    for i, t in enumerate(timesteps):
+        _, error = estimate(t, seed + i)
+        a = float(alphas[t])
+        result[t] = (error, a / (1 - a) * known_error)
     return result
 
 
@@ -190,26 +238,29 @@ def grounding_attention(backbone: Any, scenes: Sequence[Scene], t: int = TIMESTE
 
 
 def ridge_probe(train: torch.Tensor, test: torch.Tensor, ridge: float = 1e-2) -> tuple[float, float]:
-    """Fit ``(x, y) ~ [f, 1] W`` on token features ``train [B, N, C]`` (N = side^2 tokens, row-major),
-    score on ``test``: (mean absolute error on the centre tokens, the same error of predicting their mean)."""
+    """Fit ``(x, y) ~ [f, 1] W`` on the centre tokens' features of ``train [B, N, C]`` (N = side^2 tokens,
+    row-major; the centre: the middle half of the grid in both directions), score on the centre tokens of
+    ``test``: (mean absolute error, the same error of predicting their mean). Fitted on the centre alone,
+    so that the border tokens, whose features the zero padding marks in other ways, do not bend the fit."""
     n_tokens, channels = train.shape[1], train.shape[2]
     side = math.isqrt(n_tokens)
     if side * side != n_tokens:
         raise ValueError(f"ridge_probe: {n_tokens} tokens do not form a square grid")
     ys, xs = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
     coords = torch.stack([xs.flatten(), ys.flatten()], dim=1).double()
+    lo, hi = side // 4, side - side // 4
+    centre = ((coords >= lo) & (coords < hi)).all(dim=1)
+    coords = coords[centre]
 
     def design(features: torch.Tensor) -> torch.Tensor:
-        flat = features.reshape(-1, channels).double()
+        flat = features[:, centre].reshape(-1, channels).double()
         return torch.cat([flat, torch.ones(len(flat), 1, dtype=flat.dtype)], dim=1)
 
     a = design(train)
     weights = torch.linalg.solve(a.T @ a + ridge * torch.eye(channels + 1, dtype=a.dtype), a.T @ coords.repeat(train.shape[0], 1))
-    predicted = (design(test) @ weights).reshape(test.shape[0], n_tokens, 2)
-    lo, hi = side // 4, side - side // 4
-    centre = ((coords >= lo) & (coords < hi)).all(dim=1)
-    error = (predicted[:, centre] - coords[centre]).abs().mean()
-    chance = (coords[centre] - coords[centre].mean(dim=0)).abs().mean()
+    predicted = (design(test) @ weights).reshape(test.shape[0], len(coords), 2)
+    error = (predicted - coords).abs().mean()
+    chance = (coords - coords.mean(dim=0)).abs().mean()
     return float(error), float(chance)
 
 
@@ -254,15 +305,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--model", default="toy", help="a toy-world model (GLIGEN or not): built-in name or folder")
     parser.add_argument("--n", type=int, default=128, help="scenes per check (the probe fits on n, scores on n/2 more)")
     parser.add_argument("--timesteps", type=int, nargs="+", default=list(TIMESTEPS))
+    parser.add_argument("--fixed-pattern", type=float, default=0.0,
+                        help="the `pretrain data.fixed_pattern` the model was trained with: the probe's scenes carry it too")
     args = parser.parse_args(argv)
 
     backbone = load_backbone(args.model)
     resolution = backbone.resolution
-    scenes = [random_scene((PROBE_SEED, i), resolution=resolution) for i in range(args.n + args.n // 2)]
+    scenes = [random_scene((PROBE_SEED, i), resolution=resolution, pattern=args.fixed_pattern) for i in range(args.n + args.n // 2)]
     if is_gligen(backbone.unet):
         print(f"box use: mean squared noise error on {args.n} scenes, grounding with the true boxes / mirrored boxes / none")
         for t, errors in box_use(backbone, scenes[: args.n], args.timesteps).items():
             print(f"  t={t}: " + "  ".join(f"{kind} {errors[kind]:.5f}" for kind in GROUNDINGS))
+        print("box reach: how far the predicted noise moves, |eps_true - eps_other| / |eps_true|, with the boxes mirrored / no grounding")
+        for t, moves in box_reach(backbone, scenes[: args.n], args.timesteps).items():
+            print(f"  t={t}: mirrored {moves['mirrored']:.1e}  none {moves['none']:.1e}")
         t = args.timesteps[0]
         print(f"grounding attention at t={t}: gate tanh(alpha_attn) | attention share on the real objects' tokens "
               "(that share spread evenly over the slots) | |gated output| / |x| | attention on an object's token inside "
@@ -277,7 +333,11 @@ def main(argv: Sequence[str] | None = None) -> None:
               "true place / its place mirrored left-right / no place")
         for t, errors in position_word_use(backbone, scenes[: args.n], args.timesteps).items():
             print(f"  t={t}: " + "  ".join(f"{kind} {errors[kind]:.5f}" for kind in ("true", "mirrored", "plain")))
-    print("position code: ridge probe features -> token (x, y), mean absolute error on the centre tokens (chance: their mean)")
+    print("layout reward: the noise error at high noise, and what it would be if the model knew the scene as well as at t=600")
+    for t, (error, known) in layout_reward(backbone, scenes[: args.n]).items():
+        print(f"  t={t}: {error:.5f} -> {known:.5f}")
+    print("position code: ridge probe features -> token (x, y), fitted and scored on the centre tokens, mean absolute error "
+          "(chance: their mean)")
     for t, blocks in position_code(backbone, scenes[: args.n], scenes[args.n:], args.timesteps).items():
         print(f"  t={t}: " + " | ".join(f"{name.replace('.transformer_blocks.0', '')} {side}x{side} {err:.2f} ({chance:.2f})"
                                        for name, (side, err, chance) in blocks.items()))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from dreamsteer.benchmarks.gligen_probe import (box_inside, box_use, grounding_attention, main, mirror_boxes, names_positions, position_captions,
+from dreamsteer.benchmarks.gligen_probe import (box_inside, box_reach, box_use, grounding_attention, layout_reward, main, mirror_boxes, names_positions, position_captions,
                                                 position_word_use, ridge_probe)
 from dreamsteer.data.scenes import SceneObject, random_scene, render
 from dreamsteer.diffusion.backbone import load_backbone
@@ -66,6 +66,29 @@ def test_ridge_probe_scores_the_centre_only():
     assert error == pytest.approx(chance, abs=0.05)
 
 
+def test_ridge_probe_fits_the_centre_whatever_the_border_says():
+    """A code linear in the centre tokens is read there even when the border tokens carry another code
+    (as the zero padding gives them); a probe fitted on every token would be bent by the border."""
+    side = 8
+    coords = _grid_coords(side)
+    rim = ((coords < 2) | (coords >= side - 2)).any(dim=1, keepdim=True)
+    code = torch.where(rim, 10 * (coords - 3.5) ** 2, coords)  # quadratic at the border, linear inside
+    g = torch.Generator().manual_seed(2)
+
+    def features(batch: int) -> torch.Tensor:
+        return code + 0.01 * torch.randn(batch, side * side, 2, generator=g)
+
+    error, chance = ridge_probe(features(16), features(8))
+    assert chance == pytest.approx(1.0) and error < 0.05
+    # The same least squares over every token, written here, misses the centre by far more.
+    a = torch.cat([features(16).reshape(-1, 2), torch.ones(16 * side * side, 1)], dim=1).double()
+    w = torch.linalg.lstsq(a, coords.repeat(16, 1).double()).solution
+    test = features(8)
+    centre = ~rim[:, 0]
+    predicted = torch.cat([test.reshape(-1, 2), torch.ones(8 * side * side, 1)], dim=1).double() @ w
+    assert (predicted.reshape(8, -1, 2)[:, centre] - coords[centre]).abs().mean() > 0.5
+
+
 def test_ridge_probe_refuses_a_grid_that_is_not_square():
     with pytest.raises(ValueError, match="square grid"):
         ridge_probe(torch.zeros(2, 12, 4), torch.zeros(2, 12, 4))
@@ -110,6 +133,64 @@ def test_box_use_matches_a_direct_computation_and_sees_the_boxes(open_gligen):
     assert errors[800]["true"] != errors[800]["mirrored"] and errors[800]["true"] != errors[800]["none"]
 
 
+def test_box_reach_is_the_relative_move_of_the_prediction(open_gligen):
+    scenes = [random_scene((7, i), resolution=open_gligen.resolution) for i in range(3)]
+    reach = box_reach(open_gligen, scenes, timesteps=(800,), seed=5)[800]
+    size = open_gligen.resolution
+    pixels = torch.stack([torch.from_numpy(np.asarray(s.image, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1) for s in scenes])
+    with torch.no_grad():
+        z = open_gligen.vae.encode(pixels).latent_dist.mean * open_gligen.vae.config.scaling_factor
+        eps = torch.randn(z.shape, generator=torch.Generator().manual_seed(5))
+        a = open_gligen.scheduler.alphas_cumprod[800]
+        z_t = a.sqrt() * z + (1 - a).sqrt() * eps
+        text = open_gligen.encode_prompt([s.caption for s in scenes])
+
+        def predict(mirrored: bool, masks_off: bool) -> torch.Tensor:
+            parts = []
+            for s in scenes:
+                boxes = s.boxes.astype(np.float64) / size
+                if mirrored:
+                    boxes = np.stack([1 - boxes[:, 2], boxes[:, 1], 1 - boxes[:, 0], boxes[:, 3]], axis=1)
+                parts.append(grounding_inputs(open_gligen, s.phrases, boxes.tolist()))
+            gligen = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+            if masks_off:
+                gligen["masks"] = torch.zeros_like(gligen["masks"])
+            return open_gligen.unet(z_t, torch.full((3,), 800), encoder_hidden_states=text, cross_attention_kwargs={"gligen": gligen}).sample
+
+        true = predict(False, False)
+        expected_mirrored = float((true - predict(True, False)).norm() / true.norm())
+        expected_none = float((true - predict(False, True)).norm() / true.norm())
+    assert reach["mirrored"] == pytest.approx(expected_mirrored, rel=1e-4) and expected_mirrored > 0
+    assert reach["none"] == pytest.approx(expected_none, rel=1e-4) and expected_none > 0
+
+
+def test_layout_reward_prices_the_error_at_t_by_the_estimate_at_the_lower_noise():
+    """Against a computation written here: the noise error at t, and a_t / (1 - a_t) times the clean-latent
+    error of the estimate at `known_at` (each level with its own noise draw)."""
+    backbone = load_backbone("tiny")
+    scenes = [random_scene((11, i), resolution=backbone.resolution) for i in range(3)]
+    reward = layout_reward(backbone, scenes, timesteps=(900, 700), known_at=400, seed=3)
+    pixels = torch.stack([torch.from_numpy(np.asarray(s.image, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1) for s in scenes])
+    alphas = backbone.scheduler.alphas_cumprod.double()
+    with torch.no_grad():
+        z = backbone.vae.encode(pixels).latent_dist.mean * backbone.vae.config.scaling_factor
+        text = backbone.encode_prompt([s.caption for s in scenes])
+
+        def level(t: int, noise_seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            eps = torch.randn(z.shape, generator=torch.Generator().manual_seed(noise_seed))
+            z_t = alphas[t].sqrt().float() * z + (1 - alphas[t]).sqrt().float() * eps
+            return eps, backbone.unet(z_t, torch.full((3,), t), encoder_hidden_states=text).sample, z_t
+
+        eps, pred, z_t = level(400, 3 + 2)
+        x0 = (z_t.double() - (1 - alphas[400]).sqrt() * pred.double()) / alphas[400].sqrt()
+        known = float(((x0 - z.double()) ** 2).mean())
+        for i, t in enumerate((900, 700)):
+            eps_t, pred_t, _ = level(t, 3 + i)
+            assert reward[t][0] == pytest.approx(float(((pred_t - eps_t) ** 2).mean()), rel=1e-4)
+            assert reward[t][1] == pytest.approx(float(alphas[t] / (1 - alphas[t])) * known, rel=1e-4)
+    assert reward[900][1] < reward[700][1]  # the same estimate costs less where the signal is weaker
+
+
 def test_box_use_compares_the_groundings_on_the_same_noise(open_gligen):
     """With the gated layers off the three groundings must give the same error to the last bit."""
     scenes = [random_scene((8, i), resolution=open_gligen.resolution) for i in range(2)]
@@ -124,7 +205,8 @@ def test_box_use_compares_the_groundings_on_the_same_noise(open_gligen):
 def test_cli_prints_both_checks_for_a_gligen_model(capsys):
     main(["--model", "tiny-gligen", "--n", "4", "--timesteps", "900"])
     out = capsys.readouterr().out
-    assert "box use" in out and "t=900: true" in out
+    assert "box use" in out and "t=900: true" in out and "box reach" in out and "t=900: mirrored" in out
+    assert "layout reward" in out and "t=950: " in out
     assert "grounding attention at t=900" in out and "down_blocks.1.attentions.0: gate" in out and "| in box " in out
     assert "position code" in out and "8x8" in out
 
