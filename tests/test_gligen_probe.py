@@ -103,24 +103,34 @@ def open_gligen():
     return backbone
 
 
-def _noise_error(backbone, scenes, t: int, seed: int, mirrored: bool) -> float:
-    """The noise error computed directly from the scenes' pixels and the UNet, for comparison."""
-    size = backbone.resolution
+def _noisy_latents(backbone, scenes, t: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(z, eps, z_t) computed directly from the scenes' pixels, the VAE and the scheduler's alphas, for comparison."""
     pixels = torch.stack([torch.from_numpy(np.asarray(s.image, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1) for s in scenes])
     with torch.no_grad():
         z = backbone.vae.encode(pixels).latent_dist.mean * backbone.vae.config.scaling_factor
-        eps = torch.randn(z.shape, generator=torch.Generator().manual_seed(seed))
-        a = backbone.scheduler.alphas_cumprod[t]
-        z_t = a.sqrt() * z + (1 - a).sqrt() * eps
-        parts = []
-        for s in scenes:
-            boxes = s.boxes.astype(np.float64) / size
-            if mirrored:
-                boxes = np.stack([1 - boxes[:, 2], boxes[:, 1], 1 - boxes[:, 0], boxes[:, 3]], axis=1)
-            parts.append(grounding_inputs(backbone, s.phrases, boxes.tolist()))
-        gligen = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    eps = torch.randn(z.shape, generator=torch.Generator().manual_seed(seed))
+    a = backbone.scheduler.alphas_cumprod[t]
+    return z, eps, a.sqrt() * z + (1 - a).sqrt() * eps
+
+
+def _grounding(backbone, scenes, mirrored: bool) -> dict[str, torch.Tensor]:
+    """GLIGEN's inputs for the scenes' phrases and pixel boxes (mirrored left-right if asked), built here."""
+    size = backbone.resolution
+    parts = []
+    for s in scenes:
+        boxes = s.boxes.astype(np.float64) / size
+        if mirrored:
+            boxes = np.stack([1 - boxes[:, 2], boxes[:, 1], 1 - boxes[:, 0], boxes[:, 3]], axis=1)
+        parts.append(grounding_inputs(backbone, s.phrases, boxes.tolist()))
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def _noise_error(backbone, scenes, t: int, seed: int, mirrored: bool) -> float:
+    """The noise error computed directly from the scenes' pixels and the UNet, for comparison."""
+    _, eps, z_t = _noisy_latents(backbone, scenes, t, seed)
+    with torch.no_grad():
         pred = backbone.unet(z_t, torch.full((len(scenes),), t), encoder_hidden_states=backbone.encode_prompt([s.caption for s in scenes]),
-                             cross_attention_kwargs={"gligen": gligen}).sample
+                             cross_attention_kwargs={"gligen": _grounding(backbone, scenes, mirrored)}).sample
     return float(((pred - eps) ** 2).mean())
 
 
@@ -136,23 +146,12 @@ def test_box_use_matches_a_direct_computation_and_sees_the_boxes(open_gligen):
 def test_box_reach_is_the_relative_move_of_the_prediction(open_gligen):
     scenes = [random_scene((7, i), resolution=open_gligen.resolution) for i in range(3)]
     reach = box_reach(open_gligen, scenes, timesteps=(800,), seed=5)[800]
-    size = open_gligen.resolution
-    pixels = torch.stack([torch.from_numpy(np.asarray(s.image, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1) for s in scenes])
+    _, _, z_t = _noisy_latents(open_gligen, scenes, 800, 5)
     with torch.no_grad():
-        z = open_gligen.vae.encode(pixels).latent_dist.mean * open_gligen.vae.config.scaling_factor
-        eps = torch.randn(z.shape, generator=torch.Generator().manual_seed(5))
-        a = open_gligen.scheduler.alphas_cumprod[800]
-        z_t = a.sqrt() * z + (1 - a).sqrt() * eps
         text = open_gligen.encode_prompt([s.caption for s in scenes])
 
         def predict(mirrored: bool, masks_off: bool) -> torch.Tensor:
-            parts = []
-            for s in scenes:
-                boxes = s.boxes.astype(np.float64) / size
-                if mirrored:
-                    boxes = np.stack([1 - boxes[:, 2], boxes[:, 1], 1 - boxes[:, 0], boxes[:, 3]], axis=1)
-                parts.append(grounding_inputs(open_gligen, s.phrases, boxes.tolist()))
-            gligen = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+            gligen = _grounding(open_gligen, scenes, mirrored)
             if masks_off:
                 gligen["masks"] = torch.zeros_like(gligen["masks"])
             return open_gligen.unet(z_t, torch.full((3,), 800), encoder_hidden_states=text, cross_attention_kwargs={"gligen": gligen}).sample
@@ -170,22 +169,16 @@ def test_layout_reward_prices_the_error_at_t_by_the_estimate_at_the_lower_noise(
     backbone = load_backbone("tiny")
     scenes = [random_scene((11, i), resolution=backbone.resolution) for i in range(3)]
     reward = layout_reward(backbone, scenes, timesteps=(900, 700), known_at=400, seed=3)
-    pixels = torch.stack([torch.from_numpy(np.asarray(s.image, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1) for s in scenes])
     alphas = backbone.scheduler.alphas_cumprod.double()
     with torch.no_grad():
-        z = backbone.vae.encode(pixels).latent_dist.mean * backbone.vae.config.scaling_factor
         text = backbone.encode_prompt([s.caption for s in scenes])
-
-        def level(t: int, noise_seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            eps = torch.randn(z.shape, generator=torch.Generator().manual_seed(noise_seed))
-            z_t = alphas[t].sqrt().float() * z + (1 - alphas[t]).sqrt().float() * eps
-            return eps, backbone.unet(z_t, torch.full((3,), t), encoder_hidden_states=text).sample, z_t
-
-        eps, pred, z_t = level(400, 3 + 2)
+        z, _, z_t = _noisy_latents(backbone, scenes, 400, 3 + 2)
+        pred = backbone.unet(z_t, torch.full((3,), 400), encoder_hidden_states=text).sample
         x0 = (z_t.double() - (1 - alphas[400]).sqrt() * pred.double()) / alphas[400].sqrt()
         known = float(((x0 - z.double()) ** 2).mean())
         for i, t in enumerate((900, 700)):
-            eps_t, pred_t, _ = level(t, 3 + i)
+            _, eps_t, z_t = _noisy_latents(backbone, scenes, t, 3 + i)
+            pred_t = backbone.unet(z_t, torch.full((3,), t), encoder_hidden_states=text).sample
             assert reward[t][0] == pytest.approx(float(((pred_t - eps_t) ** 2).mean()), rel=1e-4)
             assert reward[t][1] == pytest.approx(float(alphas[t] / (1 - alphas[t])) * known, rel=1e-4)
     assert reward[900][1] < reward[700][1]  # the same estimate costs less where the signal is weaker
@@ -316,14 +309,9 @@ def test_position_word_use_matches_a_direct_computation_without_grounding(open_g
     """The error for each kind of caption, on the same noise, with GLIGEN's null tokens only."""
     scenes = [render("white", [SceneObject("square", "green", (0.25, 0.5), 0.2)], open_gligen.resolution), random_scene((9, 0), resolution=open_gligen.resolution)]
     errors = position_word_use(open_gligen, scenes, timesteps=(700,), seed=3)[700]
-    size = open_gligen.resolution
-    pixels = torch.stack([torch.from_numpy(np.asarray(s.image, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1) for s in scenes])
+    _, eps, z_t = _noisy_latents(open_gligen, scenes, 700, 3)
     with torch.no_grad():
-        z = open_gligen.vae.encode(pixels).latent_dist.mean * open_gligen.vae.config.scaling_factor
-        eps = torch.randn(z.shape, generator=torch.Generator().manual_seed(3))
-        a = open_gligen.scheduler.alphas_cumprod[700]
-        z_t = a.sqrt() * z + (1 - a).sqrt() * eps
-        null = {k: torch.cat([grounding_inputs(open_gligen, s.phrases, (s.boxes / size).tolist())[k] for s in scenes]) for k in ("boxes", "positive_embeddings", "masks")}
+        null = _grounding(open_gligen, scenes, mirrored=False)
         null["masks"] = torch.zeros_like(null["masks"])
         for kind in ("true", "mirrored", "plain"):
             captions = [position_captions(s, kind) for s in scenes]
