@@ -96,10 +96,14 @@ def scene_grounding(backbone: Any, scenes: Sequence[Scene], kind: str) -> dict[s
     return grounding
 
 
+Predictions = dict[int, tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
 @torch.no_grad()
-def _grounded_predictions(backbone: Any, scenes: Sequence[Scene], timesteps: Sequence[int], seed: int) -> dict[int, tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+def grounded_predictions(backbone: Any, scenes: Sequence[Scene], timesteps: Sequence[int] = TIMESTEPS, seed: int = 0) -> Predictions:
     """``{t: (eps, {grounding kind: predicted eps})}`` on the scenes noised at each of `timesteps` (the
-    noise at the i-th drawn from ``seed + i``, the same for the three groundings)."""
+    noise at the i-th drawn from ``seed + i``, the same for the three groundings): what `box_use` and
+    `box_reach` read, computed once for both."""
     groundings = {kind: scene_grounding(backbone, scenes, kind) for kind in GROUNDINGS}
     z, text = encode_scenes(backbone, scenes)
     result = {}
@@ -110,17 +114,16 @@ def _grounded_predictions(backbone: Any, scenes: Sequence[Scene], timesteps: Seq
     return result
 
 
-def box_use(backbone: Any, scenes: Sequence[Scene], timesteps: Sequence[int] = TIMESTEPS, seed: int = 0) -> dict[int, dict[str, float]]:
-    """``{t: {"true" | "mirrored" | "none": mean squared noise error}}`` (module docstring)."""
-    return {t: {kind: float(((pred - eps) ** 2).mean()) for kind, pred in preds.items()}
-            for t, (eps, preds) in _grounded_predictions(backbone, scenes, timesteps, seed).items()}
+def box_use(predictions: Predictions) -> dict[int, dict[str, float]]:
+    """``{t: {"true" | "mirrored" | "none": mean squared noise error}}`` of `grounded_predictions` (module docstring)."""
+    return {t: {kind: float(((pred - eps) ** 2).mean()) for kind, pred in preds.items()} for t, (eps, preds) in predictions.items()}
 
 
-def box_reach(backbone: Any, scenes: Sequence[Scene], timesteps: Sequence[int] = TIMESTEPS, seed: int = 0) -> dict[int, dict[str, float]]:
-    """``{t: {"mirrored" | "none": |eps_true - eps_kind| / |eps_true|}}``: how far the predicted noise moves
-    when the boxes are mirrored, and when the grounding tokens are dropped (norms over the whole batch)."""
+def box_reach(predictions: Predictions) -> dict[int, dict[str, float]]:
+    """``{t: {"mirrored" | "none": |eps_true - eps_kind| / |eps_true|}}`` of `grounded_predictions`: how far the
+    predicted noise moves when the boxes are mirrored, and when the grounding tokens are dropped (norms over the batch)."""
     return {t: {kind: float((preds["true"] - preds[kind]).norm() / preds["true"].norm()) for kind in ("mirrored", "none")}
-            for t, (_, preds) in _grounded_predictions(backbone, scenes, timesteps, seed).items()}
+            for t, (_, preds) in predictions.items()}
 
 
 @torch.no_grad()
@@ -167,7 +170,7 @@ def names_positions(tokenizer: Any) -> bool:
 @torch.no_grad()
 def position_word_use(backbone: Any, scenes: Sequence[Scene], timesteps: Sequence[int] = TIMESTEPS, seed: int = 0) -> dict[int, dict[str, float]]:
     """``{t: {"true" | "mirrored" | "plain": mean squared noise error}}`` with the captions of
-    `position_captions` and no grounding tokens; the noise as in `box_use`."""
+    `position_captions` and no grounding tokens; the noise as in `grounded_predictions`."""
     z = encode_scenes(backbone, scenes)[0]
     texts = {kind: backbone.encode_prompt([position_captions(s, kind) for s in scenes]) for kind in ("true", "mirrored", "plain")}
     kwargs = {"gligen": scene_grounding(backbone, scenes, "none")} if is_gligen(backbone.unet) else None
@@ -314,10 +317,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     scenes = [random_scene((PROBE_SEED, i), resolution=resolution, pattern=args.fixed_pattern) for i in range(args.n + args.n // 2)]
     if is_gligen(backbone.unet):
         print(f"box use: mean squared noise error on {args.n} scenes, grounding with the true boxes / mirrored boxes / none")
-        for t, errors in box_use(backbone, scenes[: args.n], args.timesteps).items():
+        predictions = grounded_predictions(backbone, scenes[: args.n], args.timesteps)
+        for t, errors in box_use(predictions).items():
             print(f"  t={t}: " + "  ".join(f"{kind} {errors[kind]:.5f}" for kind in GROUNDINGS))
         print("box reach: how far the predicted noise moves, |eps_true - eps_other| / |eps_true|, with the boxes mirrored / no grounding")
-        for t, moves in box_reach(backbone, scenes[: args.n], args.timesteps).items():
+        for t, moves in box_reach(predictions).items():
             print(f"  t={t}: mirrored {moves['mirrored']:.1e}  none {moves['none']:.1e}")
         t = args.timesteps[0]
         print(f"grounding attention at t={t}: gate tanh(alpha_attn) | attention share on the real objects' tokens "

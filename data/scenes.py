@@ -18,6 +18,7 @@ Everything is deterministic from a seed (`numpy.random.Generator`).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -214,13 +215,17 @@ def coverage(obj: SceneObject, resolution: int, inner: bool = False) -> np.ndarr
     return hits.reshape(resolution, SUPERSAMPLE, resolution, SUPERSAMPLE).mean(axis=(1, 3))
 
 
+@functools.lru_cache(maxsize=8)
 def fixed_pattern(resolution: int, amplitude: float) -> np.ndarray:
     """The fixed pattern at `resolution`: [H, W, 3] float offsets in 8-bit levels, one value per
     channel and FIXED_PATTERN_CELL x FIXED_PATTERN_CELL cell, uniform in [-amplitude, amplitude], drawn
-    from FIXED_PATTERN_SEED (so every image of a resolution gets the same one)."""
+    from FIXED_PATTERN_SEED (so every image of a resolution gets the same one). Drawn once per
+    (resolution, amplitude), as the renderer asks for it for every scene; the array is read-only."""
     cells = -(-resolution // FIXED_PATTERN_CELL)
     grid = np.random.default_rng(FIXED_PATTERN_SEED).uniform(-1.0, 1.0, size=(cells, cells, 3)).astype(np.float32) * amplitude
-    return grid.repeat(FIXED_PATTERN_CELL, axis=0).repeat(FIXED_PATTERN_CELL, axis=1)[:resolution, :resolution]
+    pattern = grid.repeat(FIXED_PATTERN_CELL, axis=0).repeat(FIXED_PATTERN_CELL, axis=1)[:resolution, :resolution]
+    pattern.setflags(write=False)
+    return pattern
 
 
 def mask_box(mask: np.ndarray) -> np.ndarray:

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from dreamsteer.benchmarks.gligen_probe import (box_inside, box_reach, box_use, grounding_attention, layout_reward, main, mirror_boxes, names_positions, position_captions,
-                                                position_word_use, ridge_probe)
+from dreamsteer.benchmarks.gligen_probe import (box_inside, box_reach, box_use, grounded_predictions, grounding_attention, layout_reward, main,
+                                                mirror_boxes, names_positions, position_captions, position_word_use, ridge_probe)
 from dreamsteer.data.scenes import SceneObject, random_scene, render
 from dreamsteer.diffusion.backbone import load_backbone
 from dreamsteer.diffusion.gligen import MAX_OBJECTS, gated_blocks, grounding_inputs, set_fuser
@@ -136,7 +136,7 @@ def _noise_error(backbone, scenes, t: int, seed: int, mirrored: bool) -> float:
 
 def test_box_use_matches_a_direct_computation_and_sees_the_boxes(open_gligen):
     scenes = [random_scene((7, i), resolution=open_gligen.resolution) for i in range(3)]
-    errors = box_use(open_gligen, scenes, timesteps=(800, 300), seed=5)
+    errors = box_use(grounded_predictions(open_gligen, scenes, timesteps=(800, 300), seed=5))
     assert errors[800]["true"] == pytest.approx(_noise_error(open_gligen, scenes, 800, 5, mirrored=False), rel=1e-5)
     assert errors[800]["mirrored"] == pytest.approx(_noise_error(open_gligen, scenes, 800, 5, mirrored=True), rel=1e-5)
     assert errors[300]["true"] == pytest.approx(_noise_error(open_gligen, scenes, 300, 6, mirrored=False), rel=1e-5)
@@ -145,7 +145,7 @@ def test_box_use_matches_a_direct_computation_and_sees_the_boxes(open_gligen):
 
 def test_box_reach_is_the_relative_move_of_the_prediction(open_gligen):
     scenes = [random_scene((7, i), resolution=open_gligen.resolution) for i in range(3)]
-    reach = box_reach(open_gligen, scenes, timesteps=(800,), seed=5)[800]
+    reach = box_reach(grounded_predictions(open_gligen, scenes, timesteps=(800,), seed=5))[800]
     _, _, z_t = _noisy_latents(open_gligen, scenes, 800, 5)
     with torch.no_grad():
         text = open_gligen.encode_prompt([s.caption for s in scenes])
@@ -189,7 +189,7 @@ def test_box_use_compares_the_groundings_on_the_same_noise(open_gligen):
     scenes = [random_scene((8, i), resolution=open_gligen.resolution) for i in range(2)]
     set_fuser(open_gligen.unet, False)
     try:
-        errors = box_use(open_gligen, scenes, timesteps=(600,))[600]
+        errors = box_use(grounded_predictions(open_gligen, scenes, timesteps=(600,)))[600]
     finally:
         set_fuser(open_gligen.unet, True)
     assert errors["true"] == errors["mirrored"] == errors["none"]
