@@ -50,7 +50,7 @@ from typing import Any, Sequence
 
 import torch
 
-from dreamsteer.data.scenes import POSITION_WORDS, Scene, make_caption, random_scene, scene_item
+from dreamsteer.data.scenes import FIXED_PATTERN_CELL, POSITION_WORDS, Scene, make_caption, random_scene, scene_item
 from dreamsteer.diffusion.backbone import load_backbone
 from dreamsteer.diffusion.gligen import gated_blocks, grounding_inputs, is_gligen
 from dreamsteer.diffusion.toy import words_not_single_tokens
@@ -96,6 +96,13 @@ def scene_grounding(backbone: Any, scenes: Sequence[Scene], kind: str) -> dict[s
     return grounding
 
 
+def caption_only(backbone: Any, scenes: Sequence[Scene]) -> dict[str, Any] | None:
+    """``cross_attention_kwargs`` of a caption-only prediction: for a GLIGEN model GLIGEN's null tokens
+    (masks 0), which is how it was trained when the grounding was dropped (with no kwargs its gated layers
+    would be skipped, a model it never was); for any other model none."""
+    return {"gligen": scene_grounding(backbone, scenes, "none")} if is_gligen(backbone.unet) else None
+
+
 Predictions = dict[int, tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
@@ -130,15 +137,17 @@ def box_reach(predictions: Predictions) -> dict[int, dict[str, float]]:
 def layout_reward(backbone: Any, scenes: Sequence[Scene], timesteps: Sequence[int] = (950, 900, 800), known_at: int = 600,
                   seed: int = 0) -> dict[int, tuple[float, float]]:
     """``{t: (the model's noise error at t, the error it would have if it knew the scene as well as it does
-    at `known_at`)}``, captions only. The second is ``a_t / (1 - a_t) |x0_hat - z|^2`` with ``x0_hat`` the
-    model's own clean-latent estimate at `known_at`: what the epsilon loss at t pays for not knowing the
-    layout (which at `known_at` the noisy latent shows), and so what a model that read the boxes could gain."""
+    at `known_at`)}``, captions only (`caption_only`). The second is ``a_t / (1 - a_t) |x0_hat - z|^2`` with
+    ``x0_hat`` the model's own clean-latent estimate at `known_at`: what the epsilon loss at t pays for not
+    knowing the layout (which at `known_at` the noisy latent shows), and so what a model that read the boxes
+    could gain."""
     z, text = encode_scenes(backbone, scenes)
     alphas = backbone.scheduler.alphas_cumprod.to(z.device, torch.float64)
+    kwargs = caption_only(backbone, scenes)
 
     def estimate(t: int, noise_seed: int) -> tuple[torch.Tensor, float]:
         z_t, eps, t_batch = _noised(backbone, z, t, noise_seed)
-        pred = backbone.predict_eps(z_t, t_batch, text)
+        pred = backbone.predict_eps(z_t, t_batch, text, cross_attention_kwargs=kwargs)
         a = alphas[t]
         x0 = (z_t.double() - (1 - a).sqrt() * pred.double()) / a.sqrt()
         return x0, float(((pred.float() - eps.float()) ** 2).mean())
@@ -173,7 +182,7 @@ def position_word_use(backbone: Any, scenes: Sequence[Scene], timesteps: Sequenc
     `position_captions` and no grounding tokens; the noise as in `grounded_predictions`."""
     z = encode_scenes(backbone, scenes)[0]
     texts = {kind: backbone.encode_prompt([position_captions(s, kind) for s in scenes]) for kind in ("true", "mirrored", "plain")}
-    kwargs = {"gligen": scene_grounding(backbone, scenes, "none")} if is_gligen(backbone.unet) else None
+    kwargs = caption_only(backbone, scenes)
     result = {}
     for i, t in enumerate(timesteps):
         z_t, eps, t_batch = _noised(backbone, z, t, seed + i)
@@ -268,9 +277,10 @@ def ridge_probe(train: torch.Tensor, test: torch.Tensor, ridge: float = 1e-2) ->
 
 
 @torch.no_grad()
-def block_features(backbone: Any, encoded: tuple[torch.Tensor, torch.Tensor], t: int, seed: int) -> dict[str, torch.Tensor]:
+def block_features(backbone: Any, encoded: tuple[torch.Tensor, torch.Tensor], t: int, seed: int,
+                   kwargs: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
     """The hidden states ``[B, N, C]`` entering every transformer block of the UNet for `encode_scenes`'
-    latents and captions noised at `t` (caption only, no grounding)."""
+    latents and captions noised at `t`, with `kwargs` as cross_attention_kwargs (`caption_only`)."""
     from diffusers.models.attention import BasicTransformerBlock
 
     features, handles = {}, []
@@ -282,7 +292,7 @@ def block_features(backbone: Any, encoded: tuple[torch.Tensor, torch.Tensor], t:
     try:
         z, text = encoded
         z_t, _, t_batch = _noised(backbone, z, t, seed)
-        backbone.predict_eps(z_t, t_batch, text)
+        backbone.predict_eps(z_t, t_batch, text, cross_attention_kwargs=kwargs)
     finally:
         for handle in handles:
             handle.remove()
@@ -294,10 +304,11 @@ def position_code(backbone: Any, train_scenes: Sequence[Scene], test_scenes: Seq
     """``{t: {block: (grid side, centre error, chance error)}}`` of `ridge_probe` (module docstring), for
     the blocks on grids of 4x4 tokens or more (a smaller grid has no centre)."""
     train_encoded, test_encoded = encode_scenes(backbone, train_scenes), encode_scenes(backbone, test_scenes)
+    train_kwargs, test_kwargs = caption_only(backbone, train_scenes), caption_only(backbone, test_scenes)
     result = {}
     for i, t in enumerate(timesteps):
-        train = block_features(backbone, train_encoded, t, seed + i)
-        test = block_features(backbone, test_encoded, t, seed + 100 + i)
+        train = block_features(backbone, train_encoded, t, seed + i, train_kwargs)
+        test = block_features(backbone, test_encoded, t, seed + 100 + i, test_kwargs)
         sides = {name: math.isqrt(features.shape[1]) for name, features in train.items()}
         result[t] = {name: (side, *ridge_probe(train[name], test[name])) for name, side in sides.items() if side >= 4}
     return result
@@ -310,11 +321,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--timesteps", type=int, nargs="+", default=list(TIMESTEPS))
     parser.add_argument("--fixed-pattern", type=float, default=0.0,
                         help="the `pretrain data.fixed_pattern` the model was trained with: the probe's scenes carry it too")
+    parser.add_argument("--fixed-pattern-cell", type=int, default=FIXED_PATTERN_CELL, help="its `data.fixed_pattern_cell`")
     args = parser.parse_args(argv)
 
     backbone = load_backbone(args.model)
     resolution = backbone.resolution
-    scenes = [random_scene((PROBE_SEED, i), resolution=resolution, pattern=args.fixed_pattern) for i in range(args.n + args.n // 2)]
+    scenes = [random_scene((PROBE_SEED, i), resolution=resolution, pattern=args.fixed_pattern,
+                           pattern_cell=args.fixed_pattern_cell) for i in range(args.n + args.n // 2)]
     if is_gligen(backbone.unet):
         print(f"box use: mean squared noise error on {args.n} scenes, grounding with the true boxes / mirrored boxes / none")
         predictions = grounded_predictions(backbone, scenes[: args.n], args.timesteps)

@@ -68,7 +68,7 @@ POSITION_WORDS: tuple[str, ...] = ("top", "bottom", "left", "right", "middle")
 # position embedding of their own, find little position to read at 8x8: docs/toy.md). With the pattern on,
 # predicting it from a noisy latent takes knowing where each latent pixel is.
 FIXED_PATTERN_SEED = 7919
-FIXED_PATTERN_CELL = 2  # pixels per cell of the pattern: one latent pixel of the toy VAE
+FIXED_PATTERN_CELL = 2  # default pixels per cell of the pattern: one latent pixel of the toy VAE (4: one 8x8 attention token)
 # The strongest pattern allowed: at +-32 per channel a pixel moves <= 56 in RGB, under half the least
 # distance between palette colors (115), so every pixel stays nearest its own color for the detector.
 FIXED_PATTERN_MAX = 32.0
@@ -216,14 +216,16 @@ def coverage(obj: SceneObject, resolution: int, inner: bool = False) -> np.ndarr
 
 
 @functools.lru_cache(maxsize=8)
-def fixed_pattern(resolution: int, amplitude: float) -> np.ndarray:
+def fixed_pattern(resolution: int, amplitude: float, cell: int = FIXED_PATTERN_CELL) -> np.ndarray:
     """The fixed pattern at `resolution`: [H, W, 3] float offsets in 8-bit levels, one value per
-    channel and FIXED_PATTERN_CELL x FIXED_PATTERN_CELL cell, uniform in [-amplitude, amplitude], drawn
-    from FIXED_PATTERN_SEED (so every image of a resolution gets the same one). Drawn once per
-    (resolution, amplitude), as the renderer asks for it for every scene; the array is read-only."""
-    cells = -(-resolution // FIXED_PATTERN_CELL)
+    channel and `cell` x `cell` pixels, uniform in [-amplitude, amplitude], drawn from
+    FIXED_PATTERN_SEED (so every image of a resolution gets the same one). Drawn once per
+    (resolution, amplitude, cell), as the renderer asks for it for every scene; the array is read-only."""
+    if cell < 1:
+        raise ValueError(f"fixed pattern cell {cell}: must be >= 1 pixel")
+    cells = -(-resolution // cell)
     grid = np.random.default_rng(FIXED_PATTERN_SEED).uniform(-1.0, 1.0, size=(cells, cells, 3)).astype(np.float32) * amplitude
-    pattern = grid.repeat(FIXED_PATTERN_CELL, axis=0).repeat(FIXED_PATTERN_CELL, axis=1)[:resolution, :resolution]
+    pattern = grid.repeat(cell, axis=0).repeat(cell, axis=1)[:resolution, :resolution]
     pattern.setflags(write=False)
     return pattern
 
@@ -237,9 +239,10 @@ def mask_box(mask: np.ndarray) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- rendering
-def render(background: str, objects: Sequence[SceneObject], resolution: int = RESOLUTION, pattern: float = 0.0) -> Scene:
+def render(background: str, objects: Sequence[SceneObject], resolution: int = RESOLUTION, pattern: float = 0.0,
+           pattern_cell: int = FIXED_PATTERN_CELL) -> Scene:
     """Draw `objects` (they must not overlap) on a `background`, with masks, boxes and caption; with
-    `pattern` > 0 the fixed pattern of that amplitude (`fixed_pattern`) is added over the whole image."""
+    `pattern` > 0 the fixed pattern of that amplitude and cell (`fixed_pattern`) is added over the whole image."""
     if background not in BACKGROUND_COLORS:
         raise ValueError(f"unknown background {background!r}: expected one of {list(BACKGROUND_COLORS)}")
     if not objects:
@@ -259,7 +262,7 @@ def render(background: str, objects: Sequence[SceneObject], resolution: int = RE
     masks_array = np.stack(masks)
     boxes = np.stack([mask_box(m) for m in masks_array])
     if pattern:
-        image = image + fixed_pattern(resolution, pattern)
+        image = image + fixed_pattern(resolution, pattern, pattern_cell)
     pil = Image.fromarray(np.clip(image + 0.5, 0, 255).astype(np.uint8))
     return Scene(pil, background, list(objects), masks_array, boxes, make_caption(background, objects))
 
@@ -311,19 +314,20 @@ def random_scene(
     two_tone_p: float = 0.0,
     position_words_p: float = 0.0,
     pattern: float = 0.0,
+    pattern_cell: int = FIXED_PATTERN_CELL,
 ) -> Scene:
     """A random scene of the pretraining distribution (uniform background, count, shapes, colors).
     `two_tone_p` > 0 makes objects two-tone with that probability: for the VAE only, so that it
     reconstructs a two-tone subject, while the diffusion model never sees one. With probability
     `position_words_p` the caption names each object's place (`make_caption(..., positions=True)`);
     that draw comes last, so the scene itself is the same for every `position_words_p`. `pattern` adds
-    the fixed pattern of that amplitude (`render`); it draws nothing from the seed."""
+    the fixed pattern of that amplitude and cell (`render`); it draws nothing from the seed."""
     if not 1 <= min_objects <= max_objects <= 3:
         raise ValueError(f"object counts must satisfy 1 <= min_objects <= max_objects <= 3, got {min_objects}, {max_objects}")
     rng = _rng(seed)
     background = str(rng.choice(list(BACKGROUND_COLORS)))
     count = int(rng.integers(min_objects, max_objects + 1))
-    scene = render(background, sample_objects(rng, count, two_tone_p=two_tone_p), resolution, pattern)
+    scene = render(background, sample_objects(rng, count, two_tone_p=two_tone_p), resolution, pattern, pattern_cell)
     if position_words_p and rng.random() < position_words_p:
         scene.caption = make_caption(background, scene.objects, positions=True)
     return scene
@@ -369,17 +373,17 @@ class SceneDataset(Dataset):
     (one per object) and ``boxes`` [N, 4] (x0, y0, x1, y1 as fractions of the side)."""
 
     def __init__(self, length: int, seed: int = 0, resolution: int = RESOLUTION, min_objects: int = MIN_OBJECTS, max_objects: int = MAX_OBJECTS,
-                 two_tone_p: float = 0.0, position_words_p: float = 0.0, pattern: float = 0.0):
+                 two_tone_p: float = 0.0, position_words_p: float = 0.0, pattern: float = 0.0, pattern_cell: int = FIXED_PATTERN_CELL):
         self.length, self.seed, self.resolution = length, seed, resolution
         self.min_objects, self.max_objects, self.two_tone_p = min_objects, max_objects, two_tone_p
-        self.position_words_p, self.pattern = position_words_p, pattern
+        self.position_words_p, self.pattern, self.pattern_cell = position_words_p, pattern, pattern_cell
 
     def __len__(self) -> int:
         return self.length
 
     def __getitem__(self, index: int) -> dict:
         scene = random_scene((self.seed, index), self.min_objects, self.max_objects, self.resolution, self.two_tone_p,
-                             self.position_words_p, self.pattern)
+                             self.position_words_p, self.pattern, self.pattern_cell)
         return scene_item(scene)
 
 

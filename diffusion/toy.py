@@ -37,7 +37,9 @@ class ToyArchitecture:
     unet_channels: tuple[int, ...] = (32, 64, 64)  # plain block, then cross-attention blocks
     plain_blocks: int = 1  # leading UNet blocks without cross-attention (0: attention at the latent size too)
     layers_per_block: int = 1
-    attention_head_dim: int = 32
+    # Heads of every UNet attention layer. diffusers' UNet config calls this `attention_head_dim` (a naming
+    # slip kept for compatibility, diffusers issue #2011). The shipped model's 32 heads are 1-2 channels wide.
+    attention_heads: int = 32
     text_width: int = 128
     text_layers: int = 2
     max_tokens: int = 24  # the longest grammar caption (3 objects) is 17 tokens with start/end
@@ -112,7 +114,7 @@ def build_unet(arch: ToyArchitecture, latent_size: int, cross_attention_dim: int
         block_out_channels=tuple(arch.unet_channels),
         layers_per_block=arch.layers_per_block,
         cross_attention_dim=cross_attention_dim,
-        attention_head_dim=arch.attention_head_dim,
+        attention_head_dim=arch.attention_heads,  # read by diffusers as the number of heads
         norm_num_groups=16,
     )
 

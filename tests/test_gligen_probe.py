@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from dreamsteer.benchmarks.gligen_probe import (box_inside, box_reach, box_use, grounded_predictions, grounding_attention, layout_reward, main,
+from dreamsteer.benchmarks.gligen_probe import (block_features, box_inside, box_reach, box_use, caption_only, encode_scenes, grounded_predictions, grounding_attention, layout_reward, main,
                                                 mirror_boxes, names_positions, position_captions, position_word_use, ridge_probe)
 from dreamsteer.data.scenes import SceneObject, random_scene, render
 from dreamsteer.diffusion.backbone import load_backbone
@@ -182,6 +182,26 @@ def test_layout_reward_prices_the_error_at_t_by_the_estimate_at_the_lower_noise(
             assert reward[t][0] == pytest.approx(float(((pred_t - eps_t) ** 2).mean()), rel=1e-4)
             assert reward[t][1] == pytest.approx(float(alphas[t] / (1 - alphas[t])) * known, rel=1e-4)
     assert reward[900][1] < reward[700][1]  # the same estimate costs less where the signal is weaker
+
+
+def test_a_gligen_model_is_probed_caption_only_with_its_null_tokens_not_without_its_gated_layers(open_gligen):
+    """GLIGEN models are trained with their gated layers always on (null tokens where the grounding is
+    dropped): the caption-only checks must run them so, not with the layers skipped (no gligen kwargs)."""
+    scenes = [random_scene((12, i), resolution=open_gligen.resolution) for i in range(2)]
+    reward = layout_reward(open_gligen, scenes, timesteps=(900,), known_at=600, seed=5)
+    null = _grounding(open_gligen, scenes, mirrored=False)
+    null["masks"] = torch.zeros_like(null["masks"])
+    text = open_gligen.encode_prompt([s.caption for s in scenes])
+    _, eps, z_t = _noisy_latents(open_gligen, scenes, 900, 5)
+    with torch.no_grad():
+        pred = {kwargs is None: open_gligen.unet(z_t, torch.full((2,), 900), encoder_hidden_states=text, cross_attention_kwargs=kwargs).sample
+                for kwargs in ({"gligen": null}, None)}
+    assert reward[900][0] == pytest.approx(float(((pred[False] - eps) ** 2).mean()), rel=1e-4)
+    assert reward[900][0] != pytest.approx(float(((pred[True] - eps) ** 2).mean()), rel=1e-3)  # the gated layers count
+    encoded = encode_scenes(open_gligen, scenes)
+    with_null, skipped = (block_features(open_gligen, encoded, 600, 0, kwargs) for kwargs in (caption_only(open_gligen, scenes), None))
+    assert any(not torch.allclose(with_null[k], skipped[k]) for k in with_null)  # blocks after a gated layer see it
+    assert caption_only(load_backbone("tiny"), scenes) is None
 
 
 def test_box_use_compares_the_groundings_on_the_same_noise(open_gligen):

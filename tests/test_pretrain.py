@@ -13,7 +13,7 @@ TINY = [
     "arch.resolution=16",
     "arch.vae_channels=[16,16]",
     "arch.unet_channels=[16,32]",
-    "arch.attention_head_dim=8",
+    "arch.attention_heads=8",
     "arch.text_width=32",
     "arch.text_layers=1",
     "data.batch_size=2",
@@ -324,6 +324,8 @@ def test_bad_config_fails_before_training(tmp_path):
         run(compose("pretrain", ["stage=unet", "vae=x", "optim.gate_init=0.5", f"output_dir={tmp_path}"]))
     with pytest.raises(ConfigError, match="arch.plain_blocks"):
         run(compose("pretrain", ["stage=unet", "vae=x", "arch.plain_blocks=3", f"output_dir={tmp_path}"]))
+    with pytest.raises(ConfigError, match="arch.attention_heads"):  # 3 heads cannot split 32 channels
+        run(compose("pretrain", ["stage=unet", "vae=x", "arch.attention_heads=3", f"output_dir={tmp_path}"]))
     with pytest.raises(ConfigError, match="trainer.max_time"):
         run(compose("pretrain", ["stage=vae", "trainer.max_time=10m", f"output_dir={tmp_path}"]))
     with pytest.raises(ConfigError, match="'vae' / 'init'"):  # continue a model or start on a VAE, not both
@@ -438,6 +440,12 @@ def test_fixed_pattern_reaches_the_training_images(tmp_path):
     expected = torch.from_numpy(np.asarray(random_scene((4, 3), 1, 2, 16, pattern=12).image).astype(np.float32)).permute(2, 0, 1) / 127.5 - 1
     plain = torch.from_numpy(np.asarray(random_scene((4, 3), 1, 2, 16).image).astype(np.float32)).permute(2, 0, 1) / 127.5 - 1
     assert torch.allclose(pixels, expected, atol=1e-6) and not torch.allclose(pixels, plain, atol=0.02)
+    cfg = validate_config(compose("pretrain", ["stage=vae", "data.fixed_pattern=12", "data.fixed_pattern_cell=4", "seed=4",
+                                               f"output_dir={tmp_path}", *TINY]))
+    coarse = torch.from_numpy(np.asarray(random_scene((4, 3), 1, 2, 16, pattern=12, pattern_cell=4).image).astype(np.float32))
+    assert torch.allclose(dataset(cfg, 16)[3]["pixel_values"], coarse.permute(2, 0, 1) / 127.5 - 1, atol=1e-6)
+    with pytest.raises(ConfigError, match="data.fixed_pattern_cell"):  # cells must tile the image
+        validate_config(compose("pretrain", ["stage=vae", "data.fixed_pattern=12", "data.fixed_pattern_cell=3", f"output_dir={tmp_path}", *TINY]))
 
 
 def test_position_words_reach_the_training_captions_and_the_new_tokenizer(runs, tmp_path):

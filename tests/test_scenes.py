@@ -154,13 +154,13 @@ def test_position_words_change_the_caption_alone_at_their_rate():
                for i, s in ((i, random_scene((6, i))) for i in range(5)))
 
 
-def test_fixed_pattern_is_the_same_offset_in_every_image_and_changes_nothing_else():
-    """`pattern=A` adds one texture to every scene: cells of 2x2 pixels, one value per cell and channel in
-    [-A, A], different from cell to cell; the objects, masks, boxes and caption stay as drawn without it."""
-    amplitude = 16.0
+def _pattern_seen(amplitude: float, **kwargs) -> np.ndarray:
+    """The offset the pattern adds to each pixel and channel, read off rendered scenes (with and without
+    it) where neither value was clipped; NaN where every scene clipped. Checks on the way that every
+    scene shows the same offset and keeps its objects, masks, boxes and caption."""
     offsets = []
     for i in range(6):
-        plain, patterned = random_scene((9, i)), random_scene((9, i), pattern=amplitude)
+        plain, patterned = random_scene((9, i)), random_scene((9, i), pattern=amplitude, **kwargs)
         assert plain.objects == patterned.objects and plain.caption == patterned.caption
         assert np.array_equal(plain.masks, patterned.masks) and np.array_equal(plain.boxes, patterned.boxes)
         a, b = np.asarray(plain.image).astype(int), np.asarray(patterned.image).astype(int)
@@ -171,15 +171,37 @@ def test_fixed_pattern_is_the_same_offset_in_every_image_and_changes_nothing_els
     seen = offsets != 999
     lo, hi = np.where(seen, offsets, 999).min(0), np.where(seen, offsets, -999).max(0)
     assert (hi - lo)[seen.any(0)].max() <= 1
-    d = np.where(seen.any(0), np.where(seen, offsets, 0).sum(0) / np.maximum(seen.sum(0), 1), np.nan)
+    return np.where(seen.any(0), np.where(seen, offsets, 0).sum(0) / np.maximum(seen.sum(0), 1), np.nan)
+
+
+def _spread_within_cells(d: np.ndarray, cell: int) -> float:
+    cells = d.reshape(RESOLUTION // cell, cell, RESOLUTION // cell, cell, 3)
+    return float(np.nanmax(np.abs(cells - np.nanmean(cells, axis=(1, 3), keepdims=True))))
+
+
+def test_fixed_pattern_is_the_same_offset_in_every_image_and_changes_nothing_else():
+    """`pattern=A` adds one texture to every scene: cells of 2x2 pixels, one value per cell and channel in
+    [-A, A], different from cell to cell; the objects, masks, boxes and caption stay as drawn without it."""
+    amplitude = 16.0
+    d = _pattern_seen(amplitude)
     assert np.nanmax(np.abs(d)) <= amplitude + 1 and np.nanstd(d) > amplitude / 3  # uniform in [-A, A]: std A / sqrt(3)
-    cells = d.reshape(RESOLUTION // 2, 2, RESOLUTION // 2, 2, 3)
-    within = np.nanmax(np.abs(cells - np.nanmean(cells, axis=(1, 3), keepdims=True)))
-    assert within <= 1  # one value per 2x2 cell
+    assert _spread_within_cells(d, 2) <= 1  # one value per 2x2 cell
     pattern = fixed_pattern(RESOLUTION, amplitude)
     assert pattern.shape == (RESOLUTION, RESOLUTION, 3) and np.nanmax(np.abs(d - pattern)) <= 1
     assert np.array_equal(fixed_pattern(RESOLUTION, 2 * amplitude), 2 * pattern)
     assert np.array_equal(np.asarray(random_scene((9, 0), pattern=0.0).image), np.asarray(random_scene((9, 0)).image))
     item = SceneDataset(2, seed=9, pattern=amplitude)[1]
     assert np.array_equal(np.asarray(random_scene((9, 1), pattern=amplitude).image),
+                          np.round((item["pixel_values"].permute(1, 2, 0).numpy() + 1) * 127.5).astype(int))
+
+
+def test_fixed_pattern_cell_sets_the_size_of_its_cells():
+    d = _pattern_seen(16.0, pattern_cell=4)
+    assert _spread_within_cells(d, 4) <= 1  # one value per 4x4 cell
+    assert _spread_within_cells(d, 8) > 8  # and not one per 8x8: neighbouring cells differ
+    assert np.nanmax(np.abs(d - fixed_pattern(RESOLUTION, 16.0, 4))) <= 1
+    with pytest.raises(ValueError, match="cell"):
+        fixed_pattern(RESOLUTION, 16.0, 0)
+    item = SceneDataset(2, seed=9, pattern=16.0, pattern_cell=4)[1]
+    assert np.array_equal(np.asarray(random_scene((9, 1), pattern=16.0, pattern_cell=4).image),
                           np.round((item["pixel_values"].permute(1, 2, 0).numpy() + 1) * 127.5).astype(int))

@@ -32,3 +32,19 @@ def test_toy_loads_in_fp32_at_the_world_resolution_with_the_grammar_as_tokens():
     z = torch.randn(1, 4, RESOLUTION // 2, RESOLUTION // 2)
     eps = backbone.predict_eps(z, torch.tensor([500]), backbone.encode_prompt(["a red circle on a white background"]))
     assert eps.shape == z.shape and torch.isfinite(eps).all()
+
+
+def _attention_widths(unet) -> set[tuple[int, int]]:
+    from diffusers.models.attention_processor import Attention
+
+    return {(m.heads, m.to_q.out_features // m.heads) for m in unet.modules() if isinstance(m, Attention)}
+
+
+def test_attention_heads_sets_the_number_of_heads_not_their_width():
+    # diffusers' UNet config key `attention_head_dim` is read as the number of heads: the shipped model's
+    # 32 "head dim" gives 32 heads of 2 channels at width 64, which `attention_heads` now says.
+    from dreamsteer.diffusion.toy import ToyArchitecture, build_unet
+
+    assert _attention_widths(load_backbone("toy").unet) == {(32, 2)}
+    assert _attention_widths(build_unet(ToyArchitecture(attention_heads=2), 16, 128, seed=0)) == {(2, 32)}
+    assert _attention_widths(build_unet(ToyArchitecture(attention_heads=2, plain_blocks=0), 16, 128, seed=0)) == {(2, 16), (2, 32)}

@@ -44,7 +44,7 @@ class ArchConfig:
     unet_channels: List[int] = field(default_factory=lambda: [32, 64, 64])
     plain_blocks: int = 1  # leading UNet blocks without cross-attention (0: attention at every size)
     layers_per_block: int = 1
-    attention_head_dim: int = 32
+    attention_heads: int = 32  # heads per UNet attention layer (the shipped model's 32 are 1-2 channels wide)
     text_width: int = 128
     text_layers: int = 2
     max_tokens: int = 24
@@ -59,6 +59,7 @@ class PretrainDataConfig:
     two_tone_p: float = 0.0  # stage vae: probability of a two-tone object (so the VAE reconstructs the subject)
     position_words_p: float = 0.0  # stage unet/gligen: probability that a caption names each object's place (data/scenes.py)
     fixed_pattern: float = 0.0  # amplitude (8-bit levels) of a faint texture the same in every image: a position prior (data/scenes.py)
+    fixed_pattern_cell: int = 2  # its cell in pixels: 2 = one latent pixel of the toy VAE, 4 = one token of the 8x8 attention
     batch_size: int = 32
     num_workers: int = 1
 
@@ -122,6 +123,9 @@ def validate_config(cfg: DictConfig) -> DictConfig:
         raise ConfigError(f"config key 'arch.resolution': {a.resolution} must be divisible by the VAE factor times the UNet's downsampling")
     if any(c % 16 for c in [*a.vae_channels, *a.unet_channels]):
         raise ConfigError("config keys 'arch.vae_channels' / 'arch.unet_channels': every width must be a multiple of 16 (group norm)")
+    if a.attention_heads < 1 or any(c % a.attention_heads for c in a.unet_channels):
+        raise ConfigError(f"config key 'arch.attention_heads': {a.attention_heads} must be >= 1 and divide every width of "
+                          f"arch.unet_channels {list(a.unet_channels)}")
     if d.source == "folder" and not d.folder:
         raise ConfigError("config key 'data.folder': required with data.source=folder")
     if d.source == "folder" and cfg.stage == "gligen":
@@ -138,6 +142,8 @@ def validate_config(cfg: DictConfig) -> DictConfig:
     if not 0 <= d.fixed_pattern <= FIXED_PATTERN_MAX:
         raise ConfigError(f"config key 'data.fixed_pattern': {d.fixed_pattern} must be in [0, {FIXED_PATTERN_MAX}] (8-bit levels; "
                           "a stronger pattern would change what the detector reads)")
+    if d.fixed_pattern_cell < 1 or a.resolution % d.fixed_pattern_cell:
+        raise ConfigError(f"config key 'data.fixed_pattern_cell': {d.fixed_pattern_cell} must be >= 1 and divide arch.resolution {a.resolution}")
     if d.fixed_pattern and d.source != "scenes":
         raise ConfigError("config key 'data.fixed_pattern': only data.source=scenes draws the pattern")
     if d.batch_size < 1 or t.max_steps < 1 or t.export_every_n_steps < 0 or t.checkpoint_every_n_steps < 0:
@@ -189,7 +195,7 @@ def architecture(cfg: DictConfig):
         unet_channels=tuple(a.unet_channels),
         plain_blocks=a.plain_blocks,
         layers_per_block=a.layers_per_block,
-        attention_head_dim=a.attention_head_dim,
+        attention_heads=a.attention_heads,
         text_width=a.text_width,
         text_layers=a.text_layers,
         max_tokens=a.max_tokens,
@@ -205,7 +211,7 @@ def dataset(cfg: DictConfig, resolution: int):
     if d.source == "folder":
         return CaptionedFolder(d.folder, resolution)
     return SceneDataset(cfg.trainer.max_steps * d.batch_size, cfg.seed, resolution, d.min_objects, d.max_objects, d.two_tone_p,
-                        d.position_words_p, d.fixed_pattern)
+                        d.position_words_p, d.fixed_pattern, d.fixed_pattern_cell)
 
 
 def load_vae(folder: str, resolution: int):
