@@ -30,6 +30,10 @@ plain noise starts every sample from a mid-gray mean and cannot reach a black or
 a layout condition (GLIGEN's boxes) is the only source of it; at low noise ``z_t`` already shows
 where every object is, so there a grounding signal barely lowers the loss.
 
+`min_timestep` / `max_timestep` (exclusive) restrict either draw to ``[min, max)``: uniform
+``t ~ U{min..max-1}``, cubic ``t = min + floor((1 - u^3) (max - min))`` (kohya's `--min_timestep` /
+`--max_timestep`; the personalize task's `loss.min_timestep` / `loss.max_timestep`).
+
 `loss_weighting` weighs each item's epsilon error by ``w(t)``: ``eps`` 1; ``x0`` ``(1 - a_t) / a_t``
 (1/SNR: the same error measured on ``z_0 = (z_t - sqrt(1 - a_t) eps) / sqrt(a_t)``); ``v`` ``1 / a_t``
 (the error of ``v = sqrt(a_t) eps - sqrt(1 - a_t) z``). Both put the weight on high noise levels, which
@@ -153,6 +157,8 @@ class DiffusionPretrainModule(L.LightningModule):
         freeze_unet: bool = True,
         grounding_dropout: float | None = None,
         decay_steps: int = 0,
+        min_timestep: int = 0,
+        max_timestep: int | None = None,
     ):
         super().__init__()
         self.vae, self.text_encoder, self.unet = vae, text_encoder, unet
@@ -170,6 +176,10 @@ class DiffusionPretrainModule(L.LightningModule):
         self.trained = [m for m in (self.unet, self.text_encoder) if any(p.requires_grad for p in m.parameters())]
         self.ema = ParameterEMA(self.named_trainable(), ema_decay)  # with diffusers' warm-up: a short run's EMA is not stale
         self.register_buffer("alphas_cumprod", scheduler.alphas_cumprod.clone().float(), persistent=False)
+        T = len(self.alphas_cumprod)
+        self.min_timestep, self.max_timestep = min_timestep, T if max_timestep is None else max_timestep
+        if not 0 <= self.min_timestep < self.max_timestep <= T:
+            raise ValueError(f"timesteps [{min_timestep}, {max_timestep}) must satisfy 0 <= min < max <= {T}")
 
     def on_train_start(self) -> None:
         # Every rank is seeded alike; offset the generator so ranks draw different noise and timesteps.
@@ -220,11 +230,11 @@ class DiffusionPretrainModule(L.LightningModule):
         return {"boxes": box_t, "positive_embeddings": emb, "masks": masks}
 
     def draw_timesteps(self, b: int) -> torch.Tensor:
-        T = len(self.alphas_cumprod)
+        lo, hi = self.min_timestep, self.max_timestep
         if self.timesteps == "cubic":
             u = torch.rand(b, device=self.device)
-            return ((1 - u**3) * T).long().clamp(max=T - 1)
-        return torch.randint(0, T, (b,), device=self.device)
+            return lo + ((1 - u**3) * (hi - lo)).long().clamp(max=hi - lo - 1)
+        return torch.randint(lo, hi, (b,), device=self.device)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         x = batch["pixel_values"]

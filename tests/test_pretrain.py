@@ -421,6 +421,30 @@ def test_cubic_timesteps_follow_the_formula_and_favour_high_noise(runs):
         validate_config(compose("pretrain", ["optim.timesteps=log", "output_dir=x"]))
 
 
+@pytest.mark.parametrize("timesteps", ["uniform", "cubic"])
+def test_timestep_range_from_the_config_bounds_either_draw(runs, tmp_path, timesteps):
+    from dreamsteer.train.pretrain import build_modules, validate_config
+
+    _, _, unet = runs
+    cfg = validate_config(compose("pretrain", ["stage=unet", f"init={unet}", f"optim.timesteps={timesteps}", "optim.min_timestep=900",
+                                               "optim.max_timestep=980", f"output_dir={tmp_path}", *TINY]))
+    module = build_modules(cfg)
+    torch.manual_seed(5)
+    t = module.draw_timesteps(4000)
+    torch.manual_seed(5)
+    if timesteps == "uniform":
+        ref = torch.randint(900, 980, (4000,))
+    else:
+        u = torch.rand(4000)
+        ref = 900 + torch.floor(80 * (1 - u**3)).long()
+        ref = torch.where(ref == 980, 979, ref)  # fp32: 1 - u^3 rounds to 1 for u < ~0.005
+    assert torch.equal(t, ref)
+    assert t.min() == 900 and t.max() == 979  # both ends drawn, the upper bound exclusive
+    for bad in (["optim.min_timestep=500", "optim.max_timestep=500"], ["optim.max_timestep=1001"], ["optim.min_timestep=-1"]):
+        with pytest.raises(ConfigError, match="optim.min_timestep"):
+            validate_config(compose("pretrain", [*bad, "output_dir=x"]))
+
+
 def test_a_resume_with_another_checkpoint_interval_rewrites_last_ckpt(runs, tmp_path):
     _, vae, _ = runs
     common = [f"vae={vae / 'vae'}"]

@@ -83,6 +83,8 @@ class OptimConfig:
     ema_decay: float = 0.999  # stage unet/gligen
     noise_offset: float = 0.0  # stage unet/gligen: offset noise (lit_modules/pretrain.py), e.g. 0.1
     timesteps: str = "uniform"  # stage unet/gligen: uniform | cubic (most draws at high noise; lit_modules/pretrain.py)
+    min_timestep: int = 0  # stage unet/gligen: draw t in [min_timestep, max_timestep)
+    max_timestep: Optional[int] = None  # exclusive; null: the scheduler's num_train_timesteps
     loss_weighting: str = "eps"  # stage unet/gligen: eps | x0 | v (weight on high noise; lit_modules/pretrain.py)
     freeze_unet: bool = True  # stage gligen: only GLIGEN's new layers train (GLIGEN); false trains the whole UNet too
     grounding_dropout: Optional[float] = None  # stage gligen: drop the boxes on their own (null: with the caption)
@@ -157,6 +159,12 @@ def validate_config(cfg: DictConfig) -> DictConfig:
     if o.gate_init is not None and (cfg.stage != "gligen" or not -3 <= o.gate_init <= 3):
         raise ConfigError(f"config key 'optim.gate_init': {o.gate_init} needs stage=gligen and a value in [-3, 3] "
                           "(the gate is tanh(alpha_attn); 0.5 opens it to 0.46)")
+    from dreamsteer.diffusion.toy import toy_scheduler
+
+    T = toy_scheduler().config.num_train_timesteps
+    if not 0 <= o.min_timestep < (T if o.max_timestep is None else o.max_timestep) <= T:
+        raise ConfigError(f"config keys 'optim.min_timestep' / 'optim.max_timestep': {o.min_timestep} / {o.max_timestep}, "
+                          f"need 0 <= min < max <= {T} (the training schedule's timesteps)")
     if not 0 <= o.noise_offset <= 1:
         raise ConfigError(f"config key 'optim.noise_offset': {o.noise_offset} is not in [0, 1] (0.05-0.1 is usual)")
     if cfg.stage == "vae" and not o.train_vae_encoder and not cfg.vae:
@@ -268,7 +276,7 @@ def build_modules(cfg: DictConfig):
         o.train_text_encoder and (cfg.stage == "unet" or not o.freeze_unet),
         grounded=cfg.stage == "gligen", noise_offset=o.noise_offset, timesteps=o.timesteps,
         loss_weighting=o.loss_weighting, freeze_unet=o.freeze_unet, grounding_dropout=o.grounding_dropout,
-        decay_steps=decay_steps,
+        decay_steps=decay_steps, min_timestep=o.min_timestep, max_timestep=o.max_timestep,
     )
     return module
 
