@@ -403,7 +403,8 @@ class Effects:
         columns = [shown[(b, w)] for b in REGROUND_BETAS for w in WIRINGS]
         labelled_grid([[_outline(c.image, c.boxes[0])] + [col[r] for col in columns] for r, c in enumerate(cases[: GRID_ROWS * 2])],
                       ["truth", *header], self.figures / "reground.png")
-        return {"betas": list(REGROUND_BETAS), "steps": s.sample_steps, "guidance": s.guidance, "table": table, "cases": records}
+        return {"betas": list(REGROUND_BETAS), "steps": s.sample_steps, "guidance": s.guidance, "weights": _weights_id(s.gligen_model),
+                "table": table, "cases": records}
 
     def personalize(self) -> dict[str, Any]:
         s = self.s
@@ -612,7 +613,7 @@ def _reground_md(r: dict[str, Any], figures: str) -> list[str]:
     lines = [
         f"Command: `python -m dreamsteer.benchmarks.effects --part reground --n {st['n_reground']}` ({_f(r['seconds'], 0)} s).",
         "",
-        f"`{st['gligen_model']}`; {st['n_reground']} captions naming two objects (seeds `({EFFECTS_SEED}, 3, i)`), of which only the first is grounded (its phrase and its "
+        f"`{st['gligen_model']}` (weights sha256 `{r['weights']}`); {st['n_reground']} captions naming two objects (seeds `({EFFECTS_SEED}, 3, i)`), of which only the first is grounded (its phrase and its "
         f"rendered box); DDIM {r['steps']} steps, CFG {r['guidance']:g}, the same noise for both wirings. **spatial** = the grounded object "
         "(its color and shape) is detected with box IoU >= 0.5 with its box; **textual** = the ungrounded object (its color and shape) is "
         "detected anywhere; **both** = both in one image.",
@@ -658,10 +659,9 @@ def _personalize_md(r: dict[str, Any], figures: str) -> list[str]:
     return lines
 
 
-REGROUND_SKIPPED = ("ReGround's claim is not measured: it needs a GLIGEN model of the toy world (`toy-gligen`), and none is shipped "
-                    "(no GLIGEN training run of the toy model so far, on the CPU or an H200, has learned to put objects in their boxes; "
-                    "`docs/toy.md` lists the runs and says why). The part runs as soon as "
-                    "`load_backbone('toy-gligen')` loads one (`--gligen-model <folder>` for any GLIGEN diffusers folder of the toy world).")
+REGROUND_SKIPPED = ("ReGround's claim is not measured: it needs a GLIGEN model of the toy world, the shipped `toy-gligen` "
+                    "(`diffusion/builtin/toy-gligen`, recipe in `docs/toy.md`) or any GLIGEN diffusers folder of the toy world "
+                    "given as `--gligen-model <folder>`, and the one asked for could not be loaded.")
 
 
 SECTIONS: dict[str, tuple[str, Callable[[dict[str, Any], str], list[str]]]] = {

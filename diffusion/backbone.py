@@ -4,8 +4,9 @@ Sources accepted by `load_backbone`:
 - ``"tiny"`` or ``"tiny:<seed>"``: the built-in tiny model (built once, then loaded from its folder);
 - ``"tiny-gligen"`` or ``"tiny-gligen:<seed>"``: the tiny model plus GLIGEN's gated layers (`diffusion.gligen`);
 - ``"tiny-sdxl"`` or ``"tiny-sdxl:<seed>"``: the built-in tiny SDXL-shaped model (`diffusion.tiny`);
-- ``"toy"``: the toy model trained on the toy world, shipped in `diffusion/builtin/`
-  (`diffusion.toy`; fp16 files, loaded in the dtype asked for like any folder);
+- ``"toy"``: the toy model trained on the toy world, and ``"toy-gligen"``, a GLIGEN model of the same
+  world, both shipped in `diffusion/builtin/` (`diffusion.toy`; fp16 files, loaded in the dtype asked for
+  like any folder);
 - a local diffusers folder (``model_index.json`` with ``unet/``, ``vae/``, ``text_encoder/``, ...) of a
   ``StableDiffusionPipeline`` (SD 1.x/2.x) or a ``StableDiffusionXLPipeline`` (SDXL);
 - a single ``.safetensors`` checkpoint (A1111/ComfyUI style, SD 1.x/2.x or SDXL; needs its diffusers config
@@ -266,11 +267,11 @@ def dtype_kwargs(dtype: torch.dtype) -> dict[str, torch.dtype]:
 
 
 def resolve_model_source(source: str, cache_dir: str | Path | None = None) -> str:
-    """Turn a built-in name (``tiny``, ``tiny-gligen``, ``tiny-sdxl``, optionally ``:<seed>``; ``toy``)
-    into its folder, building a tiny one once; other sources pass unchanged."""
-    if source == "toy":
-        from dreamsteer.diffusion.toy import builtin_model_dir
+    """Turn a built-in name (``tiny``, ``tiny-gligen``, ``tiny-sdxl``, optionally ``:<seed>``; ``toy``,
+    ``toy-gligen``) into its folder, building a tiny one once; other sources pass unchanged."""
+    from dreamsteer.diffusion.toy import BUILTIN_MODELS, builtin_model_dir
 
+    if source in BUILTIN_MODELS:
         return str(builtin_model_dir(source))
     name, _, seed_text = source.partition(":")
     if name not in ("tiny", "tiny-gligen", "tiny-sdxl"):
@@ -333,7 +334,7 @@ def load_backbone(
             ) from err
     else:
         raise ModelLoadError(
-            f"unknown model {resolved!r}: expected 'tiny', 'tiny-sdxl', 'toy', a local diffusers folder, a .safetensors file, "
+            f"unknown model {resolved!r}: expected 'tiny', 'tiny-sdxl', 'toy', 'toy-gligen', a local diffusers folder, a .safetensors file, "
             "or a hub id 'owner/name'"
         )
 

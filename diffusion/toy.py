@@ -11,7 +11,9 @@ It is made only of the usual classes, so every loader and method treats it as a 
 
 `train pretrain` trains it (`lit_modules.pretrain`); the shipped weights live in
 `diffusion/builtin/toy/` as an ordinary diffusers folder (fp16 safetensors) and load with
-`load_backbone("toy")`.
+`load_backbone("toy")`. `diffusion/builtin/toy-gligen/` is a GLIGEN model of the same world
+(`StableDiffusionGLIGENPipeline`: gated self-attention layers that place a phrase's object in its box),
+loaded with `load_backbone("toy-gligen")`; docs/toy.md has the recipes of both.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from typing import Any, Sequence
 import torch
 
 BUILTIN_DIR = Path(__file__).resolve().parent / "builtin"
-BUILTIN_MODELS = ("toy",)  # a trained toy-gligen is not shipped yet (docs/toy.md)
+BUILTIN_MODELS = ("toy", "toy-gligen")
 
 
 @dataclass(frozen=True)
@@ -174,7 +176,7 @@ def save_pretrained_atomic(obj: Any, target: str | Path, dtype: torch.dtype = to
 
 
 def builtin_model_dir(name: str) -> Path:
-    """The shipped folder of a built-in trained model (``toy``)."""
+    """The shipped folder of a built-in trained model (``toy``, ``toy-gligen``)."""
     from dreamsteer.diffusion.backbone import ModelLoadError
 
     if name not in BUILTIN_MODELS:

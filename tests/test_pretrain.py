@@ -212,6 +212,28 @@ def test_gligen_stage_from_scratch_trains_unet_and_text_encoder_with_attention_a
         assert any(not torch.equal(v, before[k]) for k, v in trained.state_dict().items())  # both trained
 
 
+def test_the_toy_gligen_recipe_runs_at_tiny_sizes_and_its_later_phases_train_only_the_gated_layers(runs, tmp_path):
+    """docs/toy.md's three commands for toy-gligen (sizes and steps shrunk): from scratch with the gates open,
+    then GLIGEN's new layers alone at high noise with the gates reopened, then at every noise level."""
+    from safetensors.torch import load_file
+
+    from dreamsteer.diffusion.backbone import load_backbone
+    from dreamsteer.diffusion.gligen import is_gligen
+
+    _, vae, _ = runs
+    pattern = ["data.fixed_pattern=16", "data.fixed_pattern_cell=4", "optim.noise_offset=0.1"]
+    scratch = _run("gligen", tmp_path / "a", f"vae={vae / 'vae'}", "arch.attention_heads=2", "optim.freeze_unet=false",
+                   "optim.gate_init=0.5", *pattern)
+    high = _run("gligen", tmp_path / "b", f"init={scratch}", "optim.gate_init=0.5", "optim.min_timestep=900", "optim.lr=0.05", *pattern)
+    every = _run("gligen", tmp_path / "c", f"init={high}", "optim.timesteps=cubic", "optim.lr=0.05", *pattern)
+    assert is_gligen(load_backbone(str(every)).unet)
+    weights = [load_file(next((folder / "unet").glob("*.safetensors"))) for folder in (scratch, high, every)]
+    for before, after in zip(weights, weights[1:]):
+        gated = [k for k in after if k.startswith("position_net.") or ".fuser." in k]
+        assert gated and any(not torch.equal(after[k], before[k]) for k in gated)  # the new layers train
+        assert all(torch.equal(after[k], before[k]) for k in after if k not in gated)  # the UNet they sit in does not
+
+
 @pytest.mark.parametrize("grounding_dropout", [None, 0.999])
 def test_grounding_dropout_drops_the_boxes_apart_from_the_caption(runs, grounding_dropout):
     from dreamsteer.diffusion.backbone import load_backbone
