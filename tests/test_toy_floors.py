@@ -9,6 +9,7 @@ import pytest
 
 from dreamsteer.benchmarks import toy_floors
 from tests.conftest import REPO_ROOT
+from tests.test_toy_gligen import needs_toy_gligen
 
 TOY_DIR = REPO_ROOT / "diffusion" / "builtin" / "toy"
 # What the shipped weights meet (docs/toy.md has the measured table): the seeded 8-caption subset's rates,
@@ -68,7 +69,7 @@ def test_toy_dds_edit_subset(tmp_path):
 
 
 @needs_toy
-@pytest.mark.skipif(not (TOY_DIR.parent / "toy-gligen" / "model_index.json").is_file(), reason="toy-gligen is not shipped in this checkout")
+@needs_toy_gligen
 def test_toy_gligen_grounding_subset(tmp_path):
     """The first eight scenes of the gligen floor through the shipped toy-gligen (generate's defaults: parallel
     wiring, beta 0.3): some of their phrases land in their boxes (measured 6 of 14; the full 50 scenes: 42 of 78,
