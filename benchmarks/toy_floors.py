@@ -30,7 +30,8 @@ floors' own cases never are):
   the subject, against the base model on the same prompts with the DreamBooth/LoRA word.
 - ``gligen``: the GLIGEN model (``toy-gligen``) with the ``generate`` task's defaults, phrases and
   boxes from `n` (50) rendered scenes; rate of phrases whose object (detected with the phrase's color
-  and shape) has box IoU >= 0.5 with its box.
+  and shape) has box IoU >= 0.5 with its box. The floor is measured with those defaults (ReGround's
+  parallel wiring, beta 0.3); ``--wiring`` / ``--beta`` apply the same rule to other settings.
 
 A part whose model cannot be loaded is reported as skipped with the loader's reason. Writes
 ``<out>/floors.json`` (every number, the settings, per-case records) and sample grids.
@@ -51,6 +52,7 @@ from PIL import Image
 from dreamsteer.data.files import write_json_atomic
 from dreamsteer.data.images import save_image_atomic, tensor_to_pil
 from dreamsteer.data.scenes import BACKGROUND_COLORS, SUBJECT, random_scene, write_subject_photos
+from dreamsteer.diffusion.reground import WIRINGS
 from dreamsteer.metrics.detector import box_iou, caption_agreement, detect, summary
 from dreamsteer.metrics.toy_edit import EDIT_MARGIN
 
@@ -250,18 +252,22 @@ def _by_background(flags: Sequence[bool], per_background: int) -> dict[str, int]
     return {bg: int(sum(flags[i * per_background:(i + 1) * per_background])) for i, bg in enumerate(BACKGROUND_COLORS)}
 
 
-def grounding(model: str, n: int, out: Path, seed: int = FLOORS_SEED) -> tuple[list[Floor], dict[str, Any]]:
+def grounding(model: str, n: int, out: Path, seed: int = FLOORS_SEED, wiring: str | None = None,
+              beta: float | None = None) -> tuple[list[Floor], dict[str, Any]]:
+    """The gligen part with `generate`'s defaults, or the `wiring` / `beta` given."""
     from dreamsteer.diffusion.reground import grounded_sample
     from dreamsteer.train.generate import GenerateConfig
 
     backbone = _load(model)
     defaults = GenerateConfig()
+    wiring = defaults.wiring if wiring is None else wiring
+    beta = defaults.beta if beta is None else beta
     resolution = backbone.resolution
     hits, all_hits, records, images = [], [], [], []
     for i in range(n):
         scene = random_scene(_case_seed(seed, "gligen", i), resolution=resolution)
         boxes = (scene.boxes / resolution).tolist()
-        latents = grounded_sample(backbone, scene.caption, scene.phrases, boxes, defaults.wiring, defaults.beta, defaults.steps,
+        latents = grounded_sample(backbone, scene.caption, scene.phrases, boxes, wiring, beta, defaults.steps,
                                   torch.Generator().manual_seed(seed + i), guidance_scale=defaults.guidance_scale,
                                   scheduler=defaults.scheduler)
         with torch.no_grad():
@@ -276,8 +282,8 @@ def grounding(model: str, n: int, out: Path, seed: int = FLOORS_SEED) -> tuple[l
         records.append({"caption": scene.caption, "boxes": scene.boxes.tolist(), "hits": case, "detection": summary(detection)})
         images.append(image)
     save_grid(images[:32], out / "gligen_samples.png")
-    rows = [Floor("gligen", f"phrase in its box, IoU >= 0.5 ({defaults.wiring})", _rate(hits), 0.80, n=len(hits))]
-    info = {"wiring": defaults.wiring, "beta": defaults.beta, "steps": defaults.steps, "sample_rate": _rate(all_hits), "cases": records}
+    rows = [Floor("gligen", f"phrase in its box, IoU >= 0.5 ({wiring}, beta {beta:g})", _rate(hits), 0.80, n=len(hits))]
+    info = {"wiring": wiring, "beta": beta, "steps": defaults.steps, "sample_rate": _rate(all_hits), "cases": records}
     return rows, info
 
 
@@ -295,18 +301,19 @@ def format_table(rows: Sequence[Floor], skipped: dict[str, str]) -> str:
 def run(parts: Sequence[str], model: str, gligen_model: str, out: Path, n: int | None = None, steps: int = 25, guidance: float = 7.5,
         edit_steps: int | None = None, methods: Sequence[str] = METHODS, photos: int = 5, per_background: int = 5,
         train_steps: int | None = None, seed: int = FLOORS_SEED, personalize_overrides: Sequence[str] = (),
-        recipes_of: str | None = None) -> dict[str, Any]:
+        recipes_of: str | None = None, wiring: str | None = None, beta: float | None = None) -> dict[str, Any]:
     """Measure `parts`; returns (and writes to ``<out>/floors.json``) the rows, skipped parts and details.
     `n` overrides each part's case count (t2i 100, edit 50, gligen 50); `seed` replaces `FLOORS_SEED`
     (a development set); `recipes_of` names the model whose recipes (``conf/experiment/<name>_*.yaml``)
-    the edit and personalize parts use for `model` (default: `model`'s own)."""
+    the edit and personalize parts use for `model` (default: `model`'s own); `wiring` / `beta` the gligen
+    part's sampling (default: `generate`'s, the floor's)."""
     out.mkdir(parents=True, exist_ok=True)
     jobs: dict[str, Callable[[], tuple[list[Floor], dict[str, Any]]]] = {
         "t2i": lambda: text_to_image(model, n or 100, out, steps, guidance, seed),
         "edit": lambda: editing(model, n or 50, out, edit_steps, seed, recipes_of),
         "personalize": lambda: personalization(model, methods, out, photos, per_background, steps, guidance, train_steps, seed,
                                                personalize_overrides, recipes_of),
-        "gligen": lambda: grounding(gligen_model, n or 50, out, seed),
+        "gligen": lambda: grounding(gligen_model, n or 50, out, seed, wiring, beta),
     }
     rows: list[Floor] = []
     skipped: dict[str, str] = {}
@@ -345,14 +352,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--recipes-of", default=None, metavar="MODEL",
                         help="use MODEL's recipes (conf/experiment/MODEL_*.yaml) for --model, e.g. --recipes-of toy "
                              "for the folder of a re-trained toy model (default: --model's own; a folder has none)")
+    parser.add_argument("--wiring", choices=WIRINGS, default=None,
+                        help="gligen part: GLIGEN's sequential wiring or ReGround's parallel one (default: generate's, the floor's)")
+    parser.add_argument("--beta", type=float, default=None,
+                        help="gligen part: fraction of the steps with the grounding on (default: generate's, the floor's)")
     parser.add_argument("--out", type=Path, default=Path("outputs") / "toy_floors")
     args = parser.parse_args(argv)
     if args.n is not None and args.n < 1:
         parser.error("--n must be >= 1")
+    if args.beta is not None and not 0.0 <= args.beta <= 1.0:
+        parser.error("--beta must lie in [0, 1]")
     parts = PARTS if args.part == "all" else (args.part,)
     result = run(parts, args.model, args.gligen_model, args.out, args.n, args.steps, args.guidance, args.edit_steps, args.methods,
                  per_background=args.per_background, train_steps=args.train_steps, seed=args.seed,
-                 personalize_overrides=args.personalize_overrides, recipes_of=args.recipes_of)
+                 personalize_overrides=args.personalize_overrides, recipes_of=args.recipes_of, wiring=args.wiring, beta=args.beta)
     if args.seed != FLOORS_SEED:
         print(f"development set: cases from seed {args.seed}, not the floors' {FLOORS_SEED}")
     print(result["table"])
