@@ -191,3 +191,11 @@ def test_subject_counts_per_background_follow_the_prompt_order():
     assert [p.split(" on a ")[1] for p in prompts[::2]] == ["white background", "black background", "gray background", "cyan background"]
     flags = [True, False, False, False, True, True, False, True]  # by hand: white 1, black 0, gray 2, cyan 1
     assert toy_floors._by_background(flags, 2) == {"white": 1, "black": 0, "gray": 2, "cyan": 1}
+
+
+@pytest.mark.parametrize("argv", [["--beta", "1.5"], ["--beta", "-0.1"], ["--wiring", "diagonal"], ["--n", "0"]])
+def test_bad_command_line_values_are_refused_before_anything_runs(argv, tmp_path, capsys):
+    with pytest.raises(SystemExit) as err:
+        toy_floors.main(["--part", "gligen", "--out", str(tmp_path / "out"), *argv])
+    assert err.value.code == 2 and argv[0] in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
