@@ -50,7 +50,7 @@ from dreamsteer.data.files import write_json_atomic, write_text_atomic
 from dreamsteer.data.images import save_image_atomic, tensor_to_pil
 from dreamsteer.data.scenes import (BACKGROUND_COLORS, OBJECT_COLORS, SHAPES, SUBJECT, SceneObject, render,
                                     sample_objects, write_subject_photos)
-from dreamsteer.metrics.detector import box_iou, detect, summary
+from dreamsteer.metrics.detector import detect, in_box, summary
 from dreamsteer.metrics.toy_edit import mean_metrics
 
 EFFECTS_SEED = 2_000_003
@@ -386,8 +386,7 @@ class Effects:
                     with torch.no_grad():
                         image = tensor_to_pil(backbone.decode(latents)[0].float().clamp(-1, 1))
                     detection = detect(image)
-                    hit = max((box_iou(o.box, scene.boxes[0]) for o in detection.objects if (o.color, o.shape) == (grounded.color, grounded.shape)),
-                              default=0.0) >= 0.5
+                    hit = in_box(detection, grounded.color, grounded.shape, scene.boxes[0])
                     present = any((o.color, o.shape) == (free.color, free.shape) for o in detection.objects)
                     spatial.append(hit)
                     textual.append(present)

@@ -53,7 +53,7 @@ from dreamsteer.data.files import write_json_atomic
 from dreamsteer.data.images import save_image_atomic, tensor_to_pil
 from dreamsteer.data.scenes import BACKGROUND_COLORS, SUBJECT, random_scene, write_subject_photos
 from dreamsteer.diffusion.reground import WIRINGS
-from dreamsteer.metrics.detector import box_iou, caption_agreement, detect, summary
+from dreamsteer.metrics.detector import caption_agreement, detect, in_box, summary
 from dreamsteer.metrics.toy_edit import EDIT_MARGIN
 
 FLOORS_SEED = 1_000_003  # cases use seeds (FLOORS_SEED, part, i): pretraining draws (seed, index) pairs
@@ -273,10 +273,7 @@ def grounding(model: str, n: int, out: Path, seed: int = FLOORS_SEED, wiring: st
         with torch.no_grad():
             image = tensor_to_pil(backbone.decode(latents)[0].float().clamp(-1, 1))
         detection = detect(image)
-        case = []
-        for obj, box in zip(scene.objects, scene.boxes):
-            ious = [box_iou(o.box, box) for o in detection.objects if (o.color, o.shape) == (obj.color, obj.shape)]
-            case.append(max(ious, default=0.0) >= 0.5)
+        case = [in_box(detection, obj.color, obj.shape, box) for obj, box in zip(scene.objects, scene.boxes)]
         hits += case
         all_hits.append(all(case))
         records.append({"caption": scene.caption, "boxes": scene.boxes.tolist(), "hits": case, "detection": summary(detection)})

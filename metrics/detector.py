@@ -342,6 +342,12 @@ def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
     return float(inter / union) if union > 0 else 0.0
 
 
+def in_box(detection: Detection, color: str, shape: str, box: Sequence[float], min_iou: float = 0.5) -> bool:
+    """Whether an object of `color` and `shape` is detected with box IoU >= `min_iou` with `box` (pixels):
+    the rule of grounding (a phrase's object in its box), for the gligen floor and ReGround's table."""
+    return max((box_iou(o.box, box) for o in detection.objects if (o.color, o.shape) == (color, shape)), default=0.0) >= min_iou
+
+
 def caption_agreement(detection: Detection, caption: str) -> dict[str, Any]:
     """How a detection agrees with a grammar caption. Caption objects and detected objects are paired
     one to one maximizing the number of agreeing colors plus shapes (Hungarian); an unpaired caption

@@ -135,3 +135,18 @@ def test_caption_agreement_pairs_objects_and_counts():
     assert recolored == {"background": False, "colors": [False, True], "shapes": [True, True], "count": True, "exact": False}
     three = caption_agreement(detection, "a blue square, a red star and a green circle on a black background")
     assert three["colors"] == [True, True, False] and three["count"] is False and not three["exact"]
+
+
+def test_in_box_needs_the_color_the_shape_and_the_overlap():
+    from dreamsteer.metrics.detector import Detection, DetectedObject, in_box
+
+    def obj(color, shape, box):
+        return DetectedObject(color=color, shape=shape, box=box, mask=np.zeros((16, 16), bool), pixels=50, shape_iou=0.9, color_distance=5.0, subject_score=0.0)
+
+    # box (4, 4, 12, 12) against (6, 4, 14, 12): overlap 6 x 8 = 48, union 64 + 64 - 48 = 80, IoU 0.6
+    detection = Detection("white", (255.0, 255.0, 255.0), 0.0, [obj("blue", "circle", (4, 4, 12, 12)), obj("red", "star", (6, 4, 14, 12))])
+    assert in_box(detection, "red", "star", (4, 4, 12, 12))  # IoU 0.6
+    assert not in_box(detection, "red", "star", (4, 4, 12, 12), min_iou=0.7)
+    assert not in_box(detection, "red", "circle", (4, 4, 12, 12))  # another shape of that color in the box
+    assert not in_box(detection, "blue", "star", (4, 4, 12, 12))  # another color of that shape
+    assert not in_box(detection, "green", "square", (4, 4, 12, 12))  # nothing of the kind
