@@ -48,6 +48,13 @@ objects). Only GLIGEN's new layers (``position_net`` and the gated self-attentio
 as in GLIGEN; with `freeze_unet` False the whole UNet trains with them. The text encoder trains when
 `train_text_encoder` (the ``unet`` stage, and a GLIGEN model trained from scratch).
 
+With `ungrounded_p` each item runs, with that probability, through the UNet with GLIGEN's layers off
+(``fuser(h) = h``), its caption kept: the plain UNet that scheduled sampling (GLIGEN's and ReGround's
+beta) runs after its first grounded steps, which a UNet trained with the layers always on has never
+been trained as. With `phrase_dropout` each object's phrase and box is dropped on its own (its slot
+gets GLIGEN's null token) while the caption still names it: a caption may name objects that have no
+box, as in ReGround's benchmark, and the model must still draw them.
+
 The learning rate warms up linearly over `warmup_steps`, then stays constant or, with `decay_steps`,
 follows a cosine to 0 at that step (`lr_factor`).
 
@@ -159,6 +166,8 @@ class DiffusionPretrainModule(L.LightningModule):
         decay_steps: int = 0,
         min_timestep: int = 0,
         max_timestep: int | None = None,
+        ungrounded_p: float = 0.0,
+        phrase_dropout: float = 0.0,
     ):
         super().__init__()
         self.vae, self.text_encoder, self.unet = vae, text_encoder, unet
@@ -166,6 +175,7 @@ class DiffusionPretrainModule(L.LightningModule):
         self.lr, self.warmup_steps, self.decay_steps, self.caption_dropout = lr, warmup_steps, decay_steps, caption_dropout
         self.grounded, self.noise_offset, self.timesteps = grounded, noise_offset, timesteps
         self.loss_weighting, self.grounding_dropout = loss_weighting, grounding_dropout
+        self.ungrounded_p, self.phrase_dropout = ungrounded_p, phrase_dropout
         self.vae.requires_grad_(False).eval()
         if grounded:  # GLIGEN: the pretrained model stays frozen, only the new layers learn (unless not `freeze_unet`)
             for name, p in self.unet.named_parameters():
@@ -250,14 +260,36 @@ class DiffusionPretrainModule(L.LightningModule):
             eps = eps + self.noise_offset * torch.randn(b, z.shape[1], 1, 1, device=self.device)
         a = self.alphas_cumprod[t].view(b, 1, 1, 1)
         z_t = a.sqrt() * z + (1 - a).sqrt() * eps
-        kwargs = {}
         if self.grounded:
             keep_boxes = keep if self.grounding_dropout is None else torch.rand(b, device=self.device) >= self.grounding_dropout
-            kwargs = {"cross_attention_kwargs": {"gligen": self.grounding(batch["phrases"], batch["boxes"], keep_boxes)}}
-        pred = self.unet(z_t, t, encoder_hidden_states=text_emb, **kwargs).sample
+            gligen = self.grounding(batch["phrases"], batch["boxes"], keep_boxes)
+            if self.phrase_dropout:  # drawn only when asked for, as below
+                gligen["masks"] = gligen["masks"] * (torch.rand_like(gligen["masks"]) >= self.phrase_dropout)
+            plain = torch.zeros(b, dtype=torch.bool, device=self.device)
+            if self.ungrounded_p:  # drawn only when asked for: runs without it draw the same noise as before it existed
+                plain = torch.rand(b, device=self.device) < self.ungrounded_p
+            pred = self.grounded_prediction(z_t, t, text_emb, gligen, plain)
+        else:
+            pred = self.unet(z_t, t, encoder_hidden_states=text_emb).sample
         loss = (self.loss_weight(a.view(b)) * ((pred - eps) ** 2).mean(dim=(1, 2, 3))).mean()
         self.log("train/loss", loss, prog_bar=True)
         return loss
+
+    def grounded_prediction(
+        self, z_t: torch.Tensor, t: torch.Tensor, text_emb: torch.Tensor, gligen: dict[str, torch.Tensor], plain: torch.Tensor
+    ) -> torch.Tensor:
+        """The UNet's noise prediction for a batch of the gligen stage: with GLIGEN's layers on (the
+        grounding tokens in `gligen`), but for the `plain` items, which run without them: the UNet skips
+        its fusers when it gets no grounding, as with the fusers switched off."""
+        if not plain.any():
+            return self.unet(z_t, t, encoder_hidden_states=text_emb, cross_attention_kwargs={"gligen": gligen}).sample
+        pred = torch.empty_like(z_t)
+        on = ~plain
+        if on.any():
+            grounding = {key: value[on] for key, value in gligen.items()}
+            pred[on] = self.unet(z_t[on], t[on], encoder_hidden_states=text_emb[on], cross_attention_kwargs={"gligen": grounding}).sample
+        pred[plain] = self.unet(z_t[plain], t[plain], encoder_hidden_states=text_emb[plain]).sample
+        return pred
 
     def loss_weight(self, a: torch.Tensor) -> torch.Tensor:
         """``w(t)`` of `loss_weighting` for ``a = alphas_cumprod[t]`` (module docstring)."""

@@ -213,8 +213,9 @@ def test_gligen_stage_from_scratch_trains_unet_and_text_encoder_with_attention_a
 
 
 def test_the_toy_gligen_recipe_runs_at_tiny_sizes_and_its_later_phases_train_only_the_gated_layers(runs, tmp_path):
-    """docs/toy.md's three commands for toy-gligen (sizes and steps shrunk): from scratch with the gates open,
-    then GLIGEN's new layers alone at high noise with the gates reopened, then at every noise level."""
+    """docs/toy.md's four commands for toy-gligen (sizes and steps shrunk): from scratch with the gates open,
+    then GLIGEN's new layers alone at high noise with the gates reopened, then at every noise level, then the
+    whole UNet again with half the items run without GLIGEN's layers (the text encoder kept)."""
     from safetensors.torch import load_file
 
     from dreamsteer.diffusion.backbone import load_backbone
@@ -232,6 +233,12 @@ def test_the_toy_gligen_recipe_runs_at_tiny_sizes_and_its_later_phases_train_onl
         gated = [k for k in after if k.startswith("position_net.") or ".fuser." in k]
         assert gated and any(not torch.equal(after[k], before[k]) for k in gated)  # the new layers train
         assert all(torch.equal(after[k], before[k]) for k in after if k not in gated)  # the UNet they sit in does not
+    plain = _run("gligen", tmp_path / "d", f"init={every}", "optim.freeze_unet=false", "optim.train_text_encoder=false",
+                 "optim.ungrounded_p=0.5", "optim.schedule=cosine", "optim.lr=0.05", *pattern)
+    (before, after), (text_before, text_after) = [[load_file(next((folder / part).glob("*.safetensors"))) for folder in (every, plain)]
+                                                  for part in ("unet", "text_encoder")]
+    assert any(not torch.equal(after[k], before[k]) for k in after if k.startswith("conv_in."))  # the UNet trains
+    assert all(torch.equal(text_after[k], text_before[k]) for k in text_after)  # the phrases' embeddings stay what the layers read
 
 
 @pytest.mark.parametrize("grounding_dropout", [None, 0.999])
@@ -265,6 +272,82 @@ def test_grounding_dropout_drops_the_boxes_apart_from_the_caption(runs, groundin
     assert seen["captions"] == batch["caption"]  # no caption dropped
     # None: the boxes go with the caption (all kept); 0.999: dropped on their own
     assert seen["keep"].tolist() == ([True] * 4 if grounding_dropout is None else [False] * 4)
+
+
+def test_ungrounded_items_run_the_unet_with_gligen_s_layers_off(runs, tmp_path):
+    from dreamsteer.diffusion.gligen import fuser_restored, set_fuser
+    from dreamsteer.train.pretrain import build_modules, validate_config
+
+    _, _, unet = runs
+    cfg = lambda *extra: validate_config(compose("pretrain", ["stage=gligen", f"init={unet}", f"output_dir={tmp_path}", *TINY,
+                                                              "optim.freeze_unet=false", "optim.gate_init=0.5", *extra]))
+    module = build_modules(cfg("optim.ungrounded_p=0.5"))
+    torch.manual_seed(0)
+    z_t, t = torch.randn(4, 4, 8, 8), torch.tensor([900, 600, 300, 100])
+    text = module.encode_text(["a red circle on a white background", "a blue square on a black background"] * 2)
+    boxes = [torch.tensor([[0.1, 0.1, 0.5, 0.5]]), torch.tensor([[0.4, 0.2, 0.9, 0.8]])] * 2
+    gligen = module.grounding([["red circle"], ["blue square"]] * 2, boxes, torch.ones(4, dtype=torch.bool))
+    plain = torch.tensor([True, False, False, True])
+    with torch.no_grad():
+        pred = module.grounded_prediction(z_t, t, text, gligen, plain)
+        on = module.unet(z_t, t, encoder_hidden_states=text, cross_attention_kwargs={"gligen": gligen}).sample
+        with fuser_restored(module.unet):  # the switch scheduled sampling flips
+            set_fuser(module.unet, False)
+            off = module.unet(z_t, t, encoder_hidden_states=text, cross_attention_kwargs={"gligen": gligen}).sample
+    assert (on - off).abs().amax(dim=(1, 2, 3)).min() > 1e-4  # the layers change every item's prediction
+    torch.testing.assert_close(pred[plain], off[plain])
+    torch.testing.assert_close(pred[~plain], on[~plain])
+
+    # an item without GLIGEN's layers trains the UNet and gives the layers nothing; the default trains them
+    batch = {"pixel_values": torch.rand(2, 3, 16, 16) * 2 - 1, "caption": ["a red circle on a white background"] * 2,
+             "phrases": [["red circle"]] * 2, "boxes": [torch.tensor([[0.1, 0.1, 0.5, 0.5]])] * 2}
+    for extra, layers_learn in ((["optim.ungrounded_p=0.999"], False), ([], True)):
+        module = build_modules(cfg("optim.caption_dropout=0", *extra))
+        module.training_step(batch, 0).backward()
+        grads = {n: p.grad for n, p in module.unet.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+        assert any(".fuser." in n or n.startswith("position_net.") for n in grads) == layers_learn, extra
+        assert any(n.startswith("conv_in.") for n in grads), extra
+
+    for extra in (["optim.freeze_unet=true"], ["optim.ungrounded_p=1"], ["trainer.devices=2", "trainer.strategy=ddp"]):
+        with pytest.raises(ConfigError, match="optim.ungrounded_p|trainer.strategy"):
+            cfg("optim.ungrounded_p=0.5", *extra)
+    with pytest.raises(ConfigError, match="optim.ungrounded_p"):  # GLIGEN's layers only exist in stage=gligen
+        validate_config(compose("pretrain", ["stage=unet", "vae=x", "optim.ungrounded_p=0.5", f"output_dir={tmp_path}"]))
+
+
+def test_phrase_dropout_drops_objects_boxes_one_by_one_and_keeps_the_caption(runs, tmp_path):
+    from dreamsteer.train.pretrain import build_modules, validate_config
+
+    _, _, unet = runs
+    cfg = lambda *extra: validate_config(compose("pretrain", ["stage=gligen", f"init={unet}", f"output_dir={tmp_path}", *TINY,
+                                                              "optim.caption_dropout=0", *extra]))
+    batch = {"pixel_values": torch.rand(64, 3, 16, 16) * 2 - 1, "caption": ["a red circle and a blue square on a white background"] * 64,
+             "phrases": [["red circle", "blue square"]] * 64, "boxes": [torch.tensor([[0.1, 0.1, 0.4, 0.4], [0.5, 0.5, 0.9, 0.9]])] * 64}
+    masks = {}
+    for p in (0.0, 0.5):
+        module = build_modules(cfg(f"optim.phrase_dropout={p}"))
+        seen = {}
+        encode_text, predict = module.encode_text, module.grounded_prediction
+
+        def record_captions(captions, encode_text=encode_text, seen=seen):
+            seen["captions"] = list(captions)
+            return encode_text(captions)
+
+        def record_masks(z_t, t, text, gligen, plain, predict=predict, seen=seen):
+            seen["masks"] = gligen["masks"]
+            return predict(z_t, t, text, gligen, plain)
+
+        module.encode_text, module.grounded_prediction = record_captions, record_masks
+        torch.manual_seed(0)
+        module.training_step(batch, 0)
+        assert seen["captions"] == batch["caption"]  # the caption still names every object
+        masks[p] = seen["masks"]
+    assert masks[0.0][:, :2].eq(1).all() and masks[0.0][:, 2:].eq(0).all()
+    kept = masks[0.5][:, :2]
+    assert masks[0.5][:, 2:].eq(0).all() and set(kept.unique().tolist()) == {0.0, 1.0}
+    assert 0.3 < kept.mean() < 0.7 and (kept[:, 0] != kept[:, 1]).any()  # each object on its own, not the item's boxes together
+    with pytest.raises(ConfigError, match="optim.phrase_dropout"):
+        validate_config(compose("pretrain", ["stage=unet", "vae=x", "optim.phrase_dropout=0.3", f"output_dir={tmp_path}"]))
 
 
 def test_grounding_puts_each_item_s_phrases_and_boxes_in_its_own_slots(runs):

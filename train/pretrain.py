@@ -88,6 +88,8 @@ class OptimConfig:
     loss_weighting: str = "eps"  # stage unet/gligen: eps | x0 | v (weight on high noise; lit_modules/pretrain.py)
     freeze_unet: bool = True  # stage gligen: only GLIGEN's new layers train (GLIGEN); false trains the whole UNet too
     grounding_dropout: Optional[float] = None  # stage gligen: drop the boxes on their own (null: with the caption)
+    ungrounded_p: float = 0.0  # stage gligen, freeze_unet=false: train this share of the items with GLIGEN's layers off
+    phrase_dropout: float = 0.0  # stage gligen: drop each object's phrase and box on its own, the caption still naming it
     gate_init: Optional[float] = None  # stage gligen: start every gate alpha_attn here (null: 0 for new layers, kept for a GLIGEN init)
     train_text_encoder: bool = True  # stage unet; stage gligen with freeze_unet=false
     kl_weight: float = 1e-6  # stage vae
@@ -156,6 +158,14 @@ def validate_config(cfg: DictConfig) -> DictConfig:
         raise ConfigError("config keys 'optim.lr' > 0, 'optim.caption_dropout' and 'optim.ema_decay' in [0, 1)")
     if o.grounding_dropout is not None and not 0 <= o.grounding_dropout < 1:
         raise ConfigError(f"config key 'optim.grounding_dropout': {o.grounding_dropout} is not in [0, 1)")
+    if o.ungrounded_p and (cfg.stage != "gligen" or o.freeze_unet or not 0 < o.ungrounded_p < 1):
+        raise ConfigError(f"config key 'optim.ungrounded_p': {o.ungrounded_p} needs stage=gligen, optim.freeze_unet=false "
+                          "(with GLIGEN's layers off only the UNet can learn) and a value in [0, 1)")
+    if o.phrase_dropout and (cfg.stage != "gligen" or not 0 < o.phrase_dropout < 1):
+        raise ConfigError(f"config key 'optim.phrase_dropout': {o.phrase_dropout} needs stage=gligen and a value in [0, 1)")
+    if o.ungrounded_p and t.strategy.startswith("ddp") and "find_unused_parameters_true" not in t.strategy:
+        raise ConfigError(f"config key 'trainer.strategy': {t.strategy} with optim.ungrounded_p: a process whose items all run "
+                          "without GLIGEN's layers gives them no gradient, which plain DDP refuses; use ddp_find_unused_parameters_true")
     if o.gate_init is not None and (cfg.stage != "gligen" or not -3 <= o.gate_init <= 3):
         raise ConfigError(f"config key 'optim.gate_init': {o.gate_init} needs stage=gligen and a value in [-3, 3] "
                           "(the gate is tanh(alpha_attn); 0.5 opens it to 0.46)")
@@ -276,7 +286,8 @@ def build_modules(cfg: DictConfig):
         o.train_text_encoder and (cfg.stage == "unet" or not o.freeze_unet),
         grounded=cfg.stage == "gligen", noise_offset=o.noise_offset, timesteps=o.timesteps,
         loss_weighting=o.loss_weighting, freeze_unet=o.freeze_unet, grounding_dropout=o.grounding_dropout,
-        decay_steps=decay_steps, min_timestep=o.min_timestep, max_timestep=o.max_timestep,
+        decay_steps=decay_steps, min_timestep=o.min_timestep, max_timestep=o.max_timestep, ungrounded_p=o.ungrounded_p,
+        phrase_dropout=o.phrase_dropout,
     )
     return module
 
