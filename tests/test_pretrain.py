@@ -308,9 +308,10 @@ def test_ungrounded_items_run_the_unet_with_gligen_s_layers_off(runs, tmp_path):
         assert any(".fuser." in n or n.startswith("position_net.") for n in grads) == layers_learn, extra
         assert any(n.startswith("conv_in.") for n in grads), extra
 
-    for extra in (["optim.freeze_unet=true"], ["optim.ungrounded_p=1"], ["trainer.devices=2", "trainer.strategy=ddp"]):
+    for extra in (["optim.freeze_unet=true"], ["optim.ungrounded_p=1"], ["trainer.devices=2", "trainer.strategy=ddp"], ["trainer.devices=2"]):
         with pytest.raises(ConfigError, match="optim.ungrounded_p|trainer.strategy"):
             cfg("optim.ungrounded_p=0.5", *extra)
+    cfg("optim.ungrounded_p=0.5", "trainer.devices=2", "trainer.strategy=ddp_find_unused_parameters_true")  # accepted
     with pytest.raises(ConfigError, match="optim.ungrounded_p"):  # GLIGEN's layers only exist in stage=gligen
         validate_config(compose("pretrain", ["stage=unet", "vae=x", "optim.ungrounded_p=0.5", f"output_dir={tmp_path}"]))
 

@@ -163,9 +163,12 @@ def validate_config(cfg: DictConfig) -> DictConfig:
                           "(with GLIGEN's layers off only the UNet can learn) and a value in [0, 1)")
     if o.phrase_dropout and (cfg.stage != "gligen" or not 0 < o.phrase_dropout < 1):
         raise ConfigError(f"config key 'optim.phrase_dropout': {o.phrase_dropout} needs stage=gligen and a value in [0, 1)")
-    if o.ungrounded_p and t.strategy.startswith("ddp") and "find_unused_parameters_true" not in t.strategy:
-        raise ConfigError(f"config key 'trainer.strategy': {t.strategy} with optim.ungrounded_p: a process whose items all run "
-                          "without GLIGEN's layers gives them no gradient, which plain DDP refuses; use ddp_find_unused_parameters_true")
+    one_device = str(t.devices) == "1" or (str(t.devices) == "auto" and t.accelerator == "cpu")  # Lightning's auto on a CPU: one
+    several = t.strategy.startswith("ddp") or t.num_nodes > 1 or not one_device
+    if o.ungrounded_p and several and "find_unused_parameters_true" not in t.strategy:
+        raise ConfigError(f"config key 'trainer.strategy': {t.strategy} with optim.ungrounded_p on several processes: a process whose "
+                          "items all run without GLIGEN's layers gives them no gradient, which plain DDP refuses; "
+                          "use trainer.strategy=ddp_find_unused_parameters_true")
     if o.gate_init is not None and (cfg.stage != "gligen" or not -3 <= o.gate_init <= 3):
         raise ConfigError(f"config key 'optim.gate_init': {o.gate_init} needs stage=gligen and a value in [-3, 3] "
                           "(the gate is tanh(alpha_attn); 0.5 opens it to 0.46)")
