@@ -11,8 +11,10 @@ coverage is computed on a grid `SUPERSAMPLE` times finer than the image and aver
 object's mask is the set of pixels it covers at least half.
 
 The personal subject (`SUBJECT`) is outside the pretraining distribution: a two-tone object (a disc
-with a differently colored inner disc). Pretraining scenes only hold one-color objects, so a base
-model asked for "a sks circle" draws a plain circle; a personalized one draws the subject.
+with a differently colored inner disc). Pretraining scenes hold one-color objects, and optionally
+(`two_tone_p`) two-tone ones captioned "a red circle with a yellow center", but never in the subject's
+pair of colors, so a base model asked for "a sks circle" draws a plain circle; a personalized one
+draws the subject.
 
 Everything is deterministic from a seed (`numpy.random.Generator`).
 """
@@ -104,15 +106,17 @@ class SceneObject:
 
     @property
     def is_subject(self) -> bool:
-        """Whether this is the personal subject (other two-tone objects are drawn only for the VAE)."""
+        """Whether this is the personal subject."""
         return (self.shape, self.color, self.inner_color) == (SUBJECT.shape, SUBJECT.color, SUBJECT.inner_color)
 
     @property
     def phrase(self) -> str:
-        """How captions name this object: "red circle", or "sks circle" for the subject (other
-        two-tone objects are named by their outer color)."""
+        """How captions name this object: "red circle", "red circle with a yellow center" (a
+        two-tone object), or "sks circle" for the subject."""
         if self.is_subject:
             return f"{SUBJECT.token} {SUBJECT.class_word}"
+        if self.inner_color is not None:
+            return f"{self.color} {self.shape} with {ARTICLE} {self.inner_color} center"
         return f"{self.color} {self.shape}"
 
 
@@ -281,9 +285,12 @@ def _place(rng: np.random.Generator, sizes: Sequence[float], tries: int = 100) -
     return centers
 
 
-def sample_objects(rng: np.random.Generator, count: int, subject: bool = False, two_tone_p: float = 0.0) -> list[SceneObject]:
+def sample_objects(rng: np.random.Generator, count: int, subject: bool = False, two_tone_p: float = 0.0,
+                   subject_colors: bool = True) -> list[SceneObject]:
     """`count` random non-overlapping objects; with `subject`, the first one is the personal subject;
-    with `two_tone_p` > 0 each other object is two-tone (a random other inner color) with that probability."""
+    with `two_tone_p` > 0 each other object is two-tone (a random other inner color) with that probability.
+    `subject_colors=False` never gives a two-tone object the subject's pair of colors (its outer color
+    around its inner color, on any shape): the pretraining world, to which the subject stays new."""
     while True:
         sizes = list(rng.uniform(MIN_SIZE, MAX_SIZE, size=count))
         centers = _place(rng, sizes)
@@ -297,7 +304,8 @@ def sample_objects(rng: np.random.Generator, count: int, subject: bool = False, 
             shape, color = str(rng.choice(SHAPES)), str(rng.choice(list(OBJECT_COLORS)))
             inner = None
             if two_tone_p and rng.random() < two_tone_p:
-                inner = str(rng.choice([c for c in OBJECT_COLORS if c != color]))
+                excluded = {color} | ({SUBJECT.inner_color} if not subject_colors and color == SUBJECT.color else set())
+                inner = str(rng.choice([c for c in OBJECT_COLORS if c not in excluded]))
             objects.append(SceneObject(shape, color, center, size, inner))
     return objects
 
@@ -315,10 +323,11 @@ def random_scene(
     position_words_p: float = 0.0,
     pattern: float = 0.0,
     pattern_cell: int = FIXED_PATTERN_CELL,
+    subject_colors: bool = True,
 ) -> Scene:
     """A random scene of the pretraining distribution (uniform background, count, shapes, colors).
-    `two_tone_p` > 0 makes objects two-tone with that probability: for the VAE only, so that it
-    reconstructs a two-tone subject, while the diffusion model never sees one. With probability
+    `two_tone_p` > 0 makes objects two-tone with that probability; `subject_colors=False` keeps the
+    subject's pair of colors out of them (`sample_objects`), as the diffusion stages do. With probability
     `position_words_p` the caption names each object's place (`make_caption(..., positions=True)`);
     that draw comes last, so the scene itself is the same for every `position_words_p`. `pattern` adds
     the fixed pattern of that amplitude and cell (`render`); it draws nothing from the seed."""
@@ -327,7 +336,7 @@ def random_scene(
     rng = _rng(seed)
     background = str(rng.choice(list(BACKGROUND_COLORS)))
     count = int(rng.integers(min_objects, max_objects + 1))
-    scene = render(background, sample_objects(rng, count, two_tone_p=two_tone_p), resolution, pattern, pattern_cell)
+    scene = render(background, sample_objects(rng, count, two_tone_p=two_tone_p, subject_colors=subject_colors), resolution, pattern, pattern_cell)
     if position_words_p and rng.random() < position_words_p:
         scene.caption = make_caption(background, scene.objects, positions=True)
     return scene
@@ -373,17 +382,19 @@ class SceneDataset(Dataset):
     (one per object) and ``boxes`` [N, 4] (x0, y0, x1, y1 as fractions of the side)."""
 
     def __init__(self, length: int, seed: int = 0, resolution: int = RESOLUTION, min_objects: int = MIN_OBJECTS, max_objects: int = MAX_OBJECTS,
-                 two_tone_p: float = 0.0, position_words_p: float = 0.0, pattern: float = 0.0, pattern_cell: int = FIXED_PATTERN_CELL):
+                 two_tone_p: float = 0.0, position_words_p: float = 0.0, pattern: float = 0.0, pattern_cell: int = FIXED_PATTERN_CELL,
+                 subject_colors: bool = True):
         self.length, self.seed, self.resolution = length, seed, resolution
         self.min_objects, self.max_objects, self.two_tone_p = min_objects, max_objects, two_tone_p
         self.position_words_p, self.pattern, self.pattern_cell = position_words_p, pattern, pattern_cell
+        self.subject_colors = subject_colors
 
     def __len__(self) -> int:
         return self.length
 
     def __getitem__(self, index: int) -> dict:
         scene = random_scene((self.seed, index), self.min_objects, self.max_objects, self.resolution, self.two_tone_p,
-                             self.position_words_p, self.pattern, self.pattern_cell)
+                             self.position_words_p, self.pattern, self.pattern_cell, self.subject_colors)
         return scene_item(scene)
 
 

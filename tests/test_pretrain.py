@@ -420,8 +420,8 @@ def test_bad_config_fails_before_training(tmp_path):
         run(compose("pretrain", ["stage=lora", f"output_dir={tmp_path}"]))
     with pytest.raises(ConfigError, match="data.folder"):
         run(compose("pretrain", ["stage=vae", "data.source=folder", f"output_dir={tmp_path}"]))
-    with pytest.raises(ConfigError, match="data.two_tone_p"):  # the diffusion model never sees a two-tone object
-        run(compose("pretrain", ["stage=unet", "vae=x", "data.two_tone_p=0.3", f"output_dir={tmp_path}"]))
+    with pytest.raises(ConfigError, match="data.two_tone_p"):  # GLIGEN's phrases and boxes are of one-color objects
+        run(compose("pretrain", ["stage=gligen", "init=x", "data.two_tone_p=0.3", f"output_dir={tmp_path}"]))
     with pytest.raises(ConfigError, match="'init'"):
         run(compose("pretrain", ["stage=gligen", f"output_dir={tmp_path}"]))
     with pytest.raises(ConfigError, match="optim.freeze_unet"):  # from scratch, the whole UNet trains
@@ -576,6 +576,29 @@ def test_fixed_pattern_reaches_the_training_images(tmp_path):
     assert torch.allclose(dataset(cfg, 16)[3]["pixel_values"], coarse.permute(2, 0, 1) / 127.5 - 1, atol=1e-6)
     with pytest.raises(ConfigError, match="data.fixed_pattern_cell"):  # cells must tile the image
         validate_config(compose("pretrain", ["stage=vae", "data.fixed_pattern=12", "data.fixed_pattern_cell=3", f"output_dir={tmp_path}", *TINY]))
+
+
+def test_two_tone_objects_reach_the_unet_without_the_subjects_colors(tmp_path):
+    """`data.two_tone_p` in stage unet captions two-tone objects ("... with a yellow center") in words the
+    tokenizer has, and never draws the subject's pair of colors, which the VAE stage does draw."""
+    from dreamsteer.data.scenes import GRAMMAR_WORDS, SUBJECT
+    from dreamsteer.diffusion.toy import toy_tokenizer
+    from dreamsteer.train.pretrain import dataset, validate_config
+
+    def items(stage):
+        cfg = validate_config(compose("pretrain", [f"stage={stage}", f"vae={tmp_path}", "data.two_tone_p=1", "trainer.max_steps=100",
+                                                   "data.batch_size=4", f"output_dir={tmp_path}", *TINY]))
+        return cfg, [dataset(cfg, 16)[i] for i in range(400)]
+
+    subject_words = f"{SUBJECT.color} {SUBJECT.shape} with a {SUBJECT.inner_color} center"
+    _, unet_items = items("unet")
+    assert all(" center" in it["caption"] for it in unet_items)
+    assert not any(SUBJECT.token in it["caption"] or f"{SUBJECT.color} {s} with a {SUBJECT.inner_color}" in it["caption"]
+                   for it in unet_items for s in ("circle", "square", "triangle", "star"))
+    _, vae_items = items("vae")
+    assert any(SUBJECT.token in it["caption"] for it in vae_items)  # the VAE still learns to draw the subject
+    tokenizer = toy_tokenizer([*GRAMMAR_WORDS, SUBJECT.token], 24)  # the vocabulary of a model from scratch
+    assert len(tokenizer(subject_words).input_ids) == len(subject_words.split()) + 2  # one token per word
 
 
 def test_position_words_reach_the_training_captions_and_the_new_tokenizer(runs, tmp_path):

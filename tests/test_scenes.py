@@ -104,7 +104,7 @@ def test_subject_scene_and_photos(tmp_path):
     assert paths[0].with_suffix(".txt").read_text().startswith("a <sks> circle on a ")
 
 
-def test_two_tone_objects_for_the_vae():
+def test_two_tone_objects():
     plain = [random_scene(s) for s in range(20)]
     assert all(o.inner_color is None for sc in plain for o in sc.objects)
     assert [sc.caption for sc in plain] == [random_scene(s, two_tone_p=0.0).caption for s in range(20)]  # same draws
@@ -115,11 +115,23 @@ def test_two_tone_objects_for_the_vae():
             assert obj.inner_color is not None and obj.inner_color != obj.color
             cx, cy = int(obj.center[0] * RESOLUTION), int(obj.center[1] * RESOLUTION)
             assert np.abs(pixels[cy, cx] - OBJECT_COLORS[obj.inner_color]).max() <= 1
-        if not any(o.phrase.startswith(SUBJECT.token) for o in scene.objects):  # named by the outer color
-            assert parse_caption(scene.caption)[1] == [(o.color, o.shape) for o in scene.objects]
+            named = f"{SUBJECT.token} {SUBJECT.class_word}" if obj.is_subject else f"{obj.color} {obj.shape} with a {obj.inner_color} center"
+            assert f"a {named}" in scene.caption
     subject = SceneObject(SUBJECT.shape, SUBJECT.color, (0.5, 0.5), 0.2, SUBJECT.inner_color)
     other = SceneObject(SUBJECT.shape, "red", (0.5, 0.5), 0.2, SUBJECT.inner_color)
-    assert subject.phrase == f"{SUBJECT.token} {SUBJECT.class_word}" and other.phrase == f"red {SUBJECT.shape}"
+    assert subject.phrase == f"{SUBJECT.token} {SUBJECT.class_word}"
+    assert other.phrase == f"red {SUBJECT.shape} with a {SUBJECT.inner_color} center"
+
+
+def test_two_tone_objects_can_leave_out_the_subjects_colors():
+    def pairs(subject_colors):
+        return {(o.color, o.inner_color) for s in range(400) for o in random_scene(s, two_tone_p=1.0, subject_colors=subject_colors).objects}
+
+    subject_pair = (SUBJECT.color, SUBJECT.inner_color)
+    everything, pretraining = pairs(True), pairs(False)
+    assert subject_pair in everything and subject_pair not in pretraining  # on no shape
+    assert everything - pretraining == {subject_pair}  # every other pair still drawn
+    assert len(everything) == len(OBJECT_COLORS) * (len(OBJECT_COLORS) - 1)
 
 
 def test_collate_keeps_ragged_truth():

@@ -56,7 +56,7 @@ class PretrainDataConfig:
     folder: Optional[str] = None  # source=folder: images with <image>.txt captions
     min_objects: int = 1
     max_objects: int = 2
-    two_tone_p: float = 0.0  # stage vae: probability of a two-tone object (so the VAE reconstructs the subject)
+    two_tone_p: float = 0.0  # stage vae/unet: probability of a two-tone object ("a red circle with a yellow center"; unet: never the subject's colors)
     position_words_p: float = 0.0  # stage unet/gligen: probability that a caption names each object's place (data/scenes.py)
     fixed_pattern: float = 0.0  # amplitude (8-bit levels) of a faint texture the same in every image: a position prior (data/scenes.py)
     fixed_pattern_cell: int = 2  # its cell in pixels: 2 = one latent pixel of the toy VAE, 4 = one token of the 8x8 attention
@@ -136,9 +136,9 @@ def validate_config(cfg: DictConfig) -> DictConfig:
         raise ConfigError("config key 'data.source': stage=gligen needs boxes, which only data.source=scenes provides")
     if not 1 <= d.min_objects <= d.max_objects <= 3:
         raise ConfigError("config keys 'data.min_objects' / 'data.max_objects': need 1 <= min <= max <= 3")
-    if not 0 <= d.two_tone_p <= 1 or (d.two_tone_p and cfg.stage != "vae"):
-        raise ConfigError(f"config key 'data.two_tone_p': {d.two_tone_p} must be in [0, 1], and 0 unless stage=vae "
-                          "(the diffusion model must never see two-tone objects, so the personal subject stays new to it)")
+    if not 0 <= d.two_tone_p <= 1 or (d.two_tone_p and cfg.stage == "gligen"):
+        raise ConfigError(f"config key 'data.two_tone_p': {d.two_tone_p} must be in [0, 1], and 0 for stage=gligen "
+                          "(its phrases and boxes are of one-color objects)")
     if not 0 <= d.position_words_p <= 1 or (d.position_words_p and cfg.stage == "vae"):
         raise ConfigError(f"config key 'data.position_words_p': {d.position_words_p} must be in [0, 1], and 0 for stage=vae (no captions)")
     from dreamsteer.data.scenes import FIXED_PATTERN_MAX
@@ -231,8 +231,10 @@ def dataset(cfg: DictConfig, resolution: int):
     d = cfg.data
     if d.source == "folder":
         return CaptionedFolder(d.folder, resolution)
+    # The VAE sees every pair of colors (it must reconstruct the subject); the diffusion model never
+    # the subject's, so that the subject stays new to it.
     return SceneDataset(cfg.trainer.max_steps * d.batch_size, cfg.seed, resolution, d.min_objects, d.max_objects, d.two_tone_p,
-                        d.position_words_p, d.fixed_pattern, d.fixed_pattern_cell)
+                        d.position_words_p, d.fixed_pattern, d.fixed_pattern_cell, subject_colors=cfg.stage == "vae")
 
 
 def load_vae(folder: str, resolution: int):
