@@ -154,6 +154,15 @@ def make_caption(background: str, objects: Sequence[SceneObject], positions: boo
     return f"{listed} on {ARTICLE} {background} {BACKGROUND_SUFFIX}"
 
 
+def longest_caption(max_objects: int, two_tone: bool = False, positions: bool = False) -> str:
+    """A caption of the most words scenes of up to `max_objects` objects can get: every object two-tone
+    if `two_tone`, every place two words ("top left") if `positions`. Checked against a tokenizer's
+    length before training, since a longer caption would lose its background to truncation."""
+    color, inner = list(OBJECT_COLORS)[:2]
+    objects = [SceneObject(SHAPES[0], color, (0.1, 0.1), 0.1, inner if two_tone else None)] * max_objects
+    return make_caption(next(iter(BACKGROUND_COLORS)), objects, positions=positions)
+
+
 def parse_caption(caption: str) -> tuple[str, list[tuple[str, str]]]:
     """Inverse of `make_caption` for plain objects: (background, [(color, shape), ...]).
 

@@ -622,3 +622,20 @@ def test_position_words_reach_the_training_captions_and_the_new_tokenizer(runs, 
         validate_config(compose("pretrain", ["stage=vae", "data.position_words_p=0.5", f"output_dir={tmp_path}", *TINY]))
     with pytest.raises(ConfigError, match="data.position_words_p"):
         validate_config(compose("pretrain", ["stage=unet", "vae=x", "data.position_words_p=1.5", f"output_dir={tmp_path}", *TINY]))
+
+
+def test_captions_longer_than_the_tokenizer_are_refused_before_training(runs, tmp_path):
+    """Two two-tone objects with their places ("a red circle with a green center top left and a ... on a white
+    background") are 25 tokens with start and end: more than the default arch.max_tokens 24, whose truncation
+    would drop the background. Refused before training; a larger arch.max_tokens keeps every caption whole."""
+    from dreamsteer.train.pretrain import build_modules, dataset, validate_config
+
+    _, vae, _ = runs
+    base = ["stage=unet", f"vae={vae / 'vae'}", f"output_dir={tmp_path}", *TINY, "data.two_tone_p=1", "data.position_words_p=1"]
+    with pytest.raises(ConfigError, match="is 25 tokens"):
+        build_modules(validate_config(compose("pretrain", base)))
+    build_modules(validate_config(compose("pretrain", [*base[:-1], "data.position_words_p=0"])))  # 21 tokens fit
+    cfg = validate_config(compose("pretrain", [*base, "arch.max_tokens=25"]))
+    tokenizer = build_modules(cfg).tokenizer
+    lengths = [len(tokenizer(dataset(cfg, 64)[i]["caption"]).input_ids) for i in range(64)]
+    assert max(lengths) <= 25 and 25 in lengths  # the longest the scenes give, and nothing truncated

@@ -248,6 +248,21 @@ def load_vae(folder: str, resolution: int):
     return vae
 
 
+def check_caption_length(cfg: DictConfig, tokenizer) -> None:
+    """Raise if the scenes' longest caption is more tokens than the tokenizer keeps: the tail cut off
+    would be the background, trained on as if the caption never named it."""
+    from dreamsteer.data.scenes import longest_caption
+
+    d = cfg.data
+    caption = longest_caption(d.max_objects, two_tone=d.two_tone_p > 0, positions=d.position_words_p > 0)
+    n = len(tokenizer(caption).input_ids)
+    if n > tokenizer.model_max_length:
+        where = f"the tokenizer of `init` ({cfg.init})" if cfg.init else "arch.max_tokens"
+        raise ConfigError(f"config keys 'data.max_objects' / 'data.two_tone_p' / 'data.position_words_p': the longest caption "
+                          f"they allow is {n} tokens ({caption!r}), more than the {tokenizer.model_max_length} of {where}; "
+                          "allow fewer objects, or train from scratch with a larger arch.max_tokens")
+
+
 def build_modules(cfg: DictConfig):
     """The LightningModule for the stage (its `export()` gives the VAE or pipeline to save)."""
     from dreamsteer.data.scenes import GRAMMAR_WORDS, POSITION_WORDS, SUBJECT
@@ -280,6 +295,8 @@ def build_modules(cfg: DictConfig):
             if split:
                 raise ConfigError(f"config key 'data.position_words_p': the tokenizer of `init` ({cfg.init}) has no token for "
                                   f"{split}; position words need a model trained from scratch with them")
+    if cfg.data.source == "scenes":
+        check_caption_length(cfg, tokenizer)
     if cfg.stage == "gligen":
         from dreamsteer.diffusion.gligen import add_gated_layers, set_gates
 
