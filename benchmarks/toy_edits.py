@@ -17,14 +17,14 @@ import json
 from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
 from dreamsteer.data.images import pil_to_tensor, save_image_atomic, tensor_to_pil
-from dreamsteer.data.scenes import OBJECT_COLORS, RESOLUTION, SHAPES, Scene, SceneObject, make_caption, random_scene
+from dreamsteer.data.scenes import BACKGROUND_COLORS, OBJECT_COLORS, RESOLUTION, SHAPES, Scene, SceneObject, make_caption, random_scene
 from dreamsteer.metrics.detector import outside_change
 from dreamsteer.metrics.toy_edit import EDIT_MARGIN, ToyEditTruth, toy_edit_metrics, truth_from_scene
 
@@ -98,11 +98,25 @@ def scene_group(case: EditCase) -> str:
     return SCENE_GROUPS[1]
 
 
-def rates_by_group(cases: Sequence[EditCase], successes: Sequence[bool]) -> dict[str, dict[str, int]]:
-    """Successes and cases per `scene_group` (groups without cases left out), in `SCENE_GROUPS` order."""
-    counts = {g: {"successes": 0, "cases": 0} for g in SCENE_GROUPS}
+BACKGROUND_GROUPS = tuple(f"{bg}, {n}" for bg in BACKGROUND_COLORS for n in ("one object", "two objects"))
+
+
+def background_group(case: EditCase) -> str:
+    """The case's background and object count as one of `BACKGROUND_GROUPS`: the toy model binds a color
+    word to the right one of two objects more often on some backgrounds than others (docs/toy.md)."""
+    count = len(case.scene.objects)
+    if count not in (1, 2):
+        raise ValueError(f"case {case.id}: {count} objects; background groups cover one or two")
+    return f"{case.scene.background}, {'one object' if count == 1 else 'two objects'}"
+
+
+def rates_by_group(cases: Sequence[EditCase], successes: Sequence[bool], group: Callable[[EditCase], str] = scene_group,
+                   groups: Sequence[str] = SCENE_GROUPS) -> dict[str, dict[str, int]]:
+    """Successes and cases per `group` of a case (`scene_group`, or `background_group` with `BACKGROUND_GROUPS`),
+    in the order of `groups`, groups without cases left out."""
+    counts = {g: {"successes": 0, "cases": 0} for g in groups}
     for case, success in zip(cases, successes, strict=True):
-        entry = counts[scene_group(case)]
+        entry = counts[group(case)]
         entry["cases"] += 1
         entry["successes"] += int(bool(success))
     return {g: c for g, c in counts.items() if c["cases"]}

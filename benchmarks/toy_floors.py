@@ -154,8 +154,8 @@ def text_to_image(model: str, n: int, out: Path, steps: int, guidance: float, se
 
 def editing(model: str, n: int, out: Path, steps: int | None, seed: int = FLOORS_SEED,
             recipes_of: str | None = None) -> tuple[list[Floor], dict[str, Any]]:
-    from dreamsteer.benchmarks.toy_edits import (edit_case, edit_jobs, edited_image, rates_by_group, run_edit_jobs, score_edit,
-                                                 vae_outside_error)
+    from dreamsteer.benchmarks.toy_edits import (BACKGROUND_GROUPS, background_group, edit_case, edit_jobs, edited_image,
+                                                 rates_by_group, run_edit_jobs, score_edit, vae_outside_error)
     from dreamsteer.train.config import model_recipe
 
     backbone = _load(model)
@@ -186,7 +186,8 @@ def editing(model: str, n: int, out: Path, steps: int | None, seed: int = FLOORS
     ]
     info = {"steps": steps, "experiment": recipe, "vae_outside_error": vae_mean, "outside_change": float(np.mean(outside)),
             "outside_change_successes": float(np.mean([c for c, s in zip(outside, successes) if s])) if any(successes) else None,
-            "margin_px": EDIT_MARGIN, "success_by_scene": rates_by_group(cases, successes), "cases": records}
+            "margin_px": EDIT_MARGIN, "success_by_scene": rates_by_group(cases, successes),
+            "success_by_background": rates_by_group(cases, successes, background_group, BACKGROUND_GROUPS), "cases": records}
     return rows, info
 
 
@@ -371,6 +372,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     by_scene = result["details"].get("edit", {}).get("success_by_scene")
     if by_scene:
         print("\nedit success by scene: " + ", ".join(f"{g} {c['successes']}/{c['cases']}" for g, c in by_scene.items()))
+        by_background = result["details"]["edit"]["success_by_background"]
+        print("edit success by background: " + "; ".join(f"{g} {c['successes']}/{c['cases']}" for g, c in by_background.items()))
     print(f"\nwrote {args.out / 'floors.json'}")
     return 0
 

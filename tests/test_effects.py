@@ -159,6 +159,23 @@ def test_scene_groups_say_when_a_prompt_names_a_color_twice_or_cannot_tell_two_o
         scene_group(case([SQUARE, CIRCLE, replace(SQUARE, center=(0.3, 0.75))], [SQUARE, CIRCLE, SQUARE]))
 
 
+def test_background_groups_split_edits_by_the_source_background_and_object_count():
+    from dreamsteer.benchmarks.toy_edits import BACKGROUND_GROUPS, EditCase, background_group, rates_by_group
+
+    def case(background, objects):
+        return EditCase("c", "color", render(background, objects), [replace(objects[0], color="blue"), *objects[1:]])
+
+    cases = [case("white", [SQUARE]), case("gray", [SQUARE, CIRCLE]), case("gray", [CIRCLE, SQUARE]), case("black", [CIRCLE])]
+    assert [background_group(c) for c in cases] == ["white, one object", "gray, two objects", "gray, two objects", "black, one object"]
+    rates = rates_by_group(cases, [True, False, True, False], background_group, BACKGROUND_GROUPS)
+    # in BACKGROUND_GROUPS order (white, black, gray, cyan), groups without cases left out
+    assert rates == {"white, one object": {"successes": 1, "cases": 1}, "black, one object": {"successes": 0, "cases": 1},
+                     "gray, two objects": {"successes": 1, "cases": 2}}
+    assert list(rates) == ["white, one object", "black, one object", "gray, two objects"]
+    with pytest.raises(ValueError, match="3 objects"):
+        background_group(case("cyan", [SQUARE, CIRCLE, replace(SQUARE, center=(0.3, 0.75))]))
+
+
 def test_a_part_whose_model_is_missing_is_reported_as_skipped(tmp_path):
     from dreamsteer.benchmarks import effects
 

@@ -68,6 +68,9 @@ def test_toy_dds_edit_subset(tmp_path):
     by_scene = result["details"]["edit"]["success_by_scene"]  # every case in one group, its success counted there
     assert sum(g["cases"] for g in by_scene.values()) == 8
     assert sum(g["successes"] for g in by_scene.values()) == round(success["value"] * 8)
+    by_background = result["details"]["edit"]["success_by_background"]  # the same cases, split another way
+    assert sum(g["cases"] for g in by_background.values()) == 8
+    assert sum(g["successes"] for g in by_background.values()) == round(success["value"] * 8)
 
 
 @needs_toy
