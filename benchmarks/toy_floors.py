@@ -331,6 +331,11 @@ def run(parts: Sequence[str], model: str, gligen_model: str, out: Path, n: int |
     return result
 
 
+def _format_rates(rates: dict[str, dict[str, int]], separator: str) -> str:
+    """`toy_edits.rates_by_group`'s counts as ``group successes/cases`` items."""
+    return separator.join(f"{g} {c['successes']}/{c['cases']}" for g, c in rates.items())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--part", choices=(*PARTS, "all"), default="all")
@@ -371,9 +376,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{method} subject per background: " + ", ".join(f"{bg} {k}/{args.per_background}" for bg, k in m["by_background"].items()))
     by_scene = result["details"].get("edit", {}).get("success_by_scene")
     if by_scene:
-        print("\nedit success by scene: " + ", ".join(f"{g} {c['successes']}/{c['cases']}" for g, c in by_scene.items()))
-        by_background = result["details"]["edit"]["success_by_background"]
-        print("edit success by background: " + "; ".join(f"{g} {c['successes']}/{c['cases']}" for g, c in by_background.items()))
+        print("\nedit success by scene: " + _format_rates(by_scene, ", "))
+        print("edit success by background: " + _format_rates(result["details"]["edit"]["success_by_background"], "; "))
     print(f"\nwrote {args.out / 'floors.json'}")
     return 0
 
