@@ -12,6 +12,15 @@ stay exactly what a diffusion model trained on the encoder saw, so the better de
 The squared term weighs the few large errors (on objects, a tenth of the pixels) over the many
 small ones (on the flat background), which an L1 loss alone treats alike.
 
+With `flat_weight` > 0 the encoder is also asked to encode a flat background as a flat latent::
+
+    L += flat_weight * sum_c Var_{bg}(mu_c) / sum_c Var(mu_c)
+
+the spread of each latent channel over an image's background cells (latent cells whose pixels all
+equal the image's median color) against its spread over the whole batch, so
+shrinking the latents does not lower it. Without it the toy VAE wrote each object into the background
+cells around it, most on gray (0 in [-1, 1], where the background's own code is weakest; docs/toy.md).
+
 It decodes the posterior mean, not a sample: with SD's tiny KL weight the variance starts at 1 and
 only slowly shrinks, and decoding samples that noisy left the toy VAE blurry for hundreds of steps.
 
@@ -96,15 +105,40 @@ def lr_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, decay_steps
     return {"scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, lam), "interval": "step"}
 
 
+def background_cells(images: torch.Tensor, factor: int, tolerance: float = 0.02) -> torch.Tensor:
+    """[B, 1, H / factor, W / factor] bool: latent cells of a flat background. A pixel is background when
+    every channel is within `tolerance` of the image's median color (the background of a scene, which
+    covers most of it); a cell when all its pixels are. Cells next to an object count: what the encoder
+    writes there about the object is what the term removes."""
+    median = images.flatten(2).median(dim=2).values[:, :, None, None]
+    off = ((images - median).abs() > tolerance).any(dim=1, keepdim=True).float()
+    return torch.nn.functional.max_pool2d(off, factor) == 0
+
+
+def flat_background_loss(mu: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+    """``sum_c Var_bg(mu_c) / sum_c Var(mu_c)``: each image's spread of the latent over its background
+    `cells` (the mean of the squared deviation from that image's background mean, pooled over images),
+    against the latent's spread over the whole batch; 0 when no image has a background cell."""
+    w = cells.to(mu.dtype)
+    count = w.sum(dim=(2, 3), keepdim=True)
+    if count.sum() == 0:
+        return mu.sum() * 0.0
+    mean = (mu * w).sum(dim=(2, 3), keepdim=True) / count.clamp(min=1)
+    within = ((mu - mean).pow(2) * w).sum() / (count.sum() * mu.shape[1])
+    return within / mu.var(dim=(0, 2, 3)).mean()
+
+
 class VaePretrainModule(L.LightningModule):
-    """Trains an AutoencoderKL with L1 + squared reconstruction losses and a small KL term (formula above)."""
+    """Trains an AutoencoderKL with L1 + squared reconstruction losses, a small KL term and optionally
+    the flat-background term (formulas above)."""
 
     def __init__(self, vae: torch.nn.Module, lr: float, kl_weight: float, warmup_steps: int = 0, train_encoder: bool = True,
-                 decay_steps: int = 0):
+                 decay_steps: int = 0, flat_weight: float = 0.0):
         super().__init__()
         self.vae = vae
         self.lr, self.kl_weight, self.warmup_steps, self.train_encoder = lr, kl_weight, warmup_steps, train_encoder
-        self.decay_steps = decay_steps
+        self.decay_steps, self.flat_weight = decay_steps, flat_weight
+        self.factor = 2 ** (len(vae.config.block_out_channels) - 1)
         if not train_encoder:
             self.vae.encoder.requires_grad_(False)
             self.vae.quant_conv.requires_grad_(False)
@@ -118,7 +152,12 @@ class VaePretrainModule(L.LightningModule):
         l2 = (recon - x).pow(2).mean()
         kl = posterior.kl().mean() / x[0].numel()  # per pixel, so kl_weight does not depend on the image size
         loss = l1 + l2 + self.kl_weight * kl
-        self.log_dict({"train/loss": loss, "train/l1": l1, "train/l2": l2, "train/kl": kl}, prog_bar=True)
+        logs = {"train/l1": l1, "train/l2": l2, "train/kl": kl}
+        if self.flat_weight:
+            flat = flat_background_loss(posterior.mean, background_cells(x, self.factor))
+            loss = loss + self.flat_weight * flat
+            logs["train/flat"] = flat
+        self.log_dict({"train/loss": loss, **logs}, prog_bar=True)
         return loss
 
     def configure_optimizers(self):

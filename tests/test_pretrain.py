@@ -94,6 +94,20 @@ def test_unet_stage_with_init_continues_the_model_s_unet_and_text_encoder(runs, 
         _run("unet", tmp_path / "other", f"init={unet}", "arch.resolution=32")
 
 
+def test_unet_stage_with_init_and_vae_continues_the_model_on_the_other_vae(runs, tmp_path):
+    from dreamsteer.diffusion.backbone import load_backbone
+
+    _, vae, unet = runs
+    other = _run("vae", tmp_path / "other_vae", "seed=5")  # another encoder: other latents
+    continued = _run("unet", tmp_path / "continued", f"init={unet}", f"vae={other / 'vae'}")
+    swapped, base = load_backbone(str(continued)), load_backbone(str(unet))
+    new = load_file(other / "vae" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(v, new[k].to(v.dtype)) for k, v in swapped.vae.state_dict().items())  # the VAE given, kept frozen
+    assert not all(torch.equal(v, new[k].to(v.dtype)) for k, v in base.vae.state_dict().items())
+    trained, before = swapped.unet.state_dict(), base.unet.state_dict()
+    assert any(not torch.equal(v, before[k]) for k, v in trained.items())  # the model's UNet trained on from its weights
+
+
 def test_cosine_schedule_warms_up_then_decays_to_zero_at_the_last_step():
     from dreamsteer.lit_modules.pretrain import lr_schedule
 
@@ -411,6 +425,68 @@ def test_export_holds_the_ema_of_the_trained_weights_and_the_ema_resumes(runs):
         again.on_load_checkpoint({})
 
 
+def test_background_cells_are_the_latent_cells_whose_pixels_all_show_the_background():
+    from dreamsteer.lit_modules.pretrain import background_cells
+
+    x = torch.full((2, 3, 8, 8), -0.2)  # a flat background in both images
+    x[0, :, 2:5, 3:5] = 0.9  # an object over pixel rows 2-4, columns 3-4
+    x[1, 1, 7, 0] = -0.19  # within the tolerance of the background
+    x[1, 2, 0, 7] = -0.1  # one channel of one pixel off: its cell is not background
+    cells = background_cells(x, factor=2)
+    assert cells.shape == (2, 1, 4, 4)
+    for b in range(2):
+        for i in range(4):
+            for j in range(4):
+                block = x[b, :, 2 * i:2 * i + 2, 2 * j:2 * j + 2]
+                assert bool(cells[b, 0, i, j]) == bool(((block + 0.2).abs() <= 0.02).all()), (b, i, j)
+    assert not cells[0, 0, 1:3, 1:3].any() and cells[0, 0, 0, 0] and cells[1, 0, 3, 0] and not cells[1, 0, 0, 3]
+
+
+def test_flat_background_loss_is_the_background_spread_over_the_latent_spread():
+    from dreamsteer.lit_modules.pretrain import flat_background_loss
+
+    g = torch.Generator().manual_seed(0)
+    mu = torch.randn(3, 4, 5, 5, generator=g)
+    cells = torch.rand(3, 1, 5, 5, generator=g) < 0.6
+    cells[2] = False  # an image without background cells adds nothing
+    within, count = 0.0, 0
+    for b in range(3):
+        for c in range(4):
+            values = mu[b, c][cells[b, 0]]
+            if len(values):
+                within += float(((values - values.mean()) ** 2).sum())
+                count += len(values)
+    spread = float(np.mean([mu[:, c].flatten().var().item() for c in range(4)]))
+    expected = within / count / spread
+    assert flat_background_loss(mu, cells).item() == pytest.approx(expected, rel=1e-5)
+    assert flat_background_loss(3 * mu, cells).item() == pytest.approx(expected, rel=1e-5)  # shrinking the latent does not pay
+    flat = mu.clone()
+    flat[0, :, cells[0, 0]] = 1.5  # a constant background in image 0 only
+    flat[1, :, cells[1, 0]] = -0.5
+    assert flat_background_loss(flat, cells).item() == pytest.approx(0.0, abs=1e-7)
+    assert flat_background_loss(mu, torch.zeros_like(cells)).item() == 0.0
+
+
+def test_vae_stage_adds_the_flat_background_term_to_its_loss(runs):
+    from diffusers import AutoencoderKL
+
+    from dreamsteer.lit_modules.pretrain import VaePretrainModule, background_cells, flat_background_loss
+
+    _, vae_dir, _ = runs
+    x = torch.full((2, 3, 16, 16), 0.0)  # gray, the image's zero, with one object each
+    x[0, :, 3:8, 4:9] = torch.tensor([0.9, -0.8, -0.8])[:, None, None]
+    x[1, :, 9:14, 2:6] = torch.tensor([-0.8, -0.8, 0.9])[:, None, None]
+    losses = {}
+    for weight in (0.0, 0.5):
+        vae = AutoencoderKL.from_pretrained(vae_dir / "vae").eval()
+        losses[weight] = VaePretrainModule(vae, lr=1e-3, kl_weight=1e-6, flat_weight=weight).training_step({"pixel_values": x}, 0)
+    with torch.no_grad():
+        mu = vae.encode(x).latent_dist.mean
+    flat = flat_background_loss(mu, background_cells(x, 2))
+    assert flat > 0
+    assert (losses[0.5] - losses[0.0]).item() == pytest.approx(0.5 * flat.item(), rel=1e-4)
+
+
 def test_bad_config_fails_before_training(tmp_path):
     from dreamsteer.train.pretrain import run
 
@@ -434,7 +510,7 @@ def test_bad_config_fails_before_training(tmp_path):
         run(compose("pretrain", ["stage=unet", "vae=x", "arch.attention_heads=3", f"output_dir={tmp_path}"]))
     with pytest.raises(ConfigError, match="trainer.max_time"):
         run(compose("pretrain", ["stage=vae", "trainer.max_time=10m", f"output_dir={tmp_path}"]))
-    with pytest.raises(ConfigError, match="'vae' / 'init'"):  # continue a model or start on a VAE, not both
+    with pytest.raises(ConfigError, match="'vae'"):  # with init, a VAE to swap in must exist
         run(compose("pretrain", ["stage=unet", "vae=x", "init=toy", f"output_dir={tmp_path}"]))
     with pytest.raises(ConfigError, match="'init'"):
         run(compose("pretrain", ["stage=vae", "init=toy", f"output_dir={tmp_path}"]))
@@ -444,6 +520,10 @@ def test_bad_config_fails_before_training(tmp_path):
         run(compose("pretrain", ["stage=unet", "vae=x", "data.fixed_pattern=40", f"output_dir={tmp_path}"]))
     with pytest.raises(ConfigError, match="data.fixed_pattern"):  # only the renderer draws it
         run(compose("pretrain", ["stage=unet", "vae=x", "data.source=folder", "data.folder=x", "data.fixed_pattern=8", f"output_dir={tmp_path}"]))
+    with pytest.raises(ConfigError, match="optim.flat_latent_weight"):  # the term shapes the encoder, which a decoder fine-tune keeps
+        run(compose("pretrain", ["stage=vae", "vae=x", "optim.train_vae_encoder=false", "optim.flat_latent_weight=0.2", f"output_dir={tmp_path}"]))
+    with pytest.raises(ConfigError, match="optim.flat_latent_weight"):
+        run(compose("pretrain", ["stage=unet", "vae=x", "optim.flat_latent_weight=0.2", f"output_dir={tmp_path}"]))
 
 
 def test_max_time_stops_the_run_early_and_still_exports(tmp_path):

@@ -94,12 +94,13 @@ class OptimConfig:
     train_text_encoder: bool = True  # stage unet; stage gligen with freeze_unet=false
     kl_weight: float = 1e-6  # stage vae
     train_vae_encoder: bool = True  # stage vae: false fine-tunes the decoder of `vae` only (latents unchanged)
+    flat_latent_weight: float = 0.0  # stage vae: weight of the flat-background term (lit_modules/pretrain.py)
 
 
 @dataclass
 class PretrainConfig:
     stage: str = "unet"
-    vae: Optional[str] = None  # stage unet: the trained VAE folder (a stage=vae run's model/vae); stage vae: start from it
+    vae: Optional[str] = None  # stage unet: the trained VAE folder (a stage=vae run's model/vae); stage vae: start from it; with init: replaces its VAE
     init: Optional[str] = None  # stage gligen: the model to add GLIGEN layers to (null + vae: from scratch); stage unet: the model to continue
     arch: ArchConfig = field(default_factory=ArchConfig)
     data: PretrainDataConfig = field(default_factory=PretrainDataConfig)
@@ -180,14 +181,14 @@ def validate_config(cfg: DictConfig) -> DictConfig:
                           f"need 0 <= min < max <= {T} (the training schedule's timesteps)")
     if not 0 <= o.noise_offset <= 1:
         raise ConfigError(f"config key 'optim.noise_offset': {o.noise_offset} is not in [0, 1] (0.05-0.1 is usual)")
+    if o.flat_latent_weight < 0 or (o.flat_latent_weight and (cfg.stage != "vae" or not o.train_vae_encoder)):
+        raise ConfigError(f"config key 'optim.flat_latent_weight': {o.flat_latent_weight} must be >= 0, and 0 unless stage=vae "
+                          "trains the encoder (the term shapes the encoder's latents)")
     if cfg.stage == "vae" and not o.train_vae_encoder and not cfg.vae:
         raise ConfigError("config key 'vae': optim.train_vae_encoder=false fine-tunes the decoder of a trained VAE; give its folder")
     if cfg.stage == "unet" and not (cfg.vae or cfg.init):
         raise ConfigError("config key 'vae': stage=unet needs the trained VAE folder (e.g. a stage=vae run's <output_dir>/model/vae), "
                           "or `init`: a text-to-image model to continue")
-    if cfg.stage == "unet" and cfg.vae and cfg.init:
-        raise ConfigError("config keys 'vae' / 'init': stage=unet continues the model in `init` with its own VAE, "
-                          "or trains one from scratch on `vae`; set one of them")
     if cfg.stage == "vae" and cfg.init:
         raise ConfigError("config key 'init': stage=vae starts from a VAE folder given as `vae`, not `init`")
     if cfg.stage == "gligen" and not (cfg.init or cfg.vae):
@@ -273,7 +274,8 @@ def build_modules(cfg: DictConfig):
     decay_steps = cfg.trainer.max_steps if o.schedule == "cosine" else 0
     if cfg.stage == "vae":
         vae = load_vae(cfg.vae, arch.resolution) if cfg.vae else toy.build_vae(arch, cfg.seed)
-        return VaePretrainModule(vae, o.lr, o.kl_weight, o.warmup_steps, train_encoder=o.train_vae_encoder, decay_steps=decay_steps)
+        return VaePretrainModule(vae, o.lr, o.kl_weight, o.warmup_steps, train_encoder=o.train_vae_encoder, decay_steps=decay_steps,
+                                 flat_weight=o.flat_latent_weight)
     from_scratch = not cfg.init
     if from_scratch:
         vae = load_vae(cfg.vae, arch.resolution)
@@ -289,7 +291,9 @@ def build_modules(cfg: DictConfig):
         if base.resolution != arch.resolution:
             raise ConfigError(f"config key 'arch.resolution': {arch.resolution}, but the model in `init` ({cfg.init}) "
                               f"works at {base.resolution} px; the scenes are rendered at arch.resolution")
-        vae, text_encoder, tokenizer, unet = base.vae, base.text_encoder, base.tokenizer, base.unet
+        text_encoder, tokenizer, unet = base.text_encoder, base.tokenizer, base.unet
+        # another VAE (e.g. a re-trained encoder) under the model's UNet: the UNet trains on its latents from here
+        vae = load_vae(cfg.vae, arch.resolution) if cfg.vae else base.vae
         if cfg.data.position_words_p:
             split = toy.words_not_single_tokens(tokenizer, POSITION_WORDS)
             if split:
