@@ -138,7 +138,6 @@ class VaePretrainModule(L.LightningModule):
         self.vae = vae
         self.lr, self.kl_weight, self.warmup_steps, self.train_encoder = lr, kl_weight, warmup_steps, train_encoder
         self.decay_steps, self.flat_weight = decay_steps, flat_weight
-        self.factor = 2 ** (len(vae.config.block_out_channels) - 1)
         if not train_encoder:
             self.vae.encoder.requires_grad_(False)
             self.vae.quant_conv.requires_grad_(False)
@@ -154,7 +153,7 @@ class VaePretrainModule(L.LightningModule):
         loss = l1 + l2 + self.kl_weight * kl
         logs = {"train/l1": l1, "train/l2": l2, "train/kl": kl}
         if self.flat_weight:
-            flat = flat_background_loss(posterior.mean, background_cells(x, self.factor))
+            flat = flat_background_loss(posterior.mean, background_cells(x, x.shape[-1] // posterior.mean.shape[-1]))
             loss = loss + self.flat_weight * flat
             logs["train/flat"] = flat
         self.log_dict({"train/loss": loss, **logs}, prog_bar=True)
