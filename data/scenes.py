@@ -67,7 +67,7 @@ POSITION_WORDS: tuple[str, ...] = ("top", "bottom", "left", "right", "middle")
 # Optional fixed pattern: a faint texture that is the same in every image, like a camera sensor's
 # fixed-pattern noise. Off in the shipped world, which looks the same under any shift of its objects, so
 # that a denoiser of it never needs to know where a pixel is (and GLIGEN's gated layers, which have no
-# position embedding of their own, find little position to read at 8x8: docs/toy.md). With the pattern on,
+# position embedding of their own, find little position to read at 8x8: docs/toy_experiments.md). With the pattern on,
 # predicting it from a noisy latent takes knowing where each latent pixel is.
 FIXED_PATTERN_SEED = 7919
 FIXED_PATTERN_CELL = 2  # default pixels per cell of the pattern: one latent pixel of the toy VAE (4: one 8x8 attention token)

@@ -19,7 +19,7 @@ With `flat_weight` > 0 the encoder is also asked to encode a flat background as 
 the spread of each latent channel over an image's background cells (latent cells whose pixels all
 equal the image's median color) against its spread over the whole batch, so
 shrinking the latents does not lower it. Without it the toy VAE wrote each object into the background
-cells around it, most on gray (0 in [-1, 1], where the background's own code is weakest; docs/toy.md).
+cells around it, most on gray (0 in [-1, 1], where the background's own code is weakest; docs/toy_experiments.md).
 
 It decodes the posterior mean, not a sample: with SD's tiny KL weight the variance starts at 1 and
 only slowly shrinks, and decoding samples that noisy left the toy VAE blurry for hundreds of steps.
