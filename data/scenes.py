@@ -12,9 +12,9 @@ object's mask is the set of pixels it covers at least half.
 
 The personal subject (`SUBJECT`) is outside the pretraining distribution: a two-tone object (a disc
 with a differently colored inner disc). Pretraining scenes hold one-color objects, and optionally
-(`two_tone_p`) two-tone ones captioned "a red circle with a yellow center", but never in the subject's
-pair of colors, so a base model asked for "a sks circle" draws a plain circle; a personalized one
-draws the subject.
+(`two_tone_p`) two-tone ones captioned "a red circle with a yellow center", but never the subject
+(`TWO_TONE_LEAVE_OUT`: never its pair of colors on any shape, or never its shape in that pair), so a base
+model asked for "a sks circle" draws a plain circle; a personalized one draws the subject.
 
 Everything is deterministic from a seed (`numpy.random.Generator`).
 """
@@ -90,6 +90,8 @@ class SubjectSpec:
 
 
 SUBJECT = SubjectSpec(shape="circle", color="blue", inner_color="yellow", inner_ratio=0.5, class_word="circle", token="sks")
+# What of the subject two-tone objects may not show (`sample_objects`).
+TWO_TONE_LEAVE_OUT = ("nothing", "subject_colors", "subject")
 
 
 @dataclass(frozen=True)
@@ -295,11 +297,15 @@ def _place(rng: np.random.Generator, sizes: Sequence[float], tries: int = 100) -
 
 
 def sample_objects(rng: np.random.Generator, count: int, subject: bool = False, two_tone_p: float = 0.0,
-                   subject_colors: bool = True) -> list[SceneObject]:
+                   leave_out: str = "nothing") -> list[SceneObject]:
     """`count` random non-overlapping objects; with `subject`, the first one is the personal subject;
     with `two_tone_p` > 0 each other object is two-tone (a random other inner color) with that probability.
-    `subject_colors=False` never gives a two-tone object the subject's pair of colors (its outer color
-    around its inner color, on any shape): the pretraining world, to which the subject stays new."""
+    `leave_out` (`TWO_TONE_LEAVE_OUT`) keeps the subject out of the two-tone objects: "subject_colors"
+    never gives one the subject's pair of colors (its outer color around its inner color) on any shape,
+    "subject" never on the subject's shape (a blue square with a yellow center is drawn, the subject is
+    not), "nothing" draws every pair (the VAE's world: it must reconstruct the subject)."""
+    if leave_out not in TWO_TONE_LEAVE_OUT:
+        raise ValueError(f"leave_out must be one of {TWO_TONE_LEAVE_OUT}, got {leave_out!r}")
     while True:
         sizes = list(rng.uniform(MIN_SIZE, MAX_SIZE, size=count))
         centers = _place(rng, sizes)
@@ -313,7 +319,8 @@ def sample_objects(rng: np.random.Generator, count: int, subject: bool = False, 
             shape, color = str(rng.choice(SHAPES)), str(rng.choice(list(OBJECT_COLORS)))
             inner = None
             if two_tone_p and rng.random() < two_tone_p:
-                excluded = {color} | ({SUBJECT.inner_color} if not subject_colors and color == SUBJECT.color else set())
+                subject_pair = color == SUBJECT.color and (leave_out == "subject_colors" or (leave_out == "subject" and shape == SUBJECT.shape))
+                excluded = {color} | ({SUBJECT.inner_color} if subject_pair else set())
                 inner = str(rng.choice([c for c in OBJECT_COLORS if c not in excluded]))
             objects.append(SceneObject(shape, color, center, size, inner))
     return objects
@@ -332,11 +339,11 @@ def random_scene(
     position_words_p: float = 0.0,
     pattern: float = 0.0,
     pattern_cell: int = FIXED_PATTERN_CELL,
-    subject_colors: bool = True,
+    leave_out: str = "nothing",
 ) -> Scene:
     """A random scene of the pretraining distribution (uniform background, count, shapes, colors).
-    `two_tone_p` > 0 makes objects two-tone with that probability; `subject_colors=False` keeps the
-    subject's pair of colors out of them (`sample_objects`), as the diffusion stages do. With probability
+    `two_tone_p` > 0 makes objects two-tone with that probability; `leave_out` keeps the subject out of
+    them (`sample_objects`), as the diffusion stages do. With probability
     `position_words_p` the caption names each object's place (`make_caption(..., positions=True)`);
     that draw comes last, so the scene itself is the same for every `position_words_p`. `pattern` adds
     the fixed pattern of that amplitude and cell (`render`); it draws nothing from the seed."""
@@ -345,7 +352,7 @@ def random_scene(
     rng = _rng(seed)
     background = str(rng.choice(list(BACKGROUND_COLORS)))
     count = int(rng.integers(min_objects, max_objects + 1))
-    scene = render(background, sample_objects(rng, count, two_tone_p=two_tone_p, subject_colors=subject_colors), resolution, pattern, pattern_cell)
+    scene = render(background, sample_objects(rng, count, two_tone_p=two_tone_p, leave_out=leave_out), resolution, pattern, pattern_cell)
     if position_words_p and rng.random() < position_words_p:
         scene.caption = make_caption(background, scene.objects, positions=True)
     return scene
@@ -392,18 +399,18 @@ class SceneDataset(Dataset):
 
     def __init__(self, length: int, seed: int = 0, resolution: int = RESOLUTION, min_objects: int = MIN_OBJECTS, max_objects: int = MAX_OBJECTS,
                  two_tone_p: float = 0.0, position_words_p: float = 0.0, pattern: float = 0.0, pattern_cell: int = FIXED_PATTERN_CELL,
-                 subject_colors: bool = True):
+                 leave_out: str = "nothing"):
         self.length, self.seed, self.resolution = length, seed, resolution
         self.min_objects, self.max_objects, self.two_tone_p = min_objects, max_objects, two_tone_p
         self.position_words_p, self.pattern, self.pattern_cell = position_words_p, pattern, pattern_cell
-        self.subject_colors = subject_colors
+        self.leave_out = leave_out
 
     def __len__(self) -> int:
         return self.length
 
     def __getitem__(self, index: int) -> dict:
         scene = random_scene((self.seed, index), self.min_objects, self.max_objects, self.resolution, self.two_tone_p,
-                             self.position_words_p, self.pattern, self.pattern_cell, self.subject_colors)
+                             self.position_words_p, self.pattern, self.pattern_cell, self.leave_out)
         return scene_item(scene)
 
 

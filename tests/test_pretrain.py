@@ -665,9 +665,9 @@ def test_two_tone_objects_reach_the_unet_without_the_subjects_colors(tmp_path):
     from dreamsteer.diffusion.toy import toy_tokenizer
     from dreamsteer.train.pretrain import dataset, validate_config
 
-    def captions(stage):
+    def captions(stage, *overrides):
         cfg = validate_config(compose("pretrain", [f"stage={stage}", f"vae={tmp_path}", "data.two_tone_p=1", "trainer.max_steps=100",
-                                                   "data.batch_size=4", f"output_dir={tmp_path}", *TINY]))
+                                                   "data.batch_size=4", f"output_dir={tmp_path}", *TINY, *overrides]))
         return [dataset(cfg, 16)[i]["caption"] for i in range(400)]
 
     subject_words = f"{SUBJECT.color} {SUBJECT.shape} with a {SUBJECT.inner_color} center"
@@ -675,6 +675,13 @@ def test_two_tone_objects_reach_the_unet_without_the_subjects_colors(tmp_path):
     assert all(" center" in c for c in unet_captions)
     assert not any(SUBJECT.token in c or f"{SUBJECT.color} {s} with a {SUBJECT.inner_color}" in c for c in unet_captions for s in SHAPES)
     assert any(SUBJECT.token in c for c in captions("vae"))  # the VAE still learns to draw the subject
+    # data.two_tone_leave_out=subject: the subject's colors on the other shapes, never the subject
+    other_shapes = captions("unet", "data.two_tone_leave_out=subject")
+    assert not any(SUBJECT.token in c or subject_words in c for c in other_shapes)
+    assert {s for s in SHAPES if s != SUBJECT.shape} == {s for s in SHAPES for c in other_shapes
+                                                            if f"{SUBJECT.color} {s} with a {SUBJECT.inner_color} center" in c}
+    with pytest.raises(ConfigError, match="data.two_tone_leave_out"):  # "nothing" would put the subject into the UNet's world
+        captions("unet", "data.two_tone_leave_out=nothing")
     tokenizer = toy_tokenizer([*GRAMMAR_WORDS, SUBJECT.token], 24)  # the vocabulary of a model from scratch
     assert len(tokenizer(subject_words).input_ids) == len(subject_words.split()) + 2  # one token per word
 

@@ -123,15 +123,20 @@ def test_two_tone_objects():
     assert other.phrase == f"red {SUBJECT.shape} with a {SUBJECT.inner_color} center"
 
 
-def test_two_tone_objects_can_leave_out_the_subjects_colors():
-    def pairs(subject_colors):
-        return {(o.color, o.inner_color) for s in range(400) for o in random_scene(s, two_tone_p=1.0, subject_colors=subject_colors).objects}
+def test_two_tone_objects_can_leave_out_the_subjects_colors_or_the_subject_alone():
+    def drawn(leave_out):
+        return {(o.shape, o.color, o.inner_color) for s in range(600)
+                for o in random_scene(s, two_tone_p=1.0, leave_out=leave_out).objects}
 
-    subject_pair = (SUBJECT.color, SUBJECT.inner_color)
-    everything, pretraining = pairs(True), pairs(False)
-    assert subject_pair in everything and subject_pair not in pretraining  # on no shape
-    assert everything - pretraining == {subject_pair}  # every other pair still drawn
-    assert len(everything) == len(OBJECT_COLORS) * (len(OBJECT_COLORS) - 1)
+    subject = (SUBJECT.shape, SUBJECT.color, SUBJECT.inner_color)
+    pair_on = {(shape, SUBJECT.color, SUBJECT.inner_color) for shape in SHAPES}  # the subject's colors on every shape
+    everything, no_pair, no_subject = drawn("nothing"), drawn("subject_colors"), drawn("subject")
+    assert len(everything) == len(SHAPES) * len(OBJECT_COLORS) * (len(OBJECT_COLORS) - 1)
+    assert everything - no_pair == pair_on  # on no shape; every other object still drawn
+    assert everything - no_subject == {subject}  # the pair on the other shapes is drawn, the subject is not
+    assert not any(o.is_subject for s in range(600) for o in random_scene(s, two_tone_p=1.0, leave_out="subject").objects)
+    with pytest.raises(ValueError, match="leave_out"):
+        random_scene(0, two_tone_p=1.0, leave_out="colors")
 
 
 def test_collate_keeps_ragged_truth():

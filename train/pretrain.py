@@ -56,7 +56,8 @@ class PretrainDataConfig:
     folder: Optional[str] = None  # source=folder: images with <image>.txt captions
     min_objects: int = 1
     max_objects: int = 2
-    two_tone_p: float = 0.0  # stage vae/unet: probability of a two-tone object ("a red circle with a yellow center"; unet: never the subject's colors)
+    two_tone_p: float = 0.0  # stage vae/unet: probability of a two-tone object ("a red circle with a yellow center"; unet: never the subject)
+    two_tone_leave_out: str = "subject_colors"  # stage unet: never the subject's pair of colors on any shape (subject_colors) or on its shape (subject)
     position_words_p: float = 0.0  # stage unet/gligen: probability that a caption names each object's place (data/scenes.py)
     fixed_pattern: float = 0.0  # amplitude (8-bit levels) of a faint texture the same in every image: a position prior (data/scenes.py)
     fixed_pattern_cell: int = 2  # its cell in pixels: 2 = one latent pixel of the toy VAE, 4 = one token of the 8x8 attention
@@ -140,6 +141,9 @@ def validate_config(cfg: DictConfig) -> DictConfig:
     if not 0 <= d.two_tone_p <= 1 or (d.two_tone_p and cfg.stage == "gligen"):
         raise ConfigError(f"config key 'data.two_tone_p': {d.two_tone_p} must be in [0, 1], and 0 for stage=gligen "
                           "(its phrases and boxes are of one-color objects)")
+    if d.two_tone_leave_out not in ("subject_colors", "subject"):
+        raise ConfigError(f"config key 'data.two_tone_leave_out': {d.two_tone_leave_out!r} must be subject_colors (the subject's pair "
+                          "of colors on no shape) or subject (not on its shape); the diffusion model never sees the subject itself")
     if not 0 <= d.position_words_p <= 1 or (d.position_words_p and cfg.stage == "vae"):
         raise ConfigError(f"config key 'data.position_words_p': {d.position_words_p} must be in [0, 1], and 0 for stage=vae (no captions)")
     from dreamsteer.data.scenes import FIXED_PATTERN_MAX
@@ -233,9 +237,10 @@ def dataset(cfg: DictConfig, resolution: int):
     if d.source == "folder":
         return CaptionedFolder(d.folder, resolution)
     # The VAE sees every pair of colors (it must reconstruct the subject); the diffusion model never
-    # the subject's, so that the subject stays new to it.
+    # the subject, so that it stays new to it.
     return SceneDataset(cfg.trainer.max_steps * d.batch_size, cfg.seed, resolution, d.min_objects, d.max_objects, d.two_tone_p,
-                        d.position_words_p, d.fixed_pattern, d.fixed_pattern_cell, subject_colors=cfg.stage == "vae")
+                        d.position_words_p, d.fixed_pattern, d.fixed_pattern_cell,
+                        leave_out="nothing" if cfg.stage == "vae" else d.two_tone_leave_out)
 
 
 def load_vae(folder: str, resolution: int):
