@@ -90,7 +90,7 @@ class SubjectSpec:
 
 
 SUBJECT = SubjectSpec(shape="circle", color="blue", inner_color="yellow", inner_ratio=0.5, class_word="circle", token="sks")
-# What of the subject two-tone objects may not show (`sample_objects`).
+# How two-tone objects keep the subject out (`sample_objects`): not at all, its colors on no shape, or not on its shape.
 TWO_TONE_LEAVE_OUT = ("nothing", "subject_colors", "subject")
 
 
