@@ -141,13 +141,13 @@ def validate_config(cfg: DictConfig) -> DictConfig:
     if not 0 <= d.two_tone_p <= 1 or (d.two_tone_p and cfg.stage == "gligen"):
         raise ConfigError(f"config key 'data.two_tone_p': {d.two_tone_p} must be in [0, 1], and 0 for stage=gligen "
                           "(its phrases and boxes are of one-color objects)")
-    if d.two_tone_leave_out not in ("subject_colors", "subject"):
+    from dreamsteer.data.scenes import FIXED_PATTERN_MAX, TWO_TONE_LEAVE_OUT
+
+    if d.two_tone_leave_out not in TWO_TONE_LEAVE_OUT or d.two_tone_leave_out == "nothing":
         raise ConfigError(f"config key 'data.two_tone_leave_out': {d.two_tone_leave_out!r} must be subject_colors (the subject's pair "
                           "of colors on no shape) or subject (not on its shape); the diffusion model never sees the subject itself")
     if not 0 <= d.position_words_p <= 1 or (d.position_words_p and cfg.stage == "vae"):
         raise ConfigError(f"config key 'data.position_words_p': {d.position_words_p} must be in [0, 1], and 0 for stage=vae (no captions)")
-    from dreamsteer.data.scenes import FIXED_PATTERN_MAX
-
     if not 0 <= d.fixed_pattern <= FIXED_PATTERN_MAX:
         raise ConfigError(f"config key 'data.fixed_pattern': {d.fixed_pattern} must be in [0, {FIXED_PATTERN_MAX}] (8-bit levels; "
                           "a stronger pattern would change what the detector reads)")
