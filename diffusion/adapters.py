@@ -540,15 +540,20 @@ def add_textual_inversion(
     initializer_token: str = "*",
     num_vectors: int = 1,
 ) -> TextualInversionAdapter:
-    """Add placeholder token(s), each with `num_vectors` rows (in every text encoder) initialised from `initializer_token`'s row."""
+    """Add placeholder token(s), each with `num_vectors` rows (in every text encoder) initialised from
+    `initializer_token`: one existing token for every row, or several words, row ``i`` of each placeholder
+    from word ``i mod n`` (kohya's ``init_word``; "blue circle" with 3 vectors: blue, circle, blue)."""
     tokens = [tokens] if isinstance(tokens, str) else list(tokens)
     if num_vectors < 1:
         raise AdapterError(f"num_vectors must be >= 1, got {num_vectors}")
+    words = initializer_token.split()
+    if not words:
+        raise AdapterError("initializer token is empty: name an existing token (or several words) to start the vectors from")
     for _, _, tokenizer in backbone.family.text_encoders(backbone):
         check_new_tokens(tokenizer, tokens, "placeholder token")
     fingerprint = _ensure_free(backbone)
     added = [name for tok in tokens for name in _expand_vectors(tok, num_vectors)]
-    _add_tokens(backbone, added, [initializer_token] * len(added), "placeholder token")
+    _add_tokens(backbone, added, [words[i % len(words)] for _ in tokens for i in range(num_vectors)], "placeholder token")
     config = {"tokens": tokens, "initializer_token": initializer_token, "num_vectors": int(num_vectors)}
     adapter = TextualInversionAdapter(config, fingerprint, tokens)
     backbone.adapter = adapter

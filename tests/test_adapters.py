@@ -95,6 +95,15 @@ def test_textual_inversion_keeps_every_other_row_bit_exact(fresh_backbone):
     assert not torch.equal(after[-1], before[cat_id])
 
 
+def test_several_initializer_words_start_the_vectors_in_turn(fresh_backbone):
+    table = fresh_backbone.text_encoder.get_input_embeddings().weight.detach().clone()
+    ids = {w: fresh_backbone.tokenizer.encode(w, add_special_tokens=False)[0] for w in ("cat", "dog")}
+    attach_adapter(fresh_backbone, "textual_inversion", tokens=["<a>", "<b>"], initializer_token="cat dog", num_vectors=3)
+    rows = fresh_backbone.text_encoder.get_input_embeddings().new.detach()
+    expected = torch.stack([table[ids[w]] for w in ("cat", "dog", "cat") * 2]).float()  # each token: word i mod 2
+    assert torch.equal(rows, expected)
+
+
 def test_multi_vector_prompts_are_expanded(fresh_backbone):
     attach_adapter(fresh_backbone, "textual_inversion", tokens=["<sks>"], num_vectors=3)
     ids = fresh_backbone.tokenize(["a photo of <sks>"])[0].tolist()
@@ -215,6 +224,10 @@ def test_bad_tokens_are_rejected_before_anything_changes(fresh_backbone):
         attach_adapter(fresh_backbone, "textual_inversion", tokens=["cat"])
     with pytest.raises(AdapterError, match="must be a single token"):
         attach_adapter(fresh_backbone, "textual_inversion", tokens=["<sks>"], initializer_token="xqzv")
+    with pytest.raises(AdapterError, match="'xqzv' must be a single token"):
+        attach_adapter(fresh_backbone, "textual_inversion", tokens=["<sks>"], initializer_token="cat xqzv", num_vectors=2)
+    with pytest.raises(AdapterError, match="initializer token is empty"):
+        attach_adapter(fresh_backbone, "textual_inversion", tokens=["<sks>"], initializer_token=" ")
     with pytest.raises(AdapterError, match="already exists"):
         attach_adapter(fresh_backbone, "custom_diffusion", modifier_tokens=["sks"])
     assert fresh_backbone.adapter is None and len(fresh_backbone.tokenizer) == size

@@ -56,7 +56,7 @@ class TextualInversionMethod:
     name: str = "textual_inversion"
     lr: float = 5e-4
     tokens: List[str] = field(default_factory=lambda: ["<sks>"])
-    initializer_token: str = "*"
+    initializer_token: str = "*"  # one existing token, or several words: vector i starts from word i mod n
     num_vectors: int = 1
 
 
