@@ -1,5 +1,5 @@
-"""Can a toy-world model's text conditioning reach the personal subject at all? A bound on what Textual
-Inversion can do, with no sampling tricks and no method code in between.
+"""Can a toy-world model's text conditioning reach the personal subject at all? A probe of what Textual
+Inversion can reach, with no sampling tricks and no method code in between.
 
 Textual Inversion changes one thing, the input embedding of a new word; the UNet sees the text encoder's
 output. This probe frees `k` vectors at the positions of some words of a subject prompt and fits them to
@@ -16,8 +16,9 @@ in one of two spaces:
 
 Then it samples `per_background` images per background color from the fitted conditioning (the floors'
 sampler: DDIM 25 steps, guidance 7.5, the empty prompt as negative) and counts those where the detector
-finds the subject. If the ``output`` space with every word of the subject's description free cannot draw
-the subject, no Textual Inversion of that model can.
+finds the subject. The ``output`` space bounds what the freed words themselves can say; it holds fixed the
+hidden states of the words after them, which a Textual Inversion word also moves (the text encoder is
+causal), so it is a strong hint about Textual Inversion's reach, not a proof.
 
     python -m dreamsteer.benchmarks.subject_reach --model toy --space output --phrase "sks circle" --learn sks
     python -m dreamsteer.benchmarks.subject_reach --model runs/m/model --space input \
