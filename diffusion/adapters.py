@@ -549,6 +549,9 @@ def add_textual_inversion(
     words = initializer_token.split()
     if not words:
         raise AdapterError("initializer token is empty: name an existing token (or several words) to start the vectors from")
+    if len(words) > num_vectors:
+        raise AdapterError(f"initializer token {initializer_token!r} has {len(words)} words for {num_vectors} vector(s) per token: "
+                           f"set num_vectors to at least {len(words)}, or name fewer words")
     for _, _, tokenizer in backbone.family.text_encoders(backbone):
         check_new_tokens(tokenizer, tokens, "placeholder token")
     fingerprint = _ensure_free(backbone)

@@ -226,6 +226,8 @@ def test_bad_tokens_are_rejected_before_anything_changes(fresh_backbone):
         attach_adapter(fresh_backbone, "textual_inversion", tokens=["<sks>"], initializer_token="xqzv")
     with pytest.raises(AdapterError, match="'xqzv' must be a single token"):
         attach_adapter(fresh_backbone, "textual_inversion", tokens=["<sks>"], initializer_token="cat xqzv", num_vectors=2)
+    with pytest.raises(AdapterError, match="has 2 words for 1 vector"):
+        attach_adapter(fresh_backbone, "textual_inversion", tokens=["<sks>"], initializer_token="cat dog")
     with pytest.raises(AdapterError, match="initializer token is empty"):
         attach_adapter(fresh_backbone, "textual_inversion", tokens=["<sks>"], initializer_token=" ")
     with pytest.raises(AdapterError, match="already exists"):
