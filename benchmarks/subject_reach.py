@@ -37,13 +37,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from dreamsteer.benchmarks.toy_floors import save_grid
+from dreamsteer.benchmarks.toy_floors import sampling_pipeline, save_grid
 from dreamsteer.data.files import write_json_atomic
+from dreamsteer.data.images import pil_to_tensor
 from dreamsteer.data.scenes import BACKGROUND_COLORS, subject_scene
 from dreamsteer.diffusion.backbone import load_backbone
-from dreamsteer.diffusion.schedulers import make_scheduler
+from dreamsteer.diffusion.toy import words_not_single_tokens
 from dreamsteer.metrics.detector import detect
-from dreamsteer.train.sample import SampleConfig
 
 SPACES = ("input", "output")
 DEV_SEED = 424242
@@ -61,18 +61,18 @@ def learned_positions(tokenizer: Any, phrase: str, learn: Sequence[str]) -> list
     missing = [w for w in learn if w not in words]
     if missing:
         raise ValueError(f"--learn: {missing} not in the phrase {phrase!r}")
-    split = [w for w in words if len(tokenizer(w, add_special_tokens=False).input_ids) != 1]
+    split = words_not_single_tokens(tokenizer, words)
     if split:
         raise ValueError(f"--phrase: {split} are not single tokens of the model's tokenizer")
     return [2 + i for i, w in enumerate(words) if w in learn]  # BOS, "a", then the phrase
 
 
-def conditioning(backbone: Any, space: str, positions: Sequence[int], vectors: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    """ids [B, L] -> the text encoder's hidden states with `vectors` [k, D] at `positions`, in `space`."""
+def conditioning(backbone: Any, space: str, positions: Sequence[int], vectors: torch.Tensor, ids: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """() -> the text encoder's hidden states of `ids` [B, L] with `vectors` [k, D] at `positions`, in `space`
+    (called again after each change of `vectors`; the output space encodes `ids` once)."""
     if space not in SPACES:
         raise ValueError(f"space {space!r}: expected one of {SPACES}")
     encoder = backbone.text_encoder
-    embeddings = encoder.get_input_embeddings()
     index = list(positions)
 
     def swap(_module: Any, _inputs: Any, output: torch.Tensor) -> torch.Tensor:
@@ -80,16 +80,17 @@ def conditioning(backbone: Any, space: str, positions: Sequence[int], vectors: t
         output[:, index] = vectors.to(output.dtype)
         return output
 
-    def encode(ids: torch.Tensor) -> torch.Tensor:
-        if space == "input":
-            hook = embeddings.register_forward_hook(swap)
-            try:
-                return encoder(ids)[0]
-            finally:
-                hook.remove()
+    if space == "output":
         with torch.no_grad():
             hidden = encoder(ids)[0]
-        return swap(None, None, hidden)
+        return lambda: swap(None, None, hidden)
+
+    def encode() -> torch.Tensor:
+        hook = encoder.get_input_embeddings().register_forward_hook(swap)
+        try:
+            return encoder(ids)[0]
+        finally:
+            hook.remove()
 
     return encode
 
@@ -105,23 +106,23 @@ def initial_vectors(backbone: Any, space: str, ids: torch.Tensor, positions: Seq
 def subject_latents(backbone: Any, photos: int, seed: int) -> tuple[torch.Tensor, list[str]]:
     """The latent means of the subject photos ``(seed, i)`` and their backgrounds."""
     scenes = [subject_scene((seed, i), resolution=backbone.resolution) for i in range(photos)]
-    pixels = torch.stack([torch.from_numpy(np.asarray(s.image.convert("RGB"), dtype=np.float32) / 127.5 - 1).permute(2, 0, 1) for s in scenes])
+    pixels = torch.stack([pil_to_tensor(s.image) for s in scenes])
     with torch.no_grad():
         latents = backbone.encode_image(pixels.to(backbone.device, backbone.dtype))
     return latents, [s.background for s in scenes]
 
 
-def fit(backbone: Any, encode: Callable[[torch.Tensor], torch.Tensor], vectors: torch.Tensor, latents: torch.Tensor,
-        ids: torch.Tensor, steps: int, lr: float, seed: int, repeats: int = 2, progress: bool = True) -> list[float]:
-    """Adam on `vectors` (a leaf tensor with grad) against the epsilon loss; the loss of every step."""
+def fit(backbone: Any, condition: Callable[[], torch.Tensor], vectors: torch.Tensor, latents: torch.Tensor,
+        steps: int, lr: float, seed: int, progress: bool = True) -> list[float]:
+    """Adam on `vectors` (a leaf tensor with grad) against the epsilon loss of `latents` under `condition`'s
+    hidden states (one row per latent); the loss of every step."""
     optimizer = torch.optim.Adam([vectors], lr=lr)
     generator = torch.Generator().manual_seed(seed)
-    z, ids = latents.repeat(repeats, 1, 1, 1), ids.repeat(repeats, 1)
     losses = []
     for _ in tqdm(range(steps), desc="fit", disable=not progress):
-        eps = torch.randn(z.shape, generator=generator).to(z)
-        t = torch.randint(0, backbone.num_train_timesteps, (len(z),), generator=generator).to(z.device)
-        loss = torch.nn.functional.mse_loss(backbone.predict_eps(backbone.add_noise(z, eps, t), t, encode(ids)).float(), eps.float())
+        eps = torch.randn(latents.shape, generator=generator).to(latents)
+        t = torch.randint(0, backbone.num_train_timesteps, (len(latents),), generator=generator).to(latents.device)
+        loss = torch.nn.functional.mse_loss(backbone.predict_eps(backbone.add_noise(latents, eps, t), t, condition()).float(), eps.float())
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -129,15 +130,15 @@ def fit(backbone: Any, encode: Callable[[torch.Tensor], torch.Tensor], vectors: 
     return losses
 
 
-def subject_rates(backbone: Any, encode: Callable[[torch.Tensor], torch.Tensor], phrase: str, per_background: int, seed: int,
-                  steps: int = 25, guidance: float = 7.5) -> tuple[dict[str, int], list[Any]]:
+def subject_rates(backbone: Any, space: str, positions: Sequence[int], vectors: torch.Tensor, phrase: str, per_background: int,
+                  seed: int, steps: int = 25, guidance: float = 7.5) -> tuple[dict[str, int], list[Any]]:
     """Samples with the subject per background, and the images (background by background)."""
-    pipe = backbone.pipeline(make_scheduler(SampleConfig.scheduler, backbone.scheduler.config))
+    pipe = sampling_pipeline(backbone)
     counts, images = {}, []
     with torch.no_grad():
-        uncond = backbone.text_encoder(backbone.tokenize([""]))[0]
+        uncond = backbone.encode_prompt([""])
         for background in BACKGROUND_COLORS:
-            cond = encode(backbone.tokenize([subject_prompt(phrase, background)])).detach()
+            cond = conditioning(backbone, space, positions, vectors, backbone.tokenize([subject_prompt(phrase, background)]))().detach()
             generators = [torch.Generator().manual_seed(seed + i) for i in range(per_background)]
             kwargs = backbone.pipeline_prompt_kwargs(cond.repeat(per_background, 1, 1), uncond.repeat(per_background, 1, 1))
             batch = pipe(**kwargs, num_inference_steps=steps, guidance_scale=guidance, generator=generators).images
@@ -166,10 +167,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     latents, backgrounds = subject_latents(backbone, args.photos, args.seed)
     ids = backbone.tokenize([subject_prompt(args.phrase, b) for b in backgrounds])
     vectors = initial_vectors(backbone, args.space, ids, positions).requires_grad_(True)
-    encode = conditioning(backbone, args.space, positions, vectors)
+    condition = conditioning(backbone, args.space, positions, vectors, ids.repeat(2, 1))  # two noise draws per photo a step
     started = time.perf_counter()
-    losses = fit(backbone, encode, vectors, latents, ids, args.steps if positions else 0, args.lr, args.seed)
-    counts, images = subject_rates(backbone, encode, args.phrase, args.per_background, args.seed)
+    losses = fit(backbone, condition, vectors, latents.repeat(2, 1, 1, 1), args.steps if positions else 0, args.lr, args.seed)
+    counts, images = subject_rates(backbone, args.space, positions, vectors, args.phrase, args.per_background, args.seed)
     result = {"model": args.model, "space": args.space, "phrase": args.phrase, "learn": learn, "steps": args.steps, "lr": args.lr,
               "seed": args.seed, "subject": sum(counts.values()), "samples": args.per_background * len(BACKGROUND_COLORS),
               "by_background": counts, "loss_first_100": float(np.mean(losses[:100])) if losses else None,

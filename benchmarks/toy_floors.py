@@ -97,13 +97,18 @@ def _load(model: str):
         raise PartSkipped(f"model {model!r} cannot be loaded: {err}") from None
 
 
-def sample_images(backbone: Any, prompts: Sequence[str], seeds: Sequence[int], steps: int, guidance: float, batch: int = 25) -> list[Image.Image]:
-    """Text-to-image through the backbone's diffusers pipeline (`sample`'s path): one image per prompt,
-    each from its own seeded generator, so any image is reproducible alone."""
+def sampling_pipeline(backbone: Any) -> Any:
+    """The backbone's diffusers pipeline with `sample`'s default scheduler (DDIM)."""
     from dreamsteer.diffusion.schedulers import make_scheduler
     from dreamsteer.train.sample import SampleConfig
 
-    pipe = backbone.pipeline(make_scheduler(SampleConfig.scheduler, backbone.scheduler.config))
+    return backbone.pipeline(make_scheduler(SampleConfig.scheduler, backbone.scheduler.config))
+
+
+def sample_images(backbone: Any, prompts: Sequence[str], seeds: Sequence[int], steps: int, guidance: float, batch: int = 25) -> list[Image.Image]:
+    """Text-to-image through the backbone's diffusers pipeline (`sample`'s path): one image per prompt,
+    each from its own seeded generator, so any image is reproducible alone."""
+    pipe = sampling_pipeline(backbone)
     images: list[Image.Image] = []
     for start in range(0, len(prompts), batch):
         chunk = list(prompts[start:start + batch])
