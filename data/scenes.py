@@ -13,8 +13,9 @@ object's mask is the set of pixels it covers at least half.
 The personal subject (`SUBJECT`) is outside the pretraining distribution: a two-tone object (a disc
 with a differently colored inner disc). Pretraining scenes hold one-color objects, and optionally
 (`two_tone_p`) two-tone ones captioned "a red circle with a yellow center", but never the subject
-(`TWO_TONE_LEAVE_OUT`: never its pair of colors on any shape, or never its shape in that pair), so a base
-model asked for "a sks circle" draws a plain circle; a personalized one draws the subject.
+(`TWO_TONE_LEAVE_OUT`: never its pair of colors on any shape, never its shape in that pair, or never its
+shape two-tone at all), so a base model asked for "a sks circle" draws a plain circle; a personalized one
+draws the subject.
 
 Everything is deterministic from a seed (`numpy.random.Generator`).
 """
@@ -90,8 +91,9 @@ class SubjectSpec:
 
 
 SUBJECT = SubjectSpec(shape="circle", color="blue", inner_color="yellow", inner_ratio=0.5, class_word="circle", token="sks")
-# How two-tone objects keep the subject out (`sample_objects`): not at all, its colors on no shape, or not on its shape.
-TWO_TONE_LEAVE_OUT = ("nothing", "subject_colors", "subject")
+# How two-tone objects keep the subject out (`sample_objects`): not at all, its colors on no shape, not on its
+# shape, or no two-tone object of its shape.
+TWO_TONE_LEAVE_OUT = ("nothing", "subject_colors", "subject", "subject_shape")
 
 
 @dataclass(frozen=True)
@@ -303,7 +305,9 @@ def sample_objects(rng: np.random.Generator, count: int, subject: bool = False, 
     `leave_out` (`TWO_TONE_LEAVE_OUT`) keeps the subject out of the two-tone objects: "subject_colors"
     never gives one the subject's pair of colors (its outer color around its inner color) on any shape,
     "subject" never on the subject's shape (a blue square with a yellow center is drawn, the subject is
-    not), "nothing" draws every pair (the VAE's world: it must reconstruct the subject)."""
+    not), "subject_shape" draws every object of the subject's shape in one color (its shape is never seen
+    with a center, so no color is learned as a circle's center), "nothing" draws every pair (the VAE's
+    world: it must reconstruct the subject)."""
     if leave_out not in TWO_TONE_LEAVE_OUT:
         raise ValueError(f"leave_out must be one of {TWO_TONE_LEAVE_OUT}, got {leave_out!r}")
     while True:
@@ -318,7 +322,7 @@ def sample_objects(rng: np.random.Generator, count: int, subject: bool = False, 
         else:
             shape, color = str(rng.choice(SHAPES)), str(rng.choice(list(OBJECT_COLORS)))
             inner = None
-            if two_tone_p and rng.random() < two_tone_p:
+            if two_tone_p and rng.random() < two_tone_p and not (leave_out == "subject_shape" and shape == SUBJECT.shape):
                 subject_pair = color == SUBJECT.color and (leave_out == "subject_colors" or (leave_out == "subject" and shape == SUBJECT.shape))
                 excluded = {color} | ({SUBJECT.inner_color} if subject_pair else set())
                 inner = str(rng.choice([c for c in OBJECT_COLORS if c not in excluded]))

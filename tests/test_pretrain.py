@@ -680,6 +680,11 @@ def test_two_tone_objects_reach_the_unet_without_the_subjects_colors(tmp_path):
     assert not any(SUBJECT.token in c or subject_words in c for c in other_shapes)
     assert {s for s in SHAPES if s != SUBJECT.shape} == {s for s in SHAPES for c in other_shapes
                                                             if f"{SUBJECT.color} {s} with a {SUBJECT.inner_color} center" in c}
+    # data.two_tone_leave_out=subject_shape: circles only in one color, the other shapes two-tone
+    no_circle_centers = captions("unet", "data.two_tone_leave_out=subject_shape")
+    assert not any(f"{SUBJECT.shape} with a" in c for c in no_circle_centers)
+    assert any(f" {SUBJECT.shape}" in c for c in no_circle_centers)
+    assert {s for s in SHAPES if s != SUBJECT.shape} == {s for s in SHAPES for c in no_circle_centers if f"{s} with a" in c}
     with pytest.raises(ConfigError, match="data.two_tone_leave_out"):  # "nothing" would put the subject into the UNet's world
         captions("unet", "data.two_tone_leave_out=nothing")
     tokenizer = toy_tokenizer([*GRAMMAR_WORDS, SUBJECT.token], 24)  # the vocabulary of a model from scratch

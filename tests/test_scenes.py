@@ -123,7 +123,7 @@ def test_two_tone_objects():
     assert other.phrase == f"red {SUBJECT.shape} with a {SUBJECT.inner_color} center"
 
 
-def test_two_tone_objects_can_leave_out_the_subjects_colors_or_the_subject_alone():
+def test_two_tone_objects_can_leave_out_the_subjects_colors_the_subject_alone_or_its_shape():
     def drawn(leave_out):
         return {(o.shape, o.color, o.inner_color) for s in range(600)
                 for o in random_scene(s, two_tone_p=1.0, leave_out=leave_out).objects}
@@ -131,9 +131,12 @@ def test_two_tone_objects_can_leave_out_the_subjects_colors_or_the_subject_alone
     subject = (SUBJECT.shape, SUBJECT.color, SUBJECT.inner_color)
     pair_on = {(shape, SUBJECT.color, SUBJECT.inner_color) for shape in SHAPES}  # the subject's colors on every shape
     everything, no_pair, no_subject = drawn("nothing"), drawn("subject_colors"), drawn("subject")
+    no_shape = drawn("subject_shape")
     assert len(everything) == len(SHAPES) * len(OBJECT_COLORS) * (len(OBJECT_COLORS) - 1)
     assert everything - no_pair == pair_on  # on no shape; every other object still drawn
     assert everything - no_subject == {subject}  # the pair on the other shapes is drawn, the subject is not
+    # the subject's shape only in one color; every two-tone object of the other shapes still drawn
+    assert no_shape == {o for o in everything if o[0] != SUBJECT.shape} | {(SUBJECT.shape, c, None) for c in OBJECT_COLORS}
     assert not any(o.is_subject for s in range(600) for o in random_scene(s, two_tone_p=1.0, leave_out="subject").objects)
     with pytest.raises(ValueError, match="leave_out"):
         random_scene(0, two_tone_p=1.0, leave_out="colors")

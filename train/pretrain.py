@@ -57,7 +57,7 @@ class PretrainDataConfig:
     min_objects: int = 1
     max_objects: int = 2
     two_tone_p: float = 0.0  # stage vae/unet: probability of a two-tone object ("a red circle with a yellow center"; unet: never the subject)
-    two_tone_leave_out: str = "subject_colors"  # stage unet: never the subject's pair of colors on any shape (subject_colors) or on its shape (subject)
+    two_tone_leave_out: str = "subject_colors"  # stage unet: never the subject's pair of colors on any shape (subject_colors), on its shape (subject), or its shape two-tone (subject_shape)
     position_words_p: float = 0.0  # stage unet/gligen: probability that a caption names each object's place (data/scenes.py)
     fixed_pattern: float = 0.0  # amplitude (8-bit levels) of a faint texture the same in every image: a position prior (data/scenes.py)
     fixed_pattern_cell: int = 2  # its cell in pixels: 2 = one latent pixel of the toy VAE, 4 = one token of the 8x8 attention
@@ -145,7 +145,7 @@ def validate_config(cfg: DictConfig) -> DictConfig:
 
     if d.two_tone_leave_out not in TWO_TONE_LEAVE_OUT or d.two_tone_leave_out == "nothing":
         raise ConfigError(f"config key 'data.two_tone_leave_out': {d.two_tone_leave_out!r} must be subject_colors (the subject's pair "
-                          "of colors on no shape) or subject (not on its shape); the diffusion model never sees the subject itself")
+                          "of colors on no shape), subject (not on its shape) or subject_shape (its shape never two-tone); the diffusion model never sees the subject itself")
     if not 0 <= d.position_words_p <= 1 or (d.position_words_p and cfg.stage == "vae"):
         raise ConfigError(f"config key 'data.position_words_p': {d.position_words_p} must be in [0, 1], and 0 for stage=vae (no captions)")
     if not 0 <= d.fixed_pattern <= FIXED_PATTERN_MAX:
