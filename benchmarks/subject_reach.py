@@ -43,6 +43,7 @@ from dreamsteer.data.images import pil_to_tensor
 from dreamsteer.data.scenes import BACKGROUND_COLORS, subject_scene
 from dreamsteer.diffusion.backbone import load_backbone
 from dreamsteer.diffusion.toy import words_not_single_tokens
+from dreamsteer.distill.edsd import denoising_loss
 from dreamsteer.metrics.detector import detect
 
 SPACES = ("input", "output")
@@ -122,7 +123,7 @@ def fit(backbone: Any, condition: Callable[[], torch.Tensor], vectors: torch.Ten
     for _ in tqdm(range(steps), desc="fit", disable=not progress):
         eps = torch.randn(latents.shape, generator=generator).to(latents)
         t = torch.randint(0, backbone.num_train_timesteps, (len(latents),), generator=generator).to(latents.device)
-        loss = torch.nn.functional.mse_loss(backbone.predict_eps(backbone.add_noise(latents, eps, t), t, condition()).float(), eps.float())
+        loss = denoising_loss(backbone.predict_eps(backbone.add_noise(latents, eps, t), t, condition()), eps)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
