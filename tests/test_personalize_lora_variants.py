@@ -221,6 +221,24 @@ def test_targets_that_name_nothing_fail_before_training(tmp_path, fresh_backbone
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_lora_on_the_cross_attention_alone_adapts_exports_and_reloads_only_those_layers(tmp_path, tiny_dir, tiny_backbone):
+    """`method.target_modules` names the ends of module names (docs/toy_experiments.md, "LoRA on the cross-attention
+    alone"): attn2's four projections, no self-attention, no convolution."""
+    write_subject_set(tmp_path / "subject", "cat", count=1)
+    out = run(compose("personalize", [
+        "method=lora", "method.target_modules=[attn2.to_k,attn2.to_v,attn2.to_q,attn2.to_out.0]", "method.conv_target_modules=[]",
+        f"data.instance_dir={tmp_path / 'subject'}", f"data.instance_prompt='{PROMPT}'", f"output_dir={tmp_path / 'run'}",
+        "logger=none", "trainer.max_steps=2", "method.lr=1e-2", "progress=false"]))
+    expected = {n for n, _ in tiny_backbone.unet.named_modules()
+                if any(n.endswith(f".attn2.{p}") for p in ("to_k", "to_v", "to_q", "to_out.0"))}
+    assert expected and all(".transformer_blocks." in n for n in expected)
+    backbone, _ = _reloaded(tiny_dir, out)
+    assert set(_peft_layers(backbone.unet)) == expected
+    unet_keys = {k.split(".", 1)[0] for k in load_file(str(out / LORA_KOHYA_FILE)) if k.startswith("lora_unet_")}
+    assert unet_keys == {"lora_unet_" + n.replace(".", "_") for n in expected}
+    assert (_eps(backbone) - _eps(tiny_backbone)).abs().max() > 1e-4
+
+
 def test_default_lora_is_unchanged(fresh_backbone, tiny_backbone):
     """variant=lora with no new key: peft's LoraConfig as before (no DoRA, no patterns), lora_A/B only."""
     attach_adapter(fresh_backbone, "lora", rank=4)
