@@ -45,10 +45,10 @@ def _eps(backbone) -> torch.Tensor:
     return backbone.unet(z, t, encoder_hidden_states=backbone.encode_prompt([PROMPT] * 2)).sample
 
 
-def _train(tmp_path, variant: str, extra: list[str] = ()):
+def _train(tmp_path, variant: str, extra: list[str] = (), options: list[str] = OPTIONS):
     write_subject_set(tmp_path / "subject", "cat", count=1)
     return run(compose("personalize", [
-        "method=lora", f"method.variant={variant}", *OPTIONS, f"data.instance_dir={tmp_path / 'subject'}",
+        "method=lora", f"method.variant={variant}", *options, f"data.instance_dir={tmp_path / 'subject'}",
         f"data.instance_prompt='{PROMPT}'", f"output_dir={tmp_path / 'run'}", "logger=none", "trainer.max_steps=2", "method.lr=1e-2",
         "validation.every_n_steps=0", "progress=false", *extra,
     ]))
@@ -224,11 +224,8 @@ def test_targets_that_name_nothing_fail_before_training(tmp_path, fresh_backbone
 def test_lora_on_the_cross_attention_alone_adapts_exports_and_reloads_only_those_layers(tmp_path, tiny_dir, tiny_backbone):
     """`method.target_modules` names the ends of module names (docs/toy_experiments.md, "LoRA on the cross-attention
     alone"): attn2's four projections, no self-attention, no convolution."""
-    write_subject_set(tmp_path / "subject", "cat", count=1)
-    out = run(compose("personalize", [
-        "method=lora", "method.target_modules=[attn2.to_k,attn2.to_v,attn2.to_q,attn2.to_out.0]", "method.conv_target_modules=[]",
-        f"data.instance_dir={tmp_path / 'subject'}", f"data.instance_prompt='{PROMPT}'", f"output_dir={tmp_path / 'run'}",
-        "logger=none", "trainer.max_steps=2", "method.lr=1e-2", "progress=false"]))
+    out = _train(tmp_path, "lora", options=["method.target_modules=[attn2.to_k,attn2.to_v,attn2.to_q,attn2.to_out.0]",
+                                            "method.conv_target_modules=[]"])
     expected = {n for n, _ in tiny_backbone.unet.named_modules()
                 if any(n.endswith(f".attn2.{p}") for p in ("to_k", "to_v", "to_q", "to_out.0"))}
     assert expected and all(".transformer_blocks." in n for n in expected)
