@@ -544,7 +544,7 @@ def _edit_md(r: dict[str, Any], figures: str) -> list[str]:
         f"{_holds(multi['holds'])} here (counted as holding when Ground-A-Score hits more of the targets than DDS): on `two_colors`, "
         f"success Ground-A-Score {_f(multi['gas_success'])} vs DDS {_f(multi['dds_success'])}; targets hit {_f(multi['gas_targets_hit'])} vs "
         f"{_f(multi['dds_targets_hit'])}; edits that got exactly one of the two colors: {_f(multi['gas_dropped_one'])} vs {_f(multi['dds_dropped_one'])}; "
-        f"at a cost in preservation: change outside {_f(gas2['outside_change'], 1)} vs {_f(dds2['outside_change'], 1)}, background kept "
+        f"preservation: change outside {_f(gas2['outside_change'], 1)} vs {_f(dds2['outside_change'], 1)}, background kept "
         f"{_f(gas2['background_kept'])} vs {_f(dds2['background_kept'])}.",
         "",
     ]
