@@ -24,7 +24,7 @@ floors' own cases never are):
   with its target color and source shape). Preservation: mean absolute change (8-bit RGB) outside the
   edited object's mask dilated by `EDIT_MARGIN` pixels, against the VAE's own reconstruction error of
   the source on the same pixels (an editor that moves latents cannot get below it).
-- ``personalize``: each method's default recipe (``train personalize method=<m>``, its conf) on
+- ``personalize``: each method's recipe for the model (``conf/experiment/<model>_<m>.yaml``, else its defaults) on
   `photos` (5) rendered photos of the subject with their captions; then `per_background` samples of
   "a <token> circle on a <bg> background" per background; rate of samples where the detector finds
   the subject, against the base model on the same prompts with the DreamBooth/LoRA word.

@@ -326,22 +326,23 @@ def test_a_models_recipe_is_an_experiment_config_and_plain_overrides_still_win(s
     from dreamsteer.train.config import CONF_DIR, recipe_overrides
 
     assert recipe_overrides("tiny", "lora") == ["model.pretrained=tiny", "method=lora"]  # no recipe: the method's defaults
-    assert recipe_overrides("toy", "textual_inversion") == ["model.pretrained=toy", "method=textual_inversion"]
-    # a re-trained toy model's folder takes toy's recipes on itself; a method without one, its defaults
+    # a re-trained toy model's folder takes toy's recipes on itself; recipes of a model that has none, the defaults
     folder = str(tmp_path / "toy_retrained")
     assert recipe_overrides(folder, "lora") == [f"model.pretrained={folder}", "method=lora"]
     assert recipe_overrides(folder, "lora", recipes_of="toy") == ["experiment=toy_lora", f"model.pretrained={folder}"]
     assert recipe_overrides("toy", "lora", recipes_of="toy") == ["experiment=toy_lora"]
-    assert recipe_overrides(folder, "textual_inversion", recipes_of="toy") == [f"model.pretrained={folder}", "method=textual_inversion"]
+    assert recipe_overrides(folder, "textual_inversion", recipes_of="tiny") == [f"model.pretrained={folder}", "method=textual_inversion"]
     cfg = compose("personalize", overrides("lora", subject_dir, tmp_path, *recipe_overrides(folder, "lora", recipes_of="toy")))
     assert cfg.model.pretrained == folder and cfg.method.lr == OmegaConf.load(CONF_DIR / "experiment" / "toy_lora.yaml").method.lr
-    for method in ("lora", "dreambooth"):
+    for method in ("lora", "dreambooth", "textual_inversion", "custom_diffusion"):
         assert recipe_overrides("toy", method) == [f"experiment=toy_{method}"]
         recipe = OmegaConf.load(CONF_DIR / "experiment" / f"toy_{method}.yaml")
         cfg = compose("personalize", overrides(method, subject_dir, tmp_path, *recipe_overrides("toy", method)))
         assert (cfg.model.pretrained, cfg.method.name) == ("toy", method)
-        assert cfg.method.lr == recipe.method.lr and cfg.trainer.max_steps == recipe.trainer.max_steps
+        default = compose("personalize", overrides(method, subject_dir, tmp_path))
+        assert cfg.trainer.max_steps == recipe.trainer.max_steps != default.trainer.max_steps
+        for key, value in recipe.method.items():  # each key the recipe sets reaches the method, and is not the SD default
+            assert cfg.method[key] == value != default.method[key], (method, key)
         assert cfg.loss.vae_latent == "mean"  # the toy model was pretrained on posterior means
-        assert cfg.method.lr != compose("personalize", overrides(method, subject_dir, tmp_path)).method.lr  # not the SD default
     cfg = compose("personalize", overrides("lora", subject_dir, tmp_path, "experiment=toy_lora", "trainer.max_steps=3", "model=tiny"))
-    assert cfg.trainer.max_steps == 3 and cfg.model.pretrained == "tiny" and list(cfg.method.conv_target_modules) == ["conv1", "conv2"]
+    assert cfg.trainer.max_steps == 3 and cfg.model.pretrained == "tiny" and list(cfg.method.target_modules)[0] == "attn2.to_k"

@@ -255,6 +255,27 @@ def test_the_toy_gligen_recipe_runs_at_tiny_sizes_and_its_later_phases_train_onl
     assert all(torch.equal(text_after[k], text_before[k]) for k in text_after)  # the phrases' embeddings stay what the layers read
 
 
+def test_the_toy_recipe_s_later_phases_run_at_tiny_sizes_each_from_the_one_before(runs, tmp_path):
+    """docs/toy.md's commands for the shipped toy after its first base (sizes and steps shrunk): the VAE
+    fine-tuned with the flat-background term, the UNet and text encoder continued on it with a cosine schedule,
+    then continued on scenes with two-tone objects in the subject's colors on every other shape."""
+    from dreamsteer.diffusion.backbone import load_backbone
+
+    _, vae, unet = runs
+    flat = _run("vae", tmp_path / "flat", f"vae={vae / 'vae'}", "optim.flat_latent_weight=0.2", "data.two_tone_p=0.3", "optim.lr=0.01")
+    cosine = ["optim.schedule=cosine", "optim.noise_offset=0.1", "optim.lr=0.05"]
+    on_flat = _run("unet", tmp_path / "on_flat", f"init={unet}", f"vae={flat / 'vae'}", *cosine)
+    pair = _run("unet", tmp_path / "pair", f"init={on_flat}", "data.two_tone_p=0.2", "data.two_tone_leave_out=subject", *cosine)
+    weights = {folder: {path.parent.name: load_file(path) for path in folder.glob("*/*.safetensors")}
+               for folder in (vae, flat, unet, on_flat, pair)}  # a VAE run exports vae/ only
+    assert any(not torch.equal(weights[flat]["vae"][k], v) for k, v in weights[vae]["vae"].items())  # the VAE moved
+    for before, after in ((unet, on_flat), (on_flat, pair)):
+        assert all(torch.equal(weights[after]["vae"][k], v) for k, v in weights[flat]["vae"].items())  # on the flat VAE, frozen
+        for part in ("unet", "text_encoder"):  # each phase trains on from the last one's weights
+            assert any(not torch.equal(weights[after][part][k], v) for k, v in weights[before][part].items()), (after, part)
+    assert load_backbone(str(pair)).resolution == 16
+
+
 @pytest.mark.parametrize("grounding_dropout", [None, 0.999])
 def test_grounding_dropout_drops_the_boxes_apart_from_the_caption(runs, grounding_dropout):
     from dreamsteer.diffusion.backbone import load_backbone

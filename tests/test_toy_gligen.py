@@ -27,7 +27,7 @@ SPATIAL_MIN = 0.5
 
 
 @needs_toy_gligen
-def test_toy_gligen_is_an_fp16_gligen_folder_on_toy_s_vae():
+def test_toy_gligen_is_an_fp16_gligen_folder():
     from dreamsteer.diffusion.backbone import load_backbone, resolve_model_source
     from dreamsteer.diffusion.gligen import gated_blocks
 
@@ -35,9 +35,6 @@ def test_toy_gligen_is_an_fp16_gligen_folder_on_toy_s_vae():
     assert json.loads((GLIGEN_DIR / "model_index.json").read_text())["_class_name"] == "StableDiffusionGLIGENPipeline"
     for path in GLIGEN_DIR.rglob("*.safetensors"):
         assert {t.dtype for t in load_file(path).values()} == {torch.float16}, path
-    # the same world's latents: toy's VAE, bit for bit
-    ours, toys = (load_file(next((d / "vae").glob("*.safetensors"))) for d in (GLIGEN_DIR, BUILTIN_DIR / "toy"))
-    assert ours.keys() == toys.keys() and all(torch.equal(ours[k], toys[k]) for k in ours)
     backbone = load_backbone("toy-gligen")
     assert len(gated_blocks(backbone.unet)) == 7  # every transformer block of the UNet carries a gated layer
 
