@@ -206,6 +206,8 @@ def _method_token(cfg: Any) -> str:
         return cfg.method.tokens[0]
     if cfg.method.name == "custom_diffusion":
         return cfg.method.modifier_tokens[0]
+    if cfg.pivot.max_steps > 0:  # pivotal tuning: the Textual Inversion word its pivot stage trains
+        return cfg.pivot.method.tokens[0]
     return SUBJECT.token
 
 

@@ -27,7 +27,9 @@ from dreamsteer.data.images import save_image_atomic
 from dreamsteer.diffusion.adapters import (
     KINDS,
     AdapterError,
+    PivotWords,
     attach_adapter,
+    bake_textual_inversion,
     check_text_encoder_lora,
     config_keys,
     fingerprints_match,
@@ -36,7 +38,8 @@ from dreamsteer.diffusion.adapters import (
 
 MANIFEST = "adapter.json"
 FORMAT_VERSION = 1
-_PROTECTED = ("method", "format_version", "base_model_fingerprint", "adapter_config", "files", "tokens")
+_PROTECTED = ("method", "format_version", "base_model_fingerprint", "adapter_config", "files", "tokens", "pivot")
+_PIVOT_KEYS = {"tokens", "initializer_token", "num_vectors", "token_files"}
 # the weights file every export of a kind has (textual inversion: its token files, checked separately)
 _WEIGHTS_FILE = {"custom_diffusion": formats.CD_FILE, "dreambooth": "model_index.json"}
 
@@ -243,12 +246,17 @@ def _write_export(backbone: Any, adapter: Any, target: Path, extra: dict[str, An
             files = formats.write_dreambooth(adapter, backbone, tmp)
         else:
             raise AdapterError(f"unknown adapter kind {adapter.kind!r}")
+        pivot_files: dict[str, str] = {}
+        if backbone.words is not None:
+            written, pivot_files = formats.write_pivot_files(backbone, tmp)
+            files = [*files, *written]
+            manifest["pivot"] = {**backbone.words.config, "token_files": pivot_files}
         sample_files = [(prompt, f"samples/{i}.png") for i, (prompt, _) in enumerate(samples)]
         for (_, image), (_, name) in zip(samples, sample_files):
             save_image_atomic(image, tmp / name)
         files = [*files, *(name for _, name in sample_files)]
         manifest["token_files"] = token_files
-        manifest["use_with"] = formats.use_with(adapter.kind, files, token_files, consumers)
+        manifest["use_with"] = formats.use_with(adapter.kind, files, token_files, consumers, pivot_files)
         manifest["files"] = {name: sha256_file(tmp / name) for name in sorted(files)}
         write_json_atomic(manifest, tmp / MANIFEST)
         write_text_atomic(model_card(manifest, target.name, sample_files), tmp / CARD)
@@ -309,9 +317,28 @@ def _check_manifest(directory: Path, manifest: dict[str, Any]) -> None:
     token_files = manifest.get("token_files") or {}
     if not isinstance(token_files, dict) or any(name not in files for name in token_files.values()):
         raise AdapterLoadError(f"{path}: every 'token_files' entry must be one of the hashed 'files'")
+    _check_pivot(path, manifest.get("pivot"), kind, files)
     needed = formats.lora_weights_file(config) if kind == "lora" else _WEIGHTS_FILE.get(kind)
     if (needed and needed not in files) or (kind == "textual_inversion" and not token_files):
         raise AdapterLoadError(f"{path}: method {kind!r} needs {needed or 'token files'} listed in 'files' (was 'method' edited?)")
+
+
+def _check_pivot(path: Path, pivot: Any, kind: str, files: dict[str, str]) -> None:
+    """adapter.json's ``pivot`` (the Textual Inversion words a LoRA / DreamBooth trained on): absent, or every key of it,
+    with a hashed token file per token."""
+    if pivot is None:
+        return
+    if kind not in ("lora", "dreambooth"):
+        raise AdapterLoadError(f"{path}: 'pivot' words belong to a LoRA or DreamBooth export, not to method {kind!r}")
+    if not isinstance(pivot, dict) or set(pivot) != _PIVOT_KEYS:
+        raise AdapterLoadError(f"{path}: 'pivot' must be an object with exactly the keys {sorted(_PIVOT_KEYS)}, got {pivot!r}")
+    tokens, token_files, n = pivot["tokens"], pivot["token_files"], pivot["num_vectors"]
+    if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
+        raise AdapterLoadError(f"{path}: 'pivot.tokens' must be a non-empty list of strings, got {tokens!r}")
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1 or not isinstance(pivot["initializer_token"], str):
+        raise AdapterLoadError(f"{path}: 'pivot.num_vectors' must be an integer >= 1 and 'pivot.initializer_token' a string")
+    if not isinstance(token_files, dict) or sorted(token_files) != sorted(tokens) or any(f not in files for f in token_files.values()):
+        raise AdapterLoadError(f"{path}: 'pivot.token_files' must name one hashed file of 'files' per pivot token {tokens}")
 
 
 def _inside(directory: Path, name: str) -> Path:
@@ -355,6 +382,8 @@ def load_adapter(backbone: Any, adapter_dir: str | os.PathLike, trainable: bool 
     manifest = check_adapter_folder(directory)
     if backbone.adapter is not None:
         raise AdapterLoadError(f"adapter folder {directory}: the backbone already has a {backbone.adapter.kind} adapter")
+    if backbone.words is not None:
+        raise AdapterLoadError(f"adapter folder {directory}: the backbone already has pivot words {backbone.words.tokens}; load a fresh one")
     if check_base:
         current = model_fingerprint(backbone)
         if not fingerprints_match(current, manifest["base_model_fingerprint"]):
@@ -365,6 +394,8 @@ def load_adapter(backbone: Any, adapter_dir: str | os.PathLike, trainable: bool 
             )
     kind, config = manifest["method"], dict(manifest["adapter_config"])
     try:
+        if manifest.get("pivot") is not None:
+            _install_pivot(backbone, directory, manifest["pivot"])
         if kind == "dreambooth":
             _load_dreambooth(backbone, directory, config)
         else:
@@ -376,11 +407,8 @@ def load_adapter(backbone: Any, adapter_dir: str | os.PathLike, trainable: bool 
                 raise AdapterError(f"adapter_config {config} does not fit method {kind!r} ({err})") from None
             if kind == "lora":
                 formats.read_lora(adapter, backbone, directory)
-            elif kind == "textual_inversion" and backbone.family.name == "sdxl":
-                for name, vectors in formats.read_sdxl_token_files(directory, manifest["token_files"]).items():
-                    adapter.set_vectors(backbone, vectors, name)
             elif kind == "textual_inversion":
-                adapter.set_vectors(backbone, formats.read_token_files(directory, manifest["token_files"]))
+                _fill_textual_inversion(adapter, backbone, directory, manifest["token_files"])
             elif kind == "custom_diffusion":
                 formats.read_custom_diffusion(adapter, backbone, directory, manifest["token_files"])
     except (AdapterError, formats.AdapterFormatError) as err:
@@ -389,6 +417,32 @@ def load_adapter(backbone: Any, adapter_dir: str | os.PathLike, trainable: bool 
     backbone.adapter.base_fingerprint = manifest["base_model_fingerprint"]
     backbone.adapter.set_trainable(backbone, trainable)
     return manifest
+
+
+def _install_pivot(backbone: Any, directory: Path, pivot: dict[str, Any]) -> PivotWords:
+    """The export's pivot words into the backbone's vocabulary (a Textual Inversion attached, filled and baked)."""
+    adapter = attach_adapter(backbone, "textual_inversion", tokens=pivot["tokens"], initializer_token=pivot["initializer_token"],
+                             num_vectors=pivot["num_vectors"])
+    _fill_textual_inversion(adapter, backbone, directory, pivot["token_files"])
+    return bake_textual_inversion(backbone)
+
+
+def _fill_textual_inversion(adapter: Any, backbone: Any, directory: Path, token_files: dict[str, str]) -> None:
+    if backbone.family.name == "sdxl":
+        for name, vectors in formats.read_sdxl_token_files(directory, token_files).items():
+            adapter.set_vectors(backbone, vectors, name)
+    else:
+        adapter.set_vectors(backbone, formats.read_token_files(directory, token_files))
+
+
+def load_pivot(backbone: Any, adapter_dir: str | os.PathLike) -> PivotWords:
+    """A Textual Inversion export's words into `backbone`'s vocabulary, frozen, for a LoRA or DreamBooth to train on."""
+    directory = Path(adapter_dir)
+    manifest = check_adapter_folder(directory)
+    if manifest["method"] != "textual_inversion":
+        raise AdapterLoadError(f"adapter folder {directory}: pivot words come from a textual_inversion export, this one is {manifest['method']!r}")
+    load_adapter(backbone, directory)
+    return bake_textual_inversion(backbone)
 
 
 def _load_dreambooth(backbone: Any, directory: Path, config: dict[str, Any]) -> None:

@@ -5,6 +5,7 @@
 | lora | ``pytorch_lora_weights.safetensors`` (diffusers, with the LoraConfig as metadata; variants lora and dora) or ``peft_adapter_weights.safetensors`` (peft's own keys; loha, lokr); ``lora_kohya.safetensors`` (kohya / LyCORIS keys and metadata, `checkpoints.kohya`, `checkpoints.lycoris`) | ``pipe.load_lora_weights(dir)`` (lora, dora); A1111 / ComfyUI / kohya read the kohya file (`use_with` says which) |
 | textual_inversion | ``learned_embeds.safetensors`` ``{token: [n, D]}`` (one file per placeholder token: ``learned_embeds_<i>.safetensors`` after the first); ``a1111/<name>.safetensors`` ``{"emb_params": [n, D]}`` | ``pipe.load_textual_inversion(dir)``; A1111 / ComfyUI ``embeddings/`` |
 | custom_diffusion | ``pytorch_custom_diffusion_weights.safetensors`` (diffusers' ``save_attn_procs`` keys) + ``learned_embeds*.safetensors`` for the modifier tokens (+ ``a1111/``) | ``load_adapter`` (our loader), or diffusers' CustomDiffusionAttnProcessor built from the file |
+| pivot words (LoRA, DreamBooth trained on Textual Inversion words) | ``pivot/``: the words' embedding files, as textual_inversion writes them | ``pipe.load_textual_inversion(dir + "/pivot")`` before the LoRA; A1111 / ComfyUI ``embeddings/`` |
 | dreambooth | a complete diffusers pipeline folder (the export folder itself, with the base model's scheduler); ``sd_checkpoint.safetensors``: the same weights in the original SD layout (`checkpoints.sd_single_file`) | ``StableDiffusionPipeline.from_pretrained(dir)``; A1111 / ComfyUI ``checkpoints/`` |
 
 SDXL (two text encoders): the diffusers LoRA file also has ``text_encoder_2.*`` keys and the kohya file SDXL's
@@ -39,6 +40,7 @@ DIFFUSERS_VARIANTS = ("lora", "dora")  # what diffusers' load_lora_weights build
 CD_FILE = "pytorch_custom_diffusion_weights.safetensors"
 TI_FILE = "learned_embeds.safetensors"
 A1111_DIR = "a1111"
+PIVOT_DIR = "pivot"
 SINGLE_FILE = "sd_checkpoint.safetensors"
 TEXT_ENCODER_WEIGHTS = "text_encoder/model.safetensors"
 # SDXL embedding files: one tensor per text encoder, named as A1111, ComfyUI and diffusers' docs name them
@@ -80,18 +82,27 @@ def lora_consumers(variant: str) -> set[str]:
             "loha": {"a1111", "comfyui"}, "lokr": {"a1111", "comfyui"}}[variant]
 
 
-def use_with(kind: str, files: list[str], token_files: dict[str, str], consumers: set[str] | None = None) -> dict[str, list[str]]:
-    """Which files of an export each tool loads (adapter.json's ``use_with``; LoRA: `consumers` of its variant)."""
+def use_with(kind: str, files: list[str], token_files: dict[str, str], consumers: set[str] | None = None,
+             pivot_files: dict[str, str] | None = None) -> dict[str, list[str]]:
+    """Which files of an export each tool loads (adapter.json's ``use_with``; LoRA: `consumers` of its variant;
+    `pivot_files`: the pivot words' token files, loaded beside the weights, except by diffusers for DreamBooth,
+    whose pipeline folder holds the words in its tokenizer and text encoder)."""
     embeddings = sorted(token_files.values())
     a1111 = sorted(f for f in files if f.startswith(A1111_DIR + "/"))
     if kind == "lora":
         table = {"diffusers": [LORA_FILE], "a1111": [LORA_KOHYA_FILE], "comfyui": [LORA_KOHYA_FILE], "kohya": [LORA_KOHYA_FILE]}
-        return {tool: names for tool, names in table.items() if consumers is None or tool in consumers}
-    if kind == "textual_inversion":
-        return {"diffusers": embeddings, "a1111": a1111, "comfyui": a1111}
-    if kind == "custom_diffusion":  # A1111 and ComfyUI have no Custom Diffusion loader
-        return {"diffusers": [CD_FILE, *embeddings]}
-    return {"diffusers": ["model_index.json"], "a1111": [SINGLE_FILE], "comfyui": [SINGLE_FILE]}
+        table = {tool: names for tool, names in table.items() if consumers is None or tool in consumers}
+    elif kind == "textual_inversion":
+        table = {"diffusers": embeddings, "a1111": a1111, "comfyui": a1111}
+    elif kind == "custom_diffusion":  # A1111 and ComfyUI have no Custom Diffusion loader
+        table = {"diffusers": [CD_FILE, *embeddings]}
+    else:
+        table = {"diffusers": ["model_index.json"], "a1111": [SINGLE_FILE], "comfyui": [SINGLE_FILE]}
+    if pivot_files:
+        pivot_a1111 = sorted(f for f in files if f.startswith(f"{PIVOT_DIR}/{A1111_DIR}/"))
+        extra = {"diffusers": [] if kind == "dreambooth" else sorted(pivot_files.values()), "a1111": pivot_a1111, "comfyui": pivot_a1111}
+        table = {tool: [*names, *extra.get(tool, [])] for tool, names in table.items()}
+    return table
 
 
 # ----------------------------------------------------------------------------- LoRA
@@ -321,6 +332,16 @@ def read_sdxl_token_files(directory: Path, token_files: dict[str, str]) -> dict[
     return vectors
 
 
+def write_pivot_files(backbone: Any, directory: Path) -> tuple[list[str], dict[str, str]]:
+    """The pivot words' embedding files in ``<directory>/pivot/`` (names relative to `directory`)."""
+    words, target = backbone.words, directory / PIVOT_DIR
+    if backbone.family.name == "sdxl":
+        files, token_files = write_sdxl_token_files({name: words.vectors(backbone, name) for name in SDXL_EMBEDDING_KEYS}, target)
+    else:
+        files, token_files = write_token_files(words.vectors(backbone), target)
+    return [f"{PIVOT_DIR}/{f}" for f in files], {token: f"{PIVOT_DIR}/{f}" for token, f in token_files.items()}
+
+
 def read_token_files(directory: Path, token_files: dict[str, str]) -> dict[str, torch.Tensor]:
     vectors = {}
     for token, name in token_files.items():
@@ -427,6 +448,9 @@ def write_pipeline(backbone: Any, directory: Path) -> list[str]:
         write_vocab_files(directory / name.replace("text_encoder", "tokenizer"))
     single = pipeline_to_original(backbone.unet, backbone.vae, backbone.text_encoder, not sdxl and kohya.is_sd2(backbone.text_encoder.config),
                                   backbone.text_encoder_2 if sdxl else None)
+    if backbone.words is not None:  # A1111 / ComfyUI build the base vocabulary; the words go to pivot/ as embeddings
+        added = len(backbone.words.tokens) * backbone.words.num_vectors
+        single = {k: v[:-added] if k.endswith("token_embedding.weight") else v for k, v in single.items()}
     save_safetensors(single, directory / SINGLE_FILE)
     return sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file())
 

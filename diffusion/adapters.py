@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import hashlib
 import json
 import re
@@ -60,10 +61,13 @@ def model_fingerprint(backbone: Any) -> dict[str, Any]:
     ``architecture`` must match exactly; ``probe`` (values from the UNet's ``conv_in`` and time
     embedding and the text encoder's embeddings) is compared with a tolerance, so the same model
     loaded in fp32, fp16 or bf16 matches while a different checkpoint of the same shape does not.
-    Call it on a backbone without adapter (adapters change the probed modules' names or values).
+    Call it on a backbone without adapter (adapters change the probed modules' names or values); with pivot words
+    it is the fingerprint of the model before they were added.
     """
     if backbone.adapter is not None:
         raise AdapterError("model_fingerprint needs the backbone without adapter (it identifies the base model)")
+    if backbone.words is not None:
+        return backbone.words.base_fingerprint
     unet_cfg = {k: v for k, v in dict(backbone.unet.config).items() if not k.startswith("_")}
     arch_parts: dict[str, Any] = {"unet": unet_cfg}
     for name, encoder, tokenizer in backbone.family.text_encoders(backbone):
@@ -285,6 +289,12 @@ def _ensure_free(backbone: Any) -> dict[str, Any]:
     if backbone.adapter is not None:
         raise AdapterError(f"the backbone already has a {backbone.adapter.kind} adapter; load a fresh backbone for another one")
     return model_fingerprint(backbone)
+
+
+def _refuse_new_tokens_on_pivot(backbone: Any, method: str) -> None:
+    if backbone.words is not None:
+        raise AdapterError(f"{method} adds token rows of its own; it cannot train on pivot words {backbone.words.tokens} "
+                           "(pivotal tuning is for LoRA and DreamBooth)")
 
 
 # ----------------------------------------------------------------------------- LoRA
@@ -552,6 +562,7 @@ def add_textual_inversion(
     if len(words) > num_vectors:
         raise AdapterError(f"initializer token {initializer_token!r} has {len(words)} words for {num_vectors} vector(s) per token: "
                            f"set num_vectors to at least {len(words)}, or name fewer words")
+    _refuse_new_tokens_on_pivot(backbone, "Textual Inversion")
     for _, _, tokenizer in backbone.family.text_encoders(backbone):
         check_new_tokens(tokenizer, tokens, "placeholder token")
     fingerprint = _ensure_free(backbone)
@@ -562,6 +573,65 @@ def add_textual_inversion(
     backbone.adapter = adapter
     adapter.trainable_parameters(backbone)
     return adapter
+
+
+# ----------------------------------------------------------------------------- pivot words
+@dataclasses.dataclass
+class PivotWords:
+    """Textual Inversion words made part of the model's vocabulary, frozen, for a LoRA or DreamBooth to train on
+    (pivotal tuning: the word carries what the base model learned from its initializer, the adapter adds the rest).
+
+    Each token owns ``num_vectors`` rows ``tok, tok_1, ...`` appended to every text encoder's embedding table (a
+    plain resized ``nn.Embedding``, so a DreamBooth export saves them as part of the model); prompts name ``tok``
+    once and are expanded as Textual Inversion's are. `base_fingerprint` identifies the model before the words.
+    """
+
+    tokens: list[str]
+    num_vectors: int
+    initializer_token: str
+    base_fingerprint: dict[str, Any]
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The Textual Inversion config that made the words (adapter.json's ``pivot``)."""
+        return {"tokens": list(self.tokens), "initializer_token": self.initializer_token, "num_vectors": self.num_vectors}
+
+    def expand_prompt(self, prompt: str) -> str:
+        if self.num_vectors == 1:
+            return prompt
+        for tok in self.tokens:
+            prompt = prompt.replace(tok, " ".join(_expand_vectors(tok, self.num_vectors)))
+        return prompt
+
+    def vectors(self, backbone: Any, encoder: str = "text_encoder") -> dict[str, torch.Tensor]:
+        """{token: [num_vectors, D]}: the words' rows in text encoder `encoder` now (float32 on CPU; a DreamBooth
+        that trains the text encoder moves them)."""
+        tokenizer = dict((name, tok) for name, _, tok in backbone.family.text_encoders(backbone))[encoder]
+        table = _text_encoder(backbone, encoder).get_input_embeddings().weight.detach().float().cpu()
+        return {tok: table[tokenizer.convert_tokens_to_ids(_expand_vectors(tok, self.num_vectors))].clone() for tok in self.tokens}
+
+
+def bake_textual_inversion(backbone: Any) -> PivotWords:
+    """Turn the attached Textual Inversion adapter into pivot words: its rows join each text encoder's embedding table
+    (``resize_token_embeddings``), the adapter is removed, ``backbone.words`` is set and returned."""
+    adapter = backbone.adapter
+    if not isinstance(adapter, TextualInversionAdapter):
+        raise AdapterError(f"pivot words come from a Textual Inversion adapter, the backbone has {getattr(adapter, 'kind', None)!r}")
+    if backbone.words is not None:
+        raise AdapterError(f"the backbone already has pivot words {backbone.words.tokens}")
+    for _, encoder, tokenizer in backbone.family.text_encoders(backbone):
+        module = _token_module(encoder)
+        rows = module.new.detach()
+        encoder.set_input_embeddings(module.base)
+        table = encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        with torch.no_grad():
+            table.weight[module.num_base:] = rows.to(table.weight.device, table.weight.dtype)
+        table.weight.requires_grad_(False)
+    words = PivotWords(list(adapter.config["tokens"]), int(adapter.config["num_vectors"]), adapter.config["initializer_token"],
+                       adapter.base_fingerprint)
+    backbone.adapter = None
+    backbone.words = words
+    return words
 
 
 # ----------------------------------------------------------------------------- Custom Diffusion
@@ -654,6 +724,7 @@ def add_custom_diffusion(
 ) -> CustomDiffusionAdapter:
     """Make every cross-attention ``to_k/to_v`` weight (and with `train_q_out` ``to_q``, ``to_out.0``) trainable,
     and add modifier tokens initialised from `initializer_token` (one, or one per modifier token)."""
+    _refuse_new_tokens_on_pivot(backbone, "Custom Diffusion")
     tokens = [modifier_tokens] if isinstance(modifier_tokens, str) else list(modifier_tokens)
     inits = [initializer_token] * len(tokens) if isinstance(initializer_token, str) else list(initializer_token)
     if len(inits) != len(tokens):

@@ -88,6 +88,7 @@ class Backbone:
     scheduler: Any
     source: str
     adapter: Adapter | None = field(default=None)
+    words: Any = field(default=None)  # `diffusion.adapters.PivotWords`: Textual Inversion words in the vocabulary (pivotal tuning)
     sampling_scheduler: Any = field(default=None)  # the model's own scheduler (class and config), kept for exports
     text_encoder_2: Any = field(default=None)  # SDXL's second text encoder (CLIPTextModelWithProjection) and tokenizer
     tokenizer_2: Any = field(default=None)
@@ -155,10 +156,7 @@ class Backbone:
         `tokenizer`: another of the model's tokenizers (SDXL's ``tokenizer_2``); default ``tokenizer``."""
         tokenizer = self.tokenizer if tokenizer is None else tokenizer
         prompts = list(prompts)
-        expanded = prompts
-        if self.adapter is not None and hasattr(self.adapter, "expand_prompt"):
-            # multi-vector Textual Inversion: "<tok>" -> "<tok> <tok>_1 ...", as diffusers' pipelines do
-            expanded = [self.adapter.expand_prompt(p) for p in prompts]
+        expanded = [self.expand_prompt(p) for p in prompts]
         warn_if_truncated(tokenizer, prompts, expanded)
         ids = tokenizer(
             expanded,
@@ -168,6 +166,15 @@ class Backbone:
             return_tensors="pt",
         ).input_ids
         return ids.to(self.text_encoder.device)
+
+    def expand_prompt(self, prompt: str) -> str:
+        """The prompt as the tokenizer sees it: multi-vector words (pivot words, then the adapter's Textual Inversion
+        or Custom Diffusion tokens) written out as "<tok> <tok>_1 ...", as diffusers' pipelines do."""
+        if self.words is not None:
+            prompt = self.words.expand_prompt(prompt)
+        if self.adapter is not None and hasattr(self.adapter, "expand_prompt"):
+            prompt = self.adapter.expand_prompt(prompt)
+        return prompt
 
     def encode_prompt(self, prompts: Sequence[str] | torch.Tensor) -> torch.Tensor:
         """The prompts' conditioning, one tensor ``[B, L, D]`` in the family's layout (`diffusion.family`):

@@ -131,7 +131,7 @@ class Editor:
         columns = None
         if cfg.attention_mask:
             self.tokens = list(cfg.edit_tokens) if cfg.edit_tokens else edit_words(source_prompt, target_prompt)
-            expand = getattr(backbone.adapter, "expand_prompt", lambda p: p)  # multi-vector TI: as `Backbone.tokenize` sees it
+            expand = backbone.expand_prompt  # multi-vector words: as `Backbone.tokenize` sees them
             # found from the prompts' difference: only their occurrences in the differing part; user-named: every one
             differing_from = None if cfg.edit_tokens else expand(source_prompt)
             columns = token_indices(backbone.tokenizer, expand(target_prompt), self.tokens, differing_from) if self.tokens else None

@@ -300,8 +300,7 @@ class DreamSteererModule(L.LightningModule):
         # directly, so the phrase is expanded here
         self.phrase: str | None = None
         if mode_shift.guidance == GLIGEN_BOX:
-            expand = getattr(backbone.adapter, "expand_prompt", lambda p: p)
-            self.phrase = expand(mode_shift.phrase or subject_phrase(source_prompt, ref_prompt, class_token))
+            self.phrase = backbone.expand_prompt(mode_shift.phrase or subject_phrase(source_prompt, ref_prompt, class_token))
         self.ms_box: list[float] | None = None
         self.edsd_cfg, self.ms_cfg, self.mask_cfg, self.optim_cfg = edsd, mode_shift, mask, optim
         self.seed = seed

@@ -411,6 +411,7 @@ class PersonalizeModule(L.LightningModule):
                 "batch_size": int(d.batch_size),
                 "world_size": int(self.trainer.world_size) if self._trainer is not None else 1,
                 "resumes": self.resumes,
+                "pivot": OmegaConf.to_container(self.cfg.pivot) if self.backbone.words is not None else None,
             },
         }
         if d.get("concepts") is not None:  # every concept (the top-level prompts are the first one's)

@@ -344,5 +344,10 @@ def test_a_models_recipe_is_an_experiment_config_and_plain_overrides_still_win(s
         for key, value in recipe.method.items():  # each key the recipe sets reaches the method, and is not the SD default
             assert cfg.method[key] == value != default.method[key], (method, key)
         assert cfg.loss.vae_latent == "mean"  # the toy model was pretrained on posterior means
+    # DreamBooth's pivot stage learns the word with Textual Inversion's toy recipe
+    ti = OmegaConf.load(CONF_DIR / "experiment" / "toy_textual_inversion.yaml")
+    cfg = compose("personalize", overrides("dreambooth", subject_dir, tmp_path, "experiment=toy_dreambooth"))
+    assert cfg.pivot.max_steps == ti.trainer.max_steps and cfg.pivot.adapter is None
+    assert {k: cfg.pivot.method[k] for k in ti.method} == dict(ti.method) and list(cfg.pivot.method.tokens) == ["<sks>"]
     cfg = compose("personalize", overrides("lora", subject_dir, tmp_path, "experiment=toy_lora", "trainer.max_steps=3", "model=tiny"))
     assert cfg.trainer.max_steps == 3 and cfg.model.pretrained == "tiny" and list(cfg.method.target_modules)[0] == "attn2.to_k"

@@ -79,6 +79,13 @@ METHOD_SCHEMAS = {
 
 
 @dataclass
+class PivotConfig:
+    adapter: Optional[str] = None  # a textual_inversion export whose words this LoRA / DreamBooth trains on, frozen
+    max_steps: int = 0  # > 0: train the words first (Textual Inversion with `method`, this run's data) into <output_dir>/pivot
+    method: TextualInversionMethod = field(default_factory=TextualInversionMethod)
+
+
+@dataclass
 class PersonalizeTrainerConfig(TrainerConfig):
     max_steps: int = 400
     accumulate_grad_batches: int = 1
@@ -163,6 +170,7 @@ class PersonalizeConfig:
     ema: EmaConfig = field(default_factory=EmaConfig)
     compile: CompileConfig = field(default_factory=CompileConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    pivot: PivotConfig = field(default_factory=PivotConfig)
     gradient_checkpointing: bool = False
     seed: int = 0
     ckpt_path: Optional[str] = None  # "last" (this output_dir's checkpoints/last.ckpt) or a path
@@ -205,6 +213,7 @@ def validate_config(cfg: DictConfig) -> DictConfig:
             check_text_encoder_lora()
         except AdapterError as err:
             raise ConfigError(f"config key 'method.train_text_encoder': {err}") from None
+    check_pivot(cfg)
     if cfg.method.name == "custom_diffusion" and not isinstance(cfg.method.initializer_token, str):
         inits, tokens = cfg.method.initializer_token, list(cfg.method.modifier_tokens)
         if not OmegaConf.is_list(inits) or len(inits) != len(tokens) or not all(isinstance(t, str) for t in inits):
@@ -244,6 +253,57 @@ def validate_config(cfg: DictConfig) -> DictConfig:
     if cfg.validation.every_n_steps < 0 or cfg.validation.num_images < 1 or cfg.validation.steps < 1:
         raise ConfigError("config keys 'validation.every_n_steps' >= 0, 'validation.num_images' and 'validation.steps' >= 1")
     return cfg
+
+
+def uses_pivot(cfg: DictConfig) -> bool:
+    """Whether this run trains on pivot words (`pivot.adapter` given, or `pivot.max_steps` > 0)."""
+    return cfg.pivot.adapter is not None or cfg.pivot.max_steps > 0
+
+
+def check_pivot(cfg: DictConfig) -> None:
+    """The pivot keys that need no file: one source of words, for a method that keeps the vocabulary as it finds it."""
+    p = cfg.pivot
+    if p.max_steps < 0:
+        raise ConfigError(f"config key 'pivot.max_steps': {p.max_steps} must be >= 0 (0: no pivot stage)")
+    if p.adapter is not None and p.max_steps > 0:
+        raise ConfigError("config keys 'pivot.adapter' / 'pivot.max_steps': give one source of pivot words, an export to load or steps to train them")
+    if uses_pivot(cfg) and cfg.method.name not in ("lora", "dreambooth"):
+        raise ConfigError(f"config key 'pivot': pivot words are for method=lora or dreambooth (pivotal tuning); {cfg.method.name} trains words itself")
+    if p.method.name != "textual_inversion":
+        raise ConfigError(f"config key 'pivot.method.name': pivot words are trained by textual_inversion, got {p.method.name!r}")
+    if not 0 < p.method.lr <= 1:
+        raise ConfigError(f"config key 'pivot.method.lr': {p.method.lr} must lie in (0, 1]")
+
+
+def pivot_tokens(cfg: DictConfig) -> list[str]:
+    """The pivot words every instance prompt must name; `pivot.adapter` is checked here (a readable textual_inversion export)."""
+    if cfg.pivot.max_steps > 0:
+        return list(cfg.pivot.method.tokens)
+    if cfg.pivot.adapter is None:
+        return []
+    from dreamsteer.checkpoints.adapter_io import AdapterLoadError, check_adapter_folder
+
+    try:
+        manifest = check_adapter_folder(Path(cfg.pivot.adapter).expanduser())
+    except (OSError, AdapterLoadError) as err:
+        raise ConfigError(f"config key 'pivot.adapter': {err}") from None
+    if manifest["method"] != "textual_inversion":
+        raise ConfigError(f"config key 'pivot.adapter': {cfg.pivot.adapter} is a {manifest['method']} export; pivot words come from a textual_inversion one")
+    return list(manifest["tokens"])
+
+
+def pivot_stage_config(cfg: DictConfig, out: Path) -> DictConfig:
+    """The run that trains the pivot words: Textual Inversion with `pivot.method` for `pivot.max_steps` on this run's data and
+    loss, in ``<out>/pivot`` (resumed, or reused once done); no prior preservation (the prior guards the UNet's fine-tune)
+    and no separate text-encoder lr (the words are all it trains)."""
+    stage = OmegaConf.to_container(cfg, resolve=True)
+    stage["method"] = dict(stage["pivot"]["method"])
+    stage["trainer"]["max_steps"] = stage["pivot"]["max_steps"]
+    stage["pivot"] = OmegaConf.to_container(OmegaConf.structured(PivotConfig))
+    stage["loss"]["prior_preservation"] = False
+    stage["optim"]["text_encoder_lr"] = None
+    stage.update(output_dir=str(out / "pivot"), ckpt_path="last", export={"enabled": True, "dir": None})
+    return OmegaConf.create(stage)
 
 
 def check_lora_method(m: DictConfig) -> None:
@@ -286,7 +346,7 @@ def required_tokens(cfg: DictConfig) -> list[str]:
 
 # Keys a resumed run must keep (they shape the trainable state, the optimizer state or the data);
 # every other change is applied from the resume step with a warning and recorded in adapter.json.
-FIXED_ON_RESUME = ("method.", "model.pretrained", "model.single_file_config", "data.resolution", "optim.name", "optim.scheduler",
+FIXED_ON_RESUME = ("method.", "pivot.", "model.pretrained", "model.single_file_config", "data.resolution", "optim.name", "optim.scheduler",
                    "optim.text_encoder_lr", "ema.enabled", "data.buckets", "data.bucket_step")
 CHANGEABLE_ON_RESUME = ("method.lr",)
 # Where the run happens, not what it learns.
@@ -390,7 +450,8 @@ def run(cfg: DictConfig, callbacks: Sequence[Any] = ()) -> Path:
 
     cfg = validate_config(cfg)
     set_progress_bars(cfg.progress)
-    concepts = validate_subject_data(cfg.data, required_tokens(cfg), cfg.loss.prior_preservation)  # before loading a model
+    tokens = required_tokens(cfg) + pivot_tokens(cfg)
+    concepts = validate_subject_data(cfg.data, tokens, cfg.loss.prior_preservation)  # before loading a model
     if cfg.ckpt_path not in (None, "last"):  # a given checkpoint is checked before anything is written
         from dreamsteer.checkpoints.lightning import check_checkpoint_file, resolve_checkpoint
 
@@ -427,9 +488,17 @@ def _run(cfg: DictConfig, concepts: list[Concept], out: Path, export_dir: Path, 
     concepts = [replace(c, class_dir=c.class_dir or str(default)) for c, default in zip(concepts, run_folders(cfg, concepts, out, "class_images"))]
     ckpt_path, resumes = resume_point(cfg, out, owner)
 
+    pivot = Path(cfg.pivot.adapter).expanduser() if cfg.pivot.adapter is not None else None
+    if cfg.pivot.max_steps > 0:  # before this run's model is loaded: the stage loads its own
+        print(f"pivot: training the words {list(cfg.pivot.method.tokens)} first ({cfg.pivot.max_steps} steps of Textual Inversion)")
+        pivot = run(pivot_stage_config(cfg, out), callbacks)
     m = cfg.model
     # loaded on the CPU: the Trainer (trainer.accelerator / devices) moves it to each rank's device
     backbone = load_backbone(m.pretrained, m.dtype, "cpu", m.cache_dir, m.single_file_config)
+    if pivot is not None:  # before attention masks and the adapter: both see the prompts' words
+        from dreamsteer.checkpoints.adapter_io import load_pivot
+
+        load_pivot(backbone, pivot)
     resolution = check_resolution(cfg.data, backbone.vae_scale_factor, backbone.resolution)
     if cfg.data.masks == "attention":  # with the base model, before the adapter is attached
         from dreamsteer.lit_modules.subject_masks import write_attention_masks
