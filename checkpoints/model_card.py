@@ -26,6 +26,8 @@ def _diffusers_snippet(manifest: dict[str, Any], folder: str) -> str:
     else:
         lines.append(f"pipe = StableDiffusionPipeline.from_pretrained({base!r})")
     if kind == "lora" and "diffusers" in manifest.get("use_with", {}):
+        for token, name in ((manifest.get("pivot") or {}).get("token_files") or {}).items():  # the words it was trained on, first
+            lines.append(f"pipe.load_textual_inversion({folder + '/' + name!r}, token={token!r})")
         lines.append(f"pipe.load_lora_weights({folder!r})")
     elif kind == "lora":  # LoHa / LoKr: diffusers has no loader for peft's LoHa / LoKr files
         lines = ["from dreamsteer.checkpoints import load_adapter", "from dreamsteer.diffusion.backbone import load_backbone", "",
@@ -41,7 +43,10 @@ def _diffusers_snippet(manifest: dict[str, Any], folder: str) -> str:
 
 
 def _tool_steps(manifest: dict[str, Any]) -> list[str]:
-    kind, use = manifest["method"], manifest.get("use_with", {})
+    kind = manifest["method"]
+    # the pivot words' embeddings (pivot/...) are steps of their own, after the adapter's
+    use = {tool: [f for f in files if not f.startswith("pivot/")] for tool, files in manifest.get("use_with", {}).items()}
+    pivot_files = sorted({f for files in manifest.get("use_with", {}).values() for f in files if f.startswith("pivot/a1111/")})
     out = []
     if kind == "lora":
         for f in use.get("comfyui", []):
@@ -62,6 +67,10 @@ def _tool_steps(manifest: dict[str, Any]) -> list[str]:
                 f"- **AUTOMATIC1111**: copy `{f}` into `models/Stable-diffusion/` and pick it as the checkpoint."]
     else:
         out.append("- ComfyUI and AUTOMATIC1111 have no Custom Diffusion loader; use diffusers.")
+    for f in pivot_files:
+        stem = f.rsplit("/", 1)[-1].rsplit(".", 1)[0]
+        out.append(f"- The word it was trained on: copy `{f}` into the embeddings folder too (ComfyUI `models/embeddings/`, "
+                   f"`embedding:{stem}` in the prompt; AUTOMATIC1111 `embeddings/`, `{stem}`).")
     return out
 
 
@@ -81,6 +90,10 @@ def model_card(manifest: dict[str, Any], folder_name: str, samples: Sequence[tup
              f"- **Method**: {title} (`{json.dumps(manifest.get('adapter_config'), sort_keys=True)}`)"]
     if manifest.get("tokens"):
         facts.append("- **Trigger tokens**: " + ", ".join(f"`{t}`" for t in manifest["tokens"]))
+    if manifest.get("pivot"):
+        pivot = manifest["pivot"]
+        facts.append("- **Pivot words** (Textual Inversion, frozen while this adapter trained; loaded with it): "
+                     + ", ".join(f"`{t}`" for t in pivot["tokens"]) + f" ({pivot['num_vectors']} vector(s) each)")
     if manifest.get("concepts"):  # a multi-concept run: every concept's token and prompts
         facts.append(f"- **Concepts** ({len(manifest['concepts'])}, trained together):")
         for concept in manifest["concepts"]:

@@ -97,21 +97,25 @@ def test_an_adapter_trained_on_pivot_words_exports_and_reloads_them(kind, ti_exp
     assert torch.equal(_eps(reloaded), trained)
     with reloaded.adapter_disabled():  # the base model, words kept: what the words alone draw
         assert not torch.allclose(_eps(reloaded), trained)
+    from diffusers import StableDiffusionPipeline
+
     if kind == "dreambooth":  # the single file keeps the base vocabulary: A1111 builds CLIP with it, the words come as embeddings
         single = load_file(str(out / SINGLE_FILE))
         key = next(k for k in single if k.endswith("token_embedding.weight"))
         assert single[key].shape[0] == tiny_backbone.text_encoder.get_input_embeddings().weight.shape[0]
+        pipe = StableDiffusionPipeline.from_pretrained(str(out))  # the folder's tokenizer and text encoder hold the words
     else:  # diffusers' own loaders: the words (load_textual_inversion) and then the LoRA
-        from diffusers import StableDiffusionPipeline
-
         pipe = StableDiffusionPipeline.from_pretrained(str(tiny_dir))
         pipe.load_textual_inversion(str(out / "pivot"))
         pipe.load_lora_weights(str(out))
-        with torch.no_grad():
-            cond = pipe.encode_prompt([PROMPT], "cpu", 1, False)[0]  # diffusers expands "<sks>" into both vectors
-            z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
-            theirs = pipe.unet(z, torch.tensor([500]), encoder_hidden_states=cond).sample
-        assert torch.allclose(theirs, trained, atol=1e-6, rtol=0), (theirs - trained).abs().max()
+        card = (out / "README.md").read_text()  # the card's diffusers steps: the words, then the LoRA
+        assert -1 < card.index("load_textual_inversion('lora/pivot/learned_embeds.safetensors'") < card.index("load_lora_weights")
+    assert "pivot/a1111/sks.safetensors` into the embeddings folder" in (out / "README.md").read_text()
+    with torch.no_grad():
+        cond = pipe.encode_prompt([PROMPT], "cpu", 1, False)[0]  # diffusers expands "<sks>" into both vectors
+        z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+        theirs = pipe.unet(z, torch.tensor([500]), encoder_hidden_states=cond).sample
+    assert torch.allclose(theirs, trained, atol=1e-6, rtol=0), (theirs - trained).abs().max()
 
 
 def test_a_bad_pivot_entry_is_refused_before_the_model_changes(ti_export, tiny_dir, tmp_path):
