@@ -206,9 +206,10 @@ def _method_token(cfg: Any) -> str:
         return cfg.method.tokens[0]
     if cfg.method.name == "custom_diffusion":
         return cfg.method.modifier_tokens[0]
-    if cfg.pivot.max_steps > 0:  # pivotal tuning: the Textual Inversion word its pivot stage trains
-        return cfg.pivot.method.tokens[0]
-    return SUBJECT.token
+    from dreamsteer.train.personalize import pivot_tokens
+
+    words = pivot_tokens(cfg)  # pivotal tuning: the Textual Inversion word it trains on
+    return words[0] if words else SUBJECT.token
 
 
 def personalization(model: str, methods: Sequence[str], out: Path, photos: int, per_background: int, steps: int,

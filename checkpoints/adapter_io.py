@@ -395,7 +395,7 @@ def load_adapter(backbone: Any, adapter_dir: str | os.PathLike, trainable: bool 
     kind, config = manifest["method"], dict(manifest["adapter_config"])
     try:
         if manifest.get("pivot") is not None:
-            _install_pivot(backbone, directory, manifest["pivot"])
+            install_pivot(backbone, directory, manifest["pivot"])
         if kind == "dreambooth":
             _load_dreambooth(backbone, directory, config)
         else:
@@ -419,8 +419,9 @@ def load_adapter(backbone: Any, adapter_dir: str | os.PathLike, trainable: bool 
     return manifest
 
 
-def _install_pivot(backbone: Any, directory: Path, pivot: dict[str, Any]) -> PivotWords:
-    """The export's pivot words into the backbone's vocabulary (a Textual Inversion attached, filled and baked)."""
+def install_pivot(backbone: Any, directory: Path, pivot: dict[str, Any]) -> PivotWords:
+    """An export's pivot words (its checked adapter.json's ``pivot``) into the backbone's vocabulary (a Textual Inversion
+    attached, filled and baked)."""
     adapter = attach_adapter(backbone, "textual_inversion", tokens=pivot["tokens"], initializer_token=pivot["initializer_token"],
                              num_vectors=pivot["num_vectors"])
     _fill_textual_inversion(adapter, backbone, directory, pivot["token_files"])

@@ -126,6 +126,15 @@ def model_card(manifest: dict[str, Any], folder_name: str, samples: Sequence[tup
     return "\n".join(body)
 
 
+def _merged_words(record: dict[str, Any]) -> list[str]:
+    pivot = record.get("pivot")
+    if not pivot:
+        return []
+    words = ", ".join(f"`{t}`" for t in pivot["tokens"])
+    return [f"The pivot words of `{pivot['from']}` ({words}) are in this model's tokenizer and text encoder; "
+            "for A1111 / ComfyUI, whose checkpoint keeps the base vocabulary, load `pivot/a1111/` as embeddings.", ""]
+
+
 def merge_card(record: dict[str, Any], folder_name: str, single_file: str) -> str:
     """Markdown of the card of a `merge` output folder (`record`: its merge.json)."""
     base = record.get("base_model")
@@ -135,7 +144,7 @@ def merge_card(record: dict[str, Any], folder_name: str, single_file: str) -> st
         *[f"- {t}" for t in ("text-to-image", "diffusers", "stable-diffusion", "lora-merged", "dreamsteer")], "---", "",
         f"# {folder_name}: {base} with LoRAs merged in", "",
         "`W' = W + sum_i w_i * (alpha_i / r_i) * up_i @ down_i` for every layer a LoRA touches "
-        "(`python -m dreamsteer.train merge`):", "", *loras, "",
+        "(`python -m dreamsteer.train merge`):", "", *loras, "", *_merged_words(record),
         "## Use it", "", "```python", "from diffusers import StableDiffusionPipeline", "",
         f"pipe = StableDiffusionPipeline.from_pretrained({folder_name!r})", "```", "",
         f"- **ComfyUI**: copy `{single_file}` into `models/checkpoints/` and pick it in *Load Checkpoint*.",

@@ -249,3 +249,42 @@ def test_steer_and_edit_use_the_pivot_words_and_the_steered_export_keeps_them(ti
                           "source_prompt='a photo of a cat'", "target_prompt='a photo of <sks> cat'", f"output_dir={tmp_path / 'edit'}",
                           "progress=false"]))
     assert list((tmp_path / "edit").rglob("*.png"))
+
+
+def test_merge_bakes_a_pivot_lora_with_its_words(ti_export, tiny_dir, tmp_path):
+    """The merged folder holds the words in its tokenizer and text encoder: diffusers' pipeline on it predicts what our
+    backbone with the LoRA does; two exports that each carry words are refused."""
+    from diffusers import StableDiffusionPipeline
+
+    from dreamsteer.train.merge import run as merge
+
+    backbone = load_backbone(str(tiny_dir))
+    load_pivot(backbone, ti_export)
+    lora = attach_adapter(backbone, "lora", rank=2)
+    with torch.no_grad():
+        for _, p in lora.named_trainable(backbone):
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(2)))
+    trained = _eps(backbone)
+    adapter = export_adapter(backbone, tmp_path / "lora")
+    merged = merge(compose("merge", [f"model.pretrained={tiny_dir}", f"loras=[{adapter}]", f"out={tmp_path / 'merged'}"]))
+    record = json.loads((merged / "merge.json").read_text())
+    assert record["pivot"]["tokens"] == ["<sks>"] and "pivot/a1111/sks.safetensors" in record["files"]
+    pipe = StableDiffusionPipeline.from_pretrained(str(merged))
+    with torch.no_grad():
+        cond = pipe.encode_prompt([PROMPT], "cpu", 1, False)[0]
+        z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+        theirs = pipe.unet(z, torch.tensor([500]), encoder_hidden_states=cond).sample
+    assert torch.allclose(theirs, trained, atol=2e-5, rtol=0), (theirs - trained).abs().max()
+    with pytest.raises(ConfigError, match="each carry pivot words"):
+        merge(compose("merge", [f"model.pretrained={tiny_dir}", f"loras=[{adapter},{adapter}]", f"out={tmp_path / 'twice'}"]))
+
+
+def test_convert_says_where_the_words_of_a_pivot_lora_are(ti_export, tiny_dir, tmp_path, capsys):
+    from dreamsteer.train.convert import run as convert
+
+    backbone = load_backbone(str(tiny_dir))
+    load_pivot(backbone, ti_export)
+    attach_adapter(backbone, "lora", rank=2)
+    adapter = export_adapter(backbone, tmp_path / "lora")
+    convert(compose("convert", [f"model.pretrained={tiny_dir}", f"lora={adapter}", "to=kohya", f"out={tmp_path / 'k.safetensors'}"]))
+    assert "trained on the pivot words ['<sks>']; pivot/learned_embeds.safetensors" in capsys.readouterr().out

@@ -8,6 +8,7 @@ scale 1; the kohya file gets kohya's metadata (``ss_v2`` ... and the hashes).
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -92,7 +93,19 @@ def run(cfg: DictConfig) -> Path:
                 leftover.unlink()
             tmp.rmdir()
     print(f"converted {source} ({len(weights.unet)} UNet and {len(weights.text_encoder)} text-encoder modules) to {cfg.to}: {out}")
+    _note_pivot_words(source)
     return out
+
+
+def _note_pivot_words(source: Path) -> None:
+    """A converted file holds the LoRA alone: say where the words an export was trained on are."""
+    manifest = source / "adapter.json"
+    if not manifest.is_file():
+        return
+    pivot = (json.loads(manifest.read_text(encoding="utf-8")).get("pivot") or {})
+    if pivot:
+        print(f"note: {source} was trained on the pivot words {pivot['tokens']}; {', '.join(sorted(pivot['token_files'].values()))} "
+              "there hold them (diffusers: load_textual_inversion before the LoRA; A1111 / ComfyUI: pivot/a1111/ as embeddings)")
 
 
 def _module_ranks(state: dict[str, torch.Tensor]) -> dict[str, int]:

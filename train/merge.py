@@ -5,7 +5,9 @@ for every layer a LoRA touches (computed in float32, stored in the base's dtype)
 result as a diffusers pipeline folder (the base's scheduler) plus the same weights as one SD
 checkpoint (``sd_checkpoint.safetensors``) for A1111 / ComfyUI, ``merge.json`` recording the
 inputs and a model card ``README.md``. A LoRA is one of our export folders, a diffusers / peft ``.safetensors`` file, or a
-kohya / A1111 / ComfyUI file.
+kohya / A1111 / ComfyUI file. An export trained on pivot words brings them: they join the merged model's vocabulary (its
+tokenizer and text encoder) and its ``pivot/`` embedding files (for A1111 / ComfyUI, whose single file keeps the base
+vocabulary).
 """
 from __future__ import annotations
 
@@ -18,9 +20,9 @@ from typing import List, Optional
 import torch
 from omegaconf import DictConfig
 
-from dreamsteer.checkpoints.adapter_io import sha256_file
+from dreamsteer.checkpoints.adapter_io import MANIFEST, AdapterLoadError, check_adapter_folder, install_pivot, sha256_file
 from dreamsteer.checkpoints.model_card import CARD, merge_card
-from dreamsteer.checkpoints.formats import SINGLE_FILE, write_pipeline
+from dreamsteer.checkpoints.formats import SINGLE_FILE, write_pipeline, write_pivot_files
 from dreamsteer.checkpoints.lora_files import LoraWeights, lora_target_modules, read_lora, weight_delta
 from dreamsteer.data.files import fsync_dir, make_temp_dir, write_json_atomic, write_text_atomic
 from dreamsteer.diffusion.backbone import load_backbone
@@ -64,9 +66,27 @@ def _check_inputs(cfg: DictConfig) -> list[float]:
     return [float(w) for w in weights]
 
 
+def _pivot_source(cfg: DictConfig) -> tuple[Path, dict] | None:
+    """The one export among `loras` that carries pivot words, with its adapter.json's ``pivot`` (None when none does)."""
+    carrying = []
+    for path in cfg.loras:
+        folder = Path(path).expanduser()
+        if (folder / MANIFEST).is_file():
+            try:
+                manifest = check_adapter_folder(folder)
+            except (OSError, AdapterLoadError) as err:
+                raise ConfigError(f"config key 'loras': {err}") from None
+            if manifest.get("pivot"):
+                carrying.append((folder, manifest["pivot"]))
+    if len(carrying) > 1:
+        raise ConfigError(f"config key 'loras': {[str(f) for f, _ in carrying]} each carry pivot words; a merged model takes the words of one")
+    return carrying[0] if carrying else None
+
+
 def run(cfg: DictConfig) -> Path:
     cfg = validate(cfg, MergeConfig)
     weights = _check_inputs(cfg)
+    pivot = _pivot_source(cfg)
     if cfg.output_dir:
         check_output_dir(cfg.output_dir)
     target = Path(cfg.out).expanduser() if cfg.out else output_dir(cfg) / "merged"
@@ -82,15 +102,20 @@ def run(cfg: DictConfig) -> Path:
     read: list[LoraWeights] = [read_lora(Path(p).expanduser(), unet_modules, text_modules) for p in cfg.loras]
     changed_unet = bake(backbone.unet, [(lora.unet, w) for lora, w in zip(read, weights)])
     changed_text = bake(backbone.text_encoder, [(lora.text_encoder, w) for lora, w in zip(read, weights)])
+    if pivot is not None:
+        install_pivot(backbone, *pivot)
 
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = make_temp_dir(target.parent, f".{target.name}.tmp")
     try:
         files = write_pipeline(backbone, tmp)
+        if pivot is not None:
+            files += write_pivot_files(backbone, tmp)[0]
         record = {
             "base_model": backbone.source,
             "loras": [{"path": str(p), "weight": w} for p, w in zip(cfg.loras, weights)],
             "layers_changed": {"unet": changed_unet, "text_encoder": changed_text},
+            "pivot": {**backbone.words.config, "from": str(pivot[0])} if pivot is not None else None,
             "files": {name: sha256_file(tmp / name) for name in files},
         }
         write_json_atomic(record, tmp / MERGE_RECORD)
