@@ -43,13 +43,17 @@ def test_toy_world_demo_chains_the_rendered_subject_and_scene(tmp_path):
 
     cfg = compose("demo", [
         "world=toy", "model=tiny", "subject_images=2", "personalize_steps=1", "steer_steps=1", "edit_steps=1", "logger=none",
-        "scene_objects=[green square, purple circle]",
+        "scene_objects=[green square, purple circle]", "personalize_overrides=['pivot.method.initializer_token=cat']",  # a tiny-vocabulary word
         "steer_overrides=['mode_shift.n_ms=1','mode_shift.sampling_steps=2']", f"output_dir={tmp_path}",
     ])
     result = run(cfg)
     record = json.loads((tmp_path / "3_edit_steered" / "photo.json").read_text())
     assert record["source_prompt"] == "a green square and a purple circle on a cyan background"
-    assert record["target_prompt"] == f"a green square and a {SUBJECT.token} {SUBJECT.class_word} on a cyan background"
+    # toy_lora trains on its pivot word, which the target prompt and the photos' captions name
+    assert record["target_prompt"] == f"a green square and a <sks> {SUBJECT.class_word} on a cyan background"
+    assert (tmp_path / "data" / "subject" / "subject_00.txt").read_text().startswith(f"a <sks> {SUBJECT.class_word}")
+    stage = json.loads((tmp_path / "1_personalize" / "pivot" / "adapter" / "adapter.json").read_text())
+    assert stage["training_steps"] == 1  # personalize_steps bounds the pivot stage too
     assert record["params"]["guidance"] == 7.5  # the tiny model has no DDS-SM recipe: the editor's defaults
     assert sorted(p.name for p in (tmp_path / "data" / "subject").iterdir()) == ["subject_00.png", "subject_00.txt", "subject_01.png", "subject_01.txt"]
     metrics = json.loads((tmp_path / "4_evaluate" / "metrics.json").read_text())

@@ -134,7 +134,7 @@ def _run(cfg: DictConfig, out: Path, inputs_for: Callable[[DictConfig, Path], De
     adapter = _stage("personalize (LoRA)", lambda: personalize.run(compose("personalize", [
         *model, *logger, "method=lora", *([f"experiment={cfg.personalize_experiment}"] if cfg.personalize_experiment else []),
         _arg("data.instance_dir", subject_dir), _arg("data.instance_prompt", inputs.instance_prompt),
-        *([f"trainer.max_steps={cfg.personalize_steps}"] if cfg.personalize_steps is not None else []), f"seed={cfg.seed}",
+        *_step_overrides(cfg), f"seed={cfg.seed}",
         _arg("output_dir", out / "1_personalize"), f"progress={cfg.progress}", *cfg.personalize_overrides])), timings)
 
     steered = _stage("steer (DreamSteerer)", lambda: steer.run(compose("steer", [
@@ -184,6 +184,14 @@ def _run(cfg: DictConfig, out: Path, inputs_for: Callable[[DictConfig, Path], De
     return {"output_dir": out, "adapter": adapter, "steered_adapter": steered, "edits": edits, "timings": timings}
 
 
+def _step_overrides(cfg: DictConfig) -> list[str]:
+    """`personalize_steps` for the LoRA, and for the recipe's pivot stage too when it has one."""
+    if cfg.personalize_steps is None:
+        return []
+    pivot_stage = _personalize_recipe(cfg).pivot.max_steps > 0
+    return [f"trainer.max_steps={cfg.personalize_steps}", *([f"pivot.max_steps={cfg.personalize_steps}"] if pivot_stage else [])]
+
+
 def _photo_inputs(cfg: DictConfig, out: Path) -> DemoInputs:
     check_choice(cfg, "subject_photo", list(SAMPLE_PHOTOS))
     check_choice(cfg, "source_photo", list(SAMPLE_PHOTOS))
@@ -214,20 +222,39 @@ def row_scene(background: str, phrases: list[str]) -> Scene:
     return render(background, objects)
 
 
+def _personalize_recipe(cfg: DictConfig) -> DictConfig:
+    """The personalize config of the demo's recipe and overrides, without the data (to read what it trains)."""
+    return compose("personalize", ["method=lora", *([f"experiment={cfg.personalize_experiment}"] if cfg.personalize_experiment else []),
+                                   *cfg.personalize_overrides, "data.instance_dir=unused", "data.instance_prompt=unused"])
+
+
+def subject_word(cfg: DictConfig) -> str:
+    """The word naming the subject in the toy world's prompts: the personalization recipe's pivot word when it trains on
+    one (pivotal tuning, e.g. toy_lora's "<sks>"), else the subject's identifier "sks"."""
+    from dreamsteer.train.personalize import pivot_tokens
+
+    words = pivot_tokens(_personalize_recipe(cfg))
+    return words[0] if words else SUBJECT.token
+
+
 def _toy_inputs(cfg: DictConfig, out: Path) -> DemoInputs:
     """The rendered subject photos (with captions) and source scene; the first object of the subject's
-    class becomes the subject in the reference prompt: "a red circle and ..." -> "a sks circle and ..."."""
+    class becomes the subject in the reference prompt: "a red circle and ..." -> "a <word> circle and ..."
+    (`subject_word`)."""
     scene = row_scene(cfg.scene_background, list(cfg.scene_objects))
     shapes = [o.shape for o in scene.objects]
     if SUBJECT.shape not in shapes:
         raise ConfigError(f"config key 'scene_objects': needs an object of the subject's class ({SUBJECT.shape}) to steer toward")
     index = shapes.index(SUBJECT.shape)
     subject_dir = out / "data" / "subject"
-    write_subject_photos(subject_dir, cfg.subject_images, seed=cfg.seed)
+    word = subject_word(cfg)
+    write_subject_photos(subject_dir, cfg.subject_images, seed=cfg.seed, token=word)  # each photo's caption names the word
     source = save_image_atomic(scene.image, out / "data" / "source.png")
     ref_objects = [replace(o, color=SUBJECT.color, inner_color=SUBJECT.inner_color) if i == index else o for i, o in enumerate(scene.objects)]
-    return DemoInputs(subject_dir, source, cfg.instance_prompt or f"a {SUBJECT.token} {SUBJECT.class_word}",
-                      cfg.source_prompt or scene.caption, cfg.ref_prompt or make_caption(scene.background, ref_objects), scene, index)
+    subject = f"{SUBJECT.token} {SUBJECT.class_word}"
+    ref_prompt = make_caption(scene.background, ref_objects).replace(subject, f"{word} {SUBJECT.class_word}", 1)
+    return DemoInputs(subject_dir, source, cfg.instance_prompt or f"a {word} {SUBJECT.class_word}",
+                      cfg.source_prompt or scene.caption, cfg.ref_prompt or ref_prompt, scene, index)
 
 
 def _toy_evaluate(out: Path, inputs: DemoInputs) -> dict[str, dict[str, Any]]:
