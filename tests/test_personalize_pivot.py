@@ -142,9 +142,20 @@ def _cfg(subject_dir: Path, out: Path, *extra: str):
 def test_a_pivot_stage_trains_the_words_first_and_the_lora_keeps_them_frozen(subject_dir, tmp_path, tiny_dir):
     from dreamsteer.train import export as export_task
 
+    import lightning as L
+
+    class CountSteps(L.Callback):
+        def __init__(self):
+            self.modules = []
+
+        def on_train_batch_end(self, trainer, module, *args):
+            self.modules.append(module.method)
+
     out = tmp_path / "run"
     stage = ["pivot.max_steps=2", "pivot.method.num_vectors=2", "pivot.method.initializer_token=cat", "pivot.method.lr=0.05"]
-    adapter = run(_cfg(subject_dir, out, "method=lora", "method.lr=0.01", *stage))
+    counter = CountSteps()
+    adapter = run(_cfg(subject_dir, out, "method=lora", "method.lr=0.01", *stage), callbacks=[counter])
+    assert counter.modules == ["lora", "lora"]  # the caller's callbacks watch the LoRA's fit, not the stage's
     pivot = json.loads((out / "pivot" / "adapter" / "adapter.json").read_text())
     assert pivot["method"] == "textual_inversion" and pivot["training_steps"] == 2
     learned = load_file(str(out / "pivot" / "adapter" / "learned_embeds.safetensors"))["<sks>"]

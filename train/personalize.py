@@ -445,7 +445,8 @@ def build_trainer(cfg: DictConfig, out: Path, callbacks: Sequence[Any] = ()):
 
 # ----------------------------------------------------------------------------- task
 def run(cfg: DictConfig, callbacks: Sequence[Any] = ()) -> Path:
-    """Validate everything, train, export on rank 0; return the export folder. `callbacks` are extra Lightning callbacks."""
+    """Validate everything, train, export on rank 0; return the export folder. `callbacks` are extra Lightning callbacks
+    of the adapter's fit (not of a pivot stage before it)."""
     from dreamsteer.diffusion.backbone import set_progress_bars
 
     cfg = validate_config(cfg)
@@ -489,9 +490,9 @@ def _run(cfg: DictConfig, concepts: list[Concept], out: Path, export_dir: Path, 
     ckpt_path, resumes = resume_point(cfg, out, owner)
 
     pivot = Path(cfg.pivot.adapter).expanduser() if cfg.pivot.adapter is not None else None
-    if cfg.pivot.max_steps > 0:  # before this run's model is loaded: the stage loads its own
+    if cfg.pivot.max_steps > 0:  # before this run's model is loaded: the stage loads its own; `callbacks` are this fit's
         print(f"pivot: training the words {list(cfg.pivot.method.tokens)} first ({cfg.pivot.max_steps} steps of Textual Inversion)")
-        pivot = run(pivot_stage_config(cfg, out), callbacks)
+        pivot = run(pivot_stage_config(cfg, out))
     m = cfg.model
     # loaded on the CPU: the Trainer (trainer.accelerator / devices) moves it to each rank's device
     backbone = load_backbone(m.pretrained, m.dtype, "cpu", m.cache_dir, m.single_file_config)
