@@ -636,7 +636,8 @@ def _personalize_md(r: dict[str, Any], figures: str) -> list[str]:
         "per run, in whichever of `steer` and `personalize` runs first: the train s column is each method's training).",
         "",
         f"Each method's recipe (as in the DreamSteerer part) on {st['photos']} rendered subject photos with captions; at the listed steps "
-        f"(step 0: the initialized adapter) {st['per_background']} samples per background of \"a <token> circle on a <bg> background\" "
+        f"(step 0: the initialized adapter, on its recipe's pivot words where it has a pivot stage; the train s column includes "
+        f"the stage) {st['per_background']} samples per background of \"a <token> circle on a <bg> background\" "
         f"(DDIM {st['sample_steps']} steps, CFG {st['guidance']:g}). **subject** = rate of samples where the detector finds the subject; "
         "**score** = mean subject score; **bg kept** = the sample's background is the prompt's (base-prompt preservation). "
         f"Base model with `sks`: subject {_f(base['subject_rate'])}, score {_f(base['subject_score'])}, bg kept {_f(base['background_kept'])}.",
