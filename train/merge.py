@@ -103,7 +103,10 @@ def run(cfg: DictConfig) -> Path:
     changed_unet = bake(backbone.unet, [(lora.unet, w) for lora, w in zip(read, weights)])
     changed_text = bake(backbone.text_encoder, [(lora.text_encoder, w) for lora, w in zip(read, weights)])
     if pivot is not None:
-        install_pivot(backbone, *pivot)
+        try:
+            install_pivot(backbone, *pivot)
+        except ValueError as err:  # words that do not fit this model (AdapterError, AdapterFormatError)
+            raise ConfigError(f"config key 'loras': {pivot[0]}: its pivot words cannot join {cfg.model.pretrained} ({err})") from None
 
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = make_temp_dir(target.parent, f".{target.name}.tmp")
