@@ -202,13 +202,9 @@ def _subject_prompts(token: str, per_background: int) -> list[str]:
 
 def _method_token(cfg: Any) -> str:
     """The word that names the subject in the method's prompts."""
-    if cfg.method.name == "textual_inversion":
-        return cfg.method.tokens[0]
-    if cfg.method.name == "custom_diffusion":
-        return cfg.method.modifier_tokens[0]
-    from dreamsteer.train.personalize import pivot_tokens
+    from dreamsteer.train.personalize import prompt_words
 
-    words = pivot_tokens(cfg)  # pivotal tuning: the Textual Inversion word it trains on
+    words = prompt_words(cfg)  # TI / Custom Diffusion tokens, or the pivot word a LoRA / DreamBooth trains on
     return words[0] if words else SUBJECT.token
 
 

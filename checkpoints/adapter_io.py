@@ -439,9 +439,9 @@ def _fill_textual_inversion(adapter: Any, backbone: Any, directory: Path, token_
 def load_pivot(backbone: Any, adapter_dir: str | os.PathLike) -> PivotWords:
     """A Textual Inversion export's words into `backbone`'s vocabulary, frozen, for a LoRA or DreamBooth to train on."""
     directory = Path(adapter_dir)
-    manifest = check_adapter_folder(directory)
-    if manifest["method"] != "textual_inversion":
-        raise AdapterLoadError(f"adapter folder {directory}: pivot words come from a textual_inversion export, this one is {manifest['method']!r}")
+    method = read_manifest(directory)["method"]  # load_adapter checks the files' hashes
+    if method != "textual_inversion":
+        raise AdapterLoadError(f"adapter folder {directory}: pivot words come from a textual_inversion export, this one is {method!r}")
     load_adapter(backbone, directory)
     return bake_textual_inversion(backbone)
 

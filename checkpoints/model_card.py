@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 from typing import Any, Sequence
 
+from dreamsteer.checkpoints.formats import A1111_DIR, PIVOT_DIR
+
 CARD = "README.md"
 
 _TITLES = {"lora": "LoRA", "textual_inversion": "Textual Inversion", "custom_diffusion": "Custom Diffusion", "dreambooth": "DreamBooth"}
@@ -45,8 +47,8 @@ def _diffusers_snippet(manifest: dict[str, Any], folder: str) -> str:
 def _tool_steps(manifest: dict[str, Any]) -> list[str]:
     kind = manifest["method"]
     # the pivot words' embeddings (pivot/...) are steps of their own, after the adapter's
-    use = {tool: [f for f in files if not f.startswith("pivot/")] for tool, files in manifest.get("use_with", {}).items()}
-    pivot_files = sorted({f for files in manifest.get("use_with", {}).values() for f in files if f.startswith("pivot/a1111/")})
+    use = {tool: [f for f in files if not f.startswith(f"{PIVOT_DIR}/")] for tool, files in manifest.get("use_with", {}).items()}
+    pivot_files = sorted({f for files in manifest.get("use_with", {}).values() for f in files if f.startswith(f"{PIVOT_DIR}/{A1111_DIR}/")})
     out = []
     if kind == "lora":
         for f in use.get("comfyui", []):

@@ -8,7 +8,6 @@ scale 1; the kohya file gets kohya's metadata (``ss_v2`` ... and the hashes).
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -17,6 +16,7 @@ import torch
 from omegaconf import DictConfig
 
 from dreamsteer.checkpoints import formats, kohya
+from dreamsteer.checkpoints.adapter_io import MANIFEST, read_manifest
 from dreamsteer.checkpoints.lora_files import lora_target_modules, read_lora
 from dreamsteer.data.files import make_temp_dir
 from dreamsteer.diffusion.backbone import resolve_model_source
@@ -99,10 +99,9 @@ def run(cfg: DictConfig) -> Path:
 
 def _note_pivot_words(source: Path) -> None:
     """A converted file holds the LoRA alone: say where the words an export was trained on are."""
-    manifest = source / "adapter.json"
-    if not manifest.is_file():
+    if not (source / MANIFEST).is_file():
         return
-    pivot = (json.loads(manifest.read_text(encoding="utf-8")).get("pivot") or {})
+    pivot = read_manifest(source).get("pivot")
     if pivot:
         print(f"note: {source} was trained on the pivot words {pivot['tokens']}; {', '.join(sorted(pivot['token_files'].values()))} "
               "there hold them (diffusers: load_textual_inversion before the LoRA; A1111 / ComfyUI: pivot/a1111/ as embeddings)")

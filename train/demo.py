@@ -231,9 +231,9 @@ def _personalize_recipe(cfg: DictConfig) -> DictConfig:
 def subject_word(cfg: DictConfig) -> str:
     """The word naming the subject in the toy world's prompts: the personalization recipe's pivot word when it trains on
     one (pivotal tuning, e.g. toy_lora's "<sks>"), else the subject's identifier "sks"."""
-    from dreamsteer.train.personalize import pivot_tokens
+    from dreamsteer.train.personalize import prompt_words
 
-    words = pivot_tokens(_personalize_recipe(cfg))
+    words = prompt_words(_personalize_recipe(cfg))
     return words[0] if words else SUBJECT.token
 
 

@@ -41,26 +41,11 @@ def checkpoint_run_folder(path: Path) -> Path:
     return path.parent.parent if path.parent.name == "checkpoints" else path.parent
 
 
-def _backbone_with_pivot(config: dict[str, Any], run_folder: Path) -> Any:
-    """The base model with the run's pivot words (`pivot.adapter`, or the words its pivot stage trained in
-    ``<run>/pivot/adapter``); None for a run without them (the module loads the base model itself)."""
-    from dreamsteer.checkpoints.adapter_io import load_pivot
-    from dreamsteer.diffusion.backbone import load_backbone
-
-    pivot = config.get("pivot") or {}
-    if pivot.get("adapter") is None and not pivot.get("max_steps"):
-        return None
-    folder = Path(pivot["adapter"]).expanduser() if pivot.get("adapter") is not None else run_folder / "pivot" / "adapter"
-    m = config["model"]
-    backbone = load_backbone(m["pretrained"], m["dtype"], "cpu", m.get("cache_dir"), m.get("single_file_config"))
-    load_pivot(backbone, folder)
-    return backbone
-
-
 def run(cfg: DictConfig) -> Path:
     from dreamsteer.data.subject import concept_folders, resolve_concepts
     from dreamsteer.diffusion.backbone import set_progress_bars
     from dreamsteer.lit_modules.personalize import MODULES
+    from dreamsteer.train.personalize import load_base
 
     cfg = validate(cfg, ExportTaskConfig)
     set_progress_bars(cfg.progress)
@@ -89,7 +74,8 @@ def run(cfg: DictConfig) -> Path:
         **concept_folders(resolve_concepts(OmegaConf.create(config.get("data", {})))),
     })
     with output_lock(target.parent, "export"):
-        module = MODULES[method](config, _backbone_with_pivot(config, checkpoint_run_folder(source)))
+        backbone = load_base(config["model"], config.get("pivot"), checkpoint_run_folder(source))  # with the run's pivot words
+        module = MODULES[method](config, backbone)
         path = export_checkpoint(module, checkpoint, target)
     print(f"exported {method} adapter (step {checkpoint.get('global_step')}) from {checkpoint['path']} to {path}")
     return path

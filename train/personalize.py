@@ -20,6 +20,7 @@ from dreamsteer.train.lock import is_launch_rank_zero, output_lock
 from dreamsteer.train.logs import lightning_logger
 
 METHODS = ("dreambooth", "lora", "textual_inversion", "custom_diffusion")
+PIVOT_STAGE = "pivot"  # the pivot stage's run folder, inside the run's
 PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed")
 
 
@@ -292,6 +293,11 @@ def pivot_tokens(cfg: DictConfig) -> list[str]:
     return list(manifest["tokens"])
 
 
+def prompt_words(cfg: DictConfig) -> list[str]:
+    """The words every instance prompt must name: the method's own tokens (TI, Custom Diffusion), then its pivot words."""
+    return required_tokens(cfg) + pivot_tokens(cfg)
+
+
 def pivot_stage_config(cfg: DictConfig, out: Path) -> DictConfig:
     """The run that trains the pivot words: Textual Inversion with `pivot.method` for `pivot.max_steps` on this run's data and
     loss, in ``<out>/pivot`` (resumed, or reused once done); no prior preservation (the prior guards the UNet's fine-tune)
@@ -302,8 +308,30 @@ def pivot_stage_config(cfg: DictConfig, out: Path) -> DictConfig:
     stage["pivot"] = OmegaConf.to_container(OmegaConf.structured(PivotConfig))
     stage["loss"]["prior_preservation"] = False
     stage["optim"]["text_encoder_lr"] = None
-    stage.update(output_dir=str(out / "pivot"), ckpt_path="last", export={"enabled": True, "dir": None})
+    stage.update(output_dir=str(out / PIVOT_STAGE), ckpt_path="last", export={"enabled": True, "dir": None})
     return OmegaConf.create(stage)
+
+
+def pivot_folder(pivot: Any, out: Path) -> Path | None:
+    """Where a run's pivot words are (`pivot`: its config's ``pivot``; None for a run from before pivots existed):
+    `pivot.adapter`, its pivot stage's export ``<out>/pivot/adapter``, or None without pivot words."""
+    if pivot is None:
+        return None
+    if pivot.get("adapter") is not None:
+        return Path(pivot["adapter"]).expanduser()
+    return out / PIVOT_STAGE / "adapter" if pivot.get("max_steps", 0) > 0 else None
+
+
+def load_base(model: Any, pivot: Any, out: Path) -> Any:
+    """A run's base model on the CPU (the Trainer moves it to each rank's device) with its pivot words (`pivot_folder`)."""
+    from dreamsteer.checkpoints.adapter_io import load_pivot
+    from dreamsteer.diffusion.backbone import load_backbone
+
+    backbone = load_backbone(model["pretrained"], model["dtype"], "cpu", model.get("cache_dir"), model.get("single_file_config"))
+    folder = pivot_folder(pivot, out)
+    if folder is not None:
+        load_pivot(backbone, folder)
+    return backbone
 
 
 def check_lora_method(m: DictConfig) -> None:
@@ -451,8 +479,7 @@ def run(cfg: DictConfig, callbacks: Sequence[Any] = ()) -> Path:
 
     cfg = validate_config(cfg)
     set_progress_bars(cfg.progress)
-    tokens = required_tokens(cfg) + pivot_tokens(cfg)
-    concepts = validate_subject_data(cfg.data, tokens, cfg.loss.prior_preservation)  # before loading a model
+    concepts = validate_subject_data(cfg.data, prompt_words(cfg), cfg.loss.prior_preservation)  # before loading a model
     if cfg.ckpt_path not in (None, "last"):  # a given checkpoint is checked before anything is written
         from dreamsteer.checkpoints.lightning import check_checkpoint_file, resolve_checkpoint
 
@@ -481,7 +508,6 @@ def run_folders(cfg: DictConfig, concepts: Sequence[Concept], out: Path, name: s
 def _run(cfg: DictConfig, concepts: list[Concept], out: Path, export_dir: Path, owner: bool, callbacks: Sequence[Any]) -> Path:
     from dreamsteer.checkpoints.adapter_io import export_is_stale
     from dreamsteer.checkpoints.lightning import read_trimmed_checkpoint
-    from dreamsteer.diffusion.backbone import load_backbone
     from dreamsteer.lit_modules.personalize import MODULES
     from dreamsteer.train.export import export_checkpoint
 
@@ -489,17 +515,11 @@ def _run(cfg: DictConfig, concepts: list[Concept], out: Path, export_dir: Path, 
     concepts = [replace(c, class_dir=c.class_dir or str(default)) for c, default in zip(concepts, run_folders(cfg, concepts, out, "class_images"))]
     ckpt_path, resumes = resume_point(cfg, out, owner)
 
-    pivot = Path(cfg.pivot.adapter).expanduser() if cfg.pivot.adapter is not None else None
     if cfg.pivot.max_steps > 0:  # before this run's model is loaded: the stage loads its own; `callbacks` are this fit's
         print(f"pivot: training the words {list(cfg.pivot.method.tokens)} first ({cfg.pivot.max_steps} steps of Textual Inversion)")
-        pivot = run(pivot_stage_config(cfg, out))
-    m = cfg.model
-    # loaded on the CPU: the Trainer (trainer.accelerator / devices) moves it to each rank's device
-    backbone = load_backbone(m.pretrained, m.dtype, "cpu", m.cache_dir, m.single_file_config)
-    if pivot is not None:  # before attention masks and the adapter: both see the prompts' words
-        from dreamsteer.checkpoints.adapter_io import load_pivot
-
-        load_pivot(backbone, pivot)
+        run(pivot_stage_config(cfg, out))
+    # the words before attention masks and the adapter: both see the prompts' words
+    backbone = load_base(cfg.model, cfg.pivot, out)
     resolution = check_resolution(cfg.data, backbone.vae_scale_factor, backbone.resolution)
     if cfg.data.masks == "attention":  # with the base model, before the adapter is attached
         from dreamsteer.lit_modules.subject_masks import write_attention_masks
