@@ -1,10 +1,13 @@
 """`python -m train pretrain stage=<vae|unet|gligen> ...`: train the toy model from scratch.
 
-The recipe of the shipped `toy` model (docs/toy.md) is three runs of this task:
+A model is made by several runs of this task, each from the export of the one before, e.g.
 
     python -m train pretrain stage=vae output_dir=runs/vae
     python -m train pretrain stage=unet vae=runs/vae/model/vae output_dir=runs/unet
     python -m train pretrain stage=gligen init=runs/unet/model output_dir=runs/gligen
+
+and ``recipe=<toy|toy_gligen|file.yaml> output_dir=...`` runs a recorded list of them (the shipped models' own:
+``conf/recipes/``, docs/toy.md; `train/pretrain_recipe.py`).
 
 ``stage=unet init=<model>`` continues training a text-to-image model (its UNet and text encoder, from
 the weights it exported, with a new optimizer) instead of building one from scratch.
@@ -112,10 +115,13 @@ class PretrainConfig:
     seed: int = 0
     ckpt_path: Optional[str] = None  # last | path to a Lightning checkpoint
     output_dir: Optional[str] = None
+    recipe: Optional[str] = None  # toy | toy_gligen | a recipe .yaml: run its phases in output_dir instead (train/pretrain_recipe.py)
+    recipe_until: Optional[str] = None  # with recipe: stop after this phase
 
 
-def validate_config(cfg: DictConfig) -> DictConfig:
-    """Schema and value checks (ConfigError names the key), before any model is built."""
+def validate_config(cfg: DictConfig, check_folders: bool = True) -> DictConfig:
+    """Schema and value checks (ConfigError names the key), before any model is built. `check_folders=False`
+    skips the existence of `vae`, `init` and `data.folder` (a recipe's later phases read what earlier ones write)."""
     cfg = validate(cfg, PretrainConfig)
     check_common(cfg)
     check_choice(cfg, "stage", STAGES)
@@ -174,6 +180,10 @@ def validate_config(cfg: DictConfig) -> DictConfig:
         raise ConfigError(f"config key 'trainer.strategy': {t.strategy} with optim.ungrounded_p on several processes: a process whose "
                           "items all run without GLIGEN's layers gives them no gradient, which plain DDP refuses; "
                           "use trainer.strategy=ddp_find_unused_parameters_true")
+    processes = t.devices if isinstance(t.devices, int) and t.devices > 1 else 1
+    if d.source == "scenes" and t.max_steps < processes:  # the renderer makes max_steps batches, split between the processes
+        raise ConfigError(f"config key 'trainer.max_steps': {t.max_steps} batches of scenes cannot give each of the "
+                          f"{processes} processes one; train at least {processes} steps")
     if o.gate_init is not None and (cfg.stage != "gligen" or not -3 <= o.gate_init <= 3):
         raise ConfigError(f"config key 'optim.gate_init': {o.gate_init} needs stage=gligen and a value in [-3, 3] "
                           "(the gate is tanh(alpha_attn); 0.5 opens it to 0.46)")
@@ -202,6 +212,8 @@ def validate_config(cfg: DictConfig) -> DictConfig:
         raise ConfigError("config key 'optim.freeze_unet': a GLIGEN model trained from scratch (no `init`) trains its whole UNet; set it false")
     if not 0 <= a.plain_blocks < len(a.unet_channels):
         raise ConfigError(f"config key 'arch.plain_blocks': {a.plain_blocks} must be in [0, {len(a.unet_channels) - 1}] (the last block has cross-attention)")
+    if not check_folders:
+        return cfg
     for key in ("vae", "init"):
         path = cfg[key]
         if path is not None and path != "toy" and not Path(path).is_dir():
@@ -363,7 +375,11 @@ def resume_checkpoint(ckpt_path: str | None, out: Path) -> str | None:
 
 
 def run(cfg: DictConfig) -> Path:
-    """Validate, train the stage, export; returns ``<output_dir>/model``."""
+    """Validate, train the stage, export; returns ``<output_dir>/model``. With ``recipe``: run the recipe's phases."""
+    if cfg.get("recipe"):
+        from dreamsteer.train.pretrain_recipe import run_recipe
+
+        return run_recipe(cfg)
     from torch.utils.data import DataLoader
 
     from dreamsteer.checkpoints.lightning import AtomicFileCheckpointIO, step_checkpoints
