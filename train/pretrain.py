@@ -180,10 +180,6 @@ def validate_config(cfg: DictConfig, check_folders: bool = True) -> DictConfig:
         raise ConfigError(f"config key 'trainer.strategy': {t.strategy} with optim.ungrounded_p on several processes: a process whose "
                           "items all run without GLIGEN's layers gives them no gradient, which plain DDP refuses; "
                           "use trainer.strategy=ddp_find_unused_parameters_true")
-    processes = t.devices if isinstance(t.devices, int) and t.devices > 1 else 1
-    if d.source == "scenes" and t.max_steps < processes:  # the renderer makes max_steps batches, split between the processes
-        raise ConfigError(f"config key 'trainer.max_steps': {t.max_steps} batches of scenes cannot give each of the "
-                          f"{processes} processes one; train at least {processes} steps")
     if o.gate_init is not None and (cfg.stage != "gligen" or not -3 <= o.gate_init <= 3):
         raise ConfigError(f"config key 'optim.gate_init': {o.gate_init} needs stage=gligen and a value in [-3, 3] "
                           "(the gate is tanh(alpha_attn); 0.5 opens it to 0.46)")
@@ -240,8 +236,9 @@ def architecture(cfg: DictConfig):
     )
 
 
-def dataset(cfg: DictConfig, resolution: int):
-    """The training images: `cfg.trainer.max_steps` batches of random scenes, or the caption folder."""
+def dataset(cfg: DictConfig, resolution: int, processes: int = 1):
+    """The training images: `cfg.trainer.max_steps` batches of random scenes for each of `processes` (DDP splits a
+    dataset between them: each sees new scenes at every step), or the caption folder."""
     from dreamsteer.data.captioned import CaptionedFolder
     from dreamsteer.data.scenes import SceneDataset
 
@@ -250,7 +247,7 @@ def dataset(cfg: DictConfig, resolution: int):
         return CaptionedFolder(d.folder, resolution)
     # The VAE sees every pair of colors (it must reconstruct the subject); the diffusion model never
     # the subject, so that it stays new to it.
-    return SceneDataset(cfg.trainer.max_steps * d.batch_size, cfg.seed, resolution, d.min_objects, d.max_objects, d.two_tone_p,
+    return SceneDataset(cfg.trainer.max_steps * d.batch_size * processes, cfg.seed, resolution, d.min_objects, d.max_objects, d.two_tone_p,
                         d.position_words_p, d.fixed_pattern, d.fixed_pattern_cell,
                         leave_out="nothing" if cfg.stage == "vae" else d.two_tone_leave_out)
 
@@ -391,18 +388,6 @@ def run(cfg: DictConfig) -> Path:
     torch.set_num_threads(cfg.threads)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     module = build_modules(cfg)
-    data = dataset(cfg, cfg.arch.resolution)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    loader = DataLoader(
-        data,
-        batch_size=cfg.data.batch_size,
-        shuffle=cfg.data.source == "folder",  # random scenes are already in random order
-        generator=generator,
-        num_workers=cfg.data.num_workers,
-        collate_fn=collate_scenes,
-        drop_last=True,
-        persistent_workers=cfg.data.num_workers > 0,
-    )
     # the VAE's scaling factor is measured on held-out scenes (seeds past the training ones)
     scale_images = None
     if cfg.stage == "vae" and cfg.optim.train_vae_encoder:  # a decoder fine-tune keeps the latents' scale
@@ -431,6 +416,16 @@ def run(cfg: DictConfig) -> Path:
         limit_val_batches=0,
         num_sanity_val_steps=0,
         enable_model_summary=False,
+    )
+    loader = DataLoader(
+        dataset(cfg, cfg.arch.resolution, trainer.world_size),
+        batch_size=cfg.data.batch_size,
+        shuffle=cfg.data.source == "folder",  # random scenes are already in random order
+        generator=torch.Generator().manual_seed(cfg.seed),
+        num_workers=cfg.data.num_workers,
+        collate_fn=collate_scenes,
+        drop_last=True,
+        persistent_workers=cfg.data.num_workers > 0,
     )
     trainer.fit(module, train_dataloaders=loader, ckpt_path=resume_checkpoint(cfg.ckpt_path, out))
     return model_dir
