@@ -397,14 +397,14 @@ def _write_text_atomic(path: Path, text: str) -> None:
 
 # ----------------------------------------------------------------------------- torch datasets
 class SceneDataset(Dataset):
-    """`length` random scenes; item `i` is drawn from the seed ``(seed, i)``, so any item is
-    reproducible alone. Items: ``pixel_values`` [3, H, W] in [-1, 1], ``caption``, ``phrases``
+    """`length` random scenes; item `i` is drawn from the seed ``(seed, first + i)``, so any item is
+    reproducible alone (`first` > 0: the scenes after the first ones, for a resumed run). Items: ``pixel_values`` [3, H, W] in [-1, 1], ``caption``, ``phrases``
     (one per object) and ``boxes`` [N, 4] (x0, y0, x1, y1 as fractions of the side)."""
 
     def __init__(self, length: int, seed: int = 0, resolution: int = RESOLUTION, min_objects: int = MIN_OBJECTS, max_objects: int = MAX_OBJECTS,
                  two_tone_p: float = 0.0, position_words_p: float = 0.0, pattern: float = 0.0, pattern_cell: int = FIXED_PATTERN_CELL,
-                 leave_out: str = "nothing"):
-        self.length, self.seed, self.resolution = length, seed, resolution
+                 leave_out: str = "nothing", first: int = 0):
+        self.length, self.seed, self.resolution, self.first = length, seed, resolution, first
         self.min_objects, self.max_objects, self.two_tone_p = min_objects, max_objects, two_tone_p
         self.position_words_p, self.pattern, self.pattern_cell = position_words_p, pattern, pattern_cell
         self.leave_out = leave_out
@@ -413,7 +413,7 @@ class SceneDataset(Dataset):
         return self.length
 
     def __getitem__(self, index: int) -> dict:
-        scene = random_scene((self.seed, index), self.min_objects, self.max_objects, self.resolution, self.two_tone_p,
+        scene = random_scene((self.seed, self.first + index), self.min_objects, self.max_objects, self.resolution, self.two_tone_p,
                              self.position_words_p, self.pattern, self.pattern_cell, self.leave_out)
         return scene_item(scene)
 

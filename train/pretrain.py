@@ -236,9 +236,9 @@ def architecture(cfg: DictConfig):
     )
 
 
-def dataset(cfg: DictConfig, resolution: int, processes: int = 1):
-    """The training images: `cfg.trainer.max_steps` batches of random scenes for each of `processes` (DDP splits a
-    dataset between them: each sees new scenes at every step), or the caption folder."""
+def dataset(cfg: DictConfig, resolution: int, processes: int = 1, done_steps: int = 0):
+    """The training images: a batch of random scenes for each of `processes` (DDP splits a dataset between them) at
+    each step from `done_steps` (a resumed run's) to `cfg.trainer.max_steps`, each scene new; or the caption folder."""
     from dreamsteer.data.captioned import CaptionedFolder
     from dreamsteer.data.scenes import SceneDataset
 
@@ -247,9 +247,11 @@ def dataset(cfg: DictConfig, resolution: int, processes: int = 1):
         return CaptionedFolder(d.folder, resolution)
     # The VAE sees every pair of colors (it must reconstruct the subject); the diffusion model never
     # the subject, so that it stays new to it.
-    return SceneDataset(cfg.trainer.max_steps * d.batch_size * processes, cfg.seed, resolution, d.min_objects, d.max_objects, d.two_tone_p,
+    per_step = d.batch_size * processes
+    steps = max(cfg.trainer.max_steps - done_steps, 1)  # a finished run resumed: one batch, which it does not train on
+    return SceneDataset(steps * per_step, cfg.seed, resolution, d.min_objects, d.max_objects, d.two_tone_p,
                         d.position_words_p, d.fixed_pattern, d.fixed_pattern_cell,
-                        leave_out="nothing" if cfg.stage == "vae" else d.two_tone_leave_out)
+                        leave_out="nothing" if cfg.stage == "vae" else d.two_tone_leave_out, first=done_steps * per_step)
 
 
 def load_vae(folder: str, resolution: int):
@@ -358,6 +360,13 @@ class ExportCallback(Callback):
         self.write(trainer, module)
 
 
+def checkpoint_step(path: str | None) -> int:
+    """The global step a Lightning checkpoint was saved at (0 for None)."""
+    if path is None:
+        return 0
+    return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+
+
 def resume_checkpoint(ckpt_path: str | None, out: Path) -> str | None:
     """``last`` -> ``<out>/checkpoints/last.ckpt`` (None when there is none yet); a path must exist."""
     if ckpt_path is None:
@@ -417,8 +426,10 @@ def run(cfg: DictConfig) -> Path:
         num_sanity_val_steps=0,
         enable_model_summary=False,
     )
+    resume = resume_checkpoint(cfg.ckpt_path, out)
+    # a resumed run goes on with the scenes after those it trained on (Lightning would restart the dataset)
     loader = DataLoader(
-        dataset(cfg, cfg.arch.resolution, trainer.world_size),
+        dataset(cfg, cfg.arch.resolution, trainer.world_size, checkpoint_step(resume)),
         batch_size=cfg.data.batch_size,
         shuffle=cfg.data.source == "folder",  # random scenes are already in random order
         generator=torch.Generator().manual_seed(cfg.seed),
@@ -427,5 +438,5 @@ def run(cfg: DictConfig) -> Path:
         drop_last=True,
         persistent_workers=cfg.data.num_workers > 0,
     )
-    trainer.fit(module, train_dataloaders=loader, ckpt_path=resume_checkpoint(cfg.ckpt_path, out))
+    trainer.fit(module, train_dataloaders=loader, ckpt_path=resume)
     return model_dir
