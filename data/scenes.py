@@ -398,8 +398,9 @@ def _write_text_atomic(path: Path, text: str) -> None:
 # ----------------------------------------------------------------------------- torch datasets
 class SceneDataset(Dataset):
     """`length` random scenes; item `i` is drawn from the seed ``(seed, first + i)``, so any item is
-    reproducible alone (`first` > 0: the scenes after the first ones, for a resumed run). Items: ``pixel_values`` [3, H, W] in [-1, 1], ``caption``, ``phrases``
-    (one per object) and ``boxes`` [N, 4] (x0, y0, x1, y1 as fractions of the side)."""
+    reproducible alone (`first` > 0: the scenes after the first ones, for a resumed run). Items:
+    ``pixel_values`` [3, H, W] in [-1, 1], ``caption``, ``phrases`` (one per object) and ``boxes`` [N, 4]
+    (x0, y0, x1, y1 as fractions of the side)."""
 
     def __init__(self, length: int, seed: int = 0, resolution: int = RESOLUTION, min_objects: int = MIN_OBJECTS, max_objects: int = MAX_OBJECTS,
                  two_tone_p: float = 0.0, position_words_p: float = 0.0, pattern: float = 0.0, pattern_cell: int = FIXED_PATTERN_CELL,
