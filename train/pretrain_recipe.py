@@ -48,6 +48,7 @@ RECIPE_KEYS = ("recipe", "recipe_until", "output_dir")
 class Phase:
     name: str
     args: tuple[str, ...]  # `pretrain` overrides, {out} and {builtin} filled in
+    output: Path  # its output_dir
 
 
 @dataclass(frozen=True)
@@ -114,14 +115,10 @@ def load_recipe(recipe: str, out: Path) -> Recipe:
             validate_config(compose("pretrain", filled), check_folders=False)
         except (ConfigError, HydraException, OmegaConfBaseException) as err:
             raise ConfigError(f"{where} ({name}): {str(err).splitlines()[0]}") from None
-        phases.append(Phase(name, filled))
+        phases.append(Phase(name, filled, Path(phase_out)))
     if data["result"] not in {p.name for p in phases}:
         raise ConfigError(f"recipe {path}: result {data['result']!r} is not one of its phases")
     return Recipe(path, tuple(phases), data["result"], data["dtype"])
-
-
-def phase_output(phase: Phase) -> Path:
-    return Path(dict(arg.split("=", 1) for arg in phase.args)["output_dir"])
 
 
 def marker_path(out: Path, phase: Phase) -> Path:
@@ -138,7 +135,7 @@ def check_markers(out: Path, recipe: Recipe) -> None:
         if tuple(done.get("args", ())) != phase.args:
             raise ConfigError(f"recipe {recipe.source}: phase {phase.name} finished in {out} with other args "
                               f"({marker}: {shlex.join(done.get('args', []))}); use a new output_dir, or delete "
-                              f"{marker} and {phase_output(phase)} to run it again")
+                              f"{marker} and {phase.output} to run it again")
 
 
 def check_command_line(cfg: DictConfig) -> None:
@@ -154,8 +151,9 @@ def check_command_line(cfg: DictConfig) -> None:
                               f"the phases' settings are the recipe's (copy it to a .yaml file to change them)")
 
 
-def pretrain_command(phase: Phase) -> list[str]:
-    return [sys.executable, "-m", "dreamsteer.train", "pretrain", *phase.args, "ckpt_path=last"]
+def pretrain_args(phase: Phase) -> list[str]:
+    """The phase's `pretrain` command line: its args, resumed from its last checkpoint when it has one."""
+    return ["pretrain", *phase.args, "ckpt_path=last"]
 
 
 def save_result(recipe: Recipe, out: Path) -> Path:
@@ -166,7 +164,7 @@ def save_result(recipe: Recipe, out: Path) -> Path:
     from dreamsteer.diffusion.toy import save_pretrained_atomic
 
     (result,) = [p for p in recipe.phases if p.name == recipe.result]
-    export, dtype = phase_output(result) / "model", DTYPES[recipe.dtype]
+    export, dtype = result.output / "model", DTYPES[recipe.dtype]
     if not (export / "model_index.json").is_file():
         vae = AutoencoderKL.from_pretrained(export / "vae", local_files_only=True, torch_dtype=torch.float32)
         save_pretrained_atomic(vae, out / "model" / "vae", dtype)
@@ -199,17 +197,17 @@ def run_recipe(cfg: DictConfig) -> Path:
             if marker.is_file():
                 print(f"{head}: finished before ({marker}), skipped", flush=True)
             else:
-                print(f"{head}: python -m train pretrain {shlex.join([*phase.args, 'ckpt_path=last'])}", flush=True)
+                print(f"{head}: python -m train {shlex.join(pretrain_args(phase))}", flush=True)
                 start = time.time()
-                returncode = subprocess.run(pretrain_command(phase)).returncode
+                returncode = subprocess.run([sys.executable, "-m", "dreamsteer.train", *pretrain_args(phase)]).returncode
                 if returncode != 0:
                     raise TaskFailed(f"{head} exited with status {returncode}; run the recipe again to resume it "
-                                     f"from its last checkpoint in {phase_output(phase)}")
+                                     f"from its last checkpoint in {phase.output}")
                 finished = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
                 write_json_atomic({"args": list(phase.args), "wall_s": round(time.time() - start, 1), "finished": finished}, marker)
             if phase.name == cfg.recipe_until and i < len(names):
                 print(f"stopped after {phase.name} (recipe_until); the same command without it runs the rest", flush=True)
-                return phase_output(phase) / "model"
+                return phase.output / "model"
         model = save_result(recipe, out)
     print(f"the recipe's model ({recipe.dtype}): {model}", flush=True)
     return model
