@@ -6,6 +6,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -190,7 +191,37 @@ def test_a_failed_phase_stops_the_recipe_without_marking_it_done(tmp_path):
         {"name": "unet", "args": f"stage=unet vae={{out}}/missing/vae output_dir={{out}}/unet {TINY}"}]}))
     with pytest.raises(TaskFailed, match=r"phase 1/1 unet exited with status \d+; run the recipe again"):
         run_recipe(recipe, tmp_path / "out")
-    assert not (tmp_path / "out" / "phases").exists() and not (tmp_path / "out" / "model").exists()
+    assert not (tmp_path / "out" / "phases" / "unet.json").exists() and not (tmp_path / "out" / "model").exists()
+    assert json.loads((tmp_path / "out" / "phases" / "unet.partial.json").read_text())["attempts"] == 1
+
+
+def test_a_phase_records_the_time_of_every_attempt_it_took(tmp_path, monkeypatch):
+    """Two attempts cut short (a failure, then Ctrl-C), then one that finishes: the marker sums the three."""
+    recipe, out = tmp_path / "one.yaml", tmp_path / "out"
+    recipe.write_text(yaml.safe_dump({"result": "vae", "dtype": "float32", "phases": [
+        {"name": "vae", "args": f"stage=vae trainer.max_steps=2 output_dir={{out}}/vae {TINY}"}]}))
+    outcomes = iter([1, KeyboardInterrupt, 0])
+
+    def attempt(args, **kwargs):
+        time.sleep(0.3)
+        outcome = next(outcomes)
+        if outcome is KeyboardInterrupt:
+            raise KeyboardInterrupt
+        return subprocess.CompletedProcess(args, outcome)
+
+    monkeypatch.setattr(subprocess, "run", attempt)
+    monkeypatch.setattr("dreamsteer.train.pretrain_recipe.save_result", lambda recipe, out: out / "model")
+    with pytest.raises(TaskFailed):
+        run_recipe(recipe, out)
+    first = json.loads((out / "phases" / "vae.partial.json").read_text())
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(recipe, out)
+    second = json.loads((out / "phases" / "vae.partial.json").read_text())
+    run_recipe(recipe, out)
+    marker = json.loads((out / "phases" / "vae.json").read_text())
+    assert (first["attempts"], second["attempts"], marker["attempts"]) == (1, 2, 3)
+    assert 0.3 <= first["wall_s"] < second["wall_s"] < marker["wall_s"] and marker["wall_s"] >= 0.9
+    assert not (out / "phases" / "vae.partial.json").exists()
 
 
 GOOD = {"result": "a", "dtype": "float16", "phases": [{"name": "a", "args": "stage=vae output_dir={out}/a"}]}
@@ -240,3 +271,4 @@ def test_the_phases_record_their_args_and_time(toy_run):
     out, _, recipe = toy_run
     marker = json.loads((out / "phases" / "pair3.json").read_text())
     assert marker["args"] == list(load_recipe(str(recipe), out).phases[-1].args) and marker["wall_s"] > 0
+    assert marker["attempts"] == 1

@@ -14,8 +14,11 @@ export of the one before::
 ``{out}`` is the recipe's output_dir and ``{builtin}`` the folder of the built-in models. Each phase runs as its own
 process, ``python -m train pretrain <args> ckpt_path=last`` (a DDP phase launches its workers from that command
 line), so an interrupted phase resumes from its last checkpoint. A finished phase leaves
-``<output_dir>/phases/<name>.json`` (its args and wall time) and is skipped when the recipe runs again; a finished
-phase whose args have changed since is refused, before anything runs, so one folder never mixes two recipes.
+``<output_dir>/phases/<name>.json`` (its args, its wall time summed over the attempts it took, and their count) and is
+skipped when the recipe runs again; a finished phase whose args have changed since is refused, before anything runs,
+so one folder never mixes two recipes. An attempt that fails or is interrupted adds its time to
+``<output_dir>/phases/<name>.partial.json``, which the next attempt goes on from (an attempt killed outright, with
+no chance to write it, is not counted).
 ``recipe_until=<phase>`` stops after that phase (a long recipe split over several sittings).
 """
 from __future__ import annotations
@@ -125,6 +128,32 @@ def marker_path(out: Path, phase: Phase) -> Path:
     return out / "phases" / f"{phase.name}.json"
 
 
+def partial_path(out: Path, phase: Phase) -> Path:
+    """Where the time of a phase's unfinished attempts adds up."""
+    return out / "phases" / f"{phase.name}.partial.json"
+
+
+def run_phase(out: Path, phase: Phase, head: str) -> None:
+    """Run the phase's `pretrain` process; on success write its marker with the wall time of every attempt."""
+    from dreamsteer.data.files import write_json_atomic
+
+    partial = partial_path(out, phase)
+    earlier = json.loads(partial.read_text(encoding="utf-8")) if partial.is_file() else {"wall_s": 0.0, "attempts": 0}
+    start, returncode = time.time(), None
+    try:
+        returncode = subprocess.run([sys.executable, "-m", "dreamsteer.train", *pretrain_args(phase)]).returncode
+    finally:  # also on Ctrl-C: the time spent is the phase's, whether it finished or not
+        spent = {"wall_s": round(earlier["wall_s"] + time.time() - start, 1), "attempts": earlier["attempts"] + 1}
+        if returncode != 0:
+            write_json_atomic(spent, partial)
+    if returncode != 0:
+        raise TaskFailed(f"{head} exited with status {returncode}; run the recipe again to resume it "
+                         f"from its last checkpoint in {phase.output}")
+    finished = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    write_json_atomic({"args": list(phase.args), **spent, "finished": finished}, marker_path(out, phase))
+    partial.unlink(missing_ok=True)
+
+
 def check_markers(out: Path, recipe: Recipe) -> None:
     """Refuse a folder where a phase finished with other args than the recipe's now."""
     for phase in recipe.phases:
@@ -176,7 +205,6 @@ def save_result(recipe: Recipe, out: Path) -> Path:
 def run_recipe(cfg: DictConfig) -> Path:
     """Run the phases of ``cfg.recipe`` in ``cfg.output_dir`` (skipping finished ones); returns ``<output_dir>/model``,
     or the last phase run's export when ``recipe_until`` stops before the end."""
-    from dreamsteer.data.files import write_json_atomic
     from dreamsteer.train.lock import output_lock
 
     check_command_line(cfg)
@@ -198,13 +226,7 @@ def run_recipe(cfg: DictConfig) -> Path:
                 print(f"{head}: finished before ({marker}), skipped", flush=True)
             else:
                 print(f"{head}: python -m train {shlex.join(pretrain_args(phase))}", flush=True)
-                start = time.time()
-                returncode = subprocess.run([sys.executable, "-m", "dreamsteer.train", *pretrain_args(phase)]).returncode
-                if returncode != 0:
-                    raise TaskFailed(f"{head} exited with status {returncode}; run the recipe again to resume it "
-                                     f"from its last checkpoint in {phase.output}")
-                finished = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-                write_json_atomic({"args": list(phase.args), "wall_s": round(time.time() - start, 1), "finished": finished}, marker)
+                run_phase(out, phase, head)
             if phase.name == cfg.recipe_until and i < len(names):
                 print(f"stopped after {phase.name} (recipe_until); the same command without it runs the rest", flush=True)
                 return phase.output / "model"
