@@ -37,9 +37,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from dreamsteer.benchmarks.toy_floors import sampling_pipeline, save_grid
+from dreamsteer.benchmarks.toy_floors import sampling_pipeline
 from dreamsteer.data.files import write_json_atomic
-from dreamsteer.data.images import pil_to_tensor
+from dreamsteer.data.images import pil_to_tensor, save_image_grid
 from dreamsteer.data.scenes import BACKGROUND_COLORS, subject_scene
 from dreamsteer.diffusion.backbone import load_backbone
 from dreamsteer.diffusion.toy import words_not_single_tokens
@@ -178,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
               "loss_last_100": float(np.mean(losses[-100:])) if losses else None, "seconds": round(time.perf_counter() - started, 1)}
     name = f"{args.space}_{'-'.join(learn) or 'none'}"
     args.out.mkdir(parents=True, exist_ok=True)
-    save_grid(images, args.out / f"{name}.png", columns=args.per_background)
+    save_image_grid(images, args.out / f"{name}.png", columns=args.per_background)
     write_json_atomic(result, args.out / f"{name}.json")
     print(f"{args.model}: {args.space} space, {learn or 'nothing'} free in {subject_prompt(args.phrase, '<bg>')!r}: subject in "
           f"{result['subject']} of {result['samples']} ({counts}); loss {result['loss_first_100']} -> {result['loss_last_100']}")

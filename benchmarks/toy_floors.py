@@ -50,10 +50,10 @@ import torch
 from PIL import Image
 
 from dreamsteer.data.files import write_json_atomic
-from dreamsteer.data.images import save_image_atomic, tensor_to_pil
+from dreamsteer.data.images import save_image_grid, tensor_to_pil
 from dreamsteer.data.scenes import BACKGROUND_COLORS, SUBJECT, random_scene, write_subject_photos
 from dreamsteer.diffusion.reground import WIRINGS
-from dreamsteer.metrics.detector import caption_agreement, detect, in_box, summary
+from dreamsteer.metrics.detector import caption_agreement, caption_rates, detect, in_box, summary
 from dreamsteer.metrics.toy_edit import EDIT_MARGIN
 
 FLOORS_SEED = 1_000_003  # cases use seeds (FLOORS_SEED, part, i): pretraining draws (seed, index) pairs
@@ -117,17 +117,6 @@ def sample_images(backbone: Any, prompts: Sequence[str], seeds: Sequence[int], s
     return images
 
 
-def save_grid(images: Sequence[Image.Image], path: Path, columns: int = 8, min_size: int = 96) -> Path:
-    """Images side by side in rows of `columns` (2-pixel white gaps), enlarged without smoothing to at
-    least `min_size` pixels (toy images are 32 px)."""
-    size = max(images[0].size[0], min_size)
-    rows = -(-len(images) // columns)
-    canvas = Image.new("RGB", (columns * (size + 2), rows * (size + 2)), "white")
-    for i, image in enumerate(images):
-        canvas.paste(image.convert("RGB").resize((size, size), Image.Resampling.NEAREST), ((i % columns) * (size + 2), (i // columns) * (size + 2)))
-    return save_image_atomic(canvas, path)
-
-
 def _rate(flags: Sequence[bool]) -> float:
     return float(np.mean(flags)) if len(flags) else float("nan")
 
@@ -142,17 +131,12 @@ def text_to_image(model: str, n: int, out: Path, steps: int, guidance: float, se
     for caption, image in zip(captions, images):
         detection = detect(image)
         records.append({"caption": caption, "agreement": caption_agreement(detection, caption), "detection": summary(detection)})
-    save_grid(images[:32], out / "t2i_samples.png")
+    save_image_grid(images[:32], out / "t2i_samples.png")
     agree = [r["agreement"] for r in records]
-    two = [a["count"] for r, a in zip(records, agree) if len(a["colors"]) == 2]
-    colors = [c for a in agree for c in a["colors"]]
-    shapes = [s for a in agree for s in a["shapes"]]
-    rows = [
-        Floor("t2i", "background color", _rate([a["background"] for a in agree]), 0.95, n=n),
-        Floor("t2i", "object color", _rate(colors), 0.90, n=len(colors)),
-        Floor("t2i", "shape", _rate(shapes), 0.80, n=len(shapes)),
-        Floor("t2i", "count (two-object captions)", _rate(two), 0.80, n=len(two)),
-    ]
+    rates = caption_rates(agree)
+    floors = (("background", "background color", 0.95), ("color", "object color", 0.90), ("shape", "shape", 0.80),
+              ("count", "count (two-object captions)", 0.80))
+    rows = [Floor("t2i", label, rates[key][0], floor, n=rates[key][1]) for key, label, floor in floors]
     info = {"steps": steps, "guidance": guidance, "exact_rate": _rate([a["exact"] for a in agree]), "cases": records}
     return rows, info
 
@@ -182,7 +166,7 @@ def editing(model: str, n: int, out: Path, steps: int | None, seed: int = FLOORS
                         "outside_change": metrics["outside_change"], "vae_outside_error": vae, "detection": metrics["detection"]})
         if len(shown) < 32:
             shown += [case.scene.image, edited]
-    save_grid(shown, out / "edit_pairs.png")
+    save_image_grid(shown, out / "edit_pairs.png")
     vae_mean = float(np.mean(vae_outside))
     rows = [
         Floor("edit", f"color edit success (DDS, {f'experiment={recipe}' if recipe else 'its defaults'})", _rate(successes), 0.80, n=n),
@@ -229,7 +213,7 @@ def personalization(model: str, methods: Sequence[str], out: Path, photos: int, 
     seeds = [seed + i for i in range(per_background * len(BACKGROUND_COLORS))]
     base_images = sample_images(base, _subject_prompts(SUBJECT.token, per_background), seeds, steps, guidance)
     base_rate = _rate([detect(im).has_subject for im in base_images])
-    save_grid(base_images, out / "personalize_base.png")
+    save_image_grid(base_images, out / "personalize_base.png")
     rows, info = [], {"photos": photos, "samples": len(seeds), "base_rate": base_rate, "methods": {}}
     for method, cfg in configs.items():
         run_dir = Path(cfg.output_dir)
@@ -243,7 +227,7 @@ def personalization(model: str, methods: Sequence[str], out: Path, photos: int, 
         load_adapter(tuned, adapter)
         images = sample_images(tuned, _subject_prompts(token, per_background), seeds, steps, guidance)
         flags = [detect(im).has_subject for im in images]
-        save_grid(images, out / f"personalize_{method}.png")
+        save_image_grid(images, out / f"personalize_{method}.png")
         rows.append(Floor("personalize", f"{method} subject rate", _rate(flags), 0.70, n=len(flags)))
         info["methods"][method] = {"rate": _rate(flags), "token": token, "train_steps": int(cfg.trainer.max_steps),
                                    "lr": float(cfg.method.lr), "overrides": list(overrides), "train_s": round(train_s, 1),
@@ -283,7 +267,7 @@ def grounding(model: str, n: int, out: Path, seed: int = FLOORS_SEED, wiring: st
         all_hits.append(all(case))
         records.append({"caption": scene.caption, "boxes": scene.boxes.tolist(), "hits": case, "detection": summary(detection)})
         images.append(image)
-    save_grid(images[:32], out / "gligen_samples.png")
+    save_image_grid(images[:32], out / "gligen_samples.png")
     rows = [Floor("gligen", f"phrase in its box, IoU >= 0.5 ({wiring}, beta {beta:g})", _rate(hits), 0.80, n=len(hits))]
     info = {"wiring": wiring, "beta": beta, "steps": defaults.steps, "sample_rate": _rate(all_hits), "cases": records}
     return rows, info

@@ -14,7 +14,7 @@ import os
 import re
 import warnings
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -145,3 +145,19 @@ def save_image_atomic(image: Image.Image, path: str | os.PathLike) -> Path:
     with atomic_write(path) as f:
         image.save(f, format="PNG")
     return Path(path)
+
+
+def image_grid(images: Sequence[Image.Image], columns: int = 8, min_size: int = 96) -> Image.Image:
+    """Images side by side in rows of `columns` (2-pixel white gaps), enlarged without smoothing to at
+    least `min_size` pixels (toy images are 32 px)."""
+    size = max(images[0].size[0], min_size)
+    rows = -(-len(images) // columns)
+    canvas = Image.new("RGB", (columns * (size + 2), rows * (size + 2)), "white")
+    for i, image in enumerate(images):
+        canvas.paste(image.convert("RGB").resize((size, size), Image.Resampling.NEAREST), ((i % columns) * (size + 2), (i // columns) * (size + 2)))
+    return canvas
+
+
+def save_image_grid(images: Sequence[Image.Image], path: str | os.PathLike, columns: int = 8, min_size: int = 96) -> Path:
+    """`image_grid` written with `save_image_atomic`."""
+    return save_image_atomic(image_grid(images, columns, min_size), path)

@@ -366,6 +366,18 @@ def caption_agreement(detection: Detection, caption: str) -> dict[str, Any]:
     return agree
 
 
+def caption_rates(agreements: Sequence[dict[str, Any]]) -> dict[str, tuple[float, int]]:
+    """The text-to-image floor's rates over `caption_agreement` results, each as (rate, n): ``background`` over
+    captions, ``color`` and ``shape`` over caption objects, ``count`` over two-object captions (nan when n is 0)."""
+    groups = {
+        "background": [a["background"] for a in agreements],
+        "color": [c for a in agreements for c in a["colors"]],
+        "shape": [s for a in agreements for s in a["shapes"]],
+        "count": [a["count"] for a in agreements if len(a["colors"]) == 2],
+    }
+    return {name: (float(np.mean(flags)) if flags else float("nan"), len(flags)) for name, flags in groups.items()}
+
+
 def summary(detection: Detection) -> dict[str, Any]:
     """A JSON-ready description of a detection (no masks)."""
     return {

@@ -102,6 +102,15 @@ class OptimConfig:
 
 
 @dataclass
+class SamplesConfig:
+    every_n_steps: int = 0  # 0: off; N: sample images every N steps and at the end (train/pretrain_samples.py)
+    count: int = 16  # held-out scenes (data.source=folder: the folder's first images)
+    steps: int = 25  # stage unet: DDIM steps
+    guidance: float = 7.5  # stage unet: classifier-free guidance (the floors')
+    seed: int = 0  # stage unet: sample i from a generator seeded seed + i
+
+
+@dataclass
 class PretrainConfig:
     stage: str = "unet"
     vae: Optional[str] = None  # stage unet: the trained VAE folder (a stage=vae run's model/vae); stage vae: start from it; with init: replaces its VAE
@@ -111,6 +120,7 @@ class PretrainConfig:
     trainer: PretrainTrainerConfig = field(default_factory=PretrainTrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    samples: SamplesConfig = field(default_factory=SamplesConfig)
     threads: int = 1  # torch CPU threads (on a busy CPU, one thread is much faster than two)
     seed: int = 0
     ckpt_path: Optional[str] = None  # last | path to a Lightning checkpoint
@@ -208,6 +218,13 @@ def validate_config(cfg: DictConfig, check_folders: bool = True) -> DictConfig:
         raise ConfigError("config key 'optim.freeze_unet': a GLIGEN model trained from scratch (no `init`) trains its whole UNet; set it false")
     if not 0 <= a.plain_blocks < len(a.unet_channels):
         raise ConfigError(f"config key 'arch.plain_blocks': {a.plain_blocks} must be in [0, {len(a.unet_channels) - 1}] (the last block has cross-attention)")
+    sm = cfg.samples
+    if sm.every_n_steps < 0 or not 1 <= sm.count <= 64 or sm.steps < 1 or sm.guidance < 0:
+        raise ConfigError(f"config keys 'samples.*': every_n_steps {sm.every_n_steps} must be >= 0, count {sm.count} in [1, 64], "
+                          f"steps {sm.steps} >= 1 and guidance {sm.guidance} >= 0")
+    if sm.every_n_steps and cfg.stage == "gligen":
+        raise ConfigError("config key 'samples.every_n_steps': stage=gligen draws no samples (they would need each scene's phrases "
+                          "and boxes); measure a GLIGEN model with python -m dreamsteer.benchmarks.toy_floors --part gligen")
     if not check_folders:
         return cfg
     for key in ("vae", "init"):
@@ -360,6 +377,20 @@ class ExportCallback(Callback):
         self.write(trainer, module)
 
 
+def sample_callback(cfg: DictConfig, folder: Path) -> Callback:
+    """The `samples` callback: held-out toy-world scenes (the VAE's with the run's two-tone objects), or the
+    caption folder's first images."""
+    from dreamsteer.train.pretrain_samples import SampleCallback, folder_items, held_out_scenes
+
+    sm, resolution = cfg.samples, cfg.arch.resolution
+    scenes = cfg.data.source == "scenes"
+    if scenes:
+        truths, captions = held_out_scenes(sm.count, resolution, cfg.data.two_tone_p if cfg.stage == "vae" else 0.0)
+    else:
+        truths, captions = folder_items(cfg.data.folder, sm.count, resolution)
+    return SampleCallback(folder, sm.every_n_steps, truths, captions, scenes, sm.steps, sm.guidance, sm.seed)
+
+
 def checkpoint_step(path: str | None) -> int:
     """The global step a Lightning checkpoint was saved at (0 for None)."""
     if path is None:
@@ -408,6 +439,8 @@ def run(cfg: DictConfig) -> Path:
         step_checkpoints(out / "checkpoints", t.checkpoint_every_n_steps or t.max_steps),
         StepProgressBar(),
     ]
+    if cfg.samples.every_n_steps:
+        callbacks.append(sample_callback(cfg, out / "samples"))
     trainer = L.Trainer(
         accelerator=t.accelerator,
         devices=t.devices,
