@@ -63,9 +63,20 @@ METHODS = ("lora", "dreambooth", "textual_inversion", "custom_diffusion")
 EDIT_CHANGE_RATIO = 2.0  # preservation floor: outside change <= this times the VAE reconstruction error there
 
 
+def wilson_interval(rate: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson's score interval of a proportion `rate` of `n` trials (95% for z = 1.96):
+    ``(p + z^2 / 2n +- z sqrt(p (1 - p) / n + z^2 / 4n^2)) / (1 + z^2 / n)``; unlike ``p +- z sqrt(p (1 - p) / n)``
+    it stays inside [0, 1] and is not empty at p = 0 or 1."""
+    scale = 1 + z * z / n
+    center = (rate + z * z / (2 * n)) / scale
+    half = z * np.sqrt(rate * (1 - rate) / n + z * z / (4 * n * n)) / scale
+    return float(center - half), float(center + half)
+
+
 @dataclass
 class Floor:
-    """One row of the table: `value` must satisfy ``value >= floor`` (or ``<=`` when not `higher`)."""
+    """One row of the table: `value` must satisfy ``value >= floor`` (or ``<=`` when not `higher`). A `proportion`
+    (a rate of `n` cases) also gets its 95% interval: how far chance alone could move it on other cases."""
 
     part: str
     metric: str
@@ -73,10 +84,15 @@ class Floor:
     floor: float
     higher: bool = True
     n: int = 0
+    proportion: bool = True
 
     @property
     def met(self) -> bool:
         return self.value >= self.floor if self.higher else self.value <= self.floor
+
+    @property
+    def interval(self) -> tuple[float, float] | None:
+        return wilson_interval(self.value, self.n) if self.proportion and self.n and not np.isnan(self.value) else None
 
 
 class PartSkipped(Exception):
@@ -171,7 +187,7 @@ def editing(model: str, n: int, out: Path, steps: int | None, seed: int = FLOORS
     rows = [
         Floor("edit", f"color edit success (DDS, {f'experiment={recipe}' if recipe else 'its defaults'})", _rate(successes), 0.80, n=n),
         Floor("edit", f"outside change (<= {EDIT_CHANGE_RATIO:g}x VAE error {vae_mean:.2f})", float(np.mean(outside)),
-              EDIT_CHANGE_RATIO * vae_mean, higher=False, n=n),
+              EDIT_CHANGE_RATIO * vae_mean, higher=False, n=n, proportion=False),
     ]
     info = {"steps": steps, "experiment": recipe, "vae_outside_error": vae_mean, "outside_change": float(np.mean(outside)),
             "outside_change_successes": float(np.mean([c for c, s in zip(outside, successes) if s])) if any(successes) else None,
@@ -275,12 +291,13 @@ def grounding(model: str, n: int, out: Path, seed: int = FLOORS_SEED, wiring: st
 
 # ----------------------------------------------------------------------------- table
 def format_table(rows: Sequence[Floor], skipped: dict[str, str]) -> str:
-    lines = ["| part | metric | measured | floor | met | n |", "|---|---|---|---|---|---|"]
+    lines = ["| part | metric | measured | floor | met | n | 95% interval |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         floor = f"{'>=' if r.higher else '<='} {r.floor:.3g}"
-        lines.append(f"| {r.part} | {r.metric} | {r.value:.3f} | {floor} | {'yes' if r.met else 'NO'} | {r.n} |")
+        interval = f"{r.interval[0]:.2f}-{r.interval[1]:.2f}" if r.interval else ""
+        lines.append(f"| {r.part} | {r.metric} | {r.value:.3f} | {floor} | {'yes' if r.met else 'NO'} | {r.n} | {interval} |")
     for part, why in skipped.items():
-        lines.append(f"| {part} | skipped: {why} | | | | |")
+        lines.append(f"| {part} | skipped: {why} | | | | | |")
     return "\n".join(lines)
 
 
@@ -314,7 +331,7 @@ def run(parts: Sequence[str], model: str, gligen_model: str, out: Path, n: int |
         details[part]["seconds"] = round(time.perf_counter() - started, 1)
         rows += part_rows
     result = {"model": model, "recipes_of": recipes_of or model, "gligen_model": gligen_model, "seed": seed,
-              "rows": [r.__dict__ | {"met": r.met} for r in rows], "skipped": skipped, "details": details, "table": format_table(rows, skipped)}
+              "rows": [r.__dict__ | {"met": r.met, "interval": r.interval} for r in rows], "skipped": skipped, "details": details, "table": format_table(rows, skipped)}
     write_json_atomic(result, out / "floors.json")
     return result
 

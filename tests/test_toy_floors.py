@@ -32,11 +32,20 @@ needs_toy = pytest.mark.skipif(not (TOY_DIR / "model_index.json").is_file(),
 
 
 def test_floor_direction_and_table():
-    rows = [toy_floors.Floor("t2i", "shape", 0.85, 0.80), toy_floors.Floor("edit", "outside change", 3.0, 2.5, higher=False)]
+    rows = [toy_floors.Floor("t2i", "shape", 0.85, 0.80, n=20),
+            toy_floors.Floor("edit", "outside change", 3.0, 2.5, higher=False, n=50, proportion=False)]
     assert [r.met for r in rows] == [True, False]
     table = toy_floors.format_table(rows, {"gligen": "model 'toy-gligen' cannot be loaded"})
-    assert "| t2i | shape | 0.850 | >= 0.8 | yes |" in table and "| edit | outside change | 3.000 | <= 2.5 | NO |" in table
+    # 17 of 20: Wilson's 95% interval 0.640-0.948; a mean change has none
+    assert "| t2i | shape | 0.850 | >= 0.8 | yes | 20 | 0.64-0.95 |" in table
+    assert "| edit | outside change | 3.000 | <= 2.5 | NO | 50 |  |" in table
     assert "gligen | skipped: model 'toy-gligen'" in table
+
+
+@pytest.mark.parametrize("successes, n, low, high", [(42, 50, 0.7149, 0.9166), (100, 100, 0.9630, 1.0), (0, 20, 0.0, 0.1611)])
+def test_wilson_interval_matches_hand_computed_values(successes, n, low, high):
+    """Values worked out by hand from Wilson's formula (z = 1.96): e.g. 42 of 50, (0.84 + 0.0384 -+ 0.1086) / 1.0768."""
+    assert toy_floors.wilson_interval(successes / n, n) == pytest.approx((low, high), abs=2e-4)
 
 
 def test_missing_model_is_reported_as_skipped(tmp_path):
