@@ -266,6 +266,31 @@ def test_the_command_line_refuses_settings_a_recipe_would_ignore(tmp_path):
     assert not (tmp_path / "out" / "phases").exists()
 
 
+def test_sample_settings_go_to_every_phase_but_gligen_s_and_are_checked_before_anything_runs(tmp_path):
+    from dreamsteer.train.pretrain_recipe import pretrain_args
+
+    samples = ["samples.every_n_steps=500", "samples.count=8"]
+    for name in ("toy", "toy_gligen"):
+        for phase in load_recipe(name, tmp_path).phases:
+            gligen = "stage=gligen" in phase.args
+            assert pretrain_args(phase, samples) == ["pretrain", *phase.args, *([] if gligen else samples), "ckpt_path=last"]
+    # from the command line: past the check of recipe keys, refused by the first phase's settings check
+    done = subprocess.run([sys.executable, "-m", "dreamsteer.train", "pretrain", "recipe=toy", f"output_dir={tmp_path / 'out'}",
+                           "samples.every_n_steps=100", "samples.count=0"], capture_output=True, text=True)
+    assert done.returncode == 2, done.stderr
+    assert "phase 1 (vae): config keys 'samples.*'" in done.stderr and "count 0 in [1, 64]" in done.stderr
+    assert not (tmp_path / "out" / "phases").exists()
+
+
+def test_a_recipe_run_with_samples_draws_them_in_each_phase_and_records_the_recipe_s_args(tmp_path):
+    recipe, out = shrunk("toy", tmp_path, drop_phases=7), tmp_path / "sampled"
+    run_recipe(recipe, out, "samples.every_n_steps=2", "samples.count=4")
+    for phase in load_recipe(str(recipe), out).phases:
+        assert (phase.output / "samples" / "step000002.png").is_file(), phase.name
+        assert json.loads((out / "phases" / f"{phase.name}.json").read_text())["args"] == list(phase.args)
+    assert sorted(p.name for p in (out / "unet" / "samples").glob("*.json")) == [f"step{s:06d}.json" for s in (2, 4, 6, 8, 10, 11)]
+
+
 @pytest.mark.slow
 def test_the_phases_record_their_args_and_time(toy_run):
     out, _, recipe = toy_run

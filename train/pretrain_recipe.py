@@ -19,7 +19,9 @@ skipped when the recipe runs again; a finished phase whose args have changed sin
 so one folder never mixes two recipes. An attempt that fails or is interrupted adds its time to
 ``<output_dir>/phases/<name>.partial.json``, which the next attempt goes on from (an attempt killed outright, with
 no chance to write it, is not counted).
-``recipe_until=<phase>`` stops after that phase (a long recipe split over several sittings).
+``recipe_until=<phase>`` stops after that phase (a long recipe split over several sittings). ``samples.every_n_steps=N``
+(and the other ``samples.*`` keys) adds sample images to every VAE and UNet phase (train/pretrain_samples.py); they
+change no weight, so they are not part of a phase's recorded args.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import torch
 import yaml
@@ -43,8 +46,9 @@ from dreamsteer.train.config import CONF_DIR, ConfigError, TaskFailed, check_out
 
 RECIPES_DIR = CONF_DIR / "recipes"
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-# the only keys a recipe run takes from the command line: every other setting is a phase's
-RECIPE_KEYS = ("recipe", "recipe_until", "output_dir")
+# the only keys a recipe run takes from the command line: every other setting is a phase's; `samples.*` (sample
+# images, which change no weight: tests/test_pretrain_samples.py) go to every phase that draws them
+RECIPE_KEYS = ("recipe", "recipe_until", "output_dir", "samples.*")
 
 
 @dataclass(frozen=True)
@@ -74,9 +78,10 @@ def recipe_path(recipe: str) -> Path:
     raise ConfigError(f"config key 'recipe': {recipe!r} is neither a built-in recipe ({', '.join(names)}) nor a .yaml file")
 
 
-def load_recipe(recipe: str, out: Path) -> Recipe:
-    """Read and check a recipe: its keys, each phase's name and args (their pretrain settings too, except that
-    folders made by earlier phases need not exist yet). ConfigError names the file and what is wrong."""
+def load_recipe(recipe: str, out: Path, samples: Sequence[str] = ()) -> Recipe:
+    """Read and check a recipe: its keys, each phase's name and args (their pretrain settings too, with the `samples`
+    overrides it will run with, except that folders made by earlier phases need not exist yet). ConfigError names the
+    file and what is wrong."""
     from dreamsteer.diffusion.toy import builtin_model_dir
     from dreamsteer.train.pretrain import validate_config
 
@@ -115,7 +120,7 @@ def load_recipe(recipe: str, out: Path) -> Recipe:
         if Path(phase_out).parent != out:
             raise ConfigError(f"{where} ({name}): output_dir must be a folder of the recipe's own, {{out}}/<folder>")
         try:
-            validate_config(compose("pretrain", filled), check_folders=False)
+            validate_config(compose("pretrain", with_samples(filled, samples)), check_folders=False)
         except (ConfigError, HydraException, OmegaConfBaseException) as err:
             raise ConfigError(f"{where} ({name}): {str(err).splitlines()[0]}") from None
         phases.append(Phase(name, filled, Path(phase_out)))
@@ -133,7 +138,7 @@ def partial_path(out: Path, phase: Phase) -> Path:
     return out / "phases" / f"{phase.name}.partial.json"
 
 
-def run_phase(out: Path, phase: Phase, head: str) -> None:
+def run_phase(out: Path, phase: Phase, head: str, samples: Sequence[str]) -> None:
     """Run the phase's `pretrain` process; on success write its marker with the wall time of every attempt."""
     from dreamsteer.data.files import write_json_atomic
 
@@ -141,7 +146,7 @@ def run_phase(out: Path, phase: Phase, head: str) -> None:
     earlier = json.loads(partial.read_text(encoding="utf-8")) if partial.is_file() else {"wall_s": 0.0, "attempts": 0}
     start, returncode = time.time(), None
     try:
-        returncode = subprocess.run([sys.executable, "-m", "dreamsteer.train", *pretrain_args(phase)]).returncode
+        returncode = subprocess.run([sys.executable, "-m", "dreamsteer.train", *pretrain_args(phase, samples)]).returncode
     finally:  # also on Ctrl-C: the time spent is the phase's, whether it finished or not
         spent = {"wall_s": round(earlier["wall_s"] + time.time() - start, 1), "attempts": earlier["attempts"] + 1}
         if returncode != 0:
@@ -175,14 +180,27 @@ def check_command_line(cfg: DictConfig) -> None:
         return
     for override in HydraConfig.get().overrides.task:
         key = override.lstrip("+~").partition("=")[0]
-        if key not in RECIPE_KEYS:
+        if key not in RECIPE_KEYS and not key.startswith("samples."):
             raise ConfigError(f"config key '{key}': a recipe run takes only {', '.join(RECIPE_KEYS)}; "
                               f"the phases' settings are the recipe's (copy it to a .yaml file to change them)")
 
 
-def pretrain_args(phase: Phase) -> list[str]:
-    """The phase's `pretrain` command line: its args, resumed from its last checkpoint when it has one."""
-    return ["pretrain", *phase.args, "ckpt_path=last"]
+def sample_args(cfg: DictConfig) -> list[str]:
+    """The command line's `samples.*` settings as overrides (none when sampling is off)."""
+    if not cfg.samples.every_n_steps:
+        return []
+    return [f"samples.{key}={value}" for key, value in cfg.samples.items()]
+
+
+def with_samples(args: Sequence[str], samples: Sequence[str]) -> list[str]:
+    """A phase's `args` and the `samples` overrides, unless it is a GLIGEN phase (which draws none)."""
+    stage = dict(arg.split("=", 1) for arg in args).get("stage", "unet")
+    return [*args, *(samples if stage != "gligen" else ())]
+
+
+def pretrain_args(phase: Phase, samples: Sequence[str] = ()) -> list[str]:
+    """The phase's `pretrain` command line: `with_samples` of its args, resumed from its last checkpoint when it has one."""
+    return ["pretrain", *with_samples(phase.args, samples), "ckpt_path=last"]
 
 
 def save_result(recipe: Recipe, out: Path) -> Path:
@@ -212,7 +230,8 @@ def run_recipe(cfg: DictConfig) -> Path:
         raise ConfigError("config key 'output_dir': a recipe run needs the folder its phases write to")
     check_output_dir(cfg.output_dir)
     out = Path(cfg.output_dir).expanduser().absolute()
-    recipe = load_recipe(cfg.recipe, out)
+    samples = sample_args(cfg)
+    recipe = load_recipe(cfg.recipe, out, samples)
     names = [p.name for p in recipe.phases]
     if cfg.recipe_until is not None and cfg.recipe_until not in names:
         raise ConfigError(f"config key 'recipe_until': {cfg.recipe_until!r} is not a phase of {recipe.source} ({', '.join(names)})")
@@ -225,8 +244,8 @@ def run_recipe(cfg: DictConfig) -> Path:
             if marker.is_file():
                 print(f"{head}: finished before ({marker}), skipped", flush=True)
             else:
-                print(f"{head}: python -m train {shlex.join(pretrain_args(phase))}", flush=True)
-                run_phase(out, phase, head)
+                print(f"{head}: python -m train {shlex.join(pretrain_args(phase, samples))}", flush=True)
+                run_phase(out, phase, head, samples)
             if phase.name == cfg.recipe_until and i < len(names):
                 print(f"stopped after {phase.name} (recipe_until); the same command without it runs the rest", flush=True)
                 return phase.output / "model"
