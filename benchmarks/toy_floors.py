@@ -70,7 +70,7 @@ def wilson_interval(rate: float, n: int, z: float = 1.96) -> tuple[float, float]
     scale = 1 + z * z / n
     center = (rate + z * z / (2 * n)) / scale
     half = z * np.sqrt(rate * (1 - rate) / n + z * z / (4 * n * n)) / scale
-    return float(center - half), float(center + half)
+    return max(0.0, float(center - half)), min(1.0, float(center + half))  # rounding aside, already inside [0, 1]
 
 
 @dataclass
