@@ -70,6 +70,31 @@ def test_unet_samples_are_read_by_the_detector_and_leave_the_training_as_it_was(
     assert logged["background"] >= 0.9 and logged["color"] >= 0.8  # a model that draws its captions
 
 
+def test_folder_samples_are_its_first_images_with_no_detector_numbers(tmp_path, capsys):
+    """data.source=folder: the truth row is the folder's first images in its order, the captions theirs; the VAE's
+    error is still measured, the UNet's samples get no detector rates (the detector reads only the toy world)."""
+    from PIL import Image
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    colors = {"c.png": (0, 0, 255), "a.png": (255, 0, 0), "b.png": (0, 255, 0)}  # listed a, b, c
+    for name, color in colors.items():
+        Image.new("RGB", (32, 32), color).save(folder / name)
+        (folder / name).with_suffix(".txt").write_text(f"photo {name[0]}")
+    data = ["data.source=folder", f"data.folder={folder}", "samples.every_n_steps=1", "samples.count=2", "trainer.max_steps=1"]
+    vae = _run("vae", tmp_path / "vae", *data)
+    logged = _numbers(tmp_path / "vae")[1]
+    assert logged["captions"] == ["photo a", "photo b"] and set(logged) == {"step", "recon_error", "captions"}
+    grid = np.asarray(Image.open(tmp_path / "vae" / "samples" / "step000001.png"))
+    cell = 96 + 2  # image_grid enlarges 16 px to 96, with 2-pixel gaps; the truths are the first row
+    assert tuple(grid[48, 48]) == (255, 0, 0) and tuple(grid[48, cell + 48]) == (0, 255, 0)
+
+    _run("unet", tmp_path / "unet", f"vae={vae / 'vae'}", *data)
+    logged = _numbers(tmp_path / "unet")[1]
+    assert set(logged) == {"step", "captions"} and logged["captions"] == ["photo a", "photo b"]
+    assert "step 1 samples (2): written" in "".join(capsys.readouterr())
+
+
 def test_held_out_scenes_are_none_a_training_run_draws():
     """Their keys (SAMPLE_SCENES_SEED, 0, i + 1) are not the (seed, i) of a run's training scenes, even a run seeded alike
     (numpy's seeding drops trailing zeros: (s, 0, 0) is (s, 0))."""
