@@ -74,7 +74,7 @@ def test_the_built_in_recipes_are_the_documented_phases():
     """conf/recipes/*.yaml hold docs/toy.md's tables: the same phases in the same order, each command's settings."""
     docs = (Path(__file__).resolve().parent.parent / "docs" / "toy.md").read_text()
     out = Path("/runs").absolute()
-    for recipe, count, result in (("toy", 10, "pair3"), ("toy_gligen", 5, "gligen5")):
+    for recipe, count, result in (("toy", 10, "pair3"), ("toy2", 2, "unet"), ("toy_gligen", 5, "gligen5")):
         loaded = load_recipe(recipe, out)
         assert len(loaded.phases) == count and loaded.result == result and loaded.dtype == "float16"
         for phase in loaded.phases:  # every setting of a phase is in the docs' table (paths aside)
@@ -108,6 +108,19 @@ def test_the_toy_recipe_runs_every_phase_from_the_one_before_and_saves_the_last_
         assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)
     backbone = load_backbone(str(model))
     assert backbone.resolution == 16
+
+
+def test_the_toy2_recipe_trains_the_unet_on_its_own_vae_and_saves_it_in_fp16(tmp_path):
+    """Both phases from scratch (DDP), shrunk: the result is the UNet phase's export, with phase 1's VAE."""
+    out = tmp_path / "toy2"
+    model = run_recipe(shrunk("toy2", tmp_path), out)
+    assert model == out / "model" and sorted(p.stem for p in (out / "phases").glob("*.json")) == ["unet", "vae"]
+    for part, phase in (("unet", "unet"), ("text_encoder", "unet"), ("vae", "vae")):
+        saved, exported = weights(model / part), weights(out / phase / "model" / part)
+        assert saved.keys() == exported.keys()
+        assert all(saved[k].dtype == torch.float16 and torch.equal(saved[k], exported[k].half()) for k in saved)
+    args = json.loads((out / "phases" / "unet.json").read_text())["args"]
+    assert f"vae={out.absolute() / 'vae' / 'model' / 'vae'}" in args
 
 
 @pytest.mark.slow
@@ -252,7 +265,7 @@ def test_a_bad_recipe_is_refused_naming_the_file_before_anything_runs(tmp_path, 
 
 def test_unknown_recipe_and_phase_names_are_refused(tmp_path, monkeypatch):
     no_subprocess(monkeypatch)
-    with pytest.raises(ConfigError, match=r"'recipe': 'toyy' is neither a built-in recipe \(toy, toy_gligen\)"):
+    with pytest.raises(ConfigError, match=r"'recipe': 'toyy' is neither a built-in recipe \(toy, toy2, toy_gligen\)"):
         run_recipe("toyy", tmp_path / "out")
     with pytest.raises(ConfigError, match=r"'recipe_until': 'pair4' is not a phase of .*toy.yaml"):
         run_recipe("toy", tmp_path / "out", "recipe_until=pair4")
