@@ -1,7 +1,7 @@
 """`train pretrain recipe=...`: the shipped models' recorded recipes, run again phase by phase (train/pretrain_recipe.py).
 
 The built-in recipes run here with their sizes and steps shrunk, each phase a real `pretrain` process: toy's first
-three phases (two of them DDP) by default, both recipes end to end in the slow tests (`make test-all`)."""
+three phases (two of them DDP) and toy2 end to end by default, toy and toy_gligen end to end in the slow tests (`make test-all`)."""
 import json
 import re
 import subprocess
