@@ -58,6 +58,13 @@ def weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(next(folder.glob("*.safetensors")))
 
 
+def assert_fp16_copy(saved_folder: Path, exported_folder: Path) -> None:
+    """The recipe's saved result is the phase's export, every tensor of it cast to fp16."""
+    saved, exported = weights(saved_folder), weights(exported_folder)
+    assert saved.keys() == exported.keys()
+    assert all(saved[k].dtype == torch.float16 and torch.equal(saved[k], exported[k].half()) for k in saved)
+
+
 def step(checkpoint: Path) -> int:
     return torch.load(checkpoint, map_location="cpu", weights_only=False)["global_step"]
 
@@ -96,9 +103,7 @@ def test_the_toy_recipe_runs_every_phase_from_the_one_before_and_saves_the_last_
     assert step(out / "unet" / "checkpoints" / "last.ckpt") == 11  # phases 2 and 3 in one folder (resumed: below)
     # the result is pair3's export in fp16, and its VAE is phase 6's (the flat-background VAE), not phase 1's
     for part in ("unet", "text_encoder", "vae"):
-        saved, exported = weights(model / part), weights(out / "pair3" / "model" / part)
-        assert saved.keys() == exported.keys()
-        assert all(saved[k].dtype == torch.float16 and torch.equal(saved[k], exported[k].half()) for k in saved)
+        assert_fp16_copy(model / part, out / "pair3" / "model" / part)
     flat, first = weights(out / "vae_flat" / "model" / "vae"), weights(out / "vae" / "model" / "vae")
     assert all(torch.equal(weights(model / "vae")[k], flat[k].half()) for k in flat)
     assert any(not torch.equal(flat[k], first[k]) for k in flat)
@@ -116,9 +121,7 @@ def test_the_toy2_recipe_trains_the_unet_on_its_own_vae_and_saves_it_in_fp16(tmp
     model = run_recipe(shrunk("toy2", tmp_path), out)
     assert model == out / "model" and sorted(p.stem for p in (out / "phases").glob("*.json")) == ["unet", "vae"]
     for part, phase in (("unet", "unet"), ("text_encoder", "unet"), ("vae", "vae")):
-        saved, exported = weights(model / part), weights(out / phase / "model" / part)
-        assert saved.keys() == exported.keys()
-        assert all(saved[k].dtype == torch.float16 and torch.equal(saved[k], exported[k].half()) for k in saved)
+        assert_fp16_copy(model / part, out / phase / "model" / part)
     args = json.loads((out / "phases" / "unet.json").read_text())["args"]
     assert f"vae={out.absolute() / 'vae' / 'model' / 'vae'}" in args
 
