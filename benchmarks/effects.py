@@ -672,8 +672,11 @@ SECTIONS: dict[str, tuple[str, Callable[[dict[str, Any], str], list[str]]]] = {
 }
 
 
-def render_markdown(results: dict[str, Any], figures: str = "effects", numbers: str = "effects.json") -> str:
-    """The markdown of `results`; `figures` (the figures' folder) and `numbers` (the JSON) as linked from the markdown's folder."""
+def render_markdown(results: dict[str, Any], figures: str = "effects", numbers: str = "effects.json",
+                    weights_now: dict[str, str] | None = None) -> str:
+    """The markdown of `results`; `figures` (the figures' folder) and `numbers` (the JSON) as linked from the markdown's folder.
+    `weights_now` (part -> the sha256 its model's weights have now) marks the parts measured on other weights."""
+    weights_now = weights_now or {}
     lines = [
         "# The papers' claims in miniature: measured effects on the toy world",
         "",
@@ -685,23 +688,34 @@ def render_markdown(results: dict[str, Any], figures: str = "effects", numbers: 
         "these numbers say what each method does on this world, not how well it works on Stable Diffusion. Small n: "
         "a difference of one or two cases is noise.",
         "",
-        "| part | status | wall time | CPU time | n (cases per kind / scenes / captions / photos) |", "|---|---|---|---|---|",
+        "| part | status | weights (sha256) | wall time | CPU time | n (cases per kind / scenes / captions / photos) |",
+        "|---|---|---|---|---|---|",
     ]
+    stale = []
     for part in PARTS:
         r = results.get("parts", {}).get(part)
         if r is None:
-            lines.append(f"| {part} | not run | | | |")
+            lines.append(f"| {part} | not run | | | | |")
         elif "skipped" in r:
-            lines.append(f"| {part} | skipped: {r['skipped']} | | | |")
+            lines.append(f"| {part} | skipped: {r['skipped']} | | | | |")
         else:
             n = r["settings"].get(f"n_{part}", r["settings"]["photos"])
-            lines.append(f"| {part} | measured {r.get('finished', '')} | {_f(r['seconds'], 0)} s | {_f(r.get('cpu_seconds'), 0)} s | {n} |")
+            weights = r.get("weights", "?")
+            if part in weights_now and weights != weights_now[part]:
+                stale.append(part)
+                weights = f"{weights}: **not the model's weights now** ({weights_now[part]})"
+            lines.append(f"| {part} | measured {r.get('finished', '')} | {weights} | {_f(r['seconds'], 0)} s | "
+                         f"{_f(r.get('cpu_seconds'), 0)} s | {n} |")
     machine = results.get("machine", {})
     lines += ["", f"Model: `{results.get('model', 'toy')}` (weights sha256 `{results.get('weights', '?')}`); machine: "
               f"{machine.get('cpus', '?')} CPU cores, load average {machine.get('load', '?')} at the start of the last run. "
               "Wall times are those of that machine (on a shared CPU they are inflated); CPU time is the user + system time of "
               "the benchmark and its worker processes, one thread each: on an idle 2-core CPU a part takes about its CPU time, "
-              "the edit jobs half of it with `--workers 2`.", ""]
+              "the edit jobs half of it with `--workers 2`."]
+    if stale:
+        lines += ["", f"**Measured on earlier weights**: {', '.join(stale)}. Such a part says what those weights did, not what the "
+                  "model does now; `--part " + " ".join(stale) + "` measures it again."]
+    lines += [""]
     for part, (title, render_part) in SECTIONS.items():
         r = results.get("parts", {}).get(part)
         lines += [f"## {title}", ""]
@@ -752,11 +766,13 @@ def run(parts: Sequence[str], settings: Settings, md: Path, json_path: Path, fig
         result["cpu_seconds"] = round(_cpu_seconds() - cpu, 1)
         result["finished"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
         result["settings"] = asdict(settings)
+        result.setdefault("weights", _weights_id(settings.model))  # reground's are its GLIGEN model's
         results["parts"][part] = result
         print(f"{part}: {result['seconds']:.0f} s")
         results = _merge(json_path, results, part)  # a later part's failure keeps this one
     results = _merge(json_path, results)
-    write_text_atomic(render_markdown(results, _link(figures, md), _link(json_path, md)) + "\n", md)
+    weights_now = {part: _weights_id(settings.gligen_model if part == "reground" else settings.model) for part in PARTS}
+    write_text_atomic(render_markdown(results, _link(figures, md), _link(json_path, md), weights_now) + "\n", md)
     return results
 
 
@@ -777,6 +793,9 @@ def _merge(json_path: Path, results: dict[str, Any], part: str | None = None) ->
     """Write `results` (only `part` of its parts, or the parts it holds) over the parts in `json_path` as it is
     now, so that parts run by separate processes at the same time all land; returns what was written."""
     current = json.loads(json_path.read_text(encoding="utf-8")) if json_path.is_file() else {}
+    for earlier in current.get("parts", {}).values():  # a part written before parts recorded their weights: the file's
+        if "skipped" not in earlier:
+            earlier.setdefault("weights", current.get("weights", "?"))
     merged = {**current, **{k: v for k, v in results.items() if k != "parts"}}
     merged["parts"] = {**current.get("parts", {}), **({part: results["parts"][part]} if part else results["parts"])}
     write_json_atomic(merged, json_path)

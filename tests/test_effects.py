@@ -187,6 +187,37 @@ def test_a_part_whose_model_is_missing_is_reported_as_skipped(tmp_path):
     assert json.loads((tmp_path / "effects.json").read_text())["parts"]["reground"]["skipped"]
 
 
+def _toy_weights_sha() -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted((TOY_DIR).rglob("*.safetensors")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+@needs_toy
+def test_parts_measured_on_other_weights_are_marked_as_such(tmp_path):
+    """docs/effects.json as a file written before parts recorded their weights, its top-level weights not the shipped
+    toy's: a run of another part keeps its parts, gives each the file's weights, and the markdown marks them."""
+    from dreamsteer.benchmarks import effects
+
+    earlier = json.loads((REPO_ROOT / "docs" / "effects.json").read_text())
+    earlier["weights"] = "0123456789ab"
+    for part in earlier["parts"].values():
+        part.pop("weights", None)
+    (tmp_path / "effects.json").write_text(json.dumps(earlier))
+    settings = effects.Settings(gligen_model=str(tmp_path / "no_such_model"))
+    result = effects.run(["reground"], settings, tmp_path / "effects.md", tmp_path / "effects.json", tmp_path / "figs", tmp_path / "work")
+    measured = [name for name in ("edit", "steer", "personalize") if "skipped" not in earlier["parts"].get(name, {"skipped": 1})]
+    assert measured and "skipped" in result["parts"]["reground"]
+    assert all(result["parts"][name]["weights"] == "0123456789ab" for name in measured)
+    md = (tmp_path / "effects.md").read_text()
+    for name in measured:
+        assert f"| {name} | measured {earlier['parts'][name]['finished']} | 0123456789ab: **not the model's weights now** ({_toy_weights_sha()}) |" in md
+    assert f"**Measured on earlier weights**: {', '.join(measured)}." in md
+
+
 @needs_toy
 def test_edit_part_writes_every_methods_row(tmp_path):
     from dreamsteer.benchmarks import effects
@@ -207,6 +238,7 @@ def test_edit_part_writes_every_methods_row(tmp_path):
     assert len(records) == 3 * len(effects.EDIT_METHODS) and all(r["params"]["guidance"] == 2.5 for r in records)
     assert "--editor-guidance 2.5" in md and "every editor's guidance set to 2.5" in md
     assert "](figs/edit_color.png)" in md and "](e.json)" in md and "](effects/" not in md  # links relative to the markdown
+    assert result["weights"] == _toy_weights_sha() and "not the model's weights now" not in md
 
 
 def test_an_edit_cases_seed_is_its_index_within_its_kind_whatever_n(tmp_path):
