@@ -40,8 +40,8 @@ class ToyArchitecture:
     plain_blocks: int = 1  # leading UNet blocks without cross-attention (0: attention at the latent size too)
     layers_per_block: int = 1
     # Heads of every UNet attention layer. diffusers' UNet config calls this `attention_head_dim` (a naming
-    # slip kept for compatibility, diffusers issue #2011). The shipped model's 32 heads are 1-2 channels wide.
-    attention_heads: int = 32
+    # slip kept for compatibility, diffusers issue #2011). 2 heads are 32 channels wide at the 64-channel blocks.
+    attention_heads: int = 2
     text_width: int = 128
     text_layers: int = 2
     max_tokens: int = 24  # the longest grammar caption (3 objects) is 17 tokens with start/end

@@ -256,7 +256,7 @@ def test_the_toy_gligen_recipe_runs_at_tiny_sizes_and_its_later_phases_train_onl
 
 
 def test_the_toy_recipe_s_later_phases_run_at_tiny_sizes_each_from_the_one_before(runs, tmp_path):
-    """docs/toy.md's commands for the shipped toy after its first base (sizes and steps shrunk): the VAE
+    """The ten-phase toy's commands after its first base (docs/toy_experiments.md; sizes and steps shrunk): the VAE
     fine-tuned with the flat-background term, the UNet and text encoder continued on it with a cosine schedule,
     then continued on scenes with two-tone objects in the subject's colors on every other shape."""
     from dreamsteer.diffusion.backbone import load_backbone

@@ -41,10 +41,11 @@ def _attention_widths(unet) -> set[tuple[int, int]]:
 
 
 def test_attention_heads_sets_the_number_of_heads_not_their_width():
-    # diffusers' UNet config key `attention_head_dim` is read as the number of heads: the shipped model's
-    # 32 "head dim" gives 32 heads of 2 channels at width 64, which `attention_heads` now says.
+    # diffusers' UNet config key `attention_head_dim` is read as the number of heads: a "head dim" of 32 gives 32
+    # heads of 2 channels at width 64 (the ten-phase toy's), which `attention_heads` says; the default is the shipped 2.
     from dreamsteer.diffusion.toy import ToyArchitecture, build_unet
 
-    assert _attention_widths(load_backbone("toy").unet) == {(32, 2)}
-    assert _attention_widths(build_unet(ToyArchitecture(attention_heads=2), 16, 128, seed=0)) == {(2, 32)}
+    assert _attention_widths(load_backbone("toy").unet) == {(2, 32)}
+    assert _attention_widths(build_unet(ToyArchitecture(), 16, 128, seed=0)) == {(2, 32)}
+    assert _attention_widths(build_unet(ToyArchitecture(attention_heads=32), 16, 128, seed=0)) == {(32, 2)}
     assert _attention_widths(build_unet(ToyArchitecture(attention_heads=2, plain_blocks=0), 16, 128, seed=0)) == {(2, 16), (2, 32)}

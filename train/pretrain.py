@@ -47,7 +47,7 @@ class ArchConfig:
     unet_channels: List[int] = field(default_factory=lambda: [32, 64, 64])
     plain_blocks: int = 1  # leading UNet blocks without cross-attention (0: attention at every size)
     layers_per_block: int = 1
-    attention_heads: int = 32  # heads per UNet attention layer (the shipped model's 32 are 1-2 channels wide)
+    attention_heads: int = 2  # heads per UNet attention layer (the shipped models': 32 channels wide)
     text_width: int = 128
     text_layers: int = 2
     max_tokens: int = 24

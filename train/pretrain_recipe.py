@@ -3,7 +3,7 @@
 A recipe (``conf/recipes/*.yaml``) is the list of `pretrain` runs that made a model, each usually from the
 export of the one before::
 
-    result: pair3        # the phase whose export (<its output_dir>/model) is the recipe's model
+    result: unet         # the phase whose export (<its output_dir>/model) is the recipe's model
     dtype: float16       # that export is saved as <output_dir>/model in this dtype (the shipped models are fp16)
     phases:
       - name: vae
