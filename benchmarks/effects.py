@@ -664,6 +664,7 @@ REGROUND_SKIPPED = ("ReGround's claim is not measured: it needs a GLIGEN model o
                     "given as `--gligen-model <folder>`, and the one asked for could not be loaded.")
 
 
+DEFAULT_FILES = {"md": Path("docs") / "effects.md", "json": Path("docs") / "effects.json", "figures": Path("docs") / "effects"}
 SECTIONS: dict[str, tuple[str, Callable[[dict[str, Any], str], list[str]]]] = {
     "edit": ("Editing: SDS, DDS, CDS, SBP, PDS, LUSD, Ground-A-Score", _edit_md),
     "steer": ("DreamSteerer: steering each baseline toward the source", _steer_md),
@@ -712,6 +713,11 @@ def render_markdown(results: dict[str, Any], figures: str = "effects", numbers: 
               "Wall times are those of that machine (on a shared CPU they are inflated); CPU time is the user + system time of "
               "the benchmark and its worker processes, one thread each: on an idle 2-core CPU a part takes about its CPU time, "
               "the edit jobs half of it with `--workers 2`."]
+    files = results.get("files", {})
+    flags = " ".join(f"--{key} {files[key]}" for key in ("md", "json", "figures") if files.get(key) not in (None, str(DEFAULT_FILES[key])))
+    if flags:
+        lines += ["", f"This page and its numbers and figures were written with `{flags}`: add them to each command below, which "
+                  "would otherwise write `docs/effects.md`."]
     if stale:
         lines += ["", f"**Measured on earlier weights**: {', '.join(stale)}. Such a part says what those weights did, not what the "
                   "model does now; `--part " + " ".join(stale) + "` measures it again."]
@@ -751,6 +757,7 @@ def run(parts: Sequence[str], settings: Settings, md: Path, json_path: Path, fig
     results: dict[str, Any] = {"parts": {}}
     results["model"] = settings.model
     results["weights"] = _weights_id(settings.model)
+    results["files"] = {"md": str(md), "json": str(json_path), "figures": str(figures)}
     results["machine"] = {"cpus": os.cpu_count(), "load": round(os.getloadavg()[0], 1)}
     figures.mkdir(parents=True, exist_ok=True)
     effects = Effects(settings, work, figures)
@@ -816,9 +823,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--editor-guidance", type=float, default=None, help="edit and steer parts: every editor's guidance, and the steering's DDS-S direction's (default: each one's own)")
     parser.add_argument("--model", default=defaults.model)
     parser.add_argument("--gligen-model", default=defaults.gligen_model)
-    parser.add_argument("--md", type=Path, default=Path("docs") / "effects.md")
-    parser.add_argument("--json", type=Path, default=Path("docs") / "effects.json")
-    parser.add_argument("--figures", type=Path, default=Path("docs") / "effects")
+    parser.add_argument("--md", type=Path, default=DEFAULT_FILES["md"])
+    parser.add_argument("--json", type=Path, default=DEFAULT_FILES["json"])
+    parser.add_argument("--figures", type=Path, default=DEFAULT_FILES["figures"])
     parser.add_argument("--work", type=Path, default=Path("outputs") / "effects", help="intermediate files (replaced per part)")
     args = parser.parse_args(argv)
     if (args.n is not None and args.n < 1) or args.ablation_n < 0 or args.workers < 1 or args.per_background < 1 or not 0 < args.step_fraction <= 1:

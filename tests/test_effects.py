@@ -239,6 +239,7 @@ def test_edit_part_writes_every_methods_row(tmp_path):
     assert "--editor-guidance 2.5" in md and "every editor's guidance set to 2.5" in md
     assert "](figs/edit_color.png)" in md and "](e.json)" in md and "](effects/" not in md  # links relative to the markdown
     assert result["weights"] == _toy_weights_sha() and "not the model's weights now" not in md
+    assert f"written with `--md {tmp_path / 'e.md'} --json {tmp_path / 'e.json'} --figures {tmp_path / 'figs'}`" in md
 
 
 def test_an_edit_cases_seed_is_its_index_within_its_kind_whatever_n(tmp_path):
