@@ -773,12 +773,13 @@ def run(parts: Sequence[str], settings: Settings, md: Path, json_path: Path, fig
         result["cpu_seconds"] = round(_cpu_seconds() - cpu, 1)
         result["finished"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
         result["settings"] = asdict(settings)
-        result.setdefault("weights", _weights_id(settings.model))  # reground's are its GLIGEN model's
+        result.setdefault("weights", results["weights"])  # reground's are its GLIGEN model's
         results["parts"][part] = result
         print(f"{part}: {result['seconds']:.0f} s")
         results = _merge(json_path, results, part)  # a later part's failure keeps this one
     results = _merge(json_path, results)
-    weights_now = {part: _weights_id(settings.gligen_model if part == "reground" else settings.model) for part in PARTS}
+    gligen_weights = _weights_id(settings.gligen_model)
+    weights_now = {part: gligen_weights if part == "reground" else results["weights"] for part in PARTS}
     write_text_atomic(render_markdown(results, _link(figures, md), _link(json_path, md), weights_now) + "\n", md)
     return results
 

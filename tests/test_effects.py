@@ -191,7 +191,7 @@ def _toy_weights_sha() -> str:
     import hashlib
 
     digest = hashlib.sha256()
-    for path in sorted((TOY_DIR).rglob("*.safetensors")):
+    for path in sorted(TOY_DIR.rglob("*.safetensors")):
         digest.update(path.read_bytes())
     return digest.hexdigest()[:12]
 

@@ -62,12 +62,6 @@ def assert_fp16_copy(saved_folder: Path, exported_folder: Path) -> None:
     assert all(saved[k].dtype == torch.float16 and torch.equal(saved[k], exported[k].half()) for k in saved)
 
 
-def step(checkpoint: Path) -> int:
-    return torch.load(checkpoint, map_location="cpu", weights_only=False)["global_step"]
-
-
-
-
 SAMPLES = ("samples.every_n_steps=2", "samples.count=4")
 
 
@@ -133,7 +127,6 @@ def test_the_toy_gligen_recipe_runs_every_phase_and_saves_a_gligen_model(tmp_pat
     # phases 4-5 keep phase 1's text encoder (the phrases' embeddings GLIGEN's layers read)
     first, last = weights(out / "gligen1" / "model" / "text_encoder"), weights(out / "gligen5" / "model" / "text_encoder")
     assert all(torch.equal(first[k], last[k]) for k in first)
-
 
 
 def test_a_finished_recipe_runs_no_phase_again(toy_run, monkeypatch):
